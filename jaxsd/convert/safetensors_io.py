@@ -1,0 +1,143 @@
+"""Torch-free safetensors reading and writing with numpy.
+
+Our own small reader instead of `safetensors.numpy.load_file` because we need
+(a) bfloat16 (numpy has no bf16; `ml_dtypes` does), (b) lazy, memory-mapped
+tensors so a loader can cast one tensor at a time to the target dtype without
+ever holding an fp32 copy of the whole model, and (c) a clear error for a
+truncated or corrupt file that names the file and what is wrong.
+
+Format: 8-byte little-endian header length N, N bytes of JSON header
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`,
+then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that cannot be read as one."""
+
+
+class SafetensorsFile(Mapping[str, np.ndarray]):
+    """A lazily read safetensors file: `f[name]` is a read-only memory-mapped array.
+
+    Nothing is read beyond the header until a tensor is indexed; casting the
+    returned view (`f[name].astype(dtype)`) touches only that tensor's bytes.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) < 8:
+                raise SafetensorsError(f"{self.path}: file is {size} bytes, too short for a safetensors header (truncated or not safetensors)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise SafetensorsError(
+                    f"{self.path}: header claims {n} bytes but the file has {size}; the file is truncated or not safetensors. "
+                    "Re-download or re-export it.")
+            try:
+                header = json.loads(fh.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SafetensorsError(f"{self.path}: header is not valid JSON ({e}); the file is corrupt.") from e
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} has a malformed or unsupported header entry {info!r}") from e
+            if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise SafetensorsError(f"{self.path}: tensor {name!r} byte range does not match its shape {shape} and dtype {info['dtype']}")
+            if self._data_start + end > size:
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r} ends at byte {self._data_start + end} but the file has {size} bytes; "
+                    "the file is truncated. Re-download or re-export it.")
+            self._entries[name] = (dtype, shape, begin, end)
+        self._mmap: np.memmap | None = None
+
+    def _buffer(self) -> np.memmap:
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._mmap
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
+        if end == begin:
+            return np.zeros(shape, dtype)
+        start = self._data_start + begin
+        return self._buffer()[start:self._data_start + end].view(dtype).reshape(shape)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+              metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` (numpy arrays, bf16 via ml_dtypes allowed) as a safetensors file.
+
+    Tensors are written in sorted-name order, like the reference implementation,
+    so the same dict always gives the same bytes. The write goes to a temporary
+    file that is renamed into place: a killed process never leaves half a file.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    arrays = []
+    offset = 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(np.asarray(tensors[name]))
+        if arr.dtype not in _NAMES:
+            raise SafetensorsError(f"cannot write tensor {name!r}: dtype {arr.dtype} has no safetensors name")
+        nbytes = arr.nbytes
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        arrays.append(arr)
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align tensor data to 8 bytes
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for arr in arrays:
+            fh.write(arr.tobytes(order="C"))
+    os.replace(tmp, path)

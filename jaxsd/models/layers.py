@@ -1,0 +1,180 @@
+"""Building blocks shared by every model: dense/conv layers carrying logical axis
+names for sharding, and normalisations computed in fp32.
+
+Params are stored in `param_dtype` (fp32 master weights by default) and cast to
+the compute `dtype` at use. Param names follow the conversion rules
+(`kernel`/`bias`/`scale`/`embedding`), so a module named `to_q` holds
+`to_q/kernel` ⇔ PyTorch `to_q.weight`.
+
+Logical axis names on params (mapped to mesh axes by the sharding rules):
+  "embed"   — a model-width input/output dimension
+  "mlp"     — a feed-forward hidden dimension
+  "heads"   — the flattened heads×head_dim dimension of attention projections
+  "vocab"   — token-embedding rows
+  "conv_in", "conv_out" — conv channel dimensions (spatial dims unsharded)
+  "norm"    — norm scales and biases
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+_zeros = nn.initializers.zeros_init()
+_ones = nn.initializers.ones_init()
+
+
+def _param(module: nn.Module, name: str, init, axes: Sequence[str | None], shape, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel + bias. kernel: [in, out] with logical `axes`."""
+
+    features: int
+    use_bias: bool = True
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _param(self, "kernel", nn.initializers.lecun_normal(), self.axes,
+                        (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + _param(self, "bias", _zeros, (self.axes[1],), (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+class Conv(nn.Module):
+    """2-D convolution on NHWC input. kernel: [kh, kw, in, out].
+
+    padding: symmetric int, or explicit ((top, bottom), (left, right)).
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: int | tuple[tuple[int, int], tuple[int, int]] = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = _param(self, "kernel", nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out"),
+                        (k, k, x.shape[-1], self.features), self.param_dtype)
+        pad = ((self.padding, self.padding),) * 2 if isinstance(self.padding, int) else self.padding
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides), pad,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            y = y + _param(self, "bias", _zeros, ("conv_out",), (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over the channel (last) axis, statistics in fp32, as torch.nn.GroupNorm.
+
+    x: [B, ..., C] -> same shape, in `dtype`.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+        scale = _param(self, "scale", _ones, ("norm",), (c,), self.param_dtype)
+        bias = _param(self, "bias", _zeros, ("norm",), (c,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        g = xf.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = g.reshape(x.shape) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis in fp32 (torch.nn.LayerNorm). x: [..., C]."""
+
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            y = y * _param(self, "scale", _ones, ("norm",), (c,), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + _param(self, "bias", _zeros, ("norm",), (c,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """T5-style RMS norm (no mean subtraction, no bias), variance in fp32. x: [..., C]."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", _ones, ("norm",), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.epsilon)
+        return (y.astype(self.dtype) * scale.astype(self.dtype))
+
+
+class Embed(nn.Module):
+    """Token/position embedding table. embedding: [num_embeddings, features]."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = _param(self, "embedding", nn.initializers.normal(0.02), ("vocab", "embed"),
+                       (self.num_embeddings, self.features), self.param_dtype)
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+    "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
+}
+
+
+def activation(name: str):
+    """Activation by its diffusers/transformers config name; unknown names are an error."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation {name!r} is not supported; choose one of {sorted(ACTIVATIONS)}") from None

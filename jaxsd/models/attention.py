@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -63,3 +64,55 @@ def attention(
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
                                        implementation=impl)
     return out.astype(out_dtype)
+
+
+class Attention(nn.Module):
+    """diffusers' `Attention` block: to_q/to_k/to_v → attention → to_out_0.
+
+    Self-attention when `context` is None, cross-attention otherwise. With
+    `norm_num_groups` it is the VAE's spatial attention: a GroupNorm named
+    `group_norm` first, a residual connection and `rescale_output_factor`.
+
+    x: [B, L, query_dim] or [B, H, W, query_dim] (spatial; flattened internally);
+    context: [B, Lk, cross_dim]. Returns the same shape as x.
+    """
+
+    heads: int
+    dim_head: int
+    out_dim: int | None = None
+    qkv_bias: bool = False
+    out_bias: bool = True
+    upcast: bool = False
+    norm_num_groups: int | None = None
+    norm_eps: float = 1e-5
+    residual_connection: bool = False
+    rescale_output_factor: float = 1.0
+    implementation: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        from jaxsd.models.layers import Dense, GroupNorm  # layers imports nothing from here
+
+        residual = x
+        shape = x.shape
+        if x.ndim == 4:
+            x = x.reshape(shape[0], shape[1] * shape[2], shape[3])
+        if self.norm_num_groups is not None:
+            x = GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype, name="group_norm")(x)
+        ctx = x if context is None else context
+        inner = self.heads * self.dim_head
+        dense = lambda n, name, bias, axes=("embed", "heads"): Dense(  # noqa: E731
+            n, use_bias=bias, axes=axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        b = x.shape[0]
+        q = dense(inner, "to_q", self.qkv_bias)(x).reshape(b, -1, self.heads, self.dim_head)
+        k = dense(inner, "to_k", self.qkv_bias)(ctx).reshape(b, -1, self.heads, self.dim_head)
+        v = dense(inner, "to_v", self.qkv_bias)(ctx).reshape(b, -1, self.heads, self.dim_head)
+        o = attention(q, k, v, upcast=self.upcast, implementation=self.implementation).reshape(b, -1, inner)
+        o = dense(self.out_dim or shape[-1], "to_out_0", self.out_bias, ("heads", "embed"))(o)
+        if x.ndim != len(shape):
+            o = o.reshape(shape[:-1] + (o.shape[-1],))
+        if self.residual_connection:
+            o = o + residual
+        return o / self.rescale_output_factor

@@ -166,10 +166,12 @@ def torch_to_flax(
         want = targets[target]
         arr = _to_flax_layout(state[key], target[-1], len(want.shape))
         if tuple(arr.shape) != tuple(want.shape):
+            out[target] = None  # reported as a mismatch, not also as missing
             mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(want.shape)} (as {'/'.join(target)})")
             continue
         out[target] = place(target, np.asarray(arr, dtype=dtype or want.dtype))
     missing = [torch_key(p) for p in targets if p not in out]
+    out = {p: v for p, v in out.items() if v is not None}
     if missing or unexpected or mismatched:
         lines = [f"{source} does not match the model:"]
         for title, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):

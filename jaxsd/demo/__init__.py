@@ -1,0 +1,1 @@
+"""`jaxsd demo`: train a tiny text-to-image model from scratch on the CPU and show it follows prompts."""

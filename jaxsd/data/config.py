@@ -1,0 +1,162 @@
+"""The `data:` section of a jaxsd config: sources, validation, preprocessing, caching, loading.
+
+Frozen dataclasses, the single source of truth; `jaxsd/config.py` embeds
+`DataConfig` as the `data:` section and OmegaConf validates YAML and dotted
+overrides against these types (e.g. `data.image.resolution=768`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TFDSConfig:
+    """A tensorflow-datasets dataset read through `tfds.data_source` (no TensorFlow import).
+
+    name: TFDS name (e.g. "oxford_flowers102"); empty = no TFDS source.
+    caption_key: a text feature used as the caption; empty = build the caption from
+      `label_key` with `caption_template`, where `{label}` is the class name.
+    cache_dir: where the cache sidecars + manifest of this source are written
+      (a TFDS dataset has no folder of its own to put them in).
+    """
+
+    name: str = ""
+    split: str = "train"
+    data_dir: str = ""
+    image_key: str = "image"
+    caption_key: str = ""
+    label_key: str = "label"
+    caption_template: str = "a photo of a {label}"
+    cache_dir: str = "tfds_cache"
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """What the validation pass does with odd inputs. Every skip/alteration is reported.
+
+    too_small: "skip" or "upscale" images smaller than their target (resolution or bucket).
+    missing_caption: "skip" the image, or train it with an "empty" caption.
+    background: RGB colour that transparent images (LA/RGBA/palette+alpha) are composited on.
+    report: path of the written report (JSON). Empty = `jaxsd_validation.json` in the first
+      root (or the TFDS cache directory).
+    """
+
+    too_small: str = "skip"
+    missing_caption: str = "skip"
+    background: tuple[int, int, int] = (255, 255, 255)
+    report: str = ""
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """Aspect-ratio buckets of about `resolution**2` pixels, sides multiples of `step`.
+
+    enabled=False: every image is resized + cropped to resolution x resolution.
+    """
+
+    enabled: bool = False
+    min_side: int = 256
+    max_side: int = 1024
+    step: int = 64
+    max_aspect: float = 4.0
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Preprocessing before the VAE.
+
+    crop: "center" or "random" (a random crop is drawn once at cache time, seeded by `seed`).
+    random_flip: also cache the horizontally flipped image; the loader picks one of the
+      two per sample per epoch (flipping latents instead of pixels is not exact).
+    """
+
+    resolution: int = 512
+    crop: str = "center"
+    random_flip: bool = False
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`jaxsd cache`: how latents and text embeddings are produced and stored.
+
+    latents: "distribution" stores the VAE posterior mean + logvar (training draws fresh
+      latent noise every epoch), "sample" stores one scaled latent sample.
+    dtype: storage dtype of cached arrays, "float32", "bfloat16" or "float16".
+    latent_suffix / text_suffix: sidecar suffixes; empty = named after the producer
+      (".sd_vae", ".sdxl_vae", ".clip_l", ".sdxl_te", ".t5xxl", ...).
+    caption_blocklist: captions containing any of these words (case-insensitive) are dropped.
+    caption_regex: captions matching this regular expression are dropped.
+    image_check: optional "package.module:function" called as f(PIL.Image, caption) -> reason
+      or None; a returned reason drops the image (counted in the report).
+    """
+
+    latents: str = "distribution"
+    dtype: str = "bfloat16"
+    batch_size: int = 8
+    latent_suffix: str = ""
+    text_suffix: str = ""
+    caption_blocklist: tuple[str, ...] = ()
+    caption_regex: str = ""
+    image_check: str = ""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """The grain loader over cached data.
+
+    batch_size: GLOBAL batch size (split evenly over processes; divisible by their count).
+    threads / prefetch: grain read threads and how many batches are prepared ahead.
+    """
+
+    batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    threads: int = 4
+    prefetch: int = 4
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they become training batches.
+
+    roots: image folders (`foo.jpg` + `foo.txt` / `foo.caption`), searched recursively.
+    packed: directories of ArrayRecord shards written by `jaxsd cache --pack`; when set,
+      the loader reads these instead of the sidecar files of `roots`.
+    """
+
+    roots: tuple[str, ...] = ()
+    tfds: TFDSConfig = field(default_factory=TFDSConfig)
+    packed: tuple[str, ...] = ()
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Reject values the type system cannot (enums, ranges) with the key and the allowed values."""
+    choices = {
+        "data.validation.too_small": (cfg.validation.too_small, ("skip", "upscale")),
+        "data.validation.missing_caption": (cfg.validation.missing_caption, ("skip", "empty")),
+        "data.image.crop": (cfg.image.crop, ("center", "random")),
+        "data.cache.latents": (cfg.cache.latents, ("distribution", "sample")),
+        "data.cache.dtype": (cfg.cache.dtype, ("float32", "bfloat16", "float16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    b = cfg.image.buckets
+    if cfg.image.resolution <= 0 or cfg.image.resolution % 8:
+        raise ValueError(f"data.image.resolution={cfg.image.resolution} must be a positive multiple of 8")
+    if b.enabled and not (0 < b.min_side <= cfg.image.resolution <= b.max_side and b.step > 0):
+        raise ValueError(f"data.image.buckets: need 0 < min_side ({b.min_side}) <= resolution "
+                         f"({cfg.image.resolution}) <= max_side ({b.max_side}) and step > 0")
+    bg = cfg.validation.background
+    if len(bg) != 3 or not all(0 <= c <= 255 for c in bg):
+        raise ValueError(f"data.validation.background={cfg.validation.background} must be three 0..255 values")
+    if cfg.loader.batch_size <= 0 or cfg.cache.batch_size <= 0:
+        raise ValueError("data.loader.batch_size and data.cache.batch_size must be positive")

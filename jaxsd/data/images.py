@@ -61,7 +61,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
         img = img.convert("RGBA" if has_alpha else "RGB")
         notes.append("palette converted" + (" (with transparency)" if has_alpha else ""))
     if img.mode in _HIGH_DEPTH:
-        notes.append(f"{img.mode} ({'16-bit' if '16' in img.mode else 'high bit depth'}) reduced to 8-bit")
+        notes.append(f"{'16-bit' if '16' in img.mode else 'high bit depth'} image ({img.mode}) reduced to 8-bit")
         img = _sixteen_to_eight(img)
     if img.mode in _ALPHA:
         alpha_mode = img.mode

@@ -120,7 +120,7 @@ class TFDSSource:
         else:
             raise KeyError(f"TFDS {cfg.name}: neither data.tfds.caption_key nor a label feature "
                            f"{cfg.label_key!r} (features: {', '.join(features.keys())})")
-        self.root = Path(cfg.cache_dir) / f"{cfg.name.replace('/', '_')}_{cfg.split}"
+        self.root = tfds_cache_root(cfg)
 
     def scan(self) -> tuple[list[Item], list[Problem]]:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -142,6 +142,11 @@ class TFDSSource:
         label = int(record[self.cfg.label_key])
         name = self.label_names[label] if self.label_names else str(label)
         return self.cfg.caption_template.format(label=name.replace("_", " ")).strip(), []
+
+
+def tfds_cache_root(cfg: TFDSConfig) -> Path:
+    """Directory of a TFDS source's sidecars and manifest: `<cache_dir>/<name>_<split>`."""
+    return Path(cfg.cache_dir) / f"{cfg.name.replace('/', '_')}_{cfg.split.replace('[', '_').replace(']', '').replace(':', '-')}"
 
 
 def open_sources(cfg: DataConfig) -> list[FolderSource | TFDSSource]:

@@ -1,0 +1,258 @@
+"""AutoencoderKL: parity with diffusers PyTorch, tiling, round trip, config and posterior.
+
+Tiny random VAEs shaped like each family are built in diffusers with a fixed
+seed (weights perturbed so that no norm is the identity and no bias zero),
+saved with `save_pretrained`, loaded by jaxsd and run on the same inputs.
+Compilations dominate the run time, so each model is jitted once per input
+shape (tiling reuses the parity test's compiled full-tile functions).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsd.convert.rules import ConversionError
+from jaxsd.convert.safetensors_io import SafetensorsFile, save_file
+from jaxsd.convert.vae import load_vae, save_vae
+from jaxsd.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from jaxsd.models.vae_tiling import TileSettings, _jitted, tiled_decode, tiled_encode
+from tests.helpers import rel_err
+
+TOL = 1e-4
+DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
+
+# Tiny configs shaped like the families (diffusers keys).
+SD = dict(block_out_channels=[8, 16], down_block_types=[DOWN] * 2, up_block_types=[UP] * 2, layers_per_block=1,
+          norm_num_groups=4, latent_channels=4, sample_size=16)
+SDXL = dict(block_out_channels=[8, 16, 16], down_block_types=[DOWN] * 3, up_block_types=[UP] * 3,
+            layers_per_block=2, norm_num_groups=4, latent_channels=4, sample_size=32, scaling_factor=0.13025,
+            force_upcast=True)
+SD3 = dict(block_out_channels=[8, 16], down_block_types=[DOWN] * 2, up_block_types=[UP] * 2, layers_per_block=1,
+           norm_num_groups=4, latent_channels=8, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609,
+           use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False, force_upcast=False)
+
+
+def _nchw(a):
+    return np.asarray(a).transpose(0, 3, 1, 2)
+
+
+def _nhwc(a):
+    return np.asarray(a).transpose(0, 2, 3, 1)
+
+
+def _torch_vae(config: dict, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL as TorchVAE
+
+    torch.manual_seed(seed)
+    vae = TorchVAE(**config).eval()
+    with torch.no_grad():  # diffusers inits norms to 1/0; perturb so every tensor matters
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vae
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """name -> (torch vae, folder, jaxsd config, params, model)."""
+    out = {}
+    for name, cfg in (("sd", SD), ("sdxl", SDXL), ("sd3", SD3)):
+        tv = _torch_vae(cfg)
+        folder = tmp_path_factory.mktemp(f"vae_{name}")
+        tv.save_pretrained(folder)
+        config, params = load_vae(folder)
+        out[name] = (tv, folder, config, params, AutoencoderKL(config))
+    return out
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+def test_encode_decode_match_diffusers(built, name):
+    import torch
+
+    tv, _, config, params, model = built[name]
+    rng = np.random.default_rng(1)
+    size = config.sample_size
+    x = rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
+    z = rng.standard_normal((1, size // config.downscale, size // config.downscale, config.latent_channels))
+    z = z.astype(np.float32)
+    with torch.no_grad():
+        post = tv.encode(torch.from_numpy(_nchw(x))).latent_dist
+        ref_dec = tv.decode(torch.from_numpy(_nchw(z))).sample.numpy()
+    ours = tiled_encode(model, params, jnp.asarray(x))  # one tile: untiled, via the shared jitted function
+    assert rel_err(ours.mean, _nhwc(post.mean)) <= TOL
+    assert rel_err(ours.logvar, _nhwc(post.logvar)) <= TOL
+    dec = _jitted(model, "decode")(params, jnp.asarray(z))
+    assert rel_err(dec, _nhwc(ref_dec)) <= TOL
+
+
+@pytest.mark.torch
+def test_tiled_encode_and_decode_match_diffusers_tiling(built):
+    import torch
+
+    tv, _, config, params, model = built["sd"]
+    settings = TileSettings.for_config(config)  # 16 px / 8 latents, overlap 0.25 — diffusers' defaults
+    assert (settings.sample_size, settings.latent_size, settings.overlap) == (16, 8, 0.25)
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (1, 24, 24, 3)).astype(np.float32)  # tiles 16,12 per axis, blended over 2 latents
+    z = rng.standard_normal((1, 12, 12, 4)).astype(np.float32)  # tiles 8,6 per axis, blended over 4 pixels
+    tv.enable_tiling()
+    try:
+        with torch.no_grad():
+            post = tv.encode(torch.from_numpy(_nchw(x))).latent_dist
+            ref_dec = tv.decode(torch.from_numpy(_nchw(z))).sample.numpy()
+    finally:
+        tv.disable_tiling()
+    ours = tiled_encode(model, params, jnp.asarray(x), settings)
+    assert ours.mean.shape == _nhwc(post.mean).shape
+    assert rel_err(ours.mean, _nhwc(post.mean)) <= TOL
+    assert rel_err(ours.logvar, _nhwc(post.logvar)) <= TOL
+    dec = tiled_decode(model, params, jnp.asarray(z), settings)
+    assert dec.shape == _nhwc(ref_dec).shape
+    assert rel_err(dec, _nhwc(ref_dec)) <= TOL
+    # the seams really are blended: tiled differs from untiled decoding
+    assert rel_err(dec, model.apply({"params": params}, jnp.asarray(z), method="decode")) > 1e-3
+
+
+def test_tile_settings_errors():
+    with pytest.raises(ValueError, match="overlap"):
+        TileSettings(16, 8, 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        TileSettings(0, 8)
+
+
+@pytest.mark.torch
+def test_round_trip_is_bit_identical_and_loads_cleanly_in_diffusers(built, tmp_path):
+    import torch
+    from diffusers import AutoencoderKL as TorchVAE
+
+    for name in ("sd", "sd3"):
+        tv, folder, config, params, _ = built[name]
+        out = tmp_path / name
+        save_vae(out, config, params)
+        back, info = TorchVAE.from_pretrained(out, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+        ref = tv.state_dict()
+        got = back.state_dict()
+        assert set(got) == set(ref)
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), k
+        assert set(SafetensorsFile(out / "diffusion_pytorch_model.safetensors")) == set(ref)
+        strip = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+        assert strip(back.config) == strip(tv.config)
+        assert VAEConfig.from_diffusers(json.loads((out / "config.json").read_text())) == config
+
+
+@pytest.mark.torch
+def test_legacy_attention_names_and_conv_shapes_load(built, tmp_path):
+    """Pre-0.14 diffusers checkpoints: query/key/value/proj_attn, stored as 1×1 convs."""
+    _, folder, config, params, _ = built["sd"]
+    state = dict(SafetensorsFile(folder / "diffusion_pytorch_model.safetensors"))
+    legacy = {}
+    for k, v in state.items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            if f".attentions.0.{new}." in k:
+                k = k.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+                v = v.reshape(v.shape + (1, 1)) if v.ndim == 2 else v
+        legacy[k] = np.asarray(v)
+    assert any(".query.weight" in k for k in legacy) and any(".proj_attn.weight" in k for k in legacy)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(legacy, tmp_path / "diffusion_pytorch_model.safetensors")
+    _, loaded = load_vae(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_missing_key_is_one_error_naming_it(built, tmp_path):
+    _, folder, _, _, _ = built["sd"]
+    state = dict(SafetensorsFile(folder / "diffusion_pytorch_model.safetensors"))
+    del state["decoder.conv_out.bias"]
+    state["decoder.extra.weight"] = np.zeros(3, np.float32)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ConversionError, match=r"missing keys \(1\): decoder\.conv_out\.bias") as e:
+        load_vae(tmp_path)
+    assert "unexpected keys (1): decoder.extra.weight" in str(e.value)
+
+
+def test_save_refuses_params_of_another_config(built, tmp_path):
+    _, _, _, params, _ = built["sd"]
+    with pytest.raises(ConversionError, match="do not match the config"):
+        save_vae(tmp_path, VAEConfig(**{**SD, "latent_channels": 8}), params)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("down_block_types", [DOWN, "AttnDownEncoderBlock2D"], "block type 'AttnDownEncoderBlock2D'"),
+    ("up_block_types", [UP], "one entry per block"),
+    ("act_fn", "gelu_tanh", "act_fn='gelu_tanh'"),
+    ("norm_num_groups", 3, "norm_num_groups=3"),
+    ("latents_mean", [0.0], "latents_mean"),
+    ("norm_type", "spatial", "keys jaxsd does not know: \\['norm_type'\\]"),
+])
+def test_unsupported_config_values_name_key_and_value(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        VAEConfig.from_diffusers({**SD, key: value})
+
+
+def test_config_round_trip_and_latent_scaling():
+    sd3 = VAEConfig.from_diffusers({"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0", **SD3})
+    assert VAEConfig.from_diffusers(sd3.to_diffusers()) == sd3
+    assert sd3.to_diffusers()["block_out_channels"] == [8, 16]
+    z = jnp.asarray([1.0, -2.0])
+    np.testing.assert_allclose(sd3.scale_latents(z), (z - 0.0609) * 1.5305, rtol=1e-6)
+    np.testing.assert_allclose(sd3.unscale_latents(sd3.scale_latents(z)), z, rtol=1e-6)
+    sd = VAEConfig.from_diffusers(SD)
+    assert sd.shift_factor is None and sd.scaling_factor == 0.18215
+    np.testing.assert_allclose(sd.scale_latents(z), z * 0.18215, rtol=1e-6)
+
+
+@pytest.mark.torch
+def test_posterior_matches_diffusers_distribution():
+    import torch
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    rng = np.random.default_rng(3)
+    moments = rng.standard_normal((2, 3, 3, 8)).astype(np.float32) * 3
+    moments[0, 0, 0, 4] = -50.0  # clipped to -30
+    moments[1, 0, 0, 5] = 40.0  # clipped to 20
+    other_m = rng.standard_normal((2, 3, 3, 8)).astype(np.float32)
+    ours, other = DiagonalGaussian.from_moments(jnp.asarray(moments)), DiagonalGaussian.from_moments(jnp.asarray(other_m))
+    ref = DiagonalGaussianDistribution(torch.from_numpy(_nchw(moments)))
+    ref_other = DiagonalGaussianDistribution(torch.from_numpy(_nchw(other_m)))
+    assert float(ours.logvar.min()) == -30.0 and float(ours.logvar.max()) == 20.0
+    np.testing.assert_array_equal(ours.mode(), _nhwc(ref.mode()))
+    np.testing.assert_array_equal(ours.logvar, _nhwc(ref.logvar))
+    assert rel_err(ours.kl(), ref.kl().numpy()) <= 1e-5
+    assert rel_err(ours.kl(other), ref.kl(ref_other).numpy()) <= 1e-5
+    sample = ours.nll(ours.mean)
+    assert rel_err(sample, ref.nll(ref.mean).numpy()) <= 1e-5
+    key = jax.random.key(0)
+    eps = jax.random.normal(key, ours.mean.shape)
+    np.testing.assert_allclose(ours.sample(key), ours.mean + ours.std * eps, rtol=1e-6)
+    assert not np.allclose(ours.sample(key), ours.sample(jax.random.key(1)))
+
+
+def test_force_upcast_and_bf16(built):
+    _, _, config, params, _ = built["sd"]  # SD config: force_upcast=True (the diffusers default)
+    z = jnp.asarray(np.random.default_rng(4).standard_normal((1, 8, 8, 4)), jnp.float32)
+    upcast = AutoencoderKL(config, dtype=jnp.bfloat16)
+    assert upcast.compute_dtype == jnp.float32
+    assert AutoencoderKL(config, dtype=jnp.bfloat16, force_upcast=False).compute_dtype == jnp.bfloat16
+    decode_dtype = lambda m: jax.eval_shape(  # noqa: E731
+        lambda p, z: m.apply({"params": p}, z, method="decode"), params, z).dtype
+    assert decode_dtype(upcast) == jnp.float32
+    ref = _jitted(AutoencoderKL(config), "decode")(params, z)
+    bf16 = AutoencoderKL(config, dtype=jnp.bfloat16, force_upcast=False)
+    out = jax.jit(lambda p, z: bf16.apply({"params": p}, z, method="decode"))(params, z)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out.astype(jnp.float32), ref) <= 2e-2
+
+
+def test_bad_input_shape_is_a_clear_error(built):
+    _, _, config, params, model = built["sd"]
+    with pytest.raises(ValueError, match=r"expected NHWC input \[B, H, W, 3\]"):
+        model.apply({"params": params}, jnp.zeros((1, 3, 16, 16)), method="encode")

@@ -1,0 +1,118 @@
+"""Euler and Euler-ancestral (k-diffusion style) samplers in sigma space.
+
+Latents live at scale sqrt(1 + sigma²); the model sees x / sqrt(sigma² + 1).
+Sigmas are the training sigmas interpolated at the spaced (float) timesteps, as
+in diffusers' EulerDiscreteScheduler / EulerAncestralDiscreteScheduler; with
+zero-SNR rescaling ᾱ_T is clamped to 2⁻²⁴ so sigma_max stays finite (4096).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32, rounded
+from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.diffusion.timesteps import final_sigma, float_timesteps, interp_sigmas, train_sigmas
+
+
+def sigma_space_train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+    """Training sigmas [T] of the sigma-space samplers (Euler, DPM-Solver, UniPC).
+
+    With zero-SNR rescaling diffusers clamps ᾱ_T to 2⁻²⁴ so sigma_T is finite:
+    sqrt((1 - 2⁻²⁴) / 2⁻²⁴) = 4096 - 1.2e-4, which IEEE float32 rounds down but
+    PyTorch's float32 pow gives as 4096.0. A zero-SNR Euler step from there cancels
+    about four digits, so a 1-ulp difference would show as 2e-5: use diffusers' value.
+    """
+    ac = schedule.alphas_cumprod.copy()
+    zero_snr = schedule.option("rescale_betas_zero_snr", False)
+    if zero_snr:
+        ac[-1] = np.float32(2.0 ** -24)
+    sigmas = train_sigmas(ac)
+    if zero_snr:
+        sigmas[-1] = np.float32(4096.0)
+    return sigmas
+
+
+def _refuse_unsupported(schedule: NoiseSchedule, name: str) -> None:
+    for key, ok in (("use_karras_sigmas", False), ("use_exponential_sigmas", False), ("use_beta_sigmas", False)):
+        if schedule.option(key, ok) != ok:
+            raise ValueError(f"{name}: scheduler option {key}={schedule.option(key, ok)!r} is not supported "
+                             f"(use dpmpp_2m_karras for Karras sigmas)")
+    if schedule.option("interpolation_type", "linear") != "linear":
+        raise ValueError(f"{name}: interpolation_type {schedule.option('interpolation_type', '')!r} is not supported")
+    if schedule.option("timestep_type", "discrete") != "discrete":
+        raise ValueError(f"{name}: timestep_type {schedule.option('timestep_type', '')!r} is not supported")
+
+
+def _sigma_tables(schedule: NoiseSchedule, num_steps: int, name: str, *, final: str) -> Tables:
+    _refuse_unsupported(schedule, name)
+    spacing = schedule.option("timestep_spacing", "linspace")
+    t = float_timesteps(spacing, num_steps, schedule.num_train_timesteps, schedule.option("steps_offset", 0))
+    train = sigma_space_train_sigmas(schedule)
+    sigmas = np.concatenate([interp_sigmas(t, train), [final_sigma(final, train)]]).astype(np.float32)
+    smax = sigmas.max()
+    init = smax if spacing in ("linspace", "trailing") else (smax ** 2 + np.float32(1)) ** np.float32(0.5)
+    s = sigmas[:-1]
+    return {"timesteps": t, "init_sigma": np.float32(init), "noise_a": np.ones_like(s), "noise_s": s,
+            "sigma": s, "sigma_next": sigmas[1:], "in_scale": (s ** 2 + np.float32(1)) ** np.float32(0.5),
+            "v_m": -s / (s ** 2 + np.float32(1)) ** np.float32(0.5), "v_x": s ** 2 + np.float32(1)}
+
+
+def _x0(prediction_type: str, x, m, tables: Tables, i):
+    if prediction_type == "epsilon":
+        return x - rounded(tables["sigma"][i] * m, tables)
+    if prediction_type == "v_prediction":
+        return rounded(m * tables["v_m"][i], tables) + x / tables["v_x"][i]
+    return m
+
+
+@dataclasses.dataclass(frozen=True)
+class Euler(Sampler):
+    """First-order Euler steps of the probability-flow ODE (s_churn = 0)."""
+
+    name = "euler"
+
+    def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
+        tab = _sigma_tables(schedule, num_steps, self.name, final=schedule.option("final_sigmas_type", "zero"))
+        tab["dt"] = tab["sigma_next"] - tab["sigma"]
+        return tab
+
+    def model_input(self, tables: Tables, i, x):
+        return x / tables["in_scale"][i]
+
+    def step(self, state: State, m, tables: Tables, i, noise) -> State:
+        x = state["x"]
+        x0 = _x0(self.prediction_type, x, m, tables, i)
+        derivative = (x - x0) / tables["sigma"][i]
+        return {"x": x + rounded(derivative * tables["dt"][i], tables)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerAncestral(Sampler):
+    """Euler step down to sigma_down, then fresh noise of size sigma_up."""
+
+    name = "euler_a"
+    stochastic = True
+
+    def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
+        if self.prediction_type == "sample":
+            raise ValueError("euler_a: prediction_type 'sample' is not supported (as in diffusers)")
+        tab = _sigma_tables(schedule, num_steps, self.name, final="zero")
+        s_from, s_to = tab["sigma"], tab["sigma_next"]
+        with np.errstate(invalid="ignore"):
+            up = (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** np.float32(0.5)
+            down = (s_to ** 2 - up ** 2) ** np.float32(0.5)
+        tab["sigma_up"], tab["dt"] = as_f32(up, down - s_from)
+        return tab
+
+    def model_input(self, tables: Tables, i, x):
+        return x / tables["in_scale"][i]
+
+    def step(self, state: State, m, tables: Tables, i, noise) -> State:
+        x = state["x"]
+        x0 = _x0(self.prediction_type, x, m, tables, i)
+        derivative = (x - x0) / tables["sigma"][i]
+        prev = x + rounded(derivative * tables["dt"][i], tables)
+        return {"x": prev + rounded(noise * tables["sigma_up"][i], tables)}

@@ -1,0 +1,163 @@
+"""train-step: forward + backward + optimizer update of a UNet, jaxsd vs diffusers + torch.
+
+Both frameworks run the same network with the same weights (a random diffusers
+UNet folder written once by a `prepare` child and loaded by both) on the same
+batch, each in its own process. jaxsd's step is AOT-compiled first so compile time
+is measured apart from step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+from bench.harness import comparison_table, make_record, repeat_children, run_child
+from bench.presets import DEFAULT_LATENT, UNET_PRESETS, numpy_batch, unet_preset
+
+LABELS = ("preset", "latent", "batch", "dtype", "optimizer")
+
+
+def add_unet_arguments(p: argparse.ArgumentParser, *, preset: str = "tiny") -> None:
+    p.add_argument("--preset", default=preset, choices=sorted(UNET_PRESETS),
+                   help=f"UNet architecture (default {preset}); sd15 needs ~15 GB RAM per framework")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype; params stay fp32 (torch side: torch.autocast)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "adafactor"))
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                   help="jaxsd attention implementation")
+    p.add_argument("--remat", default=None, metavar="POLICY",
+                   help="jaxsd rematerialisation policy name (default: none)")
+    p.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help="keep the shared random UNet weights here between runs (default: a temp dir)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_unet_arguments(p)
+    p.add_argument("--latent", type=int, default=None,
+                   help="latent height = width (default per preset: " +
+                        ", ".join(f"{k} {v}" for k, v in DEFAULT_LATENT.items()) + ")")
+    p.add_argument("--batch", type=int, default=1)
+
+
+# ----------------------------------------------------------------------------- parent side
+
+def base_config(args: argparse.Namespace) -> dict:
+    """The knobs every UNet-step measurement shares (recorded in each JSON line)."""
+    return {"preset": args.preset, "dtype": args.dtype, "optimizer": args.optimizer, "attention": args.attention,
+            "remat": args.remat, "warmup": args.warmup, "repeats": args.repeats, "processes": args.processes}
+
+
+@contextlib.contextmanager
+def shared_weights(args: argparse.Namespace, frameworks: tuple[str, ...]) -> Iterator[str | None]:
+    """A diffusers UNet folder both frameworks load (None when only jaxsd runs: it inits its own)."""
+    if "torch" not in frameworks:
+        yield None
+        return
+    cfg = unet_preset(args.preset)
+    if args.weights_dir:
+        folder = os.path.join(args.weights_dir, f"unet-{args.preset}")
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            run_child("train_step", "prepare", {"unet": cfg, "folder": folder}, timeout=args.timeout)
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxsd-bench-unet-") as tmp:
+        run_child("train_step", "prepare", {"unet": cfg, "folder": tmp}, timeout=args.timeout)
+        yield tmp
+
+
+def measure(args: argparse.Namespace, config: dict, folder: str | None, frameworks: tuple[str, ...]) -> dict:
+    """Run each framework's children for one configuration; returns {framework: figures}."""
+    child_cfg = {**config, "unet": unet_preset(config["preset"]), "folder": folder}
+    return {fw: repeat_children("train_step", fw, child_cfg, args.processes, timeout=args.timeout)
+            for fw in frameworks}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    frameworks = tuple(args.frameworks)
+    config = {**base_config(args), "latent": args.latent or DEFAULT_LATENT[args.preset], "batch": args.batch}
+    with shared_weights(args, frameworks) as folder:
+        results = measure(args, config, folder, frameworks)
+    return [make_record("train-step", config, results, note=args.note)]
+
+
+def format_table(records: list[dict]) -> str:
+    return comparison_table(records, LABELS)
+
+
+# ----------------------------------------------------------------------------- children
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def child_prepare(config: dict) -> dict:
+    from bench.torch_unet import save_random_unet
+
+    return {"num_params": save_random_unet(config["unet"], config["folder"], seed=0)}
+
+
+def child_jaxsd(config: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from bench import jaxsd_unet as J
+
+    baseline = _rss_gb()
+    cfg = config["unet"]
+    model = J.build_model(cfg, config["dtype"], config["attention"], config.get("remat"))
+    np_batch = numpy_batch(cfg, config["batch"], config["latent"], seed=1)
+    batch = {k: jnp.asarray(v) for k, v in np_batch.items()}
+    if config.get("folder"):
+        from jaxsd.convert.unet import load_unet
+
+        _, params = load_unet(config["folder"])
+    else:
+        params = J.init_params(model)
+    tx = J.make_optimizer(config["optimizer"])
+    opt_state = tx.init(params)
+    compiled, lower_s, compile_s = J.timed_compile(J.make_train_step(model, tx), params, opt_state, batch)
+    mem = compiled.memory_analysis()
+    first_loss, times = None, []
+    for i in range(config["warmup"] + config["repeats"]):
+        t0 = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, batch)
+        jax.block_until_ready((params, opt_state, loss))
+        if i >= config["warmup"]:
+            times.append(time.perf_counter() - t0)
+        if first_loss is None:
+            first_loss = float(loss)
+    return {"step_s": times, "compile_s": lower_s + compile_s, "lower_s": lower_s,
+            "info": {"backend": jax.default_backend(), "devices": jax.device_count(), "first_loss": first_loss,
+                     "flops": J.flops_of(compiled), "baseline_rss_gb": baseline,
+                     "xla_temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem else None,
+                     "num_params": int(sum(x.size for x in jax.tree.leaves(params)))}}
+
+
+def child_torch(config: dict) -> dict:
+    import torch
+
+    from bench import torch_unet as T
+
+    baseline = _rss_gb()
+    cfg = config["unet"]
+    model = T.load_unet(config.get("folder"), cfg)
+    opt = T.make_optimizer(config["optimizer"], model.parameters())
+    step = T.make_train_step(model, opt, config["dtype"])
+    batch = T.torch_batch(numpy_batch(cfg, config["batch"], config["latent"], seed=1))
+    first_loss, times = None, []
+    for i in range(config["warmup"] + config["repeats"]):
+        t0 = time.perf_counter()
+        loss = step(batch)  # returns a Python float: the step has finished
+        if i >= config["warmup"]:
+            times.append(time.perf_counter() - t0)
+        if first_loss is None:
+            first_loss = loss
+    return {"step_s": times,
+            "info": {"threads": torch.get_num_threads(), "first_loss": first_loss, "baseline_rss_gb": baseline,
+                     "num_params": sum(p.numel() for p in model.parameters())}}
+

@@ -1,0 +1,135 @@
+"""Benchmark jaxsd side by side with diffusers PyTorch.
+
+Suites:
+  train-step       UNet forward+backward+optimizer step: jaxsd vs diffusers + torch AdamW
+                   (same weights, same batch; compile time, step time, peak RSS, ratios)
+  scaling          step time vs batch size and latent size (`small`); per-device memory vs
+                   number of (fake) devices with FSDP
+  sample           20-step DPM++ 2M with classifier-free guidance, jaxsd vs diffusers pipeline
+  cache            VAE encode + text encode throughput (images/s), jaxsd vs diffusers/transformers
+  optimizer-state  optimizer-state bytes of AdamW / 8-bit AdamW / Adafactor on the sd15 UNet
+                   (from shapes; nothing allocated)
+  flops            XLA cost-analysis FLOPs of the compiled sd15 / sdxl train step vs the published
+                   counts, and the implied time floor on H100 / TPU v5p / v6e
+
+Every framework is measured in its own child process (so peak RSS never mixes):
+warm-up steps, then timed repeats reduced to min/median/max. Each run prints a
+table and appends one JSON record per measured configuration to
+bench/results.jsonl (or --json PATH). Machines are noisy: compare the jaxsd/torch
+ratios of one run, not absolute times across runs.
+
+Runs from a source checkout (bench/ is not part of the installed package); the
+torch side needs the [torch] extra. Examples:
+  jaxsd bench train-step --preset small --batch 2
+  jaxsd bench scaling --sweep batch --frameworks jaxsd
+  jaxsd bench flops
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+# suite name -> module in bench/suites
+SUITES = {
+    "train-step": "train_step",
+    "scaling": "scaling",
+    "sample": "sample",
+    "cache": "cache",
+    "optimizer-state": "optimizer_state",
+    "flops": "flops",
+}
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _bench_package():
+    """Import the repo's `bench` package (next to `jaxsd/`); a clear error outside a checkout."""
+    if not (_REPO / "bench" / "harness.py").is_file():
+        raise SystemExit("jaxsd bench: bench/ not found next to the jaxsd package — run from a source checkout "
+                         "(git clone …; pip install -e '.[torch]').")
+    if str(_REPO) not in sys.path:
+        sys.path.insert(0, str(_REPO))
+    return importlib.import_module("bench.harness")
+
+
+def _suite(name: str):
+    _bench_package()
+    return importlib.import_module(f"bench.suites.{SUITES[name]}")
+
+
+def _frameworks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in ("jaxsd", "torch")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated subset of jaxsd,torch")
+    return names
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be ≥ 1")
+    return value
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement")
+    g.add_argument("--repeats", type=_positive, default=3,
+                   help="timed repeats after warm-up (default 3; fewer is a smoke run)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed warm-up repeats (default 1)")
+    g.add_argument("--processes", type=_positive, default=1,
+                   help="child processes per framework; peak RSS and compile time get one value per process")
+    g.add_argument("--frameworks", type=_frameworks, default=["jaxsd", "torch"],
+                   help="comma-separated: jaxsd,torch (default both)")
+    g.add_argument("--json", default=None, metavar="PATH",
+                   help="append records here (default bench/results.jsonl)")
+    g.add_argument("--no-record", action="store_true", help="print the table only; append nothing")
+    g.add_argument("--note", default=None, help="free text stored in each record (e.g. 'loaded machine')")
+    g.add_argument("--timeout", type=float, default=3600.0, help="seconds before a child is killed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    for name, module_name in SUITES.items():
+        try:
+            module = _suite(name)
+        except SystemExit:
+            module = None
+        except ModuleNotFoundError as e:
+            if e.name != f"bench.suites.{module_name}":
+                raise
+            module = None
+        doc = (module.__doc__ or "") if module else "(not available in this checkout)"
+        summary = doc.strip().splitlines()[0].removeprefix(f"{name}: ") if doc.strip() else name
+        p = sub.add_parser(name, help=summary, description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if module is not None:
+            module.add_arguments(p)
+        add_common_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    harness = _bench_package()
+    try:
+        module = _suite(args.suite)
+    except ModuleNotFoundError as e:
+        if e.name != f"bench.suites.{SUITES[args.suite]}":
+            raise
+        print(f"jaxsd bench {args.suite}: this suite is not available in this checkout", file=sys.stderr)
+        return 2
+    if args.repeats < 3:
+        print(f"note: --repeats {args.repeats} < 3 — a smoke run, not a measurement", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        records = module.run(args)
+    except harness.BenchError as e:
+        print(f"jaxsd bench {args.suite}: {e}", file=sys.stderr)
+        return 1
+    print(module.format_table(records))
+    if not args.no_record:
+        path = harness.append_jsonl(args.json or harness.DEFAULT_RESULTS, records)
+        print(f"\n{len(records)} record(s) appended to {path} ({time.perf_counter() - t0:.0f} s)")
+    return 0

@@ -189,7 +189,7 @@ def flax_to_torch(params: Mapping, *, spec: ConversionSpec = ConversionSpec(), d
         arr = np.asarray(value)
         if dtype is not None:
             arr = arr.astype(dtype)
-        state[torch_key(path)] = np.ascontiguousarray(to_torch_layout(arr, path[-1]))
+        state[torch_key(path)] = np.asarray(to_torch_layout(arr, path[-1]), order="C")  # keeps 0-d tensors 0-d
     for dup, orig in spec.tied.items():
         if orig in state:
             state[dup] = state[orig]

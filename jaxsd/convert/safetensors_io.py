@@ -124,7 +124,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     arrays = []
     offset = 0
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(np.asarray(tensors[name]))
+        arr = np.asarray(tensors[name], order="C")  # not ascontiguousarray: it turns 0-d tensors into shape (1,)
         if arr.dtype not in _NAMES:
             raise SafetensorsError(f"cannot write tensor {name!r}: dtype {arr.dtype} has no safetensors name")
         nbytes = arr.nbytes

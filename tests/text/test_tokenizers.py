@@ -100,6 +100,7 @@ def test_runtime_imports_neither_torch_nor_transformers(folders):
     out = run_python(f"""
         import sys
         from jaxsd.text.tokenizers import load_tokenizer
+        import jaxsd.text.prompts  # the whole prompt-encoding path: models, converters, tokenizers
         load_tokenizer({str(folders['clip'])!r})(["a cat"]); load_tokenizer({str(folders['t5'])!r})(["a cat"])
         print(sorted(m for m in ("torch", "transformers", "sentencepiece") if m in sys.modules))
     """, devices=1)

@@ -97,3 +97,30 @@ def test_flops_micro(bench_env):
     floors = rec["floor_s_per_image"]
     assert set(floors) == {"H100", "TPU v5p", "TPU v6e"}
     assert floors["TPU v5p"] > floors["TPU v6e"] > floors["H100"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_cache_tiny(bench_env):
+    (rec,) = _run(bench_env, "cache", "--repeats", "1", "--warmup", "0", "--batch", "2")
+    for fw in ("jaxsd", "torch"):
+        assert _is_stats(rec[fw]["step_s"]) and _is_stats(rec[fw]["images_per_s"]) and _is_stats(rec[fw]["peak_rss_gb"])
+    assert _is_stats(rec["jaxsd"]["compile_s"])
+    assert rec["ratio"]["images_per_s"] > 0
+    # same weights and inputs: the encoders agree
+    for key in ("latent_mean_avg", "hidden_avg"):
+        j, t = rec["jaxsd"]["info"][key], rec["torch"]["info"][key]
+        assert abs(j - t) <= 1e-4 * max(abs(t), 1e-3), (key, j, t)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_scaling_micro(bench_env):
+    recs = _run(bench_env, "scaling", "--preset", "micro", "--sweep", "batch,devices", "--batches", "2",
+                "--devices", "1,2", "--latent", "8", "--repeats", "1", "--warmup", "0")
+    steps = [r for r in recs if r["config"]["sweep"] == "batch"]
+    devs = {r["config"]["devices"]: r["jaxsd"] for r in recs if r["config"]["sweep"] == "devices"}
+    assert len(steps) == 1 and steps[0]["config"]["batch"] == 2 and _is_stats(steps[0]["torch"]["step_s"])
+    assert set(devs) == {1, 2}
+    # FSDP halves the per-device params + optimizer state
+    assert devs[2]["argument_gb"] < 0.6 * devs[1]["argument_gb"]

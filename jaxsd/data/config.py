@@ -82,6 +82,14 @@ class ImageConfig:
 class CacheConfig:
     """`jaxsd cache`: how latents and text embeddings are produced and stored.
 
+    vae: diffusers VAE folder, or a pipeline folder with a `vae/` subfolder. The trainer
+      checks cached latents against this (fingerprint, scaling/shift factor).
+    text_encoder: pipeline folder with `text_encoder/` + `tokenizer/` (and `text_encoder_2/` +
+      `tokenizer_2/` for SDXL, `text_projection/` for a projected T5), or a single component folder.
+    text: which conditioning: "clip" (SD1/SD2), "sdxl" (two CLIPs + pooled), "t5" (raw T5
+      hidden states), "t5_projected" (T5 through the hybrid's projection).
+    max_length: tokens per caption; 0 = the encoder's default (77 for CLIP).
+    variant: weights variant of both folders (e.g. "fp16"); empty = the default weights.
     latents: "distribution" stores the VAE posterior mean + logvar (training draws fresh
       latent noise every epoch), "sample" stores one scaled latent sample.
     dtype: storage dtype of cached arrays, "float32", "bfloat16" or "float16".
@@ -93,6 +101,11 @@ class CacheConfig:
       or None; a returned reason drops the image (counted in the report).
     """
 
+    vae: str = ""
+    text_encoder: str = ""
+    text: str = "clip"
+    max_length: int = 0
+    variant: str = ""
     latents: str = "distribution"
     dtype: str = "bfloat16"
     batch_size: int = 8
@@ -145,6 +158,7 @@ def check_data_config(cfg: DataConfig) -> None:
         "data.image.crop": (cfg.image.crop, ("center", "random")),
         "data.cache.latents": (cfg.cache.latents, ("distribution", "sample")),
         "data.cache.dtype": (cfg.cache.dtype, ("float32", "bfloat16", "float16")),
+        "data.cache.text": (cfg.cache.text, ("clip", "sdxl", "t5", "t5_projected")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -160,3 +174,35 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.validation.background={cfg.validation.background} must be three 0..255 values")
     if cfg.loader.batch_size <= 0 or cfg.cache.batch_size <= 0:
         raise ValueError("data.loader.batch_size and data.cache.batch_size must be positive")
+
+
+def load_data_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
+    """The `data:` section of a jaxsd YAML config (+ `data.key=value` overrides), validated.
+
+    Other sections and overrides of other sections are the trainer's business and are
+    ignored here, so `jaxsd cache` and `jaxsd train` accept the same command line.
+    Unknown keys or wrong types raise ValueError naming the key (and the closest valid one).
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base = OmegaConf.structured(DataConfig)
+    try:
+        layers = []
+        if path:
+            loaded = OmegaConf.load(path)
+            section = loaded.get("data") if hasattr(loaded, "get") else None
+            if section is not None:
+                layers.append(OmegaConf.create({k: v for k, v in section.items()}))
+        mine = [o for o in overrides if o.split("=", 1)[0].startswith("data.")]
+        if mine:
+            layers.append(OmegaConf.from_dotlist([o[len("data."):] for o in mine]))
+        cfg = OmegaConf.to_object(OmegaConf.merge(base, *layers))
+    except OmegaConfBaseException as e:
+        key = f"data.{e.full_key}" if getattr(e, "full_key", None) else "data"
+        first = str(e).splitlines()[0]
+        raise ValueError(f"{path or 'overrides'}: {key}: {first} (the keys and their meaning are in "
+                         "jaxsd/data/config.py)") from None
+    check_data_config(cfg)
+    return cfg
+

@@ -120,3 +120,55 @@ def expected_specs(cfg: DataConfig) -> tuple[dict | None, dict | None]:
     """(latents spec, text spec) a cache made under `cfg` must have; None where not configured."""
     return (vae_spec(cfg) if cfg.cache.vae else None,
             text_encoder_spec(cfg) if cfg.cache.text_encoder else None)
+
+
+def text_encoder(cfg: DataConfig) -> Encoder:
+    """The configured text conditioning (jaxsd/text/prompts.py's components) as a caching `Encoder`.
+
+    The same computation as `PromptEncoder.encode(captions)` (no clip-skip), but as one pure
+    function of (params, token ids) so the caching engine can jit and shard it:
+    clip: last hidden state; sdxl: both encoders' penultimate hidden states concatenated +
+    encoder 2's projected embeds as "pooled"; t5: last hidden state (t5_projected: through
+    the projection).
+    """
+    from jaxsd.models.clip import CLIPTextModel
+    from jaxsd.text.prompts import PromptEncoder
+
+    kind = cfg.cache.text
+    length = max_length(cfg)
+    pe = PromptEncoder.from_pipeline(cfg.cache.text_encoder, kind, max_length=length if kind.startswith("t5") else None,
+                                     variant=cfg.cache.variant or None)
+    comps = pe.components
+    for c in comps:
+        if c.tokenizer.max_length != length:
+            raise ValueError(f"{cfg.cache.text_encoder}: tokenizer length {c.tokenizer.max_length} != "
+                             f"data.cache.max_length {length}")
+    # diffusers gives CLIP a padding mask only when its config asks for it (`use_attention_mask`)
+    use_mask = [not isinstance(c.model, CLIPTextModel) or bool(dict(c.model.config.extra).get("use_attention_mask"))
+                for c in comps]
+    params = {"components": [c.params for c in comps], "projection": pe.projection[1] if pe.projection else None}
+
+    def prepare(captions):
+        out = {}
+        for i, c in enumerate(comps):
+            batch = c.tokenizer(list(captions))
+            out[f"ids{i}"], out[f"mask{i}"] = batch.input_ids, batch.attention_mask
+        return out
+
+    def run(p, inputs, i):
+        mask = inputs[f"mask{i}"] if use_mask[i] else None
+        return comps[i].model.apply({"params": p["components"][i]}, inputs[f"ids{i}"], mask)
+
+    def apply(p, inputs):
+        if kind == "clip":
+            return {"encoder_hidden_states": run(p, inputs, 0).last_hidden_state}
+        if kind == "sdxl":
+            a, b = run(p, inputs, 0), run(p, inputs, 1)
+            h = jnp.concatenate([a.hidden_states[-2], b.hidden_states[-2].astype(a.hidden_states[-2].dtype)], -1)
+            return {"encoder_hidden_states": h, "pooled": b.text_embeds}
+        h = run(p, inputs, 0).last_hidden_state
+        if kind == "t5_projected":
+            h = pe.projection[0].apply({"params": p["projection"]}, h)
+        return {"encoder_hidden_states": h}
+
+    return Encoder(text_encoder_spec(cfg), params, apply, prepare)

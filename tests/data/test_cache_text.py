@@ -1,0 +1,81 @@
+"""Caching text embeddings with the real prompt encoders: a tiny SDXL pipeline (two CLIPs + pooled),
+saved by jaxsd; the cached embeddings equal `PromptEncoder.encode` (itself checked against diffusers)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxsd.convert.text_encoders import save_clip
+from jaxsd.data.cache import EMPTY_CAPTION_KEY, build_cache
+from jaxsd.data.config import CacheConfig, DataConfig, ImageConfig
+from jaxsd.data.manifest import CacheMismatch, verify_manifest
+from jaxsd.data.model_encoders import expected_specs, text_encoder
+from jaxsd.data.records import read_sidecar
+from jaxsd.models.clip import CLIPTextConfig, CLIPTextModel, example_inputs
+from jaxsd.models.params import abstract_params
+from tests.helpers import rel_err
+from tests.text.tiny import BOS, EOS, clip_vocab_and_merges, write_clip_tokenizer
+
+CAPTIONS = ["a photo of a cat", "an oil painting of a castle at sunset", "dog"]
+
+
+def _save_tiny_clip(folder, seed, hidden, projection):
+    vocab, _ = clip_vocab_and_merges()
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, projection_dim=24, bos_token_id=vocab[BOS],
+                            eos_token_id=vocab[EOS], pad_token_id=vocab[EOS], with_projection=projection)
+    shapes, _ = abstract_params(CLIPTextModel(config), *example_inputs(config))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    save_clip(folder, config, params)
+
+
+def tiny_sdxl_pipeline(root, seed=0):
+    write_clip_tokenizer(root / "tokenizer")
+    write_clip_tokenizer(root / "tokenizer_2", pad_token="!")
+    _save_tiny_clip(root / "text_encoder", seed, 16, False)
+    _save_tiny_clip(root / "text_encoder_2", seed + 1, 32, True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    base = tmp_path_factory.mktemp("text")
+    pipe = tiny_sdxl_pipeline(base / "pipe")
+    root = base / "imgs"
+    root.mkdir()
+    for i, c in enumerate(CAPTIONS):
+        Image.new("RGB", (32, 32)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(c)
+    cfg = DataConfig(roots=(str(root),), image=ImageConfig(resolution=32),
+                     cache=CacheConfig(text_encoder=str(pipe), text="sdxl", dtype="float32", batch_size=2))
+    enc = text_encoder(cfg)
+    result = build_cache(cfg, text=enc, only="text", progress=False, log=lambda s: None)
+    return cfg, root, enc, result
+
+
+def test_sdxl_text_cache_equals_prompt_encoder(cached):
+    from jaxsd.text.prompts import PromptEncoder
+
+    cfg, root, enc, result = cached
+    assert enc.suffix == "sdxl_te" and result.encoded["text"] == len(CAPTIONS) + 1
+    ref = PromptEncoder.from_pipeline(cfg.cache.text_encoder, "sdxl").encode(CAPTIONS + [""])
+    for i, key in enumerate([str(i) for i in range(len(CAPTIONS))] + [EMPTY_CAPTION_KEY]):
+        side = read_sidecar(root / f"{key}.sdxl_te")
+        assert side["encoder_hidden_states"].shape == (77, 16 + 32) and side["pooled"].shape == (24,)
+        assert rel_err(side["encoder_hidden_states"], ref.encoder_hidden_states[i]) <= 1e-5
+        assert rel_err(side["pooled"], ref.pooled[i]) <= 1e-5
+
+
+def test_text_cache_refused_for_another_text_encoder(cached, tmp_path):
+    cfg, root, enc, _ = cached
+    _, text = expected_specs(cfg)
+    assert text == dict(enc.spec)  # what a trainer computes without loading the model
+    verify_manifest(root, text=text)
+    other = tiny_sdxl_pipeline(tmp_path / "other", seed=5)
+    _, text_other = expected_specs(dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, text_encoder=str(other))))
+    with pytest.raises(CacheMismatch, match="encoder_fingerprint.*--only text"):
+        verify_manifest(root, text=text_other)

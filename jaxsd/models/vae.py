@@ -32,7 +32,6 @@ DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
 # diffusers' get_activation accepts only these for the VAE's act_fn.
 VAE_ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")
-_HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 # Fixed by diffusers' Encoder/Decoder (not config keys).
 _EPS = 1e-6
 
@@ -316,8 +315,9 @@ class AutoencoderKL(nn.Module):
     """diffusers' `AutoencoderKL`.
 
     dtype: compute dtype. With `config.force_upcast` (the default, as in SD/SDXL VAEs)
-      a half-precision request computes in fp32, because those VAEs overflow in fp16/bf16
-      — the same rule diffusers' pipelines apply. Pass `force_upcast=False` to override.
+      an fp16 request computes in fp32, because those VAEs overflow fp16's range — the rule
+      diffusers' pipelines apply. bf16 has fp32's range and is honoured. `force_upcast`
+      (None: the config's) overrides the config.
     remat_policy: None, or a `jax.checkpoint_policies` name applied per ResNet block.
 
     Methods (use `model.apply({"params": p}, x, method="encode")`):
@@ -337,7 +337,7 @@ class AutoencoderKL(nn.Module):
     @property
     def compute_dtype(self) -> jnp.dtype:
         upcast = self.config.force_upcast if self.force_upcast is None else self.force_upcast
-        return jnp.dtype(jnp.float32) if upcast and jnp.dtype(self.dtype) in _HALF else jnp.dtype(self.dtype)
+        return jnp.dtype(jnp.float32) if upcast and jnp.dtype(self.dtype) == jnp.float16 else jnp.dtype(self.dtype)
 
     def setup(self):
         cfg = self.config

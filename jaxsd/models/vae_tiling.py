@@ -68,32 +68,38 @@ def _jitted(model: AutoencoderKL, method: str):
     return jax.jit(lambda params, x: model.apply({"params": params}, x, method=method))
 
 
-def _blend_v(a: jax.Array, b: jax.Array, extent: int) -> jax.Array:
+def _blend_v(a: np.ndarray, b: np.ndarray, extent: int) -> np.ndarray:
     """b's first rows faded in from a's last rows. a, b: [B, H, W, C] (NHWC: rows are axis 1)."""
     extent = min(a.shape[1], b.shape[1], extent)
-    if extent == 0:
-        return b
-    w = jnp.asarray(np.arange(extent) / extent, b.dtype)[None, :, None, None]
-    return b.at[:, :extent].set(a[:, a.shape[1] - extent:] * (1 - w) + b[:, :extent] * w)
+    w = (np.arange(extent) / extent).astype(b.dtype)[None, :, None, None]
+    b = b.copy()
+    b[:, :extent] = a[:, a.shape[1] - extent:] * (1 - w) + b[:, :extent] * w
+    return b
 
 
-def _blend_h(a: jax.Array, b: jax.Array, extent: int) -> jax.Array:
+def _blend_h(a: np.ndarray, b: np.ndarray, extent: int) -> np.ndarray:
     """b's first columns faded in from a's last columns. a, b: [B, H, W, C]."""
     extent = min(a.shape[2], b.shape[2], extent)
-    if extent == 0:
-        return b
-    w = jnp.asarray(np.arange(extent) / extent, b.dtype)[None, None, :, None]
-    return b.at[:, :, :extent].set(a[:, :, a.shape[2] - extent:] * (1 - w) + b[:, :, :extent] * w)
+    w = (np.arange(extent) / extent).astype(b.dtype)[None, None, :, None]
+    b = b.copy()
+    b[:, :, :extent] = a[:, :, a.shape[2] - extent:] * (1 - w) + b[:, :, :extent] * w
+    return b
 
 
 def _tiled(fn, x: jax.Array, in_size: int, out_size: int, overlap: float) -> jax.Array:
-    """Run `fn` on overlapping tiles of x [B, H, W, C] and blend its outputs as diffusers does."""
+    """Run `fn` on overlapping tiles of x [B, H, W, C] and blend its outputs as diffusers does.
+
+    Tiles come back to host memory one by one and are blended there with numpy:
+    the blend is cheap elementwise work, and on device every differently shaped
+    slice would cost an XLA compilation.
+    """
     stride = int(in_size * (1 - overlap))
     extent = int(out_size * overlap)
     keep = out_size - extent
     if stride < 1:
         raise ValueError(f"tiling: tile of {in_size} with overlap {overlap} gives a stride of 0")
-    rows = [[fn(x[:, i:i + in_size, j:j + in_size]) for j in range(0, x.shape[2], stride)]
+    x = np.asarray(x)  # slice on host: a device slice per tile position would each compile
+    rows = [[np.asarray(fn(x[:, i:i + in_size, j:j + in_size])) for j in range(0, x.shape[2], stride)]
             for i in range(0, x.shape[1], stride)]
     out_rows = []
     for i, row in enumerate(rows):
@@ -106,8 +112,8 @@ def _tiled(fn, x: jax.Array, in_size: int, out_size: int, overlap: float) -> jax
                 tile = _blend_h(row[j - 1], tile, extent)
             row[j] = tile  # later neighbours blend with the blended tile, as diffusers' in-place update does
             kept.append(tile[:, :keep, :keep])
-        out_rows.append(jnp.concatenate(kept, axis=2))
-    return jnp.concatenate(out_rows, axis=1)
+        out_rows.append(np.concatenate(kept, axis=2))
+    return jnp.asarray(np.concatenate(out_rows, axis=1))
 
 
 def tiled_encode_moments(model: AutoencoderKL, params, x: jax.Array, settings: TileSettings | None = None) -> jax.Array:

@@ -97,7 +97,7 @@ class _Batches:
             flip = bool(np.random.default_rng([self.cfg.loader.seed, epoch, int(idx), 1]).integers(2))
             samples.append(self.store.read(int(idx), flip=flip))
         batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-        batch["index"] = self.indices(i)
+        batch["index"] = self.indices(i).astype(np.int32)
         return batch
 
 

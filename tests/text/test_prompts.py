@@ -1,6 +1,9 @@
 """Prompt encoding equals diffusers' `encode_prompt` (SDXL, SD) on tiny saved pipelines; the hybrid's
 T5 + projection equals transformers + a torch Linear; the projection folder round-trips."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -62,13 +65,18 @@ def _close(ours, ref):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("case", ["negative", "zeros_for_absent_negative", "empty_prompt", "clip_skip"])
+@pytest.mark.parametrize("case", ["negative", "zeros_for_absent_negative", "empty_prompt", "clip_skip",
+                                  "no_force_zeros"])
 def test_sdxl_matches_diffusers_encode_prompt(sdxl_folder, sdxl_encoder, case):
     import torch
 
     _, pipe = sdxl_folder
     enc = sdxl_encoder
     assert enc.kind == "sdxl" and enc.force_zeros_for_empty_prompt
+    if case == "no_force_zeros":  # the absent negative prompt is then encoded as ""
+        pipe = copy.copy(pipe)
+        pipe.register_to_config(force_zeros_for_empty_prompt=False)
+        enc = dataclasses.replace(enc, force_zeros_for_empty_prompt=False)
     prompts = ["", PROMPTS[0]] if case == "empty_prompt" else PROMPTS  # batch of 2: one compiled shape
     negative = NEGATIVE if case in ("negative", "clip_skip") else None
     clip_skip = 1 if case == "clip_skip" else None
@@ -80,7 +88,7 @@ def test_sdxl_matches_diffusers_encode_prompt(sdxl_folder, sdxl_encoder, case):
     assert cond.encoder_hidden_states.shape == (len(prompts) * n, 77, 32 + 48) and cond.pooled.shape[-1] == 40
     _close(cond.encoder_hidden_states, pe)
     _close(cond.pooled, pooled)
-    if negative is None:
+    if negative is None and enc.force_zeros_for_empty_prompt:
         assert not np.asarray(uncond.encoder_hidden_states).any() and not np.asarray(uncond.pooled).any()
         assert not npe.any() and not npooled.any()
     else:
@@ -88,24 +96,38 @@ def test_sdxl_matches_diffusers_encode_prompt(sdxl_folder, sdxl_encoder, case):
         _close(uncond.pooled, npooled)
 
 
-@pytest.mark.torch
-@pytest.mark.parametrize("clip_skip", [None, 1])
-def test_sd_matches_diffusers_encode_prompt(sdxl_folder, clip_skip):
-    """SD 1.x/2.x path (one CLIP encoder, last hidden state / clip-skip through the final norm)."""
-    import torch
+@pytest.fixture(scope="module")
+def sd_pipelines(sdxl_folder):
+    """SD 1.x-like (CLIP-L-like encoder 1) and SD 2.x-like (OpenCLIP-like gelu encoder, pad "!") pipelines
+    built from the SDXL fixture's parts; the SD2 encoder is saved as a plain CLIPTextModel."""
     from diffusers import StableDiffusionPipeline
-
-    from jaxsd.text.prompts import PromptEncoder, TextComponent
-    from jaxsd.text.tokenizers import load_tokenizer
-    from jaxsd.convert.text_encoders import load_clip
-    from jaxsd.models.clip import CLIPTextModel
+    from transformers import CLIPTextModel
 
     folder, xl = sdxl_folder
-    sd = StableDiffusionPipeline(vae=xl.vae, text_encoder=xl.text_encoder, tokenizer=xl.tokenizer, unet=xl.unet,
-                                 scheduler=xl.scheduler, safety_checker=None, feature_extractor=None,
-                                 requires_safety_checker=False)
-    config, params = load_clip(folder / "text_encoder")
-    enc = PromptEncoder("clip", [TextComponent(load_tokenizer(folder / "tokenizer"), CLIPTextModel(config), params)])
+    sd2_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder_2")
+    sd2_encoder.save_pretrained(folder.parent / "sd2_text_encoder")
+    parts = {"sd1": (xl.text_encoder, xl.tokenizer, folder / "text_encoder", folder / "tokenizer"),
+             "sd2": (sd2_encoder, xl.tokenizer_2, folder.parent / "sd2_text_encoder", folder / "tokenizer_2")}
+    return {name: (StableDiffusionPipeline(vae=xl.vae, text_encoder=te, tokenizer=tok, unet=xl.unet,
+                                           scheduler=xl.scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False), te_folder, tok_folder)
+            for name, (te, tok, te_folder, tok_folder) in parts.items()}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("family,clip_skip", [("sd1", None), ("sd1", 1), ("sd2", None)])
+def test_sd_matches_diffusers_encode_prompt(sd_pipelines, family, clip_skip):
+    """SD 1.x/2.x path: one CLIP encoder, last hidden state (clip-skip: earlier layer through the final norm)."""
+    import torch
+
+    from jaxsd.convert.text_encoders import load_clip
+    from jaxsd.models.clip import CLIPTextModel
+    from jaxsd.text.prompts import PromptEncoder, TextComponent
+    from jaxsd.text.tokenizers import load_tokenizer
+
+    sd, te_folder, tok_folder = sd_pipelines[family]
+    config, params = load_clip(te_folder)
+    enc = PromptEncoder("clip", [TextComponent(load_tokenizer(tok_folder), CLIPTextModel(config), params)])
     with torch.no_grad():
         if clip_skip is None:
             pe, npe = sd.encode_prompt(PROMPTS, "cpu", 2, True, NEGATIVE)
@@ -113,9 +135,9 @@ def test_sd_matches_diffusers_encode_prompt(sdxl_folder, clip_skip):
             # diffusers 0.42's clip-skip branch reads `text_encoder.text_model.final_layer_norm`, which
             # transformers 5's CLIPTextModel no longer has; apply its formula to the same encoder directly.
             _, npe = sd.encode_prompt(PROMPTS, "cpu", 2, True, NEGATIVE)
-            ids = xl.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-            hidden = xl.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-            pe = xl.text_encoder.final_layer_norm(hidden).repeat_interleave(2, dim=0)
+            ids = sd.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            hidden = sd.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+            pe = sd.text_encoder.final_layer_norm(hidden).repeat_interleave(2, dim=0)
     cond, uncond = enc.encode_with_negative(PROMPTS, NEGATIVE, clip_skip=clip_skip, num_images_per_prompt=2)
     assert cond.pooled is None
     _close(cond.encoder_hidden_states, pe)

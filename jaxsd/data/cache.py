@@ -64,6 +64,7 @@ class ShardedEncoder:
         self.mesh = Mesh(np.array(devices), ("batch",))
         self.batch = -(-batch_size // len(devices)) * len(devices)
         replicated, split = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("batch"))
+        self.split = split
         self.params = jax.device_put(encoder.params, replicated)
         self.fn = jax.jit(encoder.apply, in_shardings=(replicated, split), out_shardings=split)
 
@@ -71,7 +72,9 @@ class ShardedEncoder:
         n = len(next(iter(inputs.values())))
         padded = {k: np.concatenate([v, np.repeat(v[-1:], self.batch - n, 0)]) if n < self.batch else v
                   for k, v in inputs.items()}
-        out = self.fn(self.params, padded)
+        # an explicit transfer onto this process's devices: under jax.distributed, jit refuses
+        # numpy inputs with a non-replicated sharding
+        out = self.fn(self.params, jax.device_put(padded, self.split))
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 
 

@@ -72,25 +72,35 @@ def fake_text(folder, cfg: DataConfig) -> Encoder:
     return Encoder(spec, params, fake_text_apply, tokenize)
 
 
-def make_cached(base, n: int = 24, **cfg_overrides) -> tuple[DataConfig, Encoder, Encoder]:
-    """A small clean dataset (3 aspect ratios), cached with the fake encoders."""
+def make_images(root, n: int = 24) -> Path:
+    """`n` clean images of three aspect ratios (64x64, 96x64, 64x96) with captions."""
     from PIL import Image
 
-    from jaxsd.data.cache import build_cache
-    from jaxsd.data.config import BucketConfig, CacheConfig, ImageConfig, LoaderConfig
-
-    base = Path(base)
-    root = base / "ds"
+    root = Path(root)
     root.mkdir(parents=True)
     sizes = [(64, 64), (96, 64), (64, 96)]
     for i in range(n):
         w, h = sizes[i % 3]
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
         (root / f"{i:03d}.txt").write_text(f"caption {i}")
-    cfg = DataConfig(roots=(str(root),),
-                     image=ImageConfig(resolution=64, random_flip=True, buckets=BucketConfig(True, 32, 128, 16)),
-                     cache=CacheConfig(dtype="float32", batch_size=8),
-                     loader=LoaderConfig(batch_size=4, threads=2, prefetch=2), **cfg_overrides)
+    return root
+
+
+def small_config(*roots, **overrides) -> DataConfig:
+    from jaxsd.data.config import BucketConfig, CacheConfig, ImageConfig, LoaderConfig
+
+    return DataConfig(roots=tuple(str(r) for r in roots),
+                      image=ImageConfig(resolution=64, random_flip=True, buckets=BucketConfig(True, 32, 128, 16)),
+                      cache=CacheConfig(dtype="float32", batch_size=8),
+                      loader=LoaderConfig(batch_size=4, threads=2, prefetch=2), **overrides)
+
+
+def make_cached(base, n: int = 24) -> tuple[DataConfig, Encoder, Encoder]:
+    """A small clean dataset, cached with the fake encoders."""
+    from jaxsd.data.cache import build_cache
+
+    base = Path(base)
+    cfg = small_config(make_images(base / "ds", n))
     vae = fake_vae(save_fake_vae(base / "vae", 0), cfg)
     te = fake_text(save_fake_text(base / "te", 0), cfg)
     build_cache(cfg, vae=vae, text=te, progress=False, log=lambda s: None)

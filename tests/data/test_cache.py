@@ -142,3 +142,17 @@ def test_pack_holds_the_same_samples(cached, tmp_path):
             assert a.keys() == b.keys()
             for k in a:
                 np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_the_cached_dataset_loads(cached):
+    from jaxsd.data.loader import Loader
+
+    base, cfg, vae, te, expect, _ = cached
+    loader = Loader(cfg, latents=vae.spec, text=te.spec)
+    ids = loader.store.bucket_ids()
+    seen = []
+    for _ in range(loader.steps_per_epoch):
+        b = next(loader)
+        assert len(set(ids[b["index"]])) == 1 and b["latent_mean"].dtype == np.float32
+        seen += list(b["index"])
+    assert len(seen) == len(set(seen)) >= len(loader.store) - len(loader.store.bucket_list)  # remainders only

@@ -86,50 +86,60 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={pid})
 import jax.numpy as jnp
-from jaxsd.data.config import DataConfig
+from jaxsd.data.cache import build_cache
 from jaxsd.data.loader import GlobalBatches, Loader
-from omegaconf import OmegaConf
-cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), json.loads('{cfg}')))
+from tests.data.fakes import fake_text, fake_vae, small_config
+cfg = small_config(*{roots})
+vae, te = fake_vae("{base}/vae", cfg), fake_text("{base}/te", cfg)
+cached = build_cache(cfg, vae=vae, text=te, progress=False, log=lambda s: None)  # each encodes its share
 mesh = jax.make_mesh((2, 2), ("data", "fsdp"))
-loader = Loader(cfg, mesh=mesh)
+loader = Loader(cfg, mesh=mesh, latents=vae.spec, text=te.spec)
 batches = GlobalBatches(loader)
 total = jax.jit(lambda x: jnp.sum(x))
 steps = []
 for _ in range(loader.steps_per_epoch):
-    b = batches.__next__()
+    b = next(batches)
     local = sorted({{int(v) for s in b["index"].addressable_shards for v in s.data}})
     steps.append({{"local": local, "sum": int(total(b["index"])),
                   "shapes": {{k: list(v.shape) for k, v in b.items()}}}})
-print("RESULT" + json.dumps({{"rows": loader.rows.tolist(), "steps": steps}}))
+print("RESULT" + json.dumps({{"rows": loader.rows.tolist(), "steps": steps, "encoded": cached.encoded,
+                             "kept": cached.report.counts["kept"]}}))
 """
 
 
-def test_two_processes_read_disjoint_shards_of_the_same_batches(cached):
-    cfg, _, _ = cached
-    from omegaconf import OmegaConf
+def test_two_processes_cache_and_read_disjoint_shards_of_the_same_batches(tmp_path):
+    """Two roots, two processes (2 CPU devices each, gloo): each caches its share of the files, then
+    reads only its rows of every global batch; the rows are disjoint and their union is the epoch."""
+    from tests.data.fakes import make_images, save_fake_text, save_fake_vae, small_config
 
+    roots = [str(make_images(tmp_path / "a", 12)), str(make_images(tmp_path / "b", 12))]
+    save_fake_vae(tmp_path / "vae", 0)
+    save_fake_text(tmp_path / "te", 0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg_json = json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(WORKER.format(port=port, pid=i, cfg=cfg_json))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-             for i in range(2)]
+    code = [textwrap.dedent(WORKER.format(port=port, pid=i, roots=roots, base=tmp_path)) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=REPO) for c in code]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-4000:]
         outs.append(json.loads(out.split("RESULT", 1)[1]))
+    # caching: each process encoded its own half; the merged report and manifests hold everything
+    assert [o["encoded"]["latents"] for o in outs] == [12, 12]
+    assert [o["encoded"]["text"] for o in outs] == [12 + 2, 12]  # process 0 also encodes "" once per root
+    assert outs[0]["kept"] == 24
     assert outs[0]["rows"] == [0, 1] and outs[1]["rows"] == [2, 3]
-    plan = Loader(cfg)  # single-process view of the same epoch
+    single = Loader(small_config(*roots))  # the same epoch seen from one process
     union = []
     for step, (a, b) in enumerate(zip(outs[0]["steps"], outs[1]["steps"])):
         assert not set(a["local"]) & set(b["local"])
-        want = sorted(int(i) for i in plan.source.indices(step))
+        want = sorted(int(i) for i in single.source.indices(step))
         assert sorted(a["local"] + b["local"]) == want
-        assert a["sum"] == b["sum"] == sum(want)  # the global array really holds both shards
+        assert a["sum"] == b["sum"] == sum(want)  # the global array really holds both processes' rows
         assert a["shapes"] == b["shapes"] and a["shapes"]["latent_mean"][0] == 4
         union += a["local"] + b["local"]
     assert sorted(union) == list(range(24))

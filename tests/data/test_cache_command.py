@@ -80,9 +80,14 @@ def test_cache_command_writes_correct_latents(cached, capsys):
     side = read_sidecar(root / "1.sd_vae")
     assert rel_err(side["latent_mean"], TINY.scale_latents(post.mean)[0]) <= 1e-5
     assert rel_err(side["latent_logvar"], post.logvar[0] + 2 * np.log(TINY.scaling_factor)) <= 1e-5
-    # re-running is a no-op
-    assert main(["cache", str(yaml), "--only", "latents", "--no-progress"]) == 0
+    # re-running is a no-op; --pack writes ArrayRecord shards the loader reads like the sidecars
+    packed = base / "packed"
+    assert main(["cache", str(yaml), "--only", "latents", "--no-progress", "--pack", str(packed)]) == 0
     assert "latents 0 encoded / 8 reused" in capsys.readouterr().out
+    cfg = load_data_config(str(yaml))
+    a = next(Loader(cfg))
+    b = next(Loader(dataclasses.replace(cfg, packed=(str(packed),))))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_trainer_configured_with_another_vae_is_refused(cached, tmp_path):

@@ -128,5 +128,7 @@ def save_weights(folder: str | os.PathLike, state: Mapping[str, np.ndarray], wei
         name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, folder / name, meta)
         weight_map.update({k: name for k in shard})
-    with open(folder / f"{stem}.safetensors.index.json", "w") as fh:
+    # diffusers/transformers put the variant before `.json`: `<name>.safetensors.index.fp16.json`
+    index = f"{weights_name}.safetensors.index.{variant}.json" if variant else f"{weights_name}.safetensors.index.json"
+    with open(folder / index, "w") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2, sort_keys=True)

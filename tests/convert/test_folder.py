@@ -114,6 +114,12 @@ def test_fp16_variant_file(tmp_path):
     _assert_tree_equal(params, _expected({k: v.astype(np.float32) for k, v in half.items()}))
     with pytest.raises(ComponentError, match=r"no diffusion_pytorch_model\.safetensors .*fp16\.safetensors"):
         _load(tmp_path)  # no default file: the error lists what the folder has
+    sharded = tmp_path / "sharded"  # diffusers' names: <name>.safetensors.index.fp16.json + <name>.fp16-0000i-of-...
+    save_weights(sharded, half, DIFFUSERS_WEIGHTS, variant="fp16", max_shard_bytes=200)
+    (sharded / "config.json").write_text("{}")
+    assert (sharded / f"{WEIGHTS}.index.fp16.json").is_file()
+    assert (sharded / f"{DIFFUSERS_WEIGHTS}.fp16-00001-of-00003.safetensors").is_file()
+    _assert_tree_equal(_load(sharded, variant="fp16"), params)
 
 
 def test_truncated_file_is_refused_with_the_file_named(tmp_path):

@@ -95,12 +95,12 @@ def test_encode_decode_match_diffusers(built, name):
 def test_tiled_encode_and_decode_match_diffusers_tiling(built):
     import torch
 
-    tv, _, config, params, model = built["sd"]
+    tv, _, config, params, model = built["sd3"]  # no quant convs: diffusers checks the config there too
     settings = TileSettings.for_config(config)  # 16 px / 8 latents, overlap 0.25 — diffusers' defaults
     assert (settings.sample_size, settings.latent_size, settings.overlap) == (16, 8, 0.25)
     rng = np.random.default_rng(2)
     x = rng.uniform(-1, 1, (1, 24, 24, 3)).astype(np.float32)  # tiles 16,12 per axis, blended over 2 latents
-    z = rng.standard_normal((1, 12, 12, 4)).astype(np.float32)  # tiles 8,6 per axis, blended over 4 pixels
+    z = rng.standard_normal((1, 12, 12, 8)).astype(np.float32)  # tiles 8,6 per axis, blended over 4 pixels
     with torch.no_grad():
         untiled = tv.decode(torch.from_numpy(_nchw(z))).sample.numpy()
         tv.enable_tiling()
@@ -146,6 +146,15 @@ def test_round_trip_is_bit_identical_and_loads_cleanly_in_diffusers(built, tmp_p
         strip = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
         assert strip(back.config) == strip(tv.config)
         assert VAEConfig.from_diffusers(json.loads((out / "config.json").read_text())) == config
+    # an fp16 variant, sharded: what diffusers' from_pretrained(variant="fp16") reads
+    tv, _, config, params, _ = built["sd"]
+    save_vae(tmp_path / "fp16", config, params, dtype=np.float16, variant="fp16", max_shard_bytes=20_000)
+    assert (tmp_path / "fp16" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    half, info = TorchVAE.from_pretrained(tmp_path / "fp16", variant="fp16", torch_dtype=torch.float16,
+                                          output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    for k, v in tv.state_dict().items():
+        assert torch.equal(half.state_dict()[k], v.half()), k
 
 
 @pytest.mark.torch

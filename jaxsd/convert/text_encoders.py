@@ -130,5 +130,13 @@ def _load_state(folder, state, module, inputs, spec, dtype, to_device) -> dict:
     return torch_to_flax(state, abstract, dtype=dtype, spec=spec, to_device=to_device, source=str(folder))
 
 
-__all__ = ["load_clip", "save_clip", "load_t5", "save_t5", "load_text_projection", "save_text_projection",
-           "CLIP_SPEC", "T5_SPEC"]
+__all__ = [
+    "CLIP_SPEC",
+    "T5_SPEC",
+    "load_clip",
+    "load_t5",
+    "load_text_projection",
+    "save_clip",
+    "save_t5",
+    "save_text_projection",
+]

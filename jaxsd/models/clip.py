@@ -121,7 +121,7 @@ class CLIPAttention(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         c = self.config
         b, n, _ = x.shape
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         q, k, v = (Dense(c.hidden_size, axes=("embed", "heads"), name=name, **kw)(x)
                    .reshape(b, n, c.num_attention_heads, c.head_dim) for name in ("q_proj", "k_proj", "v_proj"))
         o = attention(q, k, v, mask=mask, is_causal=True, implementation=self.implementation)
@@ -136,7 +136,7 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = Dense(c.intermediate_size, axes=("embed", "mlp"), name="fc1", **kw)(x)
         h = activation(c.hidden_act)(h)
         return Dense(c.hidden_size, axes=("mlp", "embed"), name="fc2", **kw)(h)
@@ -151,7 +151,7 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = LayerNorm(c.layer_norm_eps, name="layer_norm1", **kw)(x)
         x = x + CLIPAttention(c, self.implementation, name="self_attn", **kw)(h, mask)
         h = LayerNorm(c.layer_norm_eps, name="layer_norm2", **kw)(x)
@@ -166,7 +166,7 @@ class CLIPTextEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         n = input_ids.shape[-1]
         if n > c.max_position_embeddings:
             raise ValueError(f"CLIP text input has {n} tokens; this model takes at most "
@@ -204,7 +204,7 @@ class CLIPTextTransformer(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = CLIPTextEmbeddings(c, name="embeddings", **kw)(input_ids)
         # Optional padding mask, combined with the causal mask inside attention. diffusers' SD
         # pipelines pass none (padding tokens are attended to, causally, as in training).
@@ -236,7 +236,7 @@ class CLIPTextModel(nn.Module):
         return out.replace(text_embeds=embeds)
 
 
-def CLIPTextModelWithProjection(config: CLIPTextConfig, **kwargs) -> CLIPTextModel:  # noqa: N802 — a class-like factory
+def CLIPTextModelWithProjection(config: CLIPTextConfig, **kwargs) -> CLIPTextModel:
     """transformers' CLIPTextModelWithProjection: CLIPTextModel plus `text_projection`; output
     `text_embeds` [B, projection_dim] = pooled @ text_projection."""
     return CLIPTextModel(dataclasses.replace(config, with_projection=True), **kwargs)

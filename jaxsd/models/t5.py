@@ -153,7 +153,7 @@ class T5Attention(nn.Module):
         c = self.config
         b, n, _ = x.shape
         inner = c.num_heads * c.d_kv
-        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"use_bias": False, "dtype": self.dtype, "param_dtype": self.param_dtype}
         q, k, v = (Dense(inner, axes=("embed", "heads"), name=name, **kw)(x).reshape(b, n, c.num_heads, c.d_kv)
                    for name in ("q", "k", "v"))
         if self.has_relative_attention_bias:
@@ -176,7 +176,7 @@ class T5LayerSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, mask):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = RMSNorm(self.config.layer_norm_epsilon, name="layer_norm", **kw)(x)
         h, bias = T5Attention(self.config, self.has_relative_attention_bias, self.implementation,
                               name="SelfAttention", **kw)(h, bias, mask)
@@ -193,7 +193,7 @@ class T5DenseActDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        kw = dict(use_bias=False, axes=("embed", "mlp"), param_dtype=self.param_dtype)
+        kw = {"use_bias": False, "axes": ("embed", "mlp"), "param_dtype": self.param_dtype}
         act = activation(c.dense_act_fn)
         if c.is_gated_act:
             h = act(Dense(c.d_ff, name="wi_0", dtype=self.dtype, **kw)(x)) * Dense(c.d_ff, name="wi_1", dtype=self.dtype, **kw)(x)
@@ -211,7 +211,7 @@ class T5LayerFF(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = RMSNorm(self.config.layer_norm_epsilon, name="layer_norm", **kw)(x)
         h = T5DenseActDense(self.config, name="DenseReluDense", **kw)(h)
         return (x.astype(h.dtype) + h).astype(self.dtype)
@@ -226,7 +226,7 @@ class T5Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, mask):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         x, bias = T5LayerSelfAttention(self.config, self.has_relative_attention_bias, self.implementation,
                                        name="layer_0", **kw)(x, bias, mask)
         x = _overflow_guard(x)

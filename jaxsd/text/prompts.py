@@ -60,7 +60,7 @@ class PromptEmbeddings:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {n}")
         if n == 1:
             return self
-        rep = lambda x: None if x is None else jnp.repeat(x, n, axis=0)  # noqa: E731
+        rep = lambda x: None if x is None else jnp.repeat(x, n, axis=0)
         return PromptEmbeddings(rep(self.encoder_hidden_states), rep(self.pooled), rep(self.attention_mask))
 
 
@@ -120,7 +120,7 @@ class PromptEncoder:
         if (self.kind == "t5_projected") != (self.projection is not None):
             raise ValueError("a text projection goes with kind 't5_projected' and only with it")
         if self.projection is not None:
-            proj, pparams = self.projection
+            proj = self.projection[0]
             self._project = jax.jit(lambda p, h: proj.apply({"params": p}, h))
 
     # ------------------------------------------------------------------ encoding

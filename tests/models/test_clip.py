@@ -16,9 +16,9 @@ from tests.helpers import rel_err
 
 VOCAB, LENGTH = 1000, 16
 # CLIP-L-like: quick_gelu, legacy config (eos_token_id == 2 → pool at argmax of ids; EOS 999 is the largest id).
-CLIP_L = dict(hidden_act="quick_gelu", eos_token_id=2, bos_token_id=998, pad_token_id=1)
+CLIP_L = {"hidden_act": "quick_gelu", "eos_token_id": 2, "bos_token_id": 998, "pad_token_id": 1}
 # OpenCLIP-like: gelu + text_projection, eos_token_id rule with an EOS id that is NOT the largest id.
-OPEN_CLIP = dict(hidden_act="gelu", eos_token_id=500, bos_token_id=998, pad_token_id=0)
+OPEN_CLIP = {"hidden_act": "gelu", "eos_token_id": 500, "bos_token_id": 998, "pad_token_id": 0}
 
 
 def _torch_model(flavour: dict, with_projection: bool, seed: int):

@@ -27,15 +27,25 @@ def _perturb(model, scale=0.2):
 def sdxl_folder(tmp_path_factory):
     """A tiny SDXL pipeline saved by diffusers (tiny UNet/VAE only because the pipeline needs them)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
     root = tmp_path_factory.mktemp("sdxl")
     tok1 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(root / "src_tok1"))
     tok2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(root / "src_tok2", pad_token="!"))
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tok1), bos_token_id=tok1.bos_token_id, eos_token_id=2, pad_token_id=1,
-                  max_position_embeddings=77, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3)
+    common = {"vocab_size": len(tok1), "bos_token_id": tok1.bos_token_id, "eos_token_id": 2, "pad_token_id": 1,
+                  "max_position_embeddings": 77, "num_attention_heads": 4, "intermediate_size": 64, "num_hidden_layers": 3}
     te1 = _perturb(CLIPTextModel(CLIPTextConfig(hidden_size=32, hidden_act="quick_gelu", **common)))
     te2 = _perturb(CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, hidden_act="gelu", projection_dim=40,
                                                               **common)))
@@ -191,7 +201,7 @@ def test_hybrid_t5_projection_matches_torch_and_round_trips(tmp_path):
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
-    from jaxsd.text.prompts import PromptEncoder, PromptEmbeddings
+    from jaxsd.text.prompts import PromptEmbeddings, PromptEncoder
 
     with pytest.raises(ValueError, match="kind 'sd3' unknown"):
         PromptEncoder("sd3", [])

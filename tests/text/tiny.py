@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WORDS = ("a photo of an astronaut riding horse on the moon painting cat dog castle forest "
+WORDS = ("a photo of an astronaut riding horse on the moon painting cat dog castle forest "  # noqa: SIM905
          "beautiful landscape mountains sunset portrait oil café naïve über").split()
 SENTENCES = [
     "a photo of an astronaut riding a horse on the moon",

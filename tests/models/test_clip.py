@@ -111,10 +111,15 @@ def test_save_round_trip_is_bit_exact_and_loads_in_transformers(flavour, tmp_pat
             continue
         np.testing.assert_array_equal(v.numpy(), ref[k].numpy())
     assert all(k.startswith(("text_model.", "text_projection.")) for k in saved)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [cls.__name__]
     config2, params2 = load_clip(tmp_path)
     assert config2 == config
+    # A config.json without `architectures`: the projection is inferred from the weights.
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["architectures"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert load_clip(tmp_path)[0].with_projection == (name == "open_clip")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [cls.__name__]
 
 
 @pytest.mark.torch

@@ -91,6 +91,13 @@ def test_round_trip_bit_exact_and_tied_embeddings(flavour, tmp_path):
     config2, params2 = load_t5(tmp_path)
     assert config2 == config
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
+    # Sharded save (index + shards) loads back identically, in jaxsd and in transformers.
+    save_t5(tmp_path / "sharded", config, params, max_shard_bytes=20_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    _, params4 = load_t5(tmp_path / "sharded")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params4)
+    _, info = HFModel.from_pretrained(tmp_path / "sharded", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
 
     # A checkpoint that holds only the duplicate name loads; one whose copies differ is refused.
     state = dict(saved)

@@ -35,9 +35,9 @@ from jaxsd.data.images import prepare, to_rgb
 from jaxsd.data.manifest import file_signature, read_manifest, text_signature, write_manifest
 from jaxsd.data.records import STORAGE_DTYPES, sidecar_is_current, sidecar_path, write_sidecar
 from jaxsd.data.sources import Item, open_sources
+from jaxsd.data.store import EMPTY_CAPTION_KEY
 from jaxsd.data.validate import Finding, Report, Valid, report_path, validate
 
-EMPTY_CAPTION_KEY = "jaxsd_empty_caption"  # per-root embedding of "" for caption dropout (CFG training)
 
 
 @dataclass
@@ -49,6 +49,7 @@ class CacheResult:
 
 
 def _key_seed(*parts) -> int:
+    # from the file's key (not its absolute path), so a moved dataset re-encodes identically
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
@@ -98,7 +99,7 @@ class _Run:
                 continue
             flips = (False, True) if cfg.image.random_flip else (False,)
             for flip in flips:  # the same crop for both: one rng per item, re-seeded per flip
-                rng = np.random.default_rng(_key_seed(cfg.image.seed, v.item.root, v.item.key))
+                rng = np.random.default_rng(_key_seed(cfg.image.seed, v.item.key))
                 p = prepare(rgb, *target, crop=cfg.image.crop, flip=flip, rng=rng)
                 pixels.append(p.pixels)
                 time_ids.append(p.time_ids)
@@ -133,7 +134,7 @@ class _Run:
                     for j, tag in enumerate(("", "_flipped")[:per]):
                         r = i * per + j
                         if cfg.cache.latents == "sample":
-                            eps = np.random.default_rng(_key_seed(cfg.cache.seed, v.item.root, v.item.key, tag))
+                            eps = np.random.default_rng(_key_seed(cfg.cache.seed, v.item.key, tag))
                             vals = (mean[r] + np.exp(0.5 * logvar[r]) * eps.standard_normal(mean[r].shape),)
                         else:
                             vals = (mean[r], logvar[r])

@@ -119,6 +119,10 @@ class Loader:
         gbs = cfg.loader.batch_size
         if mesh is not None:
             self.sharding = batch_sharding(mesh)
+            shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+            if gbs % shards:
+                raise ValueError(f"data.loader.batch_size={gbs} is not divisible by the {shards} batch shards "
+                                 "of the mesh (data x fsdp)")
             rows = batch_rows(self.sharding, gbs)
         else:
             self.sharding = None
@@ -132,6 +136,11 @@ class Loader:
                                     prefetch_buffer_size=max(1, cfg.loader.prefetch))
         self.dataset = grain.MapDataset.source(self.source).to_iter_dataset(options)
         self.iterator = iter(self.dataset)
+
+    def empty_text(self) -> dict[str, np.ndarray] | None:
+        """The empty caption's cached embedding {"encoder_hidden_states": [L,D], "pooled"?: [P]}, for
+        conditioning dropout (the trainer's empty_cond); None without a text cache."""
+        return self.store.empty_text()
 
     @property
     def steps_per_epoch(self) -> int:

@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 
 from jaxsd.data.config import DataConfig
-from jaxsd.data.manifest import write_manifest
-from jaxsd.data.records import encode_record, read_sidecar, sidecar_path
-from jaxsd.data.store import SidecarStore, open_store
+from jaxsd.data.manifest import text_signature, write_manifest
+from jaxsd.data.records import encode_record, read_sidecar, sidecar_path, write_sidecar
+from jaxsd.data.store import EMPTY_CAPTION_KEY, SidecarStore, open_store
 
 
 def pack_cache(cfg: DataConfig, out_dir: str | os.PathLike, *, records_per_shard: int = 4096) -> Path:
@@ -47,6 +47,10 @@ def pack_cache(cfg: DataConfig, out_dir: str | os.PathLike, *, records_per_shard
         entries[name] = {"bucket": list(bucket), "record": i}
     if writer is not None:
         writer.close()
+    empty = store.empty_text()
+    if empty is not None:  # the empty caption travels with the pack (conditioning dropout)
+        write_sidecar(sidecar_path(out, EMPTY_CAPTION_KEY, store.text["suffix"]), empty, spec=store.text,
+                      source=text_signature(""))
     write_manifest(out, {"latents": store.latents, "text": store.text, "shards": shards,
                          "roots": store.roots, "entries": entries})
     return out

@@ -18,6 +18,7 @@ from jaxsd.data.records import decode_record, read_sidecar, sidecar_path
 from jaxsd.data.sources import tfds_cache_root
 
 FLIPPED = "_flipped"
+EMPTY_CAPTION_KEY = "jaxsd_empty_caption"  # per-root embedding of "" (written by the cache, for CFG dropout)
 
 
 def _pick_flip(arrays: dict[str, np.ndarray], flip: bool) -> dict[str, np.ndarray]:
@@ -57,12 +58,23 @@ class CacheStore:
         return np.array([ids[b] for _, _, b, _ in self.entries], dtype=np.int64)
 
     def read(self, i: int, flip: bool = False) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: SidecarStore / PackedStore
+
+    def empty_text(self) -> dict[str, np.ndarray] | None:
+        """The cached embedding of the empty caption (for conditioning dropout), or None."""
+        if self.text is None:
+            return None
+        path = sidecar_path(self.empty_dir, EMPTY_CAPTION_KEY, self.text["suffix"])
+        if not path.is_file():
+            raise CacheMismatch(f"{path} is missing: the empty caption's embedding is written by `jaxsd cache`; "
+                                "re-run it (with --only text)")
+        return read_sidecar(path)
 
 
 class SidecarStore(CacheStore):
     def __init__(self, roots: list[str], manifests: list[dict]):
         self.roots = roots
+        self.empty_dir = roots[0]
         super().__init__(list(zip(roots, manifests)))
 
     def read(self, i: int, flip: bool = False) -> dict[str, np.ndarray]:
@@ -79,6 +91,7 @@ class PackedStore(CacheStore):
         import grain  # ArrayRecord reading
 
         super().__init__(list(zip(dirs, manifests)))
+        self.empty_dir = dirs[0]
         self.sources = [grain.sources.ArrayRecordDataSource([str(Path(d) / s) for s in m["shards"]])
                         for d, m in zip(dirs, manifests)]
 

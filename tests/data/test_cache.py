@@ -136,6 +136,9 @@ def test_pack_holds_the_same_samples(cached, tmp_path):
     packed = open_store(dataclasses.replace(cfg, packed=(str(out),)), latents=vae.spec, text=te.spec)
     sidecars = open_store(cfg, latents=vae.spec, text=te.spec)
     assert len(packed) == len(sidecars) and list(packed.bucket_ids()) == list(sidecars.bucket_ids())
+    empty_a, empty_b = packed.empty_text(), sidecars.empty_text()  # "" travels with the pack
+    assert empty_a.keys() == empty_b.keys() == {"encoder_hidden_states", "pooled"}
+    np.testing.assert_array_equal(empty_a["encoder_hidden_states"], empty_b["encoder_hidden_states"])
     for i in (0, 7, len(packed) - 1):
         for flip in (False, True):
             a, b = packed.read(i, flip), sidecars.read(i, flip)

@@ -129,6 +129,8 @@ class PromptEncoder:
                clip_skip: int | None = None, num_images_per_prompt: int = 1) -> PromptEmbeddings:
         """Conditioning for `prompts` (SDXL: `prompts_2` for encoder 2, default the same)."""
         prompts = _as_list(prompts, "prompts")
+        if prompts_2 is not None and self.kind != "sdxl":
+            raise ValueError(f"prompts_2 is for SDXL's second text encoder; kind {self.kind!r} has one encoder")
         if clip_skip is not None and (self.kind not in ("clip", "sdxl") or clip_skip < 0):
             raise ValueError(f"clip_skip={clip_skip} applies to CLIP encoders only, as a non-negative int")
         if self.kind == "clip":

@@ -209,5 +209,7 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         PromptEncoder("sdxl", [object()])
     with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
         PromptEncoder.from_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="prompts_2 is for SDXL"):
+        PromptEncoder("clip", [None]).encode("a cat", prompts_2="a dog")
     with pytest.raises(ValueError, match="num_images_per_prompt"):
         PromptEmbeddings(np.zeros((1, 2, 3)), None, np.ones((1, 2))).repeat(0)

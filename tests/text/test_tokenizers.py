@@ -77,6 +77,7 @@ def test_clip_layout_and_truncation_warning(folders, caplog):
     cut = batch.lengths[1:] - 77
     assert f"{cut.min()} to {cut.max()} tokens" in msg
     assert tok.truncation.truncated == 2 and tok.truncation.max_tokens_cut == int(cut.max())
+    assert tok.decode(batch.input_ids[0]) == "a cat"
     caplog.clear()
     tok(["short prompt"])
     assert not caplog.records

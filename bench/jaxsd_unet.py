@@ -1,10 +1,10 @@
-"""jaxsd side of the UNet benchmarks: model, inputs, optimizer and the jitted train step.
+"""jaxsd side of the UNet benchmarks: model, inputs, optimizers, the "simple" step, compile helpers.
 
-The train step is forward + backward + optimizer update of the epsilon-prediction
-MSE loss on pre-noised latents — exactly what `bench/torch_unet.py` runs in
-PyTorch — jitted with donated params and optimizer state as in real training.
-Abstract variants (`abstract_state`) let the flops and optimizer-state suites
-lower/compile the same step without allocating a single weight.
+The simple train step is forward + backward + optimizer update of the MSE loss on
+pre-noised latents with a fixed target — exactly what `bench/torch_unet.py` runs in
+PyTorch for `--step simple`. `bench/jaxsd_steps.py` wraps it and jaxsd's real
+training step behind one interface; `abstract_params` / `abstract_batch` let the
+flops, scaling and optimizer-state suites compile without allocating a weight.
 """
 
 from __future__ import annotations
@@ -90,13 +90,6 @@ def init_params(model, seed: int = 0) -> dict:
     from jaxsd.models.unet import example_inputs
 
     return jax.jit(lambda k: _init(model, k, *example_inputs(model.config)))(jax.random.key(seed))
-
-
-def abstract_state(model, optimizer: str) -> tuple[dict, object, optax.GradientTransformation]:
-    """(abstract params, abstract optimizer state, tx): shapes only."""
-    tx = make_optimizer(optimizer)
-    params = abstract_params(model)
-    return params, jax.eval_shape(tx.init, params), tx
 
 
 def tree_bytes(tree) -> int:

@@ -75,7 +75,7 @@ TEXT_LEN = 77
 SDXL_POOLED_DIM = 1280
 
 # Optimizer hyper-parameters both frameworks use (values do not change the cost).
-LEARNING_RATE = 1e-5
+LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-2
 
 

@@ -65,18 +65,37 @@ def torch_batch(np_batch: dict) -> dict:
     return out
 
 
-def make_train_step(model, opt: torch.optim.Optimizer, dtype: str) -> Callable[[dict], float]:
-    """batch -> loss: forward (autocast for bf16), fp32 MSE, backward, optimizer step."""
+def make_train_step(model, opt: torch.optim.Optimizer, dtype: str, kind: str = "simple") -> Callable[[dict], float]:
+    """batch -> loss: forward (autocast for bf16), fp32 MSE, backward, optimizer step.
+
+    kind "simple": the batch's pre-noised sample and fixed target.
+    kind "train": what diffusers' train_text_to_image does per step — fresh noise and
+    timesteps, DDPMScheduler.add_noise on the latents, epsilon target, grad-norm clip at 1.
+    """
+    from diffusers import DDPMScheduler
+
     model.train()
     autocast = dtype != "float32"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    gen = torch.Generator().manual_seed(0)
 
     def step(batch: dict) -> float:
-        with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=DTYPES[dtype],
-                            enabled=autocast):
-            pred = model(batch["sample"], batch["timesteps"], batch["encoder_hidden_states"],
+        if kind == "train":
+            latents = batch["sample"]
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
+            sample, target = scheduler.add_noise(latents, noise, t), noise
+        else:
+            sample, t, target = batch["sample"], batch["timesteps"], batch["target"]
+        with torch.autocast(device, dtype=DTYPES[dtype], enabled=autocast):
+            pred = model(sample, t, batch["encoder_hidden_states"],
                          added_cond_kwargs=batch.get("added_cond_kwargs"), return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), batch["target"])
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
+        if kind == "train":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype; the FLOP count does not depend on it, and XLA:CPU compiles fp32 "
                         "faster (default float32)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "adafactor"))
+    p.add_argument("--step", default="train", choices=("train", "simple"),
+                   help="jaxsd's real training step (default) or the bare forward+backward+update")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     records = []
     for name in models:
         latent = args.latent or PUBLISHED_LATENT.get(name) or unet_preset(name)["sample_size"]
-        config = {"preset": name, "latent": latent, "batch": args.batch, "dtype": args.dtype,
+        config = {"preset": name, "step": args.step, "latent": latent, "batch": args.batch, "dtype": args.dtype,
                   "optimizer": args.optimizer}
         out = run_child("flops", "jaxsd", {**config, "unet": unet_preset(name)}, timeout=args.timeout)
         if out["flops"] is None:
@@ -84,13 +86,14 @@ def child_jaxsd(config: dict) -> dict:
     import jax
 
     from bench import jaxsd_unet as J
+    from bench.jaxsd_steps import make_kit
 
     model = J.build_model(config["unet"], config["dtype"])
-    params, opt_state, tx = J.abstract_state(model, config["optimizer"])
-    batch = J.abstract_batch(config["unet"], config["batch"], config["latent"])
-    step = J.make_train_step(model, tx)
+    kit = make_kit(config["step"], model, config["optimizer"])
+    state = kit.abstract_state(J.abstract_params(model))
+    batch = kit.to_batch(J.abstract_batch(config["unet"], config["batch"], config["latent"]))
     t0 = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch)
+    lowered = jax.jit(kit.step, donate_argnums=kit.donate).lower(*state, batch)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

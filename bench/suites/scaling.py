@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def device_point(args: argparse.Namespace, devices: int, latent: int) -> dict:
-    config = {"preset": args.preset, "sweep": "devices", "devices": devices, "latent": latent,
+    config = {"preset": args.preset, "step": args.step, "sweep": "devices", "devices": devices, "latent": latent,
               "batch": devices * args.per_device_batch, "dtype": args.dtype, "optimizer": args.optimizer,
               "remat": args.remat, "sharding": "fsdp"}
     out = run_child("scaling", "fsdp", {**config, "unet": unet_preset(args.preset)}, timeout=args.timeout,
@@ -120,6 +120,7 @@ def child_fsdp(config: dict) -> dict:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from bench import jaxsd_unet as J
+    from bench.jaxsd_steps import make_kit
 
     n = config["devices"]
     if jax.device_count() != n:
@@ -127,15 +128,15 @@ def child_fsdp(config: dict) -> dict:
     mesh = Mesh(jax.devices(), ("fsdp",))
     shard = _fsdp_sharding(mesh, n)
     model = J.build_model(config["unet"], config["dtype"], remat_policy=config.get("remat"))
-    params, opt_state, tx = J.abstract_state(model, config["optimizer"])
-    batch = J.abstract_batch(config["unet"], config["batch"], config["latent"])
-    p_sh, o_sh = shard(params), shard(opt_state)
-    b_sh = jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (x.ndim - 1)))), batch)
-    loss_sh = NamedSharding(mesh, PartitionSpec())
+    kit = make_kit(config["step"], model, config["optimizer"])
+    state = kit.abstract_state(J.abstract_params(model))
+    batch = kit.to_batch(J.abstract_batch(config["unet"], config["batch"], config["latent"]))
+    state_sh = shard(state)
+    batch_sh = jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (x.ndim - 1)))), batch)
+    replicated = NamedSharding(mesh, PartitionSpec())
     t0 = time.perf_counter()
-    compiled = jax.jit(J.make_train_step(model, tx), in_shardings=(p_sh, o_sh, b_sh),
-                       out_shardings=(p_sh, o_sh, loss_sh), donate_argnums=(0, 1)
-                       ).lower(params, opt_state, batch).compile()
+    compiled = jax.jit(kit.step, in_shardings=(*state_sh, batch_sh), out_shardings=(*state_sh, replicated),
+                       donate_argnums=kit.donate).lower(*state, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     if mem is None:

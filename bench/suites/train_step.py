@@ -18,12 +18,16 @@ from collections.abc import Iterator
 from bench.harness import comparison_table, make_record, repeat_children, run_child
 from bench.presets import DEFAULT_LATENT, UNET_PRESETS, numpy_batch, unet_preset
 
-LABELS = ("preset", "latent", "batch", "dtype", "optimizer")
+LABELS = ("preset", "step", "latent", "batch", "dtype", "optimizer")
 
 
 def add_unet_arguments(p: argparse.ArgumentParser, *, preset: str = "tiny") -> None:
     p.add_argument("--preset", default=preset, choices=sorted(UNET_PRESETS),
                    help=f"UNet architecture (default {preset}); sd15 needs ~15 GB RAM per framework")
+    p.add_argument("--step", default="train", choices=("train", "simple"),
+                   help="train: jaxsd's real training step (noise drawn in the step, clipping, NaN guard) vs "
+                        "the same recipe in torch (diffusers' train_text_to_image); simple: bare forward+"
+                        "backward+update on fixed inputs, whose first losses must agree (default train)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype; params stay fp32 (torch side: torch.autocast)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "adafactor"))
@@ -47,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def base_config(args: argparse.Namespace) -> dict:
     """The knobs every UNet-step measurement shares (recorded in each JSON line)."""
-    return {"preset": args.preset, "dtype": args.dtype, "optimizer": args.optimizer, "attention": args.attention,
+    return {"preset": args.preset, "step": args.step, "dtype": args.dtype, "optimizer": args.optimizer, "attention": args.attention,
             "remat": args.remat, "warmup": args.warmup, "repeats": args.repeats, "processes": args.processes}
 
 
@@ -106,36 +110,40 @@ def child_jaxsd(config: dict) -> dict:
     import jax.numpy as jnp
 
     from bench import jaxsd_unet as J
+    from bench.jaxsd_steps import make_kit
 
     baseline = _rss_gb()
     cfg = config["unet"]
     model = J.build_model(cfg, config["dtype"], config["attention"], config.get("remat"))
-    np_batch = numpy_batch(cfg, config["batch"], config["latent"], seed=1)
-    batch = {k: jnp.asarray(v) for k, v in np_batch.items()}
+    kit = make_kit(config["step"], model, config["optimizer"])
+    batch = kit.to_batch({k: jnp.asarray(v) for k, v in numpy_batch(cfg, config["batch"], config["latent"],
+                                                                        seed=1).items()})
     if config.get("folder"):
         from jaxsd.convert.unet import load_unet
 
         _, params = load_unet(config["folder"])
     else:
         params = J.init_params(model)
-    tx = J.make_optimizer(config["optimizer"])
-    opt_state = tx.init(params)
-    compiled, lower_s, compile_s = J.timed_compile(J.make_train_step(model, tx), params, opt_state, batch)
+    state = jax.jit(kit.init)(params)
+    del params  # the state holds them now
+    compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate)
     mem = compiled.memory_analysis()
+    n = len(state)
     first_loss, times = None, []
     for i in range(config["warmup"] + config["repeats"]):
         t0 = time.perf_counter()
-        params, opt_state, loss = compiled(params, opt_state, batch)
-        jax.block_until_ready((params, opt_state, loss))
+        out = compiled(*state, batch)
+        jax.block_until_ready(out)
         if i >= config["warmup"]:
             times.append(time.perf_counter() - t0)
+        state, aux = out[:n], out[n]
         if first_loss is None:
-            first_loss = float(loss)
+            first_loss = float(kit.loss(aux))
     return {"step_s": times, "compile_s": lower_s + compile_s, "lower_s": lower_s,
             "info": {"backend": jax.default_backend(), "devices": jax.device_count(), "first_loss": first_loss,
                      "flops": J.flops_of(compiled), "baseline_rss_gb": baseline,
                      "xla_temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem else None,
-                     "num_params": int(sum(x.size for x in jax.tree.leaves(params)))}}
+                     "num_params": int(sum(x.size for x in jax.tree.leaves(J.abstract_params(model))))}}
 
 
 def child_torch(config: dict) -> dict:
@@ -147,7 +155,7 @@ def child_torch(config: dict) -> dict:
     cfg = config["unet"]
     model = T.load_unet(config.get("folder"), cfg)
     opt = T.make_optimizer(config["optimizer"], model.parameters())
-    step = T.make_train_step(model, opt, config["dtype"])
+    step = T.make_train_step(model, opt, config["dtype"], config["step"])
     batch = T.torch_batch(numpy_batch(cfg, config["batch"], config["latent"], seed=1))
     first_loss, times = None, []
     for i in range(config["warmup"] + config["repeats"]):

@@ -88,9 +88,11 @@ def img2img_start(num_steps: int, strength: float) -> int:
 
 
 def noise_to_start(tables: Tables, x0: jnp.ndarray, noise: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
-    """img2img: noise clean latents x0 to the level of step `start` (the sampler's own add_noise)."""
-    a = jnp.asarray(tables["noise_a"])[start]
-    s = jnp.asarray(tables["noise_s"])[start]
+    """img2img: noise clean latents x0 to the level of step `start` (the sampler's own add_noise).
+
+    start == n (strength 0) runs no step: x0 comes back unchanged."""
+    a = jnp.concatenate([jnp.asarray(tables["noise_a"]), jnp.ones((1,), jnp.float32)])[start]
+    s = jnp.concatenate([jnp.asarray(tables["noise_s"]), jnp.zeros((1,), jnp.float32)])[start]
     return a * x0 + s * noise
 
 

@@ -68,7 +68,8 @@ def refuse_unsupported(schedule: NoiseSchedule, name: str, options: dict) -> Non
 class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M), midpoint solver type; `karras=True` uses Karras sigmas (dpmpp_2m_karras)."""
 
-    karras: bool = False
+    # Only the tables depend on it, so both variants share one compiled program.
+    karras: bool = dataclasses.field(default=False, compare=False)
 
     stochastic = False
 

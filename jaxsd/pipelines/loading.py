@@ -1,0 +1,131 @@
+"""Load a diffusers pipeline folder (`model_index.json` + component folders) into Flax params.
+
+The folder is the model format: `jaxsd sample --model DIR` reads what
+`DiffusionPipeline.save_pretrained` writes. The family is detected from the folder:
+
+  sdxl    `_class_name` names an XL pipeline, or there is a `text_encoder_2`
+  hybrid  the text encoder is a T5 (with the `text_projection/` component)
+  sd2     a CLIP text encoder of OpenCLIP type (gelu, 1024 wide) or a 1024-wide UNet context
+  sd1     any other CLIP + UNet pipeline
+
+Every required component must be present; a missing one is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jaxsd.convert.folder import read_config
+from jaxsd.convert.unet import load_unet
+from jaxsd.convert.vae import load_vae
+from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.models.unet import UNetConfig
+from jaxsd.models.vae import VAEConfig
+from jaxsd.text.prompts import PromptEncoder
+
+FAMILIES = ("sd1", "sd2", "sdxl", "hybrid")
+# jaxsd.text.prompts kind of each family's conditioning
+PROMPT_KIND = {"sd1": "clip", "sd2": "clip", "sdxl": "sdxl", "hybrid": "t5_projected"}
+_REQUIRED = {
+    "sd1": ("unet", "vae", "scheduler", "text_encoder", "tokenizer"),
+    "sd2": ("unet", "vae", "scheduler", "text_encoder", "tokenizer"),
+    "sdxl": ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "hybrid": ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_projection"),
+}
+
+
+class PipelineFolderError(ValueError):
+    """A pipeline folder that cannot be used (missing model_index.json or component)."""
+
+
+@dataclasses.dataclass
+class LoadedPipeline:
+    """Everything a generation pipeline needs, as plain configs + param pytrees.
+
+    text: the family's prompt encoder (jaxsd.text.prompts; text encoders, tokenizers, projection).
+    options: pipeline-level config from model_index.json (e.g. force_zeros_for_empty_prompt).
+    """
+
+    folder: Path
+    family: str
+    unet_config: UNetConfig
+    unet_params: Any
+    vae_config: VAEConfig
+    vae_params: Any
+    text: PromptEncoder
+    schedule: NoiseSchedule
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+def read_model_index(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "model_index.json"
+    if not Path(folder).is_dir():
+        raise PipelineFolderError(f"{folder}: no such directory (expected a diffusers pipeline folder)")
+    if not path.is_file():
+        raise PipelineFolderError(f"{folder}: no model_index.json — not a diffusers pipeline folder. Point --model "
+                                  "at the folder `DiffusionPipeline.save_pretrained` wrote (it holds model_index.json, "
+                                  "unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _present(index: dict, folder: Path, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and entry[0] is not None and (folder / name).is_dir()
+
+
+def detect_family(folder: str | os.PathLike, index: dict | None = None) -> str:
+    """"sd1" | "sd2" | "sdxl" | "hybrid" from model_index.json and the component configs."""
+    folder = Path(folder)
+    index = read_model_index(folder) if index is None else index
+    cls = str(index.get("_class_name", ""))
+    if "XL" in cls or _present(index, folder, "text_encoder_2"):
+        return "sdxl"
+    if not (folder / "text_encoder").is_dir():
+        raise PipelineFolderError(f"{folder}: component 'text_encoder' is missing (no text_encoder/ folder)")
+    te = read_config(folder / "text_encoder")
+    if te.get("model_type") == "t5" or "T5" in str(te.get("architectures", "")) or "text_projection" in index:
+        return "hybrid"
+    unet = read_config(folder / "unet") if (folder / "unet").is_dir() else {}
+    if te.get("hidden_act") == "gelu" or te.get("hidden_size") == 1024 or unet.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def load_scheduler_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise PipelineFolderError(f"{folder}: component 'scheduler' is missing (no scheduler/scheduler_config.json)")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, variant: str | None = None,
+                  attention_impl: str = "auto") -> LoadedPipeline:
+    """Read a diffusers pipeline folder: detect the family, load every component.
+
+    dtype: storage dtype of all params (None: fp32). compute_dtype: the text encoders' compute dtype
+    (None: fp32). variant: weights variant (e.g. "fp16").
+    """
+    folder = Path(folder)
+    index = read_model_index(folder)
+    family = detect_family(folder, index)
+    for name in _REQUIRED[family]:
+        if not (folder / name).is_dir():
+            raise PipelineFolderError(f"{folder}: component {name!r} is missing (no {name}/ folder); a {family} "
+                                      f"pipeline needs {', '.join(_REQUIRED[family])}")
+    unet_config, unet_params = load_unet(folder / "unet", dtype=dtype, variant=variant)
+    vae_config, vae_params = load_vae(folder / "vae", dtype=dtype, variant=variant)
+    if vae_config.latents_mean is not None:
+        raise PipelineFolderError(f"{folder}/vae: latents_mean/latents_std VAEs are not supported by jaxsd sample")
+    import jax.numpy as jnp
+
+    text = PromptEncoder.from_pipeline(folder, PROMPT_KIND[family], dtype=compute_dtype or jnp.float32,
+                                       param_dtype=dtype, variant=variant, attention_impl=attention_impl)
+    schedule = NoiseSchedule.from_config(load_scheduler_config(folder))
+    options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
+    return LoadedPipeline(folder, family, unet_config, unet_params, vae_config, vae_params, text, schedule, options)

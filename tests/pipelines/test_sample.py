@@ -1,0 +1,133 @@
+"""End to end: `jaxsd sample` / StableDiffusion vs diffusers' pipelines on tiny random models.
+
+Decoded uint8 images must agree to ≤ 0.3 levels on average and ≤ 3 at most with
+the same latents, prompts, sampler, steps and guidance; each test also checks that
+a wrong guidance (or sampler) misses that tolerance by far, so passing means something.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxsd import cli
+from jaxsd.diffusion.samplers import DIFFUSERS_EQUIVALENT
+from jaxsd.pipelines.denoise import split_run_key
+from jaxsd.pipelines.pipeline import StableDiffusion, generation_keys
+from tests.pipelines.conftest import assert_images_close, assert_images_differ, to_uint8
+
+pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+PROMPT, NEGATIVE = "a photo of a cat", "a dog"
+
+
+def _diffusers_scheduler(pipe, name):
+    import diffusers
+    cls_name, overrides = DIFFUSERS_EQUIVALENT[name]
+    config = getattr(pipe, "folder_scheduler_config", pipe.scheduler.config)
+    return getattr(diffusers, cls_name).from_config(config, **overrides)
+
+
+def _latents(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 4, 8, 8)).astype(np.float32)
+
+
+def test_cli_txt2img_matches_diffusers(sd_folder, sd_reference, sd_pipe, tmp_path, capsys, torch_single_thread):
+    torch = torch_single_thread
+    latents = _latents(2)
+    np.save(tmp_path / "latents.npy", latents)
+    out = tmp_path / "out" / "cat.png"
+    rc = cli.main(["sample", "--model", str(sd_folder), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+                   "--steps", "10", "--guidance", "7.5", "--scheduler", "dpmpp_2m", "--num-images", "2",
+                   "--latents", str(tmp_path / "latents.npy"), "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr()
+    assert "compile:" in printed.out and "generation:" in printed.out
+    ours = np.stack([np.asarray(Image.open(out.with_name(f"cat-{i}.png"))) for i in range(2)])
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (16, 32, 3) and np.array_equal(grid[:, :16], ours[0])
+
+    sd_reference.scheduler = _diffusers_scheduler(sd_reference, "dpmpp_2m")
+    ref = to_uint8(sd_reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5,
+                                num_images_per_prompt=2, latents=torch.from_numpy(latents), output_type="np").images)
+    assert_images_close(ours, ref)
+    wrong = sd_pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=10, guidance=5.0, sampler="dpmpp_2m",
+                             num_images=2, latents=latents)
+    assert_images_differ(wrong, ref)
+
+
+def test_batch_of_prompts_guidance_rescale_karras(sd_reference, sd_pipe, torch_single_thread):
+    """Two prompts (same shapes as the CLI test's 1 x 2 images, and dpmpp_2m_karras differs from dpmpp_2m only
+    in its tables, so this reuses that compiled program)."""
+    torch = torch_single_thread
+    prompts, latents = ["a photo of a cat", "an oil painting of a castle"], _latents(2, seed=1)
+    sd_reference.scheduler = _diffusers_scheduler(sd_reference, "dpmpp_2m_karras")
+    ref = to_uint8(sd_reference(prompts, num_inference_steps=10, guidance_scale=6.0, guidance_rescale=0.7,
+                                latents=torch.from_numpy(latents), output_type="np").images)
+    ours = sd_pipe.generate(prompts, steps=10, guidance=6.0, guidance_rescale=0.7, sampler="dpmpp_2m_karras",
+                            latents=latents)
+    assert_images_close(ours, ref)
+    assert sd_pipe.last_compile_seconds == 0.0
+    assert_images_differ(sd_pipe.generate(prompts, steps=10, guidance=6.0, guidance_rescale=0.0,
+                                          sampler="dpmpp_2m_karras", latents=latents), ref)
+    assert_images_differ(sd_pipe.generate(prompts, steps=10, guidance=6.0, guidance_rescale=0.7,
+                                          sampler="dpmpp_2m", latents=latents), ref)
+
+
+def test_img2img_matches_driven_diffusers_components(sd_folder, sd_reference, sd_pipe, torch_single_thread):
+    """diffusers' img2img pipeline draws its noise internally, so the reference drives its components
+    (encode_prompt, VAE, scheduler with set_begin_index, UNet, CFG) with our noise and posterior ε."""
+    torch = torch_single_thread
+    steps, strength, guidance, seed = 10, 0.6, 7.5, 3
+    image = (np.random.default_rng(5).uniform(0, 255, (16, 16, 3))).astype(np.uint8)
+    noise = _latents(1, seed=4)
+    ours = sd_pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=guidance, sampler="euler",
+                            seed=seed, latents=noise, init_image=image, strength=strength)
+
+    ref = sd_reference
+    sched = _diffusers_scheduler(ref, "euler")
+    sched.set_timesteps(steps)
+    t_start = steps - int(steps * strength)
+    timesteps = sched.timesteps[t_start:]
+    sched.set_begin_index(t_start)
+    with torch.no_grad():
+        pixels = torch.from_numpy(image.astype(np.float32) / 255.0 * 2 - 1).permute(2, 0, 1)[None]
+        dist = ref.vae.encode(pixels).latent_dist
+        encode_key, _ = split_run_key(generation_keys(seed)[1])
+        eps = np.array(jax.random.normal(encode_key, (1, 8, 8, 4))).transpose(0, 3, 1, 2).copy()
+        z0 = (dist.mean + dist.std * torch.from_numpy(eps)) * ref.vae.config.scaling_factor
+        x = sched.add_noise(z0, torch.from_numpy(noise), timesteps[:1])
+        cond, uncond = ref.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+        context = torch.cat([uncond, cond])
+        for t in timesteps:
+            inp = sched.scale_model_input(torch.cat([x, x]), t)
+            u, c = ref.unet(inp, t, encoder_hidden_states=context).sample.chunk(2)
+            x = sched.step(u + guidance * (c - u), t, x).prev_sample
+        decoded = ref.vae.decode(x / ref.vae.config.scaling_factor).sample
+    ref_img = to_uint8((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    assert_images_close(ours, ref_img)
+    assert_images_differ(sd_pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=guidance,
+                                          sampler="euler", seed=seed, latents=noise, init_image=image,
+                                          strength=0.9), ref_img)
+
+
+def test_sdxl_matches_diffusers(sdxl_folder, torch_single_thread):
+    import diffusers
+    torch = torch_single_thread
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    pipe = StableDiffusion.from_folder(sdxl_folder)
+    assert pipe.family == "sdxl"
+    latents = _latents(1, seed=7)
+    kw = dict(original_size=(24, 32), crops_coords_top_left=(2, 4), target_size=(16, 16))
+    # negative prompt absent: diffusers' force_zeros_for_empty_prompt gives zero uncond embeddings
+    ref_img = to_uint8(ref(PROMPT, num_inference_steps=8, guidance_scale=5.0, height=16, width=16,
+                           latents=torch.from_numpy(latents), output_type="np", **kw).images)
+    ours = pipe.generate(PROMPT, steps=8, guidance=5.0, sampler="euler", height=16, width=16, latents=latents, **kw)
+    assert_images_close(ours, ref_img)
+    # the micro-conditioning is live: other sizes change the image
+    other = pipe.generate(PROMPT, steps=8, guidance=5.0, sampler="euler", height=16, width=16, latents=latents,
+                          original_size=(512, 512))
+    assert_images_differ(other, ref_img)

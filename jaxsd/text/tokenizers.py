@@ -22,7 +22,9 @@ in prompts, exactly like the reference.
 Every batch is padded/truncated to `max_length` (CLIP: the folder's
 `model_max_length`, 77; T5: configurable). Truncation is never silent: a call
 that cuts prompts logs ONE warning saying how many were cut and by how many
-tokens, and running totals are kept in `TextTokenizer.truncation`.
+tokens, and running totals are kept in `TextTokenizer.truncation`. A caller
+that tokenizes a whole dataset may set `warn_each_call = False` and log
+`truncation.summary(max_length)` once instead.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ class TruncationStats:
     truncated: int = 0
     max_tokens_cut: int = 0
 
+    def summary(self, max_length: int) -> str:
+        """One line for a caller that reports truncation once at the end (see `warn_each_call`)."""
+        return (f"{self.truncated} of {self.prompts} prompts were longer than {max_length} tokens and were "
+                f"truncated (at most {self.max_tokens_cut} tokens cut from one prompt)")
+
 
 @dataclass(frozen=True)
 class TokenizedBatch:
@@ -88,6 +95,9 @@ class TextTokenizer:
     eos_token: str
     source: str = "tokenizer"
     truncation: TruncationStats = field(default_factory=TruncationStats)
+    # False: a caller that tokenizes many batches (caching) only accumulates `truncation` and reports
+    # `truncation.summary(...)` itself once; True: every call that cuts prompts logs one warning.
+    warn_each_call: bool = True
 
     def __post_init__(self):
         for name in ("pad_token", "eos_token", "bos_token"):
@@ -131,7 +141,9 @@ class TextTokenizer:
         n = int((cut > 0).sum())
         self.truncation.prompts += len(lengths)
         self.truncation.truncated += n
-        if n:
+        if n and not self.warn_each_call:
+            self.truncation.max_tokens_cut = max(self.truncation.max_tokens_cut, int(cut.max()))
+        elif n:
             self.truncation.max_tokens_cut = max(self.truncation.max_tokens_cut, int(cut.max()))
             lo, hi = int(cut[cut > 0].min()), int(cut.max())
             by = f"{lo}" if lo == hi else f"{lo} to {hi}"

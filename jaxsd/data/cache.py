@@ -26,7 +26,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from jaxsd.data.config import DataConfig, check_data_config
@@ -37,7 +38,6 @@ from jaxsd.data.records import STORAGE_DTYPES, sidecar_is_current, sidecar_path,
 from jaxsd.data.sources import Item, open_sources
 from jaxsd.data.store import EMPTY_CAPTION_KEY
 from jaxsd.data.validate import Finding, Report, Valid, report_path, validate
-
 
 
 @dataclass

@@ -15,14 +15,14 @@ restoring it yields exactly the batches that would have come next.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsd.data.config import DataConfig
 from jaxsd.data.store import CacheStore, open_store
@@ -76,12 +76,17 @@ class _Batches:
     def __init__(self, store: CacheStore, cfg: DataConfig, rows: np.ndarray):
         self.store, self.cfg, self.rows = store, cfg, rows
         self.buckets = store.bucket_ids()
+        self._plans: dict[int, EpochPlan] = {}
         self.steps_per_epoch = len(self._plan(0).batches)
 
-    @functools.lru_cache(maxsize=4)
     def _plan(self, epoch: int) -> EpochPlan:
-        lc = self.cfg.loader
-        return plan_epoch(self.buckets, lc.batch_size, lc.seed, epoch, lc.shuffle)
+        # grain threads ask for the same few epochs over and over: keep the last two plans
+        plan = self._plans.get(epoch)
+        if plan is None:
+            lc = self.cfg.loader
+            plan = plan_epoch(self.buckets, lc.batch_size, lc.seed, epoch, lc.shuffle)
+            self._plans = {**{e: p for e, p in self._plans.items() if e >= epoch - 1}, epoch: plan}
+        return plan
 
     def __len__(self) -> int:
         return self.steps_per_epoch * _EPOCHS

@@ -67,10 +67,8 @@ class FolderSource:
                 key = (rel_dir, stem)
                 if ext.lower() in IMAGE_EXTENSIONS:
                     groups[key].append(Path(dirpath) / name)
-                elif ext.lower() in CAPTION_EXTENSIONS:
-                    # .txt wins over .caption when both exist
-                    if key not in captions or ext.lower() == ".txt":
-                        captions[key] = Path(dirpath) / name
+                elif ext.lower() in CAPTION_EXTENSIONS and (key not in captions or ext.lower() == ".txt"):
+                    captions[key] = Path(dirpath) / name  # .txt wins over .caption when both exist
         items, problems = [], []
         for (rel_dir, stem), paths in sorted(groups.items()):
             paths.sort(key=lambda p: (IMAGE_EXTENSIONS.index(p.suffix.lower()), p.name))

@@ -63,8 +63,8 @@ class Report:
 
     def summary(self) -> str:
         c = self.counts
-        lines = [f"validation: {c['total']} images, {c['kept']} kept ({c['altered']} altered), "
-                 f"{c['skipped']} skipped, {c['dropped']} dropped by content checks"]
+        lines = [(f"validation: {c['total']} images, {c['kept']} kept ({c['altered']} altered), "
+                  f"{c['skipped']} skipped, {c['dropped']} dropped by content checks")]
         why = Counter(f"{f.action}: {_kind(r)}" for f in self.findings for r in f.reasons)
         lines += [f"  {n:6d} × {k}" for k, n in why.most_common()]
         return "\n".join(lines)
@@ -97,7 +97,7 @@ def _kind(reason: str) -> str:
 def caption_filter(cfg: CacheConfig) -> Callable[[str], str | None]:
     """f(caption) -> reason it is dropped, or None. Blocklist words match whole words, any case."""
     words = [w for w in cfg.caption_blocklist if w.strip()]
-    block = re.compile(r"\b(" + "|".join(re.escape(w.strip()) for w in words) + r")\b", re.I) if words else None
+    block = re.compile(r"\b(" + "|".join(re.escape(w.strip()) for w in words) + r")\b", re.IGNORECASE) if words else None
     pattern = re.compile(cfg.caption_regex) if cfg.caption_regex else None
 
     def check(caption: str) -> str | None:

@@ -16,7 +16,14 @@ from jaxsd.data.manifest import MANIFEST, CacheMismatch, read_manifest, verify_m
 from jaxsd.data.pack import pack_cache
 from jaxsd.data.records import read_sidecar
 from tests.data.dataset import make_dataset
-from tests.data.fakes import fake_text, fake_text_apply, fake_vae, fake_vae_apply, save_fake_text, save_fake_vae
+from tests.data.fakes import (
+    fake_text,
+    fake_text_apply,
+    fake_vae,
+    fake_vae_apply,
+    save_fake_text,
+    save_fake_vae,
+)
 from tests.data.test_validate import rel, simulate_root_permissions
 
 

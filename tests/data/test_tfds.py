@@ -7,16 +7,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
+import tensorflow_datasets as tfds
 
 from jaxsd.data.cache import build_cache
-from jaxsd.data.config import CacheConfig, DataConfig, ImageConfig, LoaderConfig, TFDSConfig, ValidationConfig
+from jaxsd.data.config import (
+    CacheConfig,
+    DataConfig,
+    ImageConfig,
+    LoaderConfig,
+    TFDSConfig,
+    ValidationConfig,
+)
 from jaxsd.data.loader import Loader
 from jaxsd.data.sources import open_sources
 from jaxsd.diffusion.schedule import NoiseSchedule
 from tests.data.fakes import fake_text, fake_vae, save_fake_text, save_fake_vae
-
-import tensorflow_datasets as tfds  # noqa: E402 — a required dependency of jaxsd.data
 
 
 def test_tfds_mock_caches_loads_and_trains_a_step(tmp_path):

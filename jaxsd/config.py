@@ -1,0 +1,351 @@
+"""The typed configuration schema of `jaxsd train`: frozen dataclasses, YAML presets, dotted overrides.
+
+The dataclasses below are the single source of truth; `configs/*.yaml` are
+presets that set some of their fields. `load_config(path, overrides)` merges
+schema defaults ← YAML file ← `key.sub=value` overrides with OmegaConf
+structured configs, so a YAML or override that names an unknown key, or gives a
+value of the wrong type, fails with a `ConfigError` naming the full dotted key
+and the closest valid key.
+
+    cfg = load_config("configs/tiny.yaml", ["optimizer.learning_rate=3e-4", "train.steps=50"])
+    cfg.optimizer.learning_rate  # 0.0003
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or has a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The UNet being trained and how it computes."""
+
+    pretrained: Optional[str] = None
+    """diffusers folder to initialise from: a pipeline root (with `unet/`) or a UNet folder itself.
+    None = from scratch with the architecture in `unet`."""
+    variant: Optional[str] = None
+    """weights variant of `pretrained` (e.g. "fp16" → diffusion_pytorch_model.fp16.safetensors)."""
+    unet: dict[str, Any] = field(default_factory=dict)
+    """diffusers UNet2DConditionModel config.json fields (architecture for from-scratch training;
+    ignored when `pretrained` is set, whose config.json wins)."""
+    dtype: str = "float32"
+    """compute dtype of activations: float32 | bfloat16 | float16. Master params stay in param_dtype."""
+    param_dtype: str = "float32"
+    """dtype of the trained (master) params and optimizer moments."""
+    attention_impl: str = "auto"
+    """auto | xla | cudnn (see jaxsd/models/attention.py)."""
+    remat_policy: Optional[str] = None
+    """activation checkpointing of UNet blocks: None | "full" | "dots" (names understood by the UNet)."""
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The training noise schedule (diffusers DDPMScheduler config fields)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    """linear | scaled_linear | squaredcos_cap_v2."""
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"
+    """what the UNet predicts, hence the training target: epsilon | v_prediction | sample."""
+    rescale_betas_zero_snr: bool = False
+    """rescale the schedule to zero terminal SNR (Lin et al. 2023); use with v_prediction."""
+
+    def to_scheduler_config(self) -> dict[str, Any]:
+        """The diffusers `scheduler_config.json` dict `NoiseSchedule.from_config` reads."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """What the loss is: timestep sampling, weighting, perturbations, conditioning dropout."""
+
+    timestep_sampling: str = "uniform"
+    """uniform | logit_normal (t = sigmoid(N(logit_mean, logit_std)) scaled to the timestep range)."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    min_timestep: int = 0
+    """lowest timestep sampled (inclusive); with max_timestep this biases training to a range."""
+    max_timestep: Optional[int] = None
+    """highest timestep sampled (exclusive); None = num_train_timesteps."""
+    loss_type: str = "l2"
+    """l2 | l1 | huber."""
+    huber_c: float = 0.1
+    """Huber delta: quadratic for |pred − target| ≤ huber_c, linear beyond."""
+    min_snr_gamma: Optional[float] = None
+    """Min-SNR-γ weighting (Hang et al. 2023), e.g. 5.0; None = unweighted."""
+    noise_offset: float = 0.0
+    """add offset·N(0,1) per sample and channel to the noise (brighter/darker images)."""
+    input_perturbation: float = 0.0
+    """noise the latents with noise + p·N(0,1) while the target keeps the unperturbed noise."""
+    cond_dropout: float = 0.0
+    """probability of replacing a sample's text conditioning (and pooled) by the empty-prompt embedding."""
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer, learning-rate schedule, clipping, weight decay."""
+
+    name: str = "adamw"
+    """adamw | adamw8bit | adafactor | lion | sgd."""
+    learning_rate: float = 1e-4
+    schedule: str = "constant"
+    """constant | linear | cosine (decaying to learning_rate·min_lr_ratio at train.steps)."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    """decoupled weight decay; applied only to params with ≥2 dims (never norms or biases)."""
+    momentum: float = 0.9
+    """sgd momentum."""
+    clip_grad_norm: Optional[float] = 1.0
+    """global-norm gradient clipping; None = off."""
+    block_size: int = 2048
+    """adamw8bit: values per quantisation block (256–2048)."""
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """Exponential moving average of the trainable params."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+    warmup: bool = True
+    """use min(decay, (1+n)/(10+n)) after n EMA updates, so early EMA is not dominated by the init."""
+    every: int = 1
+    """update the EMA every N optimizer steps."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run: length, batch, precision of the loop, which params train."""
+
+    run_dir: str = "runs/default"
+    """checkpoints, resolved config, TensorBoard events and metrics.jsonl go here; resume is from here."""
+    steps: int = 1000
+    batch_size: int = 8
+    """global batch size (all processes, all accumulation micro-batches)."""
+    grad_accum_steps: int = 1
+    """split each batch into this many micro-batches and sum their gradients."""
+    seed: int = 0
+    trainable: list[str] = field(default_factory=lambda: [".*"])
+    """regexes (re.search over 'a/b/kernel' param paths); a param trains if any matches..."""
+    frozen: list[str] = field(default_factory=list)
+    """...and none of these matches."""
+    max_nonfinite_skips: int = 3
+    """NaN/inf loss or gradient: skip the update; stop cleanly after more than this many in a row."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """Device mesh, logical-axis rules and multi-host start-up."""
+
+    data: int = -1
+    """data-parallel axis size; -1 = the devices left over by the other axes."""
+    fsdp: int = 1
+    """fully-sharded data parallel: params, grads and optimizer state sharded over this axis."""
+    tensor: int = 1
+    """tensor (model) parallel axis size."""
+    rules: dict[str, Any] = field(default_factory=lambda: {
+        "embed": "fsdp", "conv_in": "fsdp", "mlp": "tensor", "heads": "tensor", "conv_out": "tensor",
+        "vocab": "tensor", "norm": None})
+    """logical axis name (see jaxsd/models/layers.py) → mesh axis name, list of names, or null."""
+    distributed: str = "auto"
+    """auto (initialise jax.distributed when a cluster is detected or coordinator_address is set) | on | off."""
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """orbax checkpoints in <run_dir>/checkpoints."""
+
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+    trigger_file: str = "SAVE_NOW"
+    """creating <run_dir>/<trigger_file> makes the loop save at the next step (the file is then removed)."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """TensorBoard, console and metrics file."""
+
+    every: int = 10
+    """log scalars every N steps."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_flops: float = 0.0
+    """peak FLOP/s of one device for the MFU estimate; 0 = do not report MFU."""
+    sample_every: int = 0
+    """sample images for sample_prompts every N steps (needs jaxsd.pipelines); 0 = off."""
+    sample_prompts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    """In-memory random latents and embeddings of the loader's batch shape (tests, demos, benchmarks)."""
+
+    num_examples: int = 64
+    latent_size: int = 8
+    """latent height = width."""
+    latent_channels: int = 4
+    text_len: int = 8
+    text_dim: int = 32
+    pooled_dim: int = 0
+    """>0: also yield `pooled` [B, pooled_dim] and SDXL `time_ids` [B, 6]."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from. (Cached-latent sources come from jaxsd/data once it lands.)"""
+
+    source: str = "synthetic"
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `jaxsd train` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# Values checked beyond their type: field path -> allowed values.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "loss.timestep_sampling": ("uniform", "logit_normal"),
+    "loss.loss_type": ("l2", "l1", "huber"),
+    "optimizer.name": ("adamw", "adamw8bit", "adafactor", "lion", "sgd"),
+    "optimizer.schedule": ("constant", "linear", "cosine"),
+    "sharding.distributed": ("auto", "on", "off"),
+    "data.source": ("synthetic",),
+}
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped in configs/ (without .yaml)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_preset(path_or_name: str) -> Path:
+    """A path to a YAML file, or the name of a preset in configs/ ("tiny", "sd15.yaml")."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    q = PRESETS_DIR / (p.name if p.suffix == ".yaml" else p.name + ".yaml")
+    if q.is_file() and len(p.parts) == 1:
+        return q
+    raise ConfigError(f"config file {path_or_name!r} not found; presets: {', '.join(list_presets())}")
+
+
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys += _all_keys(type(default), key + ".")
+    return keys
+
+
+def _nearest(key: str) -> str:
+    candidates = _all_keys()
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = str(getattr(e, "full_key", "") or getattr(e, "key", "") or "?")
+    if isinstance(e, ConfigKeyError):
+        # a key inside a free-form dict section (model.unet, sharding.rules) is never unknown,
+        # so this is always a schema key.
+        return ConfigError(f"{source}: unknown config key {key!r}; did you mean {_nearest(key)!r}?")
+    if isinstance(e, ValidationError):
+        msg = str(e).splitlines()[0]
+        return ConfigError(f"{source}: wrong type for config key {key!r}: {msg}")
+    return ConfigError(f"{source}: invalid config at {key!r}: {str(e).splitlines()[0]}")
+
+
+def _check_choices(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.0)
+            raise ConfigError(f"config key {key!r} = {value!r} is not one of {allowed}; did you mean {close[0]!r}?")
+    for pattern in (*cfg.train.trainable, *cfg.train.frozen):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"train.trainable/frozen: bad regex {pattern!r}: {e}") from None
+    if not 256 <= cfg.optimizer.block_size <= 4096:
+        raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
+    if cfg.train.batch_size % cfg.train.grad_accum_steps:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by "
+                          f"train.grad_accum_steps = {cfg.train.grad_accum_steps}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults ← YAML file (a path or a preset name) ← dotted `key.sub=value` overrides."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        p = resolve_preset(str(path))
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+        except OmegaConfBaseException as e:
+            raise _explain(e, str(p)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.steps=100)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override {item!r}") from None
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    _check_choices(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what is written to <run_dir>/config.yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_text(text: str) -> Config:
+    """Inverse of `to_yaml` (used when a checkpoint's stored config is read back)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return cfg

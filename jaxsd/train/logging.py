@@ -1,0 +1,102 @@
+"""Run monitoring: TensorBoard event files, metrics.jsonl, a console progress bar, MFU.
+
+Scalars written (TensorBoard tags under "train/"): loss, loss_raw, lr, grad_norm,
+qk_grads_av, skipped, step_time_s, images_per_s and, with `logging.peak_flops`,
+mfu = (XLA cost-analysis FLOPs of one compiled step / step time) / (peak FLOP/s
+per device × devices). Every step's metrics also go to <run_dir>/metrics.jsonl
+(one JSON object per line) — the exact per-step record the resume test compares.
+Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of a compiled function from XLA's cost analysis (None if unavailable)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except NotImplementedError:
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+class RunLogger:
+    """Writes scalars to TensorBoard + metrics.jsonl and drives the tqdm bar (process 0 only)."""
+
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool,
+                 every: int):
+        self.active = jax.process_index() == 0
+        self.every = max(every, 1)
+        self.writer = None
+        self.bar = None
+        self.jsonl = None
+        if not self.active:
+            return
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Record one step's host-side metrics (step is 1-based: the number of updates done)."""
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None and step % self.every == 0:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+
+    def message(self, text: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+
+
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar summaries of the TensorBoard event files under `logdir`: tag -> [(step, value)].
+
+    Parses the TFRecord framing directly (uint64 length, 4-byte CRC, Event proto, 4-byte CRC),
+    so reading back needs neither TensorFlow nor the tensorboard package.
+    """
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            pos += 12
+            event = event_pb2.Event.FromString(data[pos:pos + length])
+            pos += length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+    return out

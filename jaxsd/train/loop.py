@@ -1,0 +1,211 @@
+"""The training loop of `jaxsd train`: set-up, resume, the jitted step, checkpoints, monitoring.
+
+    result = train(load_config("configs/tiny.yaml", ["train.steps=50"]))
+
+Init order (logged): resume from <run_dir>/checkpoints → `model.pretrained` → from scratch.
+The loop stops at `train.steps`; on SIGTERM/SIGINT (e.g. TPU preemption) or when
+<run_dir>/<checkpoint.trigger_file> appears it saves first (and, for a signal,
+then stops). After more than `train.max_nonfinite_skips` consecutive NaN/inf
+steps it stops without saving, so the last good checkpoint stays the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsd.config import Config, to_yaml
+from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.train.checkpoint import Checkpointer
+from jaxsd.train.logging import RunLogger, compiled_flops
+from jaxsd.train.model import build_unet, describe, initial_params, make_apply_fn, param_shapes, unet_config
+from jaxsd.train.optimizers import make_optimizer
+from jaxsd.train.sharding import (global_batch, make_mesh, maybe_initialize_distributed, micro_batch_sharding,
+                                  param_shardings, state_shardings)
+from jaxsd.train.step import TrainState, init_state, make_train_step
+from jaxsd.train.synthetic import SyntheticSource
+from jaxsd.train.trainable import split_params
+
+log = logging.getLogger("jaxsd.train")
+# Fault injection for the resume test: SIGKILL ourselves once this step is done and saved.
+KILL_AT_STEP_ENV = "JAXSD_FAULT_KILL_AT_STEP"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    step: int
+    stopped: str  # "done" | "signal" | "nonfinite"
+    init_from: str
+    losses: list[float]
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT → finish the current step, save, stop (restores the old handlers afterwards)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _any_process(flag: bool) -> bool:
+    """True if `flag` is true on any process (so that every process saves/stops together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def make_source(cfg: Config):
+    if cfg.data.source == "synthetic":
+        return SyntheticSource(cfg.data.synthetic, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+    raise ValueError(f"data.source {cfg.data.source!r} is not supported by the trainer yet")
+
+
+def _setup_file_logging(run_dir: Path) -> None:
+    if jax.process_index() == 0 and not any(getattr(h, "_jaxsd", False) for h in log.handlers):
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler._jaxsd = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def train(cfg: Config, source: Any = None) -> TrainResult:
+    """Run (or resume) the training described by `cfg`; returns the final state and why it stopped."""
+    maybe_initialize_distributed(cfg.sharding)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _setup_file_logging(run_dir)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    mesh = make_mesh(cfg.sharding)
+    log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+    module = build_unet(cfg.model, unet_config(cfg.model))
+    shapes, logical = param_shapes(module)
+    shardings = param_shardings(shapes, logical, mesh, dict(cfg.sharding.rules))
+    t_shapes, f_shapes = split_params(shapes, cfg.train.trainable, cfg.train.frozen)
+    t_shard, f_shard = split_params(shardings, cfg.train.trainable, cfg.train.frozen)
+    log.info("trainable: %s of %s", describe(t_shapes), describe(shapes))
+    tx, lr_fn = make_optimizer(cfg.optimizer, cfg.train.steps)
+    ema = cfg.train.ema.enabled
+
+    abstract = jax.eval_shape(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema), t_shapes, f_shapes)
+    replicated = NamedSharding(mesh, P())
+    state_sharding = TrainState(step=replicated, params=t_shard, frozen=f_shard,
+                                opt_state=state_shardings(abstract.opt_state, t_shard, mesh),
+                                ema=t_shard if ema else None, rng=replicated, nonfinite=replicated)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+
+    source = source if source is not None else make_source(cfg)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        state, meta, start = restored
+        source.set_state(meta["data"])
+        init_from = f"resumed from checkpoint step {start} in {ckpt.directory}"
+    else:
+        start = 0
+        params, init_from = initial_params(cfg.model, module, cfg.train.seed)
+        params = jax.device_put(params, shardings)
+        t_params, f_params = split_params(params, cfg.train.trainable, cfg.train.frozen)
+        state = jax.jit(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema),
+                        out_shardings=state_sharding)(t_params, f_params)
+    log.info("init: %s (order: resume → model.pretrained → from scratch)", init_from)
+
+    empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None
+    schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
+    step_fn = make_train_step(make_apply_fn(module), schedule, cfg.loss, tx, lr_fn, ema_cfg=cfg.train.ema,
+                              grad_accum_steps=cfg.train.grad_accum_steps,
+                              empty_cond=None if empty is None else jax.tree.map(jnp.asarray, empty),
+                              micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None)
+    first = global_batch(next(source), mesh)
+    batch_shardings = jax.tree.map(lambda x: x.sharding, first)
+    jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_shardings),
+                     out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, first).compile()
+    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    flops = compiled_flops(compiled)
+
+    logger = RunLogger(run_dir, total_steps=cfg.train.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
+                       progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)
+    logger.message(f"jaxsd train: {init_from}")
+    trigger = run_dir / cfg.checkpoint.trigger_file
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
+    losses: list[float] = []
+    stopped = "done"
+    step = start
+    batch = first
+
+    data_state = source.get_state()
+
+    def meta() -> dict:
+        return {"step": step, "data": data_state, "config": to_yaml(cfg)}
+
+    with _StopFlag() as stop:
+        while step < cfg.train.steps:
+            t_step = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            step += 1
+            data_state = source.get_state()  # the position after every batch this state has seen
+            if step < cfg.train.steps:
+                batch = global_batch(next(source), mesh)  # host work overlaps the running step
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t_step
+            host.update(step_time_s=dt, images_per_s=cfg.train.batch_size / dt)
+            if flops and cfg.logging.peak_flops > 0:
+                host["mfu"] = flops / dt / (cfg.logging.peak_flops * mesh.size)
+            losses.append(host["loss"])
+            logger.log_step(step, host)
+            skipped = bool(host["skipped"])
+            if skipped:
+                n = int(state.nonfinite)
+                logger.message(f"step {step}: non-finite loss/gradient, update skipped ({n} in a row)")
+                if n > cfg.train.max_nonfinite_skips:
+                    logger.message(f"stopping: more than train.max_nonfinite_skips={cfg.train.max_nonfinite_skips} "
+                                   f"non-finite steps in a row; the last good checkpoint is kept "
+                                   f"(steps {ckpt.steps()})")
+                    stopped = "nonfinite"
+                    break
+            signalled = _any_process(stop.signum is not None)
+            triggered = _any_process(jax.process_index() == 0 and trigger.exists())
+            if triggered and jax.process_index() == 0:
+                trigger.unlink()
+            periodic = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
+            if not skipped and (periodic or signalled or triggered):  # never checkpoint a skipped step
+                ckpt.save(step, state, meta())
+            if kill_at and step >= kill_at:
+                ckpt.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if signalled:
+                logger.message(f"signal received: saved step {step}, stopping")
+                stopped = "signal"
+                break
+    ckpt.close()
+    logger.close()
+    return TrainResult(state=state, step=step, stopped=stopped, init_from=init_from, losses=losses)

@@ -1,0 +1,80 @@
+"""The UNet being trained: module from config, and the initial params.
+
+Init order (documented in docs/training.md and logged by the loop):
+  1. resume — the run dir's latest good checkpoint (handled by the loop, which
+     then never calls `initial_params`);
+  2. `model.pretrained` — a diffusers folder (pipeline root with `unet/`, or the
+     UNet folder itself): its config.json defines the architecture;
+  3. from scratch — `model.unet` (diffusers config keys), random init from train.seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxsd.config import ModelConfig
+from jaxsd.models.params import abstract_params, init_params
+from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
+
+log = logging.getLogger("jaxsd.train")
+
+
+def unet_folder(pretrained: str) -> Path:
+    """The UNet folder inside a diffusers pipeline root, or the folder itself."""
+    root = Path(pretrained)
+    if (root / "unet" / "config.json").is_file():
+        return root / "unet"
+    if (root / "config.json").is_file():
+        return root
+    raise FileNotFoundError(f"model.pretrained={pretrained!r}: no unet/config.json or config.json there; "
+                            "point it at a diffusers pipeline folder or its unet/ folder")
+
+
+def unet_config(cfg: ModelConfig) -> UNetConfig:
+    """The architecture: the pretrained folder's config.json, else `model.unet`."""
+    if cfg.pretrained:
+        from jaxsd.convert.load import load_config as load_folder_config
+        return UNetConfig.from_diffusers(load_folder_config(unet_folder(cfg.pretrained)))
+    if not cfg.unet:
+        raise ValueError("model.unet is empty and model.pretrained is not set: give a diffusers UNet config "
+                         "(see configs/tiny.yaml) or a pretrained folder")
+    return UNetConfig.from_diffusers(dict(cfg.unet))
+
+
+def build_unet(cfg: ModelConfig, config: UNetConfig) -> UNet2DConditionModel:
+    return UNet2DConditionModel(config, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                                attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy)
+
+
+def make_apply_fn(module: UNet2DConditionModel):
+    """apply_fn(params, noisy, t, encoder_hidden_states, added_cond) -> prediction (fp32)."""
+    def apply_fn(params, noisy, t, ehs, added):
+        out = module.apply({"params": params}, noisy.astype(module.dtype), t, ehs.astype(module.dtype), added)
+        return out.astype(jnp.float32)
+    return apply_fn
+
+
+def param_shapes(module: UNet2DConditionModel) -> tuple[dict, dict]:
+    """(ShapeDtypeStruct tree, logical PartitionSpec tree) without allocating."""
+    return abstract_params(module, *example_inputs(module.config))
+
+
+def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int) -> tuple[dict, str]:
+    """(params, where from): from `model.pretrained`, else a random init. Params in param_dtype."""
+    if cfg.pretrained:
+        from jaxsd.convert.unet import load_unet
+        folder = unet_folder(cfg.pretrained)
+        _, params = load_unet(folder, dtype=jnp.dtype(cfg.param_dtype), variant=cfg.variant)
+        return params, f"pretrained diffusers folder {folder}"
+    params = jax.jit(lambda k: init_params(module, k, *example_inputs(module.config)))(jax.random.key(seed))
+    return params, f"from scratch (model.unet, seed {seed})"
+
+
+def describe(params: Any) -> str:
+    n = sum(int(x.size) for x in jax.tree.leaves(params))
+    return f"{n / 1e6:.2f}M params"

@@ -1,0 +1,136 @@
+"""The train state and the pure train step (jitted by the loop with explicit shardings and donated state).
+
+    state, metrics = train_step(state, batch)
+
+One step: draw the batch's randomness from (state.rng, step) → loss and gradient
+w.r.t. the trainable params only, accumulated over `grad_accum_steps`
+micro-batches with a scan → optimizer update → EMA. A NaN/inf loss or gradient
+leaves params, optimizer state and EMA untouched and counts a skip instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsd.config import EMAConfig, LossConfig
+from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.train.ema import update_ema
+from jaxsd.train.loss import ApplyFn, diffusion_loss, draw_randomness
+from jaxsd.train.trainable import flatten, merge_params
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (and goes into a checkpoint).
+
+    step: int32 [] optimizer steps done.  params: trainable params (fp32 masters).
+    frozen: params that do not train.  opt_state: optax state of `params` only.
+    ema: EMA of `params`, or None.  rng: uint32 [2] raw key data (the run's base key).
+    nonfinite: int32 [] consecutive skipped (NaN/inf) steps.
+    """
+
+    step: jax.Array
+    params: Any
+    frozen: Any
+    opt_state: Any
+    ema: Any
+    rng: jax.Array
+    nonfinite: jax.Array
+
+
+def init_state(params: Any, frozen: Any, tx: optax.GradientTransformation, seed: int, ema: bool) -> TrainState:
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
+                      ema=jax.tree.map(jnp.copy, params) if ema else None,
+                      rng=jax.random.key_data(jax.random.key(seed)), nonfinite=jnp.zeros([], jnp.int32))
+
+
+def qk_grads_average(grads: Any) -> jax.Array:
+    """Mean |grad| over attention to_q / to_k kernels (0 when there are none)."""
+    leaves = [g for path, g in flatten(grads).items()
+              if path.endswith(("to_q/kernel", "to_k/kernel"))]
+    if not leaves:
+        return jnp.zeros([], jnp.float32)
+    total = sum(jnp.abs(g.astype(jnp.float32)).sum() for g in leaves)
+    return total / sum(g.size for g in leaves)
+
+
+def _split_micro(x: jax.Array, k: int, spec: Any) -> jax.Array:
+    """[k·b, ...] → [k, b, ...] with every micro-batch spread over all batch shards.
+
+    Reshaping to [b, k] first keeps each device's contiguous slice of the batch on
+    that device (no communication); micro-batch j is column j.
+    """
+    y = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    if spec is not None:
+        y = jax.lax.with_sharding_constraint(y, spec)
+    return y
+
+
+def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossConfig,
+                    tx: optax.GradientTransformation, lr_fn: optax.Schedule, *, ema_cfg: EMAConfig | None = None,
+                    grad_accum_steps: int = 1, empty_cond: dict[str, jax.Array] | None = None,
+                    micro_batch_sharding: Any = None, loss_fn: Callable | None = None) -> Callable:
+    """The pure step function `(state, batch) -> (state, metrics)`.
+
+    apply_fn(params, noisy, t, encoder_hidden_states, added_cond) runs the model on full (merged) params.
+    loss_fn: replaces `diffusion_loss` (same signature) — the "what the loss is" seam.
+    micro_batch_sharding: sharding of a [k, b, ...] micro-batch stack (None on one device).
+    metrics: loss, loss_raw, grad_norm, lr, qk_grads_av, skipped (1 if this update was skipped).
+    """
+    k = grad_accum_steps
+    objective = loss_fn or diffusion_loss
+    if loss_cfg.cond_dropout > 0 and empty_cond is None:
+        raise ValueError("loss.cond_dropout > 0 needs the empty-prompt embedding (empty_cond); "
+                         "the data source did not provide one")
+
+    def loss_of(trainable, frozen, batch, draws):
+        params = merge_params(trainable, frozen)
+        return objective(apply_fn, params, batch, draws, schedule, loss_cfg, empty_cond)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def step_fn(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        draws = draw_randomness(rng, batch, loss_cfg, schedule.num_train_timesteps)
+        if k == 1:
+            (loss, raw), grads = grad_fn(state.params, state.frozen, batch, draws)
+        else:
+            micro = jax.tree.map(lambda x: _split_micro(x, k, micro_batch_sharding), (batch, draws))
+
+            def body(carry, mb):
+                g_sum, l_sum, r_sum = carry
+                (l, r), g = grad_fn(state.params, state.frozen, *mb)
+                return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, r_sum + r), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (g_sum, l_sum, r_sum), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+            grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), g_sum, state.params)
+            loss, raw = l_sum / k, r_sum / k
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_step = state.step + 1
+        new_ema = None if state.ema is None else update_ema(state.ema, new_params, new_step, ema_cfg or EMAConfig())
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = state.replace(
+            step=new_step,
+            params=keep_if_finite(new_params, state.params),
+            opt_state=keep_if_finite(new_opt, state.opt_state),
+            ema=None if state.ema is None else keep_if_finite(new_ema, state.ema),
+            nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, "loss_raw": raw, "grad_norm": grad_norm, "lr": lr_fn(state.step),
+                   "qk_grads_av": qk_grads_average(grads), "skipped": (~finite).astype(jnp.int32)}
+        return new_state, metrics
+
+    return step_fn

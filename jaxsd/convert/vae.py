@@ -87,4 +87,4 @@ def save_vae(
                 dtype=dtype, variant=variant, max_shard_bytes=max_shard_bytes)
 
 
-__all__ = ["load_vae", "save_vae", "check_params", "VAE_SPEC"]
+__all__ = ["VAE_SPEC", "check_params", "load_vae", "save_vae"]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.models.attention import Attention
-from jaxsd.models.layers import Conv, GroupNorm, activation
+from jaxsd.models.layers import Conv, GroupNorm
 from jaxsd.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 DOWN_BLOCK = "DownEncoderBlock2D"
@@ -199,7 +199,7 @@ class MidBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet = _remat(ResnetBlock2D, self.remat_policy)
         x = resnet(self.channels, self.groups, _EPS, self.act_fn, name="resnets_0", **kw)(x)
         if self.add_attention:
@@ -226,7 +226,7 @@ class DownEncoderBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet = _remat(ResnetBlock2D, self.remat_policy)
         for j in range(self.num_layers):
             x = resnet(self.channels, self.groups, _EPS, self.act_fn, name=f"resnets_{j}", **kw)(x)
@@ -252,7 +252,7 @@ class UpDecoderBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet = _remat(ResnetBlock2D, self.remat_policy)
         for j in range(self.num_layers):
             x = resnet(self.channels, self.groups, _EPS, self.act_fn, name=f"resnets_{j}", **kw)(x)
@@ -273,7 +273,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         channels = cfg.block_out_channels
         h = Conv(channels[0], 3, padding=1, name="conv_in", **kw)(x)
         for i, ch in enumerate(channels):
@@ -298,7 +298,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         channels = tuple(reversed(cfg.block_out_channels))
         h = Conv(channels[0], 3, padding=1, name="conv_in", **kw)(z)
         h = MidBlock(channels[0], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention,
@@ -341,7 +341,7 @@ class AutoencoderKL(nn.Module):
 
     def setup(self):
         cfg = self.config
-        kw = dict(dtype=self.compute_dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.compute_dtype, "param_dtype": self.param_dtype}
         sub = dict(attention_impl=self.attention_impl, remat_policy=self.remat_policy, **kw)
         self.encoder = Encoder(cfg, **sub)
         self.decoder = Decoder(cfg, **sub)
@@ -379,5 +379,14 @@ def example_inputs(config: VAEConfig, batch: int = 1) -> tuple:
     return (jnp.zeros((batch, size, size, config.in_channels), jnp.float32),)
 
 
-__all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "Encoder", "Decoder", "MidBlock",
-           "DownEncoderBlock2D", "UpDecoderBlock2D", "example_inputs"]
+__all__ = [
+    "AutoencoderKL",
+    "Decoder",
+    "DiagonalGaussian",
+    "DownEncoderBlock2D",
+    "Encoder",
+    "MidBlock",
+    "UpDecoderBlock2D",
+    "VAEConfig",
+    "example_inputs",
+]

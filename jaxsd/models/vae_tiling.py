@@ -142,4 +142,4 @@ def tiled_decode(model: AutoencoderKL, params, z: jax.Array, settings: TileSetti
     return _tiled(fn, z, settings.latent_size, settings.sample_size, settings.overlap)
 
 
-__all__ = ["TileSettings", "tiled_encode", "tiled_encode_moments", "tiled_decode"]
+__all__ = ["TileSettings", "tiled_decode", "tiled_encode", "tiled_encode_moments"]

@@ -42,7 +42,7 @@ EXAMPLE = (jnp.zeros((1, 4, 4, 3)),)
 
 def _state(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
     return {"down_blocks.0.weight": f(4, 3, 3, 3), "down_blocks.0.bias": f(4), "norm.weight": f(4),
             "norm.bias": f(4), "proj.weight": f(6, 4), "proj.bias": f(6)}
 

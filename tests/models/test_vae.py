@@ -27,14 +27,15 @@ TOL = 1e-4
 DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 
 # Tiny configs shaped like the families (diffusers keys).
-SD = dict(block_out_channels=[8, 16], down_block_types=[DOWN] * 2, up_block_types=[UP] * 2, layers_per_block=1,
-          norm_num_groups=4, latent_channels=4, sample_size=16)
-SDXL = dict(block_out_channels=[8, 16, 16], down_block_types=[DOWN] * 3, up_block_types=[UP] * 3,
-            layers_per_block=2, norm_num_groups=4, latent_channels=4, sample_size=32, scaling_factor=0.13025,
-            force_upcast=True)
-SD3 = dict(block_out_channels=[8, 16], down_block_types=[DOWN] * 2, up_block_types=[UP] * 2, layers_per_block=1,
-           norm_num_groups=4, latent_channels=8, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609,
-           use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False, force_upcast=False)
+_TWO = {"block_out_channels": [8, 16], "down_block_types": [DOWN] * 2, "up_block_types": [UP] * 2,
+        "layers_per_block": 1, "norm_num_groups": 4}
+SD = {**_TWO, "latent_channels": 4, "sample_size": 16}
+SDXL = {"block_out_channels": [8, 16, 16], "down_block_types": [DOWN] * 3, "up_block_types": [UP] * 3,
+        "layers_per_block": 2, "norm_num_groups": 4, "latent_channels": 4, "sample_size": 32,
+        "scaling_factor": 0.13025, "force_upcast": True}
+SD3 = {**_TWO, "latent_channels": 8, "sample_size": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+       "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": False,
+       "force_upcast": False}
 
 
 def _nchw(a):
@@ -132,7 +133,7 @@ def test_round_trip_is_bit_identical_and_loads_cleanly_in_diffusers(built, tmp_p
     from diffusers import AutoencoderKL as TorchVAE
 
     for name in ("sd", "sd3"):
-        tv, folder, config, params, _ = built[name]
+        tv, _folder, config, params, _ = built[name]
         out = tmp_path / name
         save_vae(out, config, params)
         back, info = TorchVAE.from_pretrained(out, output_loading_info=True)
@@ -143,7 +144,7 @@ def test_round_trip_is_bit_identical_and_loads_cleanly_in_diffusers(built, tmp_p
         for k in ref:
             assert torch.equal(got[k], ref[k]), k
         assert set(SafetensorsFile(out / "diffusion_pytorch_model.safetensors")) == set(ref)
-        strip = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+        strip = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}
         assert strip(back.config) == strip(tv.config)
         assert VAEConfig.from_diffusers(json.loads((out / "config.json").read_text())) == config
     # an fp16 variant, sharded: what diffusers' from_pretrained(variant="fp16") reads
@@ -160,7 +161,7 @@ def test_round_trip_is_bit_identical_and_loads_cleanly_in_diffusers(built, tmp_p
 @pytest.mark.torch
 def test_legacy_attention_names_and_conv_shapes_load(built, tmp_path):
     """Pre-0.14 diffusers checkpoints: query/key/value/proj_attn, stored as 1×1 convs."""
-    _, folder, config, params, _ = built["sd"]
+    _, folder, _config, params, _ = built["sd"]
     state = dict(SafetensorsFile(folder / "diffusion_pytorch_model.safetensors"))
     legacy = {}
     for k, v in state.items():
@@ -237,9 +238,10 @@ def test_posterior_matches_diffusers_distribution():
     @jax.jit  # one compilation instead of one per eager op
     def ours_fn(moments, other_m, x, key):
         post, other = DiagonalGaussian.from_moments(moments), DiagonalGaussian.from_moments(other_m)
-        return dict(mode=post.mode(), logvar=post.logvar, kl=post.kl(), kl_other=post.kl(other), nll=post.nll(x),
-                    sample=post.sample(key), expected_sample=post.mean + post.std * jax.random.normal(key, x.shape),
-                    other_sample=post.sample(jax.random.key(1)))
+        return {"mode": post.mode(), "logvar": post.logvar, "kl": post.kl(), "kl_other": post.kl(other),
+                "nll": post.nll(x), "sample": post.sample(key),
+                "expected_sample": post.mean + post.std * jax.random.normal(key, x.shape),
+                "other_sample": post.sample(jax.random.key(1))}
 
     ours = ours_fn(moments, other_m, x, jax.random.key(0))
     ref = DiagonalGaussianDistribution(torch.from_numpy(_nchw(moments)))
@@ -260,7 +262,7 @@ def test_force_upcast_and_bf16(built):
     upcast = AutoencoderKL(config, dtype=jnp.float16)
     assert upcast.compute_dtype == jnp.float32
     assert AutoencoderKL(config, dtype=jnp.float16, force_upcast=False).compute_dtype == jnp.float16
-    decode_dtype = lambda m: jax.eval_shape(  # noqa: E731
+    decode_dtype = lambda m: jax.eval_shape(
         lambda p, z: m.apply({"params": p}, z, method="decode"), params, z).dtype
     assert decode_dtype(upcast) == jnp.float32
     bf16 = AutoencoderKL(config, dtype=jnp.bfloat16)  # bf16 has fp32's range: not upcast
@@ -272,14 +274,15 @@ def test_force_upcast_and_bf16(built):
 
 
 def test_bad_input_shape_is_a_clear_error(built):
-    _, _, config, params, model = built["sd"]
+    _, _, _config, params, model = built["sd"]
     with pytest.raises(ValueError, match=r"expected NHWC input \[B, H, W, 3\]"):
         model.apply({"params": params}, jnp.zeros((1, 3, 16, 16)), method="encode")
 
 
 # Real configs of the families' VAEs (as in their config.json files).
-_BLOCKS = dict(block_out_channels=[128, 256, 512, 512], down_block_types=[DOWN] * 4, up_block_types=[UP] * 4,
-               in_channels=3, out_channels=3, act_fn="silu", layers_per_block=2, norm_num_groups=32)
+_BLOCKS = {"block_out_channels": [128, 256, 512, 512], "down_block_types": [DOWN] * 4,
+           "up_block_types": [UP] * 4, "in_channels": 3, "out_channels": 3, "act_fn": "silu",
+           "layers_per_block": 2, "norm_num_groups": 32}
 REAL = {
     "sd15": dict(_BLOCKS, _class_name="AutoencoderKL", _diffusers_version="0.6.0", latent_channels=4,
                  sample_size=512),

@@ -76,7 +76,7 @@ def _close(ours, ref):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("case", ["negative", "zeros_for_absent_negative", "empty_prompt", "clip_skip",
-                                  "no_force_zeros"])
+                                  "no_force_zeros", "second_prompts"])
 def test_sdxl_matches_diffusers_encode_prompt(sdxl_folder, sdxl_encoder, case):
     import torch
 
@@ -91,10 +91,15 @@ def test_sdxl_matches_diffusers_encode_prompt(sdxl_folder, sdxl_encoder, case):
     negative = NEGATIVE if case in ("negative", "clip_skip") else None
     clip_skip = 1 if case == "clip_skip" else None
     n = 2 if case == "negative" else 1
+    # SDXL's encoder 2 may get its own prompts (diffusers' prompt_2 / negative_prompt_2).
+    second = (["a watercolor sketch", "pixel art"], ["ugly", "jpeg artifacts"]) if case == "second_prompts" else (None,) * 2
+    negative = NEGATIVE if case == "second_prompts" else negative
     with torch.no_grad():
         pe, npe, pooled, npooled = pipe.encode_prompt(prompts, num_images_per_prompt=n, do_classifier_free_guidance=True,
-                                                      negative_prompt=negative, clip_skip=clip_skip)
-    cond, uncond = enc.encode_with_negative(prompts, negative, clip_skip=clip_skip, num_images_per_prompt=n)
+                                                      negative_prompt=negative, clip_skip=clip_skip,
+                                                      prompt_2=second[0], negative_prompt_2=second[1])
+    cond, uncond = enc.encode_with_negative(prompts, negative, clip_skip=clip_skip, num_images_per_prompt=n,
+                                            prompts_2=second[0], negative_prompts_2=second[1])
     assert cond.encoder_hidden_states.shape == (len(prompts) * n, 77, 32 + 48) and cond.pooled.shape[-1] == 40
     _close(cond.encoder_hidden_states, pe)
     _close(cond.pooled, pooled)

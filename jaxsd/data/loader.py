@@ -16,6 +16,7 @@ restoring it yields exactly the batches that would have come next.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+import dataclasses
 from dataclasses import dataclass
 
 import grain
@@ -118,7 +119,9 @@ class Loader:
     """
 
     def __init__(self, cfg: DataConfig, *, mesh: Mesh | None = None, latents: Mapping | None = None,
-                 text: Mapping | None = None, rebuild: str = "jaxsd cache CONFIG"):
+                 text: Mapping | None = None, rebuild: str = "jaxsd cache CONFIG", batch_size: int | None = None):
+        if batch_size is not None:  # the trainer's global batch size wins over data.loader.batch_size
+            cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, batch_size=batch_size))
         self.cfg = cfg
         self.store = open_store(cfg, latents=latents, text=text, rebuild=rebuild)
         gbs = cfg.loader.batch_size
@@ -142,7 +145,7 @@ class Loader:
         self.dataset = grain.MapDataset.source(self.source).to_iter_dataset(options)
         self.iterator = iter(self.dataset)
 
-    def empty_text(self) -> dict[str, np.ndarray] | None:
+    def empty_prompt(self) -> dict[str, np.ndarray] | None:
         """The empty caption's cached embedding {"encoder_hidden_states": [L,D], "pooled"?: [P]}, for
         conditioning dropout (the trainer's empty_cond); None without a text cache."""
         return self.store.empty_text()
@@ -200,3 +203,20 @@ class GlobalBatches:
 
             out[k] = jax.make_array_from_callback((gbs,) + v.shape[1:], sharding, piece)
         return out
+
+
+def training_loader(cfg: DataConfig, *, mesh: Mesh | None = None, batch_size: int | None = None,
+                    config_path: str = "CONFIG") -> Loader:
+    """The loader `jaxsd train` uses: it refuses any cache not made by `data.cache.vae` and
+    `data.cache.text_encoder` under this preprocessing (the error names the field and the
+    `jaxsd cache <config_path> --only ...` command that rebuilds it)."""
+    from jaxsd.data.model_encoders import expected_specs
+
+    missing = [k for k, v in (("data.cache.vae", cfg.cache.vae), ("data.cache.text_encoder", cfg.cache.text_encoder))
+               if not v]
+    if missing:
+        raise ValueError(f"set {' and '.join(missing)}: training checks the cache against the models that must "
+                         "have made it (the same settings `jaxsd cache` used)")
+    latents, text = expected_specs(cfg)
+    return Loader(cfg, mesh=mesh, latents=latents, text=text, rebuild=f"jaxsd cache {config_path}",
+                  batch_size=batch_size)

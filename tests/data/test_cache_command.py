@@ -11,7 +11,7 @@ from jaxsd.cli import main
 from jaxsd.convert.vae import save_vae
 from jaxsd.data.config import load_data_config
 from jaxsd.data.images import decode, prepare, read_bytes, to_rgb
-from jaxsd.data.loader import Loader
+from jaxsd.data.loader import Loader, training_loader
 from jaxsd.data.manifest import CacheMismatch, read_manifest, verify_manifest
 from jaxsd.data.model_encoders import expected_specs
 from jaxsd.data.records import read_sidecar
@@ -95,6 +95,8 @@ def test_trainer_configured_with_another_vae_is_refused(cached, tmp_path):
     cfg = load_data_config(str(yaml))
     latents, _ = expected_specs(cfg)
     Loader(cfg, latents=latents)  # same VAE: accepted
+    with pytest.raises(ValueError, match="set data.cache.text_encoder"):
+        training_loader(cfg)  # training needs both producers configured, or nothing would be checked
     save_tiny_vae(tmp_path / "other" / "vae", 1)
     other = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, vae=str(tmp_path / "other")))
     latents_other, _ = expected_specs(other)

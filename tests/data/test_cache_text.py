@@ -13,9 +13,11 @@ from jaxsd.data.cache import EMPTY_CAPTION_KEY, build_cache
 from jaxsd.data.config import CacheConfig, DataConfig, ImageConfig
 from jaxsd.data.manifest import CacheMismatch, verify_manifest
 from jaxsd.data.model_encoders import expected_specs, text_encoder
+from jaxsd.data.loader import training_loader
 from jaxsd.data.records import read_sidecar
 from jaxsd.models.clip import CLIPTextConfig, CLIPTextModel, example_inputs
 from jaxsd.models.params import abstract_params
+from tests.data.test_cache_command import save_tiny_vae
 from tests.helpers import rel_err
 from tests.text.tiny import BOS, EOS, clip_vocab_and_merges, write_clip_tokenizer
 
@@ -79,3 +81,8 @@ def test_text_cache_refused_for_another_text_encoder(cached, tmp_path):
     _, text_other = expected_specs(dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, text_encoder=str(other))))
     with pytest.raises(CacheMismatch, match="encoder_fingerprint.*--only text"):
         verify_manifest(root, text=text_other)
+    # training_loader checks both kinds: this cache has no latents, which it says with the command
+    cfg_train = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, vae=str(tmp_path / "vae")))
+    save_tiny_vae(tmp_path / "vae", 0)
+    with pytest.raises(CacheMismatch, match=r"no cached latents; build them with `jaxsd cache run.yaml --only latents`"):
+        training_loader(cfg_train, config_path="run.yaml")

@@ -52,6 +52,9 @@ def test_batches_are_single_bucket_and_carry_everything(cached):
         seen += list(b["index"])
     assert sorted(seen) == list(range(24))  # 8 per bucket, batch 4: nothing dropped
     assert len(flips) > 1
+    empty = loader.empty_prompt()  # what conditioning dropout swaps in
+    assert empty["encoder_hidden_states"].shape == (8, 16) and empty["pooled"].shape == (16,)
+    assert Loader(cfg, batch_size=8).steps_per_epoch == 3  # the trainer's batch size wins
 
 
 def test_restore_yields_exactly_the_next_batches(cached, tmp_path):

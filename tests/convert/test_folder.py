@@ -226,3 +226,31 @@ def test_zero_dim_tensors_stay_zero_dim(tmp_path):
     save_file({"s": np.array(2.5, np.float32)}, tmp_path / "s.safetensors")
     assert SafetensorsFile(tmp_path / "s.safetensors")["s"].shape == ()
     assert safetensors.numpy.load_file(tmp_path / "s.safetensors")["s"].shape == ()
+
+
+class Wide(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(8):
+            x = Dense(1024, use_bias=False, name=f"layers_{i}")(x)
+        return x
+
+
+def test_bfloat16_load_never_holds_an_fp32_copy_of_the_model(tmp_path):
+    """8 × 4 MiB fp32 tensors loaded at bf16: host allocations peak near one tensor, not the model."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    state = {f"layers.{i}.weight": rng.standard_normal((1024, 1024), dtype=np.float32) for i in range(8)}
+    total = sum(v.nbytes for v in state.values())
+    _folder(tmp_path, state)
+    del state
+    tracemalloc.start()
+    try:
+        params = load_params(tmp_path, Wide(), (jnp.zeros((1, 1024)),), weights_name=DIFFUSERS_WEIGHTS,
+                             dtype=jnp.bfloat16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    assert peak < total / 4, f"peak host allocation {peak} bytes for a {total}-byte fp32 checkpoint"

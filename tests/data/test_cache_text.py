@@ -86,3 +86,44 @@ def test_text_cache_refused_for_another_text_encoder(cached, tmp_path):
     save_tiny_vae(tmp_path / "vae", 0)
     with pytest.raises(CacheMismatch, match=r"no cached latents; build them with `jaxsd cache run.yaml --only latents`"):
         training_loader(cfg_train, config_path="run.yaml")
+
+
+def test_t5_projected_text_cache_equals_prompt_encoder(tmp_path):
+    """The hybrid's conditioning: T5 hidden states (padding masked) through the text projection."""
+    from jaxsd.convert.text_encoders import save_t5, save_text_projection
+    from jaxsd.models.t5 import T5Config, T5EncoderModel
+    from jaxsd.models.t5 import example_inputs as t5_inputs
+    from jaxsd.models.text_projection import TextProjection, TextProjectionConfig
+    from jaxsd.models.text_projection import example_inputs as projection_inputs
+    from jaxsd.text.prompts import PromptEncoder
+    from tests.text.tiny import write_t5_tokenizer
+
+    pipe = tmp_path / "pipe"
+    write_t5_tokenizer(pipe / "tokenizer", max_length=16)
+    rng = np.random.default_rng(0)
+
+    def random(module, inputs):
+        shapes, _ = abstract_params(module, *inputs)
+        return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+    t5 = T5Config(vocab_size=160, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                  relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    save_t5(pipe / "text_encoder", t5, random(T5EncoderModel(t5), t5_inputs(t5)))
+    proj = TextProjectionConfig(in_features=16, out_features=24)
+    save_text_projection(pipe / "text_projection", proj, random(TextProjection(proj), projection_inputs(proj)))
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i, c in enumerate(CAPTIONS):
+        Image.new("RGB", (32, 32)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(c)
+    cfg = DataConfig(roots=(str(root),), image=ImageConfig(resolution=32),
+                     cache=CacheConfig(text_encoder=str(pipe), text="t5_projected", max_length=16, dtype="float32",
+                                       batch_size=4))
+    enc = text_encoder(cfg)
+    build_cache(cfg, text=enc, only="text", progress=False, log=lambda s: None)
+    assert enc.suffix == "t5_16_proj" and expected_specs(cfg)[1] == dict(enc.spec)
+    ref = PromptEncoder.from_pipeline(pipe, "t5_projected", max_length=16).encode(CAPTIONS)
+    for i in range(len(CAPTIONS)):
+        side = read_sidecar(root / f"{i}.t5_16_proj")
+        assert side.keys() == {"encoder_hidden_states"} and side["encoder_hidden_states"].shape == (16, 24)
+        assert rel_err(side["encoder_hidden_states"], ref.encoder_hidden_states[i]) <= 1e-5

@@ -14,6 +14,7 @@ special_tokens_map.json) that diffusers' pipelines load with `CLIPTokenizer`.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 from pathlib import Path
@@ -57,7 +58,7 @@ def learn_bpe(words: collections.Counter) -> tuple[dict[str, int], list[tuple[st
     while True:
         pairs: collections.Counter = collections.Counter()
         for w, syms in splits.items():
-            for pair in zip(syms, syms[1:]):
+            for pair in itertools.pairwise(syms):
                 pairs[pair] += words[w]
         if not pairs:
             break

@@ -32,7 +32,7 @@ def test_dataset_layout_balance_and_determinism(heldout, tmp_path):
 
 
 def test_sizes_and_positions_vary(heldout):
-    images, labels = shapes.read_labelled_folder(heldout[0])
+    images, _labels = shapes.read_labelled_folder(heldout[0])
     bg = images[:, 0, 0].astype(float)
     fg = np.linalg.norm(images.astype(float) - bg[:, None, None], axis=-1) > 60
     areas = fg.sum(axis=(1, 2))

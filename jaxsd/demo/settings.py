@@ -1,0 +1,56 @@
+"""The demo's embedded default: every size, step count and hyper-parameter in one place.
+
+`DemoSettings()` is the full run (the README's numbers); `DemoSettings.quick()`
+the reduced run of the test suite, which exercises every phase and file but
+trains far too briefly to follow prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from jaxsd.demo.vae_training import VAETraining
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What `jaxsd demo` builds and how long it trains."""
+
+    seed: int = 0
+    resolution: int = 32
+    train_images: int = 1536
+    """balanced over the 12 prompts (128 each)."""
+    heldout_images: int = 96
+    """real images the classifier and the VAE PSNR are measured on (never trained on)."""
+
+    # Phase 1: the autoencoder. 32 px → 8x8x4 latents (two downsamplings).
+    vae_block_out_channels: tuple[int, ...] = (32, 64, 64)
+    vae_latent_channels: int = 4
+    vae: VAETraining = field(default_factory=VAETraining)
+
+    # Phases 2-3: the text-conditioned UNet on 8x8 latents.
+    unet_block_out_channels: tuple[int, ...] = (64, 128)
+    unet_layers_per_block: int = 1
+    unet_heads: int = 4
+    unet_steps: int = 3000
+    unet_batch_size: int = 64
+    unet_learning_rate: float = 1e-3
+    unet_warmup_steps: int = 100
+    cond_dropout: float = 0.1
+    ema_decay: float = 0.999
+
+    # Sampling and evaluation.
+    samples_per_prompt: int = 4
+    sample_steps: int = 30
+    guidance_scale: float = 5.0
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        """The test suite's run: every phase, tiny sizes, a few steps each."""
+        # Small blocks mostly to shorten XLA compiles, which dominate a run this short.
+        return cls(train_images=48, heldout_images=24, vae_block_out_channels=(16, 16),
+                   unet_block_out_channels=(16, 32), unet_heads=2,
+                   vae=dataclasses.replace(VAETraining(), steps=4, batch_size=8, warmup_steps=1),
+                   unet_steps=4, unet_batch_size=8, unet_warmup_steps=1,
+                   samples_per_prompt=1, sample_steps=3)

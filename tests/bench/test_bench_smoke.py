@@ -132,3 +132,16 @@ def test_scaling_micro(bench_env):
     assert set(devs) == {1, 2}
     # FSDP halves the per-device params + optimizer state
     assert devs[2]["argument_gb"] < 0.6 * devs[1]["argument_gb"]
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_sample_tiny(bench_env):
+    (rec,) = _run(bench_env, "sample", "--steps", "4", "--repeats", "1", "--warmup", "0")
+    assert rec["config"]["sampler"] == "dpmpp_2m" and rec["config"]["steps"] == 4
+    for fw in ("jaxsd", "torch"):
+        assert _is_stats(rec[fw]["step_s"]) and _is_stats(rec[fw]["peak_rss_gb"])
+    assert _is_stats(rec["jaxsd"]["compile_s"]) and rec["ratio"]["step_s"] > 0
+    # same folder, prompt and initial latents: the same picture (mean pixel within rounding)
+    j, t = rec["jaxsd"]["info"]["image_mean"], rec["torch"]["info"]["image_mean"]
+    assert abs(j - t) < 0.5, (j, t)

@@ -44,6 +44,7 @@ def attention(
     is_causal: bool = False,
     upcast: bool = False,
     implementation: str = "auto",
+    query_chunk_size: int | None = None,
 ) -> jax.Array:
     """Multi-head attention.
 
@@ -53,6 +54,10 @@ def attention(
       bias: additive logits bias broadcastable to [B, H, Lq, Lk] (T5 relative positions).
       scale: logits scale; default 1/sqrt(D). T5 passes 1.0.
       upcast: compute q/k/v in fp32 (diffusers' `upcast_attention`, SD2.1).
+      query_chunk_size: when Lq is larger, queries run in chunks of this size (one
+        after another), so the [Lq, Lk] logits never exist at once — the same result
+        with bounded memory (the VAE's single-head attention over 128×128 latents
+        would otherwise hold 1 GiB of logits per image). Not with mask/bias/is_causal.
     Returns: [B, Lq, H, D] in q's dtype.
     """
     out_dtype = q.dtype
@@ -61,9 +66,22 @@ def attention(
     impl = choose_implementation(implementation, q.dtype, q.shape[-1])
     if bias is not None:
         bias = bias.astype(q.dtype)
+    if query_chunk_size is not None and q.shape[1] > query_chunk_size:
+        if mask is not None or bias is not None or is_causal:
+            raise ValueError("attention: query_chunk_size works only without mask, bias and is_causal")
+        return _query_chunked(q, k, v, scale, impl, query_chunk_size).astype(out_dtype)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
                                        implementation=impl)
     return out.astype(out_dtype)
+
+
+def _query_chunked(q, k, v, scale, impl, chunk: int) -> jax.Array:
+    """Attention of q [B, Lq, H, D] in Lq-chunks via `lax.map`; the last chunk is zero-padded and cut."""
+    b, lq, h, d = q.shape
+    n = -(-lq // chunk)
+    q = jnp.pad(q, ((0, 0), (0, n * chunk - lq), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
+    out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v, scale=scale, implementation=impl), q)
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h, -1)[:, :lq]
 
 
 class Attention(nn.Module):
@@ -88,6 +106,7 @@ class Attention(nn.Module):
     residual_connection: bool = False
     rescale_output_factor: float = 1.0
     implementation: str = "auto"
+    query_chunk_size: int | None = None  # see `attention`
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -109,7 +128,8 @@ class Attention(nn.Module):
         q = dense(inner, "to_q", self.qkv_bias)(x).reshape(b, -1, self.heads, self.dim_head)
         k = dense(inner, "to_k", self.qkv_bias)(ctx).reshape(b, -1, self.heads, self.dim_head)
         v = dense(inner, "to_v", self.qkv_bias)(ctx).reshape(b, -1, self.heads, self.dim_head)
-        o = attention(q, k, v, upcast=self.upcast, implementation=self.implementation).reshape(b, -1, inner)
+        o = attention(q, k, v, upcast=self.upcast, implementation=self.implementation,
+                      query_chunk_size=self.query_chunk_size).reshape(b, -1, inner)
         o = dense(self.out_dim or shape[-1], "to_out_0", self.out_bias, ("heads", "embed"))(o)
         if x.ndim != len(shape):
             o = o.reshape(shape[:-1] + (o.shape[-1],))

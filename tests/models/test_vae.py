@@ -67,7 +67,9 @@ def built(tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"vae_{name}")
         tv.save_pretrained(folder)
         config, params = load_vae(folder)
-        out[name] = (tv, folder, config, params, AutoencoderKL(config))
+        # sd: 8×8 latents = 64 queries run in chunks of 24 (the last padded), proving chunking exact
+        chunk = 24 if name == "sd" else None
+        out[name] = (tv, folder, config, params, AutoencoderKL(config, attention_chunk_size=chunk))
     return out
 
 
@@ -257,7 +259,7 @@ def test_posterior_matches_diffusers_distribution():
 
 
 def test_force_upcast_and_bf16(built):
-    _, _, config, params, _ = built["sd"]  # SD config: force_upcast=True (the diffusers default)
+    _, _, config, params, model = built["sd"]  # SD config: force_upcast=True (the diffusers default)
     z = jnp.asarray(np.random.default_rng(4).standard_normal((1, 8, 8, 4)), jnp.float32)
     upcast = AutoencoderKL(config, dtype=jnp.float16)
     assert upcast.compute_dtype == jnp.float32
@@ -267,7 +269,7 @@ def test_force_upcast_and_bf16(built):
     assert decode_dtype(upcast) == jnp.float32
     bf16 = AutoencoderKL(config, dtype=jnp.bfloat16)  # bf16 has fp32's range: not upcast
     assert bf16.compute_dtype == jnp.bfloat16
-    ref = _jitted(AutoencoderKL(config), "decode")(params, z)
+    ref = _jitted(model, "decode")(params, z)
     out = jax.jit(lambda p, z: bf16.apply({"params": p}, z, method="decode"))(params, z)
     assert out.dtype == jnp.bfloat16
     assert rel_err(out.astype(jnp.float32), ref) <= 2e-2
@@ -333,3 +335,11 @@ def test_remat_gives_the_same_gradients():
         assert rel_err(b, a) <= 1e-6
     with pytest.raises(ValueError, match="remat_policy 'nope'"):
         AutoencoderKL(config, remat_policy="nope").init(jax.random.key(0), x)
+
+
+def test_query_chunking_refuses_masks():
+    from jaxsd.models.attention import attention
+
+    q = jnp.zeros((1, 8, 1, 4))
+    with pytest.raises(ValueError, match="query_chunk_size works only without mask"):
+        attention(q, q, q, mask=jnp.ones((1, 1, 8, 8), bool), query_chunk_size=4)

@@ -1,9 +1,9 @@
 """Tiled VAE encode/decode for large images, blended exactly as diffusers does.
 
-Memory stays that of one tile whatever the image size: each tile runs through
-one jitted encoder/decoder call (at most four tile shapes, so at most four
-compilations: full, right edge, bottom edge, corner), and only the blend runs
-over the whole image.
+Device memory stays that of one tile whatever the image size: each tile runs
+through one jitted encoder/decoder call (a full tile or, at the bottom/right
+edges, up to two cut-short sizes per axis — at most nine shapes, so at most
+nine compilations), and only the blend, on the host, sees the whole image.
 
 The tile grid and blend are diffusers' `AutoencoderKL.tiled_encode` /
 `tiled_decode` (with `enable_tiling()`), so results match it at the same

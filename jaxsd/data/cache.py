@@ -186,6 +186,8 @@ def build_cache(cfg: DataConfig, *, vae: Encoder | None = None, text: Encoder | 
     mine = items[pi::pc]
     valid, report = validate(sources, mine, cfg, scan_problems=problems if pi == 0 else (),
                              threads=cfg.loader.threads)
+    if pc == 1:  # the user sees what was skipped before waiting for the encoders
+        log(report.summary())
     run = _Run(cfg, sources, progress and pi == 0, log)
     roots = sorted({str(s.root) for s in sources})
     old = {r: read_manifest(r) or {} for r in roots}
@@ -231,8 +233,11 @@ def build_cache(cfg: DataConfig, *, vae: Encoder | None = None, text: Encoder | 
     if pi == 0:
         path = report_path(cfg, sources)
         report.write(path)
-        log(report.summary())
-        log(f"report: {path}")
+        if pc > 1:
+            log(report.summary())
+        for f in run.failed:
+            log(f"skipped during caching: {f.path}: {f.reasons[0]}")
+        log(f"validation report: {path}")
     return CacheResult(report, encoded, reused, time.perf_counter() - t0)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +32,7 @@ FORMAT_VERSION = 1
 # config.json keys that change when a folder is re-saved by another library version, not the model.
 _VOLATILE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash")
 _PICKLE = (".bin", ".ckpt", ".pt", ".pth")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 _fingerprint_memo: dict[tuple, str] = {}
 
 
@@ -38,20 +40,51 @@ class CacheMismatch(ValueError):
     """A cache made by a different model/settings than the run that wants to use it."""
 
 
-def _hash_safetensors(path: Path, h) -> None:
-    # Hash tensor names, dtypes, shapes and bytes (not the header text), so the same
-    # weights written by another tool or in another tensor order fingerprint the same.
-    f = SafetensorsFile(path)
-    for name in sorted(f):
-        arr = f[name]
+def _hash_safetensors(paths: list[Path], h) -> None:
+    # Hash tensor names, dtypes, shapes and bytes (not the header text or the sharding), so
+    # the same weights written by another tool, in another order or split differently
+    # fingerprint the same.
+    where = {}
+    for path in paths:
+        f = SafetensorsFile(path)
+        where.update({name: f for name in f})
+    for name in sorted(where):
+        arr = where[name][name]
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
+
+
+def _memo_file() -> Path:
+    return Path(os.environ.get("JAXSD_CACHE_DIR") or Path.home() / ".cache" / "jaxsd") / "fingerprints.json"
+
+
+def _load_memo() -> dict[str, str]:
+    try:
+        return json.loads(_memo_file().read_text())
+    except (OSError, ValueError):
+        return {}  # no memo yet (or unreadable): fingerprints are recomputed, never guessed
+
+
+def _save_memo(key: str, digest: str) -> None:
+    # Hashing a 10 GB T5 takes many seconds; remember (paths, sizes, mtimes) -> digest across runs,
+    # like git's index. Writing is best effort: without the memo only speed is lost.
+    path = _memo_file()
+    try:
+        memo = _load_memo()
+        memo[key] = digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def fingerprint_folder(folder: str | os.PathLike) -> str:
     """sha256 over a component folder: its config.json (minus version keys), every safetensors
     file's tensors, and every other small file (tokenizer vocab/merges...). Memoized per
-    (path, size, mtime) so repeated checks in one process are free."""
+    (paths, sizes, mtimes), in this process and in `$JAXSD_CACHE_DIR/fingerprints.json`
+    (default ~/.cache/jaxsd), so a big encoder is hashed once, not at every run."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot fingerprint {folder}: not a directory")
@@ -60,22 +93,33 @@ def fingerprint_folder(folder: str | os.PathLike) -> str:
     key = (str(folder.resolve()),) + tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if key in _fingerprint_memo:
         return _fingerprint_memo[key]
+    disk_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()
+    if disk_key in (memo := _load_memo()):
+        _fingerprint_memo[key] = memo[disk_key]
+        return memo[disk_key]
     h = hashlib.sha256()
+    checkpoints: dict[str, list[Path]] = {}
     for p in files:
         if p.suffix in _PICKLE and has_safetensors:
             continue  # a leftover pickle copy of the same weights is not what jaxsd loads
+        if p.suffix == ".safetensors":
+            # shards of one checkpoint hash as one (the same weights, however split)
+            checkpoints.setdefault(_SHARD.sub("", p.name[: -len(".safetensors")]), []).append(p)
+            continue
+        if p.name.endswith(".index.json") or p.name.endswith(".safetensors.index.json"):
+            continue  # shard layout, not content
         h.update(str(p.relative_to(folder)).encode())
         if p.name == "config.json":
             cfg = {k: v for k, v in json.loads(p.read_text()).items() if k not in _VOLATILE_KEYS}
             h.update(json.dumps(cfg, sort_keys=True).encode())
-        elif p.suffix == ".safetensors":
-            _hash_safetensors(p, h)
-        elif p.suffix == ".json" and p.name.endswith(".index.json"):
-            continue  # shard layout, not content
         else:
             h.update(p.read_bytes())
+    for stem, paths in sorted(checkpoints.items()):
+        h.update(f"checkpoint:{stem}".encode())
+        _hash_safetensors(paths, h)
     digest = h.hexdigest()
     _fingerprint_memo[key] = digest
+    _save_memo(disk_key, digest)
     return digest
 
 

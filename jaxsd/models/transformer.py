@@ -1,0 +1,144 @@
+"""The UNet's spatial transformer: diffusers' `Transformer2DModel` (continuous
+input), `BasicTransformerBlock` and the GEGLU `FeedForward`. NHWC.
+
+Only the configuration Stable Diffusion UNets use is built: layer norms with
+affine params, self-attention (`attn1`), cross-attention (`attn2`) and a GEGLU
+feed-forward, with 1×1-conv (SD1) or linear (SD2/SDXL) `proj_in`/`proj_out`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsd.models.attention import Attention
+from jaxsd.models.layers import Conv, Dense, GroupNorm, LayerNorm
+
+
+def remat_policy(name: str | None):
+    """`jax.checkpoint_policies` entry by name; None means no rematerialisation."""
+    if name is None:
+        return None
+    policy = getattr(jax.checkpoint_policies, name, None) if name in REMAT_POLICIES else None
+    if policy is None:
+        raise ValueError(f"remat policy {name!r} unknown; choose None or one of {REMAT_POLICIES}")
+    return policy
+
+
+# Policies that need no extra arguments (the others in jax.checkpoint_policies are factories).
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+
+
+def maybe_remat(cls: type[nn.Module], policy_name: str | None) -> type[nn.Module]:
+    """`cls` wrapped in `nn.remat` with the named policy (param names are unchanged)."""
+    if policy_name is None:
+        return cls
+    return nn.remat(cls, policy=remat_policy(policy_name))
+
+
+class GEGLU(nn.Module):
+    """proj to 2×inner, split, value * gelu(gate) (exact erf gelu, as torch's F.gelu).
+
+    x: [B, L, C] -> [B, L, inner].
+    """
+
+    inner_dim: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = Dense(2 * self.inner_dim, axes=("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward with GEGLU: net_0 (GEGLU) → net_2 (Linear). x: [B, L, C] -> [B, L, C]."""
+
+    mult: int = 4
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, self.dtype, self.param_dtype, name="net_0")(x)
+        # net_1 is dropout in diffusers (no params; always 0 in SD checkpoints)
+        return Dense(dim, axes=("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """norm1 → attn1 (self; cross if only_cross_attention) → norm2 → attn2 (cross) → norm3 → ff, each residual.
+
+    x: [B, L, dim]; context: [B, Lk, cross_dim]. Returns [B, L, dim].
+    """
+
+    heads: int
+    dim_head: int
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast_attention,  # noqa: E731
+                                      implementation=self.attention_impl, name=name, **kw)
+        h = LayerNorm(1e-5, name="norm1", **kw)(x)
+        x = x + attn("attn1")(h, context if self.only_cross_attention else None)
+        h = LayerNorm(1e-5, name="norm2", **kw)(x)
+        x = x + attn("attn2")(h, context)
+        h = LayerNorm(1e-5, name="norm3", **kw)(x)
+        return x + FeedForward(name="ff", **kw)(h)
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm → proj_in → transformer blocks → proj_out, plus the input as residual.
+
+    x: [B, H, W, C]; context: [B, Lk, cross_dim]. Returns [B, H, W, C].
+    use_linear_projection: proj_in/proj_out are Linear over tokens (SD2/SDXL),
+    else 1×1 convs before flattening / after unflattening (SD1).
+    """
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    norm_num_groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    attention_impl: str = "auto"
+    remat_policy: str | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, height, width, channels = x.shape
+        inner = self.heads * self.dim_head
+        residual = x
+        h = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
+        if self.use_linear_projection:
+            h = h.reshape(b, height * width, channels)
+            h = Dense(inner, axes=("conv_in", "conv_out"), name="proj_in", **kw)(h)
+        else:
+            h = Conv(inner, 1, padding=0, name="proj_in", **kw)(h)
+            h = h.reshape(b, height * width, inner)
+        block_cls = maybe_remat(BasicTransformerBlock, self.remat_policy)
+        for i in range(self.num_layers):
+            h = block_cls(self.heads, self.dim_head, self.only_cross_attention, self.upcast_attention,
+                          self.attention_impl, name=f"transformer_blocks_{i}", **kw)(h, context)
+        if self.use_linear_projection:
+            h = Dense(channels, axes=("conv_in", "conv_out"), name="proj_out", **kw)(h)
+            h = h.reshape(b, height, width, channels)
+        else:
+            h = h.reshape(b, height, width, inner)
+            h = Conv(channels, 1, padding=0, name="proj_out", **kw)(h)
+        return h + residual.astype(h.dtype)

@@ -131,3 +131,46 @@ def test_sdxl_matches_diffusers(sdxl_folder, torch_single_thread):
     other = pipe.generate(PROMPT, steps=8, guidance=5.0, sampler="euler", height=16, width=16, latents=latents,
                           original_size=(512, 512))
     assert_images_differ(other, ref_img)
+
+
+def test_hybrid_t5_pipeline_matches_driven_components(tmp_path, sd_pipe, torch_single_thread):
+    """SD UNet + T5 through the text projection (no diffusers pipeline class exists for it): the reference
+    drives transformers' T5 (padding masked), the projection and diffusers' UNet/VAE/scheduler. The UNet and
+    VAE configs equal the SD fixture's, so this reuses that compiled program."""
+    import diffusers
+    import transformers
+
+    from tests.pipelines.tiny import build_hybrid
+    torch = torch_single_thread
+    folder = build_hybrid(tmp_path / "hybrid")
+    pipe = StableDiffusion.from_folder(folder)
+    assert pipe.family == "hybrid"
+    latents, guidance, steps = _latents(2, seed=9), 7.0, 10
+    ours = pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=guidance, sampler="dpmpp_2m",
+                         num_images=2, latents=latents)
+    # same architecture as the SD fixture → the same compiled program (in a full run: no compile here)
+    assert (pipe.pipe.unet_config, pipe.pipe.vae_config) == (sd_pipe.pipe.unet_config, sd_pipe.pipe.vae_config)
+
+    tok = transformers.T5Tokenizer.from_pretrained(folder / "tokenizer")
+    t5 = transformers.T5EncoderModel.from_pretrained(folder / "text_encoder").eval()
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval()
+    from safetensors.torch import load_file
+    proj = load_file(str(folder / "text_projection" / "diffusion_pytorch_model.safetensors"))
+    sched = _diffusers_scheduler(diffusers.StableDiffusionPipeline.from_pretrained(folder), "dpmpp_2m")
+    sched.set_timesteps(steps)
+    with torch.no_grad():
+        def encode(text):
+            batch = tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            h = t5(batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            return (h @ proj["linear.weight"].T + proj["linear.bias"]).repeat(2, 1, 1)
+        context = torch.cat([encode(NEGATIVE), encode(PROMPT)])
+        x = torch.from_numpy(latents)
+        for t in sched.timesteps:
+            u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+            x = sched.step(u + guidance * (c - u), t, x).prev_sample
+        decoded = vae.decode(x / vae.config.scaling_factor).sample
+    ref = to_uint8((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    assert_images_close(ours, ref)
+    assert_images_differ(pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=2.0,
+                                       sampler="dpmpp_2m", num_images=2, latents=latents), ref)

@@ -42,6 +42,14 @@ def _scale_unet(torch, unet, factor):
     return unet.eval()
 
 
+def _sd_unet(torch, diffusers):
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    return _scale_unet(torch, unet, 4.0)
+
+
 def build_sd(folder: Path, *, prediction_type: str = "epsilon") -> Path:
     """A StableDiffusionPipeline (CLIP 32-wide, UNet 2 blocks, VAE factor 2) saved at `folder`."""
     import diffusers
@@ -50,14 +58,11 @@ def build_sd(folder: Path, *, prediction_type: str = "epsilon") -> Path:
 
     torch.manual_seed(0)
     vocab, _ = clip_vocab_and_merges()
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    unet = _sd_unet(torch, diffusers)
     pipe = diffusers.StableDiffusionPipeline(
         vae=_vae(torch, diffusers, 0.18215), text_encoder=_clip(torch, transformers, vocab),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tok")),
-        unet=_scale_unet(torch, unet, 4.0),
+        unet=unet,
         scheduler=diffusers.PNDMScheduler(**SCHEDULER, skip_prk_steps=True, prediction_type=prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
@@ -89,4 +94,39 @@ def build_sdxl(folder: Path) -> Path:
             **{k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"}, timestep_spacing="leading"),
         add_watermarker=False)
     pipe.save_pretrained(folder)
+    return folder
+
+
+def build_hybrid(folder: Path) -> Path:
+    """The SD1.5 + T5 hybrid: the SD UNet/VAE of `build_sd` (same configs, other weights), a tiny T5
+    encoder + sentencepiece tokenizer (77 tokens) and a `text_projection/` (16 → 32) component."""
+    import json
+
+    import diffusers
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from tests.text.tiny import write_t5_tokenizer
+
+    torch.manual_seed(2)
+    tok_folder = write_t5_tokenizer(folder / "tokenizer", max_length=77)
+    tokenizer = transformers.T5Tokenizer.from_pretrained(tok_folder)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    diffusers.StableDiffusionPipeline(
+        vae=_vae(torch, diffusers, 0.18215), text_encoder=t5, tokenizer=tokenizer, unet=_sd_unet(torch, diffusers),
+        scheduler=diffusers.PNDMScheduler(**SCHEDULER, skip_prk_steps=True),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    projection = torch.nn.Linear(16, 32)
+    (folder / "text_projection").mkdir()
+    (folder / "text_projection" / "config.json").write_text(json.dumps(
+        {"_class_name": "TextProjection", "in_features": 16, "out_features": 32, "bias": True}))
+    save_file({"linear.weight": projection.weight.detach() * 3, "linear.bias": projection.bias.detach()},
+              str(folder / "text_projection" / "diffusion_pytorch_model.safetensors"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_projection"] = ["jaxsd", "TextProjection"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder

@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +191,8 @@ def build_cache(cfg: DataConfig, *, vae: Encoder | None = None, text: Encoder | 
     run = _Run(cfg, sources, progress and pi == 0, log)
     roots = sorted({str(s.root) for s in sources})
     old = {r: read_manifest(r) or {} for r in roots}
+    _invalidate_changed(old, {"latents": vae.spec if vae is not None else None,
+                              "text": text.spec if text is not None else None}, pi, pc)
     encoded, reused = {"latents": 0, "text": 0}, {"latents": 0, "text": 0}
 
     def current(v: Valid, kind: str, spec) -> bool:
@@ -239,6 +241,24 @@ def build_cache(cfg: DataConfig, *, vae: Encoder | None = None, text: Encoder | 
             log(f"skipped during caching: {f.path}: {f.reasons[0]}")
         log(f"validation report: {path}")
     return CacheResult(report, encoded, reused, time.perf_counter() - t0)
+
+
+def _invalidate_changed(old: dict[str, dict], new: dict[str, Mapping | None], pi: int, pc: int) -> None:
+    """Before any sidecar is overwritten by a different producer, drop that kind from the
+    manifest: a run killed halfway then leaves "no cached latents" (refused, with the rebuild
+    command), never a manifest vouching for a mix of old and new sidecars."""
+    for root, manifest in old.items():
+        changed = [k for k, spec in new.items()
+                   if spec is not None and manifest.get(k) is not None
+                   and json.loads(json.dumps(manifest[k])) != json.loads(json.dumps(dict(spec)))]
+        if changed and pi == 0:
+            for k in changed:
+                manifest[k] = None
+            write_manifest(root, {k: v for k, v in manifest.items() if k not in ("format", "version")})
+    if pc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxsd_cache_manifest_invalidated")
 
 
 def _gather(roots, specs, entries, report: Report, pi: int, pc: int) -> Report:

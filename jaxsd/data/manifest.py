@@ -176,8 +176,9 @@ def spec_differences(stored: Mapping, expected: Mapping) -> list[tuple[str, obje
 
 
 def _short(v) -> str:
-    s = json.dumps(v)
-    return s[:20] + "…" if isinstance(v, str) and len(v) > 24 else s
+    if isinstance(v, str) and len(v) > 24:  # a fingerprint: its first hex digits identify it
+        return json.dumps(v[:16] + "…", ensure_ascii=False)
+    return json.dumps(v)
 
 
 def verify_manifest(root: str | os.PathLike, *, latents: Mapping | None = None, text: Mapping | None = None,

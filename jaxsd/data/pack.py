@@ -41,7 +41,7 @@ def pack_cache(cfg: DataConfig, out_dir: str | os.PathLike, *, records_per_shard
         arrays = {}
         for spec in (store.latents, store.text):
             if spec is not None:
-                arrays.update(read_sidecar(sidecar_path(store.roots[loc], key, spec["suffix"])))
+                arrays.update(read_sidecar(sidecar_path(store.roots[loc], key, spec["suffix"]), spec))
         name = f"{loc}/{key}"
         writer.write(encode_record(arrays, {"key": name}))
         entries[name] = {"bucket": list(bucket), "record": i}

@@ -27,6 +27,10 @@ STORAGE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float1
                   "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
+class SidecarMismatch(ValueError):
+    """A sidecar whose header names another producer than the manifest's."""
+
+
 def spec_hash(spec: Mapping) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -50,8 +54,12 @@ def sidecar_is_current(path: Path, spec: Mapping, source: str) -> bool:
     return meta.get("jaxsd_spec") == spec_hash(spec) and meta.get("jaxsd_source") == source
 
 
-def read_sidecar(path: Path) -> dict[str, np.ndarray]:
+def read_sidecar(path: Path, spec: Mapping | None = None) -> dict[str, np.ndarray]:
+    """The sidecar's arrays; with `spec`, first check (from the header) that `spec` produced it."""
     f = SafetensorsFile(path)
+    if spec is not None and f.metadata.get("jaxsd_spec") != spec_hash(spec):
+        raise SidecarMismatch(f"{path} was not made by the producer its manifest names (was the cache "
+                              "rebuilt with other settings and interrupted?); re-run `jaxsd cache CONFIG`")
     return {k: np.array(f[k]) for k in f}
 
 

@@ -68,7 +68,7 @@ class CacheStore:
         if not path.is_file():
             raise CacheMismatch(f"{path} is missing: the empty caption's embedding is written by `jaxsd cache`; "
                                 "re-run it (with --only text)")
-        return read_sidecar(path)
+        return read_sidecar(path, self.text)
 
 
 class SidecarStore(CacheStore):
@@ -82,7 +82,7 @@ class SidecarStore(CacheStore):
         out = {}
         for spec in (self.latents, self.text):
             if spec is not None:
-                out.update(read_sidecar(sidecar_path(self.roots[loc], key, spec["suffix"])))
+                out.update(read_sidecar(sidecar_path(self.roots[loc], key, spec["suffix"]), spec))
         return _pick_flip(out, flip)
 
 

@@ -166,3 +166,42 @@ def test_the_cached_dataset_loads(cached):
         assert len(set(ids[b["index"]])) == 1 and b["latent_mean"].dtype == np.float32
         seen += list(b["index"])
     assert len(seen) == len(set(seen)) >= len(loader.store) - len(loader.store.bucket_list)  # remainders only
+
+
+def test_interrupted_rebuild_never_leaves_a_mixed_cache(tmp_path):
+    """Re-caching with another VAE drops the old latents from the manifest before overwriting any
+    sidecar; a run killed halfway is refused as "no cached latents", and a sidecar that does not
+    match its manifest is refused at read time."""
+    import jaxsd.data.cache as cache_mod
+    from jaxsd.data.records import SidecarMismatch, write_sidecar
+    from jaxsd.data.store import open_store
+    from tests.data.fakes import make_images, small_config
+
+    cfg = small_config(make_images(tmp_path / "ds", 12))
+    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, latent_suffix="fake_vae"))
+    vae, te = fake_vae(save_fake_vae(tmp_path / "vae", 0), cfg), fake_text(save_fake_text(tmp_path / "te", 0), cfg)
+    build_cache(cfg, vae=vae, text=te, progress=False, log=lambda s: None)
+    other = fake_vae(save_fake_vae(tmp_path / "other_vae", 1), cfg)
+    assert other.suffix == vae.suffix  # same family: the same sidecar names get overwritten
+    written = []
+
+    def dies_after_two(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(args[0])
+        write_sidecar(*args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cache_mod, "write_sidecar", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg, vae=other, text=te, only="latents", progress=False, log=lambda s: None)
+    mp.undo()
+    with pytest.raises(CacheMismatch, match="no cached latents"):
+        verify_manifest(cfg.roots[0], latents=vae.spec, text=te.spec)
+    # a sidecar from another producer under a manifest that names the first one
+    build_cache(cfg, vae=vae, text=te, progress=False, log=lambda s: None)
+    store = open_store(cfg, latents=vae.spec, text=te.spec)
+    _, key, _, _ = store.entries[0]
+    write_sidecar(written[0].with_name(f"{key}.{vae.suffix}"), read_sidecar(written[0]), spec=other.spec, source="x")
+    with pytest.raises(SidecarMismatch, match="not made by the producer"):
+        store.read(0)

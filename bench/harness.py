@@ -148,7 +148,7 @@ def versions() -> dict:
     out = {n: _version(n) for n in names}
     try:
         out["jaxsd_git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                          text=True, timeout=10).stdout.strip() or None
+                                          text=True, timeout=10, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         out["jaxsd_git"] = None
     return out
@@ -186,7 +186,7 @@ def make_record(suite: str, config: Mapping, results: Mapping, *, note: str | No
     """
     vers = versions()
     rec = {"suite": suite, "config": dict(config),
-           "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
            "machine": machine(), "jax_version": vers["jax"], "torch_version": vers["torch"], "versions": vers}
     rec.update(results)
     ours, theirs = results.get("jaxsd"), results.get("torch")
@@ -203,8 +203,7 @@ def append_jsonl(path: str | os.PathLike, records: Sequence[Mapping]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        for r in records:
-            fh.write(json.dumps(r, sort_keys=False) + "\n")
+        fh.writelines(json.dumps(r, sort_keys=False) + "\n" for r in records)
     return path
 
 
@@ -218,7 +217,7 @@ def _fmt(x, unit: str = "") -> str:
         if x is None:
             return "—"
     if unit == "x":
-        return f"{x:.2f}×"
+        return f"{x:.3g}×"
     if abs(x) >= 100:
         return f"{x:.0f}{unit}"
     if abs(x) >= 1:
@@ -230,7 +229,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub-markdown table (readable in a terminal and pasteable into docs)."""
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
               for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
@@ -248,5 +247,19 @@ def comparison_table(records: Sequence[Mapping], label_keys: Sequence[str]) -> s
     return table(headers, rows)
 
 
-__all__ = ["BenchError", "stats", "ratio", "run_child", "repeat_children", "versions", "machine", "make_record",
-           "append_jsonl", "table", "comparison_table", "DEFAULT_RESULTS", "FRAMEWORKS", "REPO"]
+__all__ = [
+    "DEFAULT_RESULTS",
+    "FRAMEWORKS",
+    "REPO",
+    "BenchError",
+    "append_jsonl",
+    "comparison_table",
+    "machine",
+    "make_record",
+    "ratio",
+    "repeat_children",
+    "run_child",
+    "stats",
+    "table",
+    "versions",
+]

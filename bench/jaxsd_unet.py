@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench.presets import LEARNING_RATE, WEIGHT_DECAY, input_shapes, is_sdxl
+from bench.presets import LEARNING_RATE, WEIGHT_DECAY, input_shapes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")

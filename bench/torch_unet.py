@@ -55,7 +55,7 @@ def make_optimizer(name: str, params) -> torch.optim.Optimizer:
 
 def torch_batch(np_batch: dict) -> dict:
     """The jaxsd batch (NHWC) as torch tensors (NCHW for images)."""
-    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
     out = {"sample": nchw(np_batch["sample"]), "target": nchw(np_batch["target"]),
            "timesteps": torch.from_numpy(np_batch["timesteps"].astype(np.int64)),
            "encoder_hidden_states": torch.from_numpy(np_batch["encoder_hidden_states"])}

@@ -141,7 +141,7 @@ def child_fsdp(config: dict) -> dict:
     mem = compiled.memory_analysis()
     if mem is None:
         raise RuntimeError("this backend gives no memory analysis of the compiled step")
-    gb = lambda name: getattr(mem, name) / 1e9  # noqa: E731
+    gb = lambda name: getattr(mem, name) / 1e9
     per_device = gb("argument_size_in_bytes") + gb("output_size_in_bytes") - gb("alias_size_in_bytes") \
         + gb("temp_size_in_bytes")
     return {"argument_gb": gb("argument_size_in_bytes"), "output_gb": gb("output_size_in_bytes"),

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from bench import harness
+from bench import harness, report
 from jaxsd import cli
 
 STAT_KEYS = {"min", "median", "max", "n"}
@@ -87,6 +87,9 @@ def test_optimizer_state_micro(bench_env):
     assert abs(adamw["state_bytes"] - 2 * adamw["param_bytes"]) <= 64
     assert by_name["adafactor"]["jaxsd"]["state_bytes"] < adamw["state_bytes"]
     assert by_name["adamw8bit"]["ratio"]["state_vs_adamw"] < 1.0
+    # and the docs' report renders them
+    text = report.render(recs)
+    assert text.startswith("### optimizer-state") and "adamw8bit" in text
 
 
 def test_flops_micro(bench_env):

@@ -1,24 +1,33 @@
 """Load / save a diffusers `unet/` folder as (UNetConfig, Flax params).
 
 Files, variants, shards, pickle refusal and dtype-at-load come from
-`jaxsd.convert.load`; the UNet needs no exceptions to the generic naming rules
+`jaxsd.convert.folder` / `rules` (as in `jaxsd.convert.load`); the UNet needs no exceptions to the generic naming rules
 (its state dict has no buffers or tied weights).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 
 from flax import traverse_util
 
-from jaxsd.convert.folder import DIFFUSERS_WEIGHTS
-from jaxsd.convert.load import load_config, load_params, save_params
-from jaxsd.convert.rules import ConversionError, ConversionSpec
+from jaxsd.convert.folder import DIFFUSERS_WEIGHTS, open_weights
+from jaxsd.convert.load import load_config, save_params
+from jaxsd.convert.rules import ConversionError, ConversionSpec, check_tied, torch_to_flax
 from jaxsd.models.params import abstract_params
 from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 
 UNET_SPEC = ConversionSpec()
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_unet_params(config: UNetConfig) -> dict:
+    """The param tree of `config` as ShapeDtypeStructs (traced once per config: a full-size
+    UNet takes seconds to trace, and load + save would otherwise trace it twice)."""
+    abstract, _ = abstract_params(UNet2DConditionModel(config), *example_inputs(config))
+    return abstract
 
 
 def load_unet(
@@ -38,9 +47,11 @@ def load_unet(
         config = UNetConfig.from_diffusers(load_config(folder))
     except ValueError as e:
         raise ValueError(f"{folder}/config.json: {e}") from None
-    params = load_params(folder, UNet2DConditionModel(config), example_inputs(config),
-                         weights_name=DIFFUSERS_WEIGHTS, spec=UNET_SPEC, dtype=dtype, variant=variant,
-                         allow_pickle=allow_pickle, to_device=to_device)
+    # load.load_params minus the tracing, which abstract_unet_params caches
+    state = open_weights(folder, DIFFUSERS_WEIGHTS, variant=variant, allow_pickle=allow_pickle)
+    check_tied(state, UNET_SPEC, str(folder))
+    params = torch_to_flax(state, abstract_unet_params(config), dtype=dtype, spec=UNET_SPEC, to_device=to_device,
+                           source=str(folder))
     return config, params
 
 
@@ -58,8 +69,7 @@ def save_unet(
     The params are checked against the config's shapes first, so a mismatched pair is
     refused instead of writing a folder diffusers cannot load.
     """
-    abstract, _ = abstract_params(UNet2DConditionModel(config), *example_inputs(config))
-    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_unet_params(config)).items()}
     have = {k: tuple(getattr(v, "shape", ())) for k, v in traverse_util.flatten_dict(dict(params)).items()}
     if want != have:
         missing = sorted("/".join(k) for k in want.keys() - have.keys())

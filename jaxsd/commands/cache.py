@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=("latents", "text"), help="rebuild only this kind of cache")
     parser.add_argument("--pack", metavar="DIR", help="afterwards, also write the cache as ArrayRecord shards to DIR "
                         "(train from it with data.packed=[DIR])")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="only run the validation pass and write its report (no models needed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (multi-host; cluster auto-detected)")
@@ -37,6 +39,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"jaxsd cache: {e}")
         return 2
+    if args.validate_only:
+        from jaxsd.data.cache import validate_only
+
+        validate_only(cfg)
+        return 0
     import jax
 
     if args.distributed:

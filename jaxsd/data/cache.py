@@ -160,6 +160,30 @@ class _Run:
                 bar.update(len(chunk))
 
 
+def _scan_and_validate(cfg: DataConfig, pi: int, pc: int):
+    """Scan every source; validate this process's share (every pc-th item)."""
+    sources = open_sources(cfg)
+    items, problems = [], []
+    for s in sources:
+        its, probs = s.scan()
+        items += its
+        problems += probs
+    valid, report = validate(sources, items[pi::pc], cfg, scan_problems=problems if pi == 0 else (),
+                             threads=cfg.loader.threads)
+    return sources, valid, report
+
+
+def validate_only(cfg: DataConfig, *, log: Callable[[str], None] = print) -> Report:
+    """The validation pass alone (single process): summary + report file, nothing encoded."""
+    check_data_config(cfg)
+    sources, _, report = _scan_and_validate(cfg, 0, 1)
+    path = report_path(cfg, sources)
+    report.write(path)
+    log(report.summary())
+    log(f"validation report: {path}")
+    return report
+
+
 def build_cache(cfg: DataConfig, *, vae: Encoder | None = None, text: Encoder | None = None,
                 only: str | None = None, progress: bool = True,
                 log: Callable[[str], None] = print) -> CacheResult:
@@ -177,15 +201,7 @@ def build_cache(cfg: DataConfig, *, vae: Encoder | None = None, text: Encoder | 
         raise ValueError("nothing to cache: no VAE for latents and no text encoder for captions")
     t0 = time.perf_counter()
     pi, pc = jax.process_index(), jax.process_count()
-    sources = open_sources(cfg)
-    items, problems = [], []
-    for s in sources:
-        its, probs = s.scan()
-        items += its
-        problems += probs
-    mine = items[pi::pc]
-    valid, report = validate(sources, mine, cfg, scan_problems=problems if pi == 0 else (),
-                             threads=cfg.loader.threads)
+    sources, valid, report = _scan_and_validate(cfg, pi, pc)
     if pc == 1:  # the user sees what was skipped before waiting for the encoders
         log(report.summary())
     run = _Run(cfg, sources, progress and pi == 0, log)

@@ -113,3 +113,18 @@ def test_missing_root_is_a_clear_error(tmp_path):
         open_sources(DataConfig(roots=(str(tmp_path / "nope"),)))
     with pytest.raises(ValueError, match="no data source"):
         open_sources(DataConfig())
+
+
+def test_validate_only_command(dataset, monkeypatch, tmp_path, capsys):
+    from jaxsd.cli import main
+
+    root, expect = dataset
+    simulate_root_permissions(monkeypatch)
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f"data:\n  roots: [{root}]\n  image: {{resolution: 64}}\n"
+                    f"  validation: {{report: {tmp_path / 'report.json'}}}\n")
+    assert main(["cache", str(yaml), "--validate-only"]) == 0  # no VAE/text encoder configured: not needed
+    assert "validation: 42 images" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    skipped = {os.path.relpath(f["path"], root) for f in report["files"] if f["action"] == "skipped"}
+    assert skipped == expect["skipped"]

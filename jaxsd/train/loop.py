@@ -31,7 +31,7 @@ from jaxsd.train.logging import RunLogger, compiled_flops
 from jaxsd.train.model import build_unet, describe, initial_params, make_apply_fn, param_shapes, unet_config
 from jaxsd.train.optimizers import make_optimizer
 from jaxsd.train.sharding import (global_batch, make_mesh, maybe_initialize_distributed, micro_batch_sharding,
-                                  param_shardings, state_shardings)
+                                  param_shardings, train_state_shardings)
 from jaxsd.train.step import TrainState, init_state, make_train_step
 from jaxsd.train.synthetic import SyntheticSource
 from jaxsd.train.trainable import split_params
@@ -116,9 +116,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
 
     abstract = jax.eval_shape(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema), t_shapes, f_shapes)
     replicated = NamedSharding(mesh, P())
-    state_sharding = TrainState(step=replicated, params=t_shard, frozen=f_shard,
-                                opt_state=state_shardings(abstract.opt_state, t_shard, mesh),
-                                ema=t_shard if ema else None, rng=replicated, nonfinite=replicated)
+    state_sharding = train_state_shardings(abstract, t_shard, f_shard, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
 
     source = source if source is not None else make_source(cfg)

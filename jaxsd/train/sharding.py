@@ -138,6 +138,15 @@ def state_shardings(tree_shapes: Any, params_shardings: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree_shapes)
 
 
+def train_state_shardings(abstract_state: Any, trainable: Any, frozen: Any, mesh: Mesh) -> Any:
+    """Sharding tree of a TrainState (jaxsd/train/step.py): params/EMA as the params, optimizer state by
+    `state_shardings`, scalars replicated."""
+    rep = NamedSharding(mesh, P())
+    return abstract_state.replace(step=rep, params=trainable, frozen=frozen,
+                                  opt_state=state_shardings(abstract_state.opt_state, trainable, mesh),
+                                  ema=None if abstract_state.ema is None else trainable, rng=rep, nonfinite=rep)
+
+
 def _fits(sharding: NamedSharding, shape: tuple[int, ...]) -> bool:
     spec = tuple(sharding.spec)
     if len(spec) > len(shape):

@@ -112,7 +112,7 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
             (g_sum, l_sum, r_sum), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
             grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), g_sum, state.params)
             loss, raw = l_sum / k, r_sum / k
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)

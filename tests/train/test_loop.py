@@ -1,0 +1,139 @@
+"""The training loop end to end on the tiny UNet (configs/tiny.yaml), each run in a fresh process:
+
+* 20 steps straight vs. `kill -9` after step 12 (step 10 checkpointed) + resume to 20: bitwise identical
+  per-step losses and final params; a corrupt latest checkpoint falls back to the previous one, named;
+* the from-scratch run reduces the loss; TensorBoard events read back;
+* NaN batches: updates skipped, then a clean stop with the last good checkpoint intact; trigger-file save.
+
+All runs share one persistent XLA compilation cache, so the step is compiled once for the module.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxsd.train.logging import read_scalars
+from tests.helpers import REPO
+
+RUNNER = r"""
+import hashlib, json, logging, sys
+import jax, numpy as np
+from jaxsd.config import load_config
+from jaxsd.train.loop import train, make_source
+
+cfg = load_config("tiny", sys.argv[2:])
+source = None
+if sys.argv[1] == "nan":  # batches 5, 6, 7, ... carry NaN latents
+    class NaNSource:
+        def __init__(self, inner): self.inner = inner
+        def __getattr__(self, name): return getattr(self.inner, name)
+        def __iter__(self): return self
+        def __next__(self):
+            i = self.inner.index
+            b = next(self.inner)
+            if i >= 5:
+                b["latents"] = b["latents"] * np.nan
+            return b
+    source = NaNSource(make_source(cfg))
+logging.basicConfig(level=logging.WARNING)
+result = train(cfg, source)
+h = hashlib.sha256()
+for leaf in jax.tree.leaves(result.state.params):
+    h.update(np.asarray(leaf).tobytes())
+print("RESULT" + json.dumps({"stopped": result.stopped, "step": result.step, "init_from": result.init_from,
+                             "params_sha256": h.hexdigest()}))
+"""
+
+COMMON = ["train.steps=20", "checkpoint.every=5", "checkpoint.keep=5", "logging.every=1",
+          "logging.progress_bar=false", "logging.peak_flops=1e9"]
+
+
+def _run(tmp: Path, mode: str, run_dir: Path, extra=(), env=None, expect_kill=False):
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+                "JAX_COMPILATION_CACHE_DIR": str(tmp / "xla_cache"),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+                **(env or {})}
+    full_env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", RUNNER, mode, f"train.run_dir={run_dir}", *COMMON, *extra],
+                          capture_output=True, text=True, env=full_env, cwd=REPO, timeout=900)
+    if expect_kill:
+        assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+        return None, proc.stderr
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1]), proc.stderr
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]  # a resumed run re-records steps after its checkpoint: last wins
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop")
+    straight, _ = _run(tmp, "plain", tmp / "straight")
+    return tmp, straight
+
+
+def test_straight_run_learns_and_writes_tensorboard(runs):
+    tmp, straight = runs
+    run_dir = tmp / "straight"
+    assert straight["stopped"] == "done" and straight["step"] == 20
+    assert straight["init_from"].startswith("from scratch")
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, 21))
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(16, 21)) / 5
+    assert last < 0.75 * first, (first, last)
+    scalars = read_scalars(run_dir / "tensorboard")
+    for tag in ("loss", "loss_raw", "lr", "grad_norm", "qk_grads_av", "step_time_s", "images_per_s", "mfu"):
+        assert [s for s, _ in scalars[f"train/{tag}"]] == list(range(1, 21)), tag
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([losses[s] for s in range(1, 21)], rel=1e-6)
+    assert scalars["train/qk_grads_av"][0][1] > 0 and 0 < scalars["train/mfu"][-1][1]
+    assert (run_dir / "config.yaml").read_text().count("steps: 20") == 1
+
+
+def test_kill_9_and_resume_is_bitwise_identical(runs):
+    tmp, straight = runs
+    run_dir = tmp / "killed"
+    _run(tmp, "plain", run_dir, env={"JAXSD_FAULT_KILL_AT_STEP": "12"}, expect_kill=True)
+    assert 10 in [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    resumed, _ = _run(tmp, "plain", run_dir)
+    assert resumed["init_from"].startswith("resumed from checkpoint step 10"), resumed["init_from"]
+    assert resumed["params_sha256"] == straight["params_sha256"]
+    assert _losses(run_dir) == _losses(tmp / "straight")  # every step's loss, bit for bit
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(runs):
+    tmp, straight = runs
+    run_dir = tmp / "corrupt"
+    shutil.copytree(tmp / "straight", run_dir)
+    for f in (run_dir / "checkpoints" / "20" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "manifest" not in f.name:
+            f.write_bytes(b"garbage")
+    resumed, stderr = _run(tmp, "plain", run_dir)
+    assert f"checkpoint {run_dir / 'checkpoints' / '20'} is incomplete or corrupt" in stderr
+    assert resumed["init_from"].startswith("resumed from checkpoint step 15")
+    assert resumed["params_sha256"] == straight["params_sha256"]
+
+
+def test_nan_batches_are_skipped_then_the_run_stops_with_the_good_checkpoint(runs):
+    tmp, _ = runs
+    run_dir = tmp / "nan"
+    run_dir.mkdir()
+    (run_dir / "SAVE_NOW").touch()  # trigger file: saves after step 1, then disappears
+    result, stderr = _run(tmp, "nan", run_dir, extra=["train.max_nonfinite_skips=2"])
+    assert result["stopped"] == "nonfinite" and result["step"] == 8  # steps 6, 7, 8 skipped
+    assert not (run_dir / "SAVE_NOW").exists()
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [1, 5]
+    skipped = [json.loads(line)["skipped"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert skipped == [0] * 5 + [1] * 3

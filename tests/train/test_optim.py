@@ -1,0 +1,141 @@
+"""Optimizers, schedules, 8-bit AdamW, trainable selection, gradient accumulation, EMA, NaN skipping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxsd.config import DiffusionConfig, EMAConfig, LossConfig, OptimizerConfig
+from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.train.adamw8bit import adamw_8bit, dequantize, quantize, state_bytes
+from jaxsd.train.ema import update_ema
+from jaxsd.train.optimizers import learning_rate_schedule, make_optimizer
+from jaxsd.train.step import init_state, make_train_step
+from jaxsd.train.trainable import flatten, merge_params, split_params
+from tests.train.toy import batch, toy
+
+SCHED = NoiseSchedule.from_config(DiffusionConfig().to_scheduler_config())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return toy()
+
+
+def test_schedules_warmup_and_min_lr():
+    cos = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, schedule="cosine", warmup_steps=10,
+                                                 min_lr_ratio=0.1), 110)
+    assert float(cos(0)) == 0.0 and abs(float(cos(5)) - 0.5) < 1e-6 and abs(float(cos(10)) - 1.0) < 1e-6
+    assert abs(float(cos(110)) - 0.1) < 1e-6 and abs(float(cos(60)) - 0.55) < 1e-6
+    lin = learning_rate_schedule(OptimizerConfig(learning_rate=2.0, schedule="linear", min_lr_ratio=0.5), 100)
+    assert abs(float(lin(50)) - 1.5) < 1e-6 and abs(float(lin(100)) - 1.0) < 1e-6
+    assert float(learning_rate_schedule(OptimizerConfig(learning_rate=3.0), 10)(7)) == 3.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adafactor", "lion", "sgd"])
+def test_every_optimizer_decays_kernels_not_norms_or_biases(name):
+    params = {"dense": {"kernel": jnp.ones((64, 80)), "bias": jnp.ones((80,))}, "norm": {"scale": jnp.ones((80,))}}
+    tx, _ = make_optimizer(OptimizerConfig(name=name, learning_rate=0.1, weight_decay=0.5, clip_grad_norm=1.0), 10)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
+    assert float(jnp.abs(updates["dense"]["kernel"]).max()) > 0  # decayed
+    assert float(jnp.abs(updates["dense"]["bias"]).max()) == 0 and float(jnp.abs(updates["norm"]["scale"]).max()) == 0
+
+
+def test_quantisation_round_trip_is_accurate():
+    x = jax.random.normal(jax.random.key(0), (5000,)) * jnp.logspace(-4, 0, 5000)
+    for signed, v in ((True, x), (False, jnp.square(x))):
+        y = dequantize(quantize(v, 256, signed), v.shape, signed)
+        blockmax = jnp.abs(v).reshape(-1)[: 4864].reshape(-1, 256).max(1).repeat(256)
+        err = jnp.abs(y - v)[:4864] / blockmax
+        assert float(err.max()) < 0.02, (signed, float(err.max()))
+
+
+def test_adamw8bit_tracks_fp32_adamw_with_4x_smaller_state():
+    # least-squares regression y = X W*; 8-bit and fp32 AdamW from the same start
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (256, 64))
+    w_true = jax.random.normal(k[1], (64, 128))
+    y = x @ w_true + 0.01 * jax.random.normal(k[2], (256, 128))
+    params = {"w": jnp.zeros((64, 128)), "b": jnp.zeros((128,))}
+    loss = lambda p: jnp.mean(jnp.square(x @ p["w"] + p["b"] - y))  # noqa: E731
+
+    def run(tx):
+        def body(carry, _):
+            p, s = carry
+            l, g = jax.value_and_grad(loss)(p)
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), l
+        (p, s), losses = jax.lax.scan(body, (params, tx.init(params)), None, length=300)
+        return p, s, losses
+
+    p32, s32, l32 = jax.jit(lambda: run(optax.adamw(3e-2, weight_decay=1e-4)))()
+    p8, s8, l8 = jax.jit(lambda: run(adamw_8bit(3e-2, weight_decay=1e-4, block_size=256)))()
+    assert float(l32[-1]) < 1e-2 * float(l32[0])  # the problem is actually solved
+    assert float(l8[-1]) < 1.5 * float(l32[-1]) + 1e-4
+    np.testing.assert_allclose(l8[:50], l32[:50], rtol=0.05)
+    assert float(jnp.abs(p8["w"] - p32["w"]).max() / jnp.abs(p32["w"]).max()) < 0.02
+    # 8-bit blocks for w (8192 values ≥ min_quantized_size); b (128) stays fp32
+    ratio = (state_bytes(s32) - 2 * 128 * 4) / (state_bytes(s8) - 2 * 128 * 4)
+    assert ratio > 3.8, ratio
+
+
+def test_split_merge_and_frozen_params_get_no_state(model):
+    _, params, _, _ = model
+    train, frozen = split_params(params, [r"to_[qkv]/"], [r"to_v"])
+    assert sorted(flatten(train)) == ["to_k/kernel", "to_q/kernel"]
+    assert "conv_in/kernel" in flatten(frozen) and "to_v/kernel" in flatten(frozen)
+    assert jax.tree.all(jax.tree.map(lambda a, b: a is b, merge_params(train, frozen), params))
+    tx, _ = make_optimizer(OptimizerConfig(), 10)
+    assert state_bytes(tx.init(train)) < 3 * 4 * sum(x.size for x in jax.tree.leaves(train)) + 64
+    with pytest.raises(ValueError, match="no parameter is trainable"):
+        split_params(params, ["nothing_matches"])
+
+
+def _step(apply_fn, k, tx=None, lr=None, ema=None, loss_cfg=LossConfig(min_snr_gamma=5.0)):
+    if tx is None:
+        tx, lr = make_optimizer(OptimizerConfig(learning_rate=1e-2, weight_decay=0.0), 10)
+    return jax.jit(make_train_step(apply_fn, SCHED, loss_cfg, tx, lr, ema_cfg=ema, grad_accum_steps=k)), tx
+
+
+def test_accumulation_equals_one_big_batch_and_frozen_stay_put(model):
+    _, params, apply_fn, _ = model
+    train, frozen = split_params(params, [".*"], ["conv_in"])
+    b = batch(8)
+    outs = []
+    for k in (1, 4):
+        step, tx = _step(apply_fn, k)
+        state = init_state(train, frozen, tx, seed=0, ema=False)
+        for _ in range(2):
+            state, m = step(state, b)
+        outs.append((state, m))
+    (s1, m1), (s4, m4) = outs
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m4["loss_raw"], m1["loss_raw"], rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+    assert float(m1["qk_grads_av"]) > 0
+    assert all(jnp.array_equal(a, c) for a, c in zip(jax.tree.leaves(s1.frozen), jax.tree.leaves(frozen)))
+
+
+def test_ema_update_rule():
+    ema, p = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    cfg = EMAConfig(enabled=True, decay=0.9, warmup=False, every=2)
+    assert float(update_ema(ema, p, jnp.int32(1), cfg)["w"][0]) == 0.0  # not an EMA step
+    np.testing.assert_allclose(update_ema(ema, p, jnp.int32(2), cfg)["w"], 0.1, rtol=1e-6)
+    warm = update_ema(ema, p, jnp.int32(1), EMAConfig(decay=0.9999, warmup=True))
+    np.testing.assert_allclose(warm["w"], 1 - 2 / 11, rtol=1e-6)  # decay (1+1)/(10+1)
+
+
+def test_nonfinite_loss_skips_the_update(model):
+    _, params, apply_fn, _ = model
+    nan_model = lambda p, noisy, t, ehs, added: apply_fn(p, noisy, t, ehs, added) * jnp.nan  # noqa: E731
+    step, tx = _step(nan_model, 1, ema=EMAConfig(enabled=True))
+    state = init_state(params, {}, tx, seed=0, ema=True)
+    before = jax.tree.map(np.asarray, (state.params, state.ema))
+    for i in range(2):
+        state, m = step(state, batch(8))
+        assert int(m["skipped"]) == 1 and int(state.nonfinite) == i + 1
+    after = jax.tree.map(np.asarray, (state.params, state.ema))
+    assert all(np.array_equal(a, c) for a, c in zip(jax.tree.leaves(after), jax.tree.leaves(before)))

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxsd.diffusion.samplers.base import Sampler, Tables, denoise, img2img_start, noise_to_start
+from jaxsd.diffusion.samplers.base import (PREDICTION_CODES, Sampler, Tables, denoise, img2img_start,
+                                           noise_to_start)
 from jaxsd.diffusion.samplers.ddim import DDIM, DDPM
 from jaxsd.diffusion.samplers.dpm import DPMSolverPP2M
 from jaxsd.diffusion.samplers.euler import Euler, EulerAncestral
@@ -64,7 +65,7 @@ def get_sampler(name: str, schedule: NoiseSchedule) -> Sampler:
         return UniPC.from_schedule(schedule)
     # The name fixes the algorithm (DPM-Solver++, 2nd-order multistep, midpoint) whatever the folder's
     # DPM scheduler config says about algorithm_type / solver_type, like DIFFUSERS_EQUIVALENT's overrides.
-    return DPMSolverPP2M(prediction_type=schedule.prediction_type, karras=name == "dpmpp_2m_karras")
+    return DPMSolverPP2M(karras=name == "dpmpp_2m_karras")
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options: Any) -> tuple[Sampler, Tables]:
@@ -72,6 +73,7 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options: 
     sampler = get_sampler(name, schedule)
     tables = sampler.tables(schedule, num_steps, **options)
     tables["zero"] = np.float32(0.0)  # see base.rounded
+    tables["prediction"] = np.int32(PREDICTION_CODES[schedule.prediction_type])  # see base.by_prediction
     return sampler, tables
 
 

@@ -30,22 +30,34 @@ State = dict[str, Any]
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
+PREDICTION_CODES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+
+
+def by_prediction(tables: Tables, epsilon, v_prediction, sample):
+    """Select the branch of the schedule's prediction type (`tables["prediction"]`, traced).
+
+    Each branch keeps diffusers' operation order, and `where` selects bit-exactly, so
+    epsilon and v-prediction models (SD1 and SD2) share one compiled program.
+    """
+    p = tables["prediction"]
+    return jnp.where(p == 0, epsilon, jnp.where(p == 1, v_prediction, sample))
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """Static description of one sampler; hashable so it can be a jit static argument.
 
     Subclasses set `name`, `stochastic` and implement `tables`, `step` (and
-    `init_state` / `model_input` when they need more than the defaults).
+    `init_state` / `model_input` when they need more than the defaults). What the
+    model predicts is not part of it: that is the traced `tables["prediction"]`.
     """
-
-    prediction_type: str = "epsilon"
 
     name = "base"
     stochastic = False  # True: `step` consumes a fresh standard-normal `noise` every step
 
     @classmethod
     def from_schedule(cls, schedule: NoiseSchedule) -> "Sampler":
-        return cls(prediction_type=schedule.prediction_type)
+        return cls()
 
     def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
         """Per-step arrays. Always has "timesteps" [n] (model input t), "init_sigma" [] (scale of the

@@ -13,7 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32
+from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32, by_prediction
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.diffusion.timesteps import spaced_timesteps
 
@@ -25,14 +25,12 @@ def _refuse(schedule: NoiseSchedule, sampler: str) -> None:
         raise ValueError(f"{sampler}: scheduler option thresholding=True is not supported")
 
 
-def _x0_and_eps(prediction_type: str, x, m, sqrt_a, sqrt_b):
+def _x0_and_eps(tables: Tables, i, x, m):
     """(predicted x0, predicted epsilon) in diffusers' operation order."""
-    if prediction_type == "epsilon":
-        return (x - sqrt_b * m) / sqrt_a, m
-    if prediction_type == "v_prediction":
-        return sqrt_a * x - sqrt_b * m, sqrt_a * m + sqrt_b * x
-    x0 = m
-    return x0, (x - sqrt_a * x0) / sqrt_b
+    sqrt_a, sqrt_b = tables["sqrt_a"][i], tables["sqrt_b"][i]
+    x0 = by_prediction(tables, (x - sqrt_b * m) / sqrt_a, sqrt_a * x - sqrt_b * m, m)
+    eps = by_prediction(tables, m, sqrt_a * m + sqrt_b * x, (x - sqrt_a * m) / sqrt_b)
+    return x0, eps
 
 
 def _ac_tables(schedule: NoiseSchedule, t: np.ndarray) -> dict[str, np.ndarray]:
@@ -76,7 +74,7 @@ class DDIM(Sampler):
 
     def step(self, state: State, m, tables: Tables, i, noise) -> State:
         x = state["x"]
-        x0, eps = _x0_and_eps(self.prediction_type, x, m, tables["sqrt_a"][i], tables["sqrt_b"][i])
+        x0, eps = _x0_and_eps(tables, i, x, m)
         x0 = jnp.clip(x0, -tables["clip"], tables["clip"])
         prev = tables["sqrt_a_prev"][i] * x0 + tables["dir_coef"][i] * eps
         return {"x": prev + tables["std"][i] * noise}
@@ -116,7 +114,7 @@ class DDPM(Sampler):
 
     def step(self, state: State, m, tables: Tables, i, noise) -> State:
         x = state["x"]
-        x0, _ = _x0_and_eps(self.prediction_type, x, m, tables["sqrt_a"][i], tables["sqrt_b"][i])
+        x0, _ = _x0_and_eps(tables, i, x, m)
         x0 = jnp.clip(x0, -tables["clip"], tables["clip"])
         prev = tables["x0_coef"][i] * x0 + tables["x_coef"][i] * x
         return {"x": prev + tables["std"][i] * noise}

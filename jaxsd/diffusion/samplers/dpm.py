@@ -13,7 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32
+from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32, by_prediction
 from jaxsd.diffusion.samplers.euler import sigma_space_train_sigmas
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.diffusion.timesteps import (final_sigma, interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps)
@@ -48,13 +48,9 @@ def alpha_sigma_lambda(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return alpha.astype(np.float32), sig.astype(np.float32), lam.astype(np.float32)
 
 
-def convert_to_x0(prediction_type: str, x, m, alpha_t, sigma_t):
+def convert_to_x0(tables: Tables, x, m, alpha_t, sigma_t):
     """The data prediction x0 (DPM-Solver++ / UniPC with predict_x0)."""
-    if prediction_type == "epsilon":
-        return (x - sigma_t * m) / alpha_t
-    if prediction_type == "v_prediction":
-        return alpha_t * x - sigma_t * m
-    return m
+    return by_prediction(tables, (x - sigma_t * m) / alpha_t, alpha_t * x - sigma_t * m, m)
 
 
 def refuse_unsupported(schedule: NoiseSchedule, name: str, options: dict) -> None:
@@ -118,7 +114,7 @@ class DPMSolverPP2M(Sampler):
 
     def step(self, state: State, m, tables: Tables, i, noise) -> State:
         x, m1 = state["x"], state["m_prev"]
-        m0 = convert_to_x0(self.prediction_type, x, m, tables["alpha"][i], tables["sigma"][i])
+        m0 = convert_to_x0(tables, x, m, tables["alpha"][i], tables["sigma"][i])
         first = tables["c_x"][i] * x - tables["c_d"][i] * m0
         d1 = tables["inv_r0"][i] * (m0 - m1)
         second = tables["c_x"][i] * x - tables["c_d"][i] * m0 - tables["c_d_half"][i] * d1

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32, rounded
+from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32, by_prediction, rounded
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.diffusion.timesteps import final_sigma, float_timesteps, interp_sigmas, train_sigmas
 
@@ -60,12 +60,9 @@ def _sigma_tables(schedule: NoiseSchedule, num_steps: int, name: str, *, final: 
             "v_m": -s / (s ** 2 + np.float32(1)) ** np.float32(0.5), "v_x": s ** 2 + np.float32(1)}
 
 
-def _x0(prediction_type: str, x, m, tables: Tables, i):
-    if prediction_type == "epsilon":
-        return x - rounded(tables["sigma"][i] * m, tables)
-    if prediction_type == "v_prediction":
-        return rounded(m * tables["v_m"][i], tables) + x / tables["v_x"][i]
-    return m
+def _x0(x, m, tables: Tables, i):
+    return by_prediction(tables, x - rounded(tables["sigma"][i] * m, tables),
+                         rounded(m * tables["v_m"][i], tables) + x / tables["v_x"][i], m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +81,7 @@ class Euler(Sampler):
 
     def step(self, state: State, m, tables: Tables, i, noise) -> State:
         x = state["x"]
-        x0 = _x0(self.prediction_type, x, m, tables, i)
+        x0 = _x0(x, m, tables, i)
         derivative = (x - x0) / tables["sigma"][i]
         return {"x": x + rounded(derivative * tables["dt"][i], tables)}
 
@@ -97,7 +94,7 @@ class EulerAncestral(Sampler):
     stochastic = True
 
     def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
-        if self.prediction_type == "sample":
+        if schedule.prediction_type == "sample":
             raise ValueError("euler_a: prediction_type 'sample' is not supported (as in diffusers)")
         tab = _sigma_tables(schedule, num_steps, self.name, final="zero")
         s_from, s_to = tab["sigma"], tab["sigma_next"]
@@ -112,7 +109,7 @@ class EulerAncestral(Sampler):
 
     def step(self, state: State, m, tables: Tables, i, noise) -> State:
         x = state["x"]
-        x0 = _x0(self.prediction_type, x, m, tables, i)
+        x0 = _x0(x, m, tables, i)
         derivative = (x - x0) / tables["sigma"][i]
         prev = x + rounded(derivative * tables["dt"][i], tables)
         return {"x": prev + rounded(noise * tables["sigma_up"][i], tables)}

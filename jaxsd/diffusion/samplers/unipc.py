@@ -45,7 +45,7 @@ class UniPC(Sampler):
         order = schedule.option("solver_order", 2)
         if order not in (1, 2):
             raise ValueError(f"unipc: solver_order {order} is not supported (1 or 2)")
-        return cls(prediction_type=schedule.prediction_type, solver_order=order,
+        return cls(solver_order=order,
                    lower_order_final=bool(schedule.option("lower_order_final", True)))
 
     def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
@@ -102,7 +102,7 @@ class UniPC(Sampler):
     def step(self, state: State, m, tables: Tables, i, noise) -> State:
         tb = {k: v[i] for k, v in tables.items() if getattr(v, "ndim", 0) == 1}
         x, m1, m2, count = state["x"], state["m1"], state["m2"], state["count"]
-        mc = convert_to_x0(self.prediction_type, x, m, tb["alpha"], tb["sigma"])
+        mc = convert_to_x0(tables, x, m, tb["alpha"], tb["sigma"])
 
         # corrector: refine x with this step's model output (m0 = previous output)
         base = tb["c_cx"] * state["last"] - tb["c_cm"] * m1

@@ -230,6 +230,9 @@ def build_cache(cfg: DataConfig, *, vae: Encoder | None = None, text: Encoder | 
                                                text_signature(""))]
         run.text(text, todo)
         encoded["text"] = len(todo)
+        note = text.summary() if text.summary is not None else None
+        if note:
+            log(note)
     failed = {f.path for f in run.failed}
     report.findings = [f for f in report.findings if f.path not in failed] + run.failed
     valid = [v for v in valid if v.item.path not in failed]

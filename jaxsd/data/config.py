@@ -93,6 +93,8 @@ class CacheConfig:
     latents: "distribution" stores the VAE posterior mean + logvar (training draws fresh
       latent noise every epoch), "sample" stores one scaled latent sample.
     dtype: storage dtype of cached arrays, "float32", "bfloat16" or "float16".
+    compute_dtype: dtype the encoders load and run in, "float32" or "bfloat16" (a T5-XXL
+      needs bf16 to fit an accelerator; a VAE with force_upcast still computes fp16 in fp32).
     latent_suffix / text_suffix: sidecar suffixes; empty = named after the producer
       (".sd_vae", ".sdxl_vae", ".clip_l", ".sdxl_te", ".t5xxl", ...).
     caption_blocklist: captions containing any of these words (case-insensitive) are dropped.
@@ -108,6 +110,7 @@ class CacheConfig:
     variant: str = ""
     latents: str = "distribution"
     dtype: str = "bfloat16"
+    compute_dtype: str = "float32"
     batch_size: int = 8
     latent_suffix: str = ""
     text_suffix: str = ""
@@ -159,6 +162,7 @@ def check_data_config(cfg: DataConfig) -> None:
         "data.cache.latents": (cfg.cache.latents, ("distribution", "sample")),
         "data.cache.dtype": (cfg.cache.dtype, ("float32", "bfloat16", "float16")),
         "data.cache.text": (cfg.cache.text, ("clip", "sdxl", "t5", "t5_projected")),
+        "data.cache.compute_dtype": (cfg.cache.compute_dtype, ("float32", "bfloat16")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

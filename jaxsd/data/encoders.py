@@ -44,6 +44,7 @@ class Encoder:
     params: Any
     apply: ApplyFn
     prepare: Callable[[Sequence[Any]], Mapping[str, np.ndarray]] | None = None
+    summary: Callable[[], str | None] | None = None  # one line logged after a caching run (e.g. truncation)
 
     @property
     def suffix(self) -> str:
@@ -71,6 +72,7 @@ def latent_spec(*, fingerprint: str, scaling_factor: float, shift_factor: float 
         "latent_channels": int(latent_channels),
         "mode": cfg.cache.latents,
         "dtype": cfg.cache.dtype,
+        "compute_dtype": cfg.cache.compute_dtype,
         "resolution": cfg.image.resolution,
         "buckets": [b.min_side, b.max_side, b.step, b.max_aspect] if b.enabled else None,
         "crop": cfg.image.crop,
@@ -85,4 +87,5 @@ def text_spec(*, producer: str, fingerprint: str, max_length: int, cfg: DataConf
     """The manifest's "text" section. producer: "clip_l", "sdxl_te", "t5xxl", ...; details: e.g.
     projected=True for a T5 passed through a hybrid's projection."""
     return {"suffix": cfg.cache.text_suffix or producer, "producer": producer, "encoder_fingerprint": fingerprint,
-            "max_length": int(max_length), "dtype": cfg.cache.dtype, **details}
+            "max_length": int(max_length), "dtype": cfg.cache.dtype, "compute_dtype": cfg.cache.compute_dtype,
+            **details}

@@ -55,8 +55,9 @@ def vae_encoder(cfg: DataConfig) -> Encoder:
     from jaxsd.models.vae import AutoencoderKL
 
     folder = vae_folder(cfg.cache.vae)
-    config, params = load_vae(folder, variant=cfg.cache.variant or None)
-    model = AutoencoderKL(config)
+    dtype = jnp.dtype(cfg.cache.compute_dtype)
+    config, params = load_vae(folder, dtype=dtype, variant=cfg.cache.variant or None)
+    model = AutoencoderKL(config, dtype=dtype, param_dtype=dtype)
     log_scale2 = 2.0 * math.log(config.scaling_factor)
     for side in (cfg.image.resolution, cfg.image.buckets.step if cfg.image.buckets.enabled else cfg.image.resolution):
         if side % config.downscale:
@@ -137,8 +138,10 @@ def text_encoder(cfg: DataConfig) -> Encoder:
     kind = cfg.cache.text
     length = max_length(cfg)
     pe = PromptEncoder.from_pipeline(cfg.cache.text_encoder, kind, max_length=length if kind.startswith("t5") else None,
-                                     variant=cfg.cache.variant or None)
+                                     variant=cfg.cache.variant or None, dtype=jnp.dtype(cfg.cache.compute_dtype))
     comps = pe.components
+    for c in comps:  # one truncation summary at the end of the run, not a warning per batch
+        c.tokenizer.warn_each_call = False
     for c in comps:
         if c.tokenizer.max_length != length:
             raise ValueError(f"{cfg.cache.text_encoder}: tokenizer length {c.tokenizer.max_length} != "
@@ -171,4 +174,8 @@ def text_encoder(cfg: DataConfig) -> Encoder:
             h = pe.projection[0].apply({"params": p["projection"]}, h)
         return {"encoder_hidden_states": h}
 
-    return Encoder(text_encoder_spec(cfg), params, apply, prepare)
+    def summary():
+        stats = comps[0].tokenizer.truncation
+        return stats.summary(length) if stats.truncated else None
+
+    return Encoder(text_encoder_spec(cfg), params, apply, prepare, summary)

@@ -21,7 +21,7 @@ from tests.data.test_cache_command import save_tiny_vae
 from tests.helpers import rel_err
 from tests.text.tiny import BOS, EOS, clip_vocab_and_merges, write_clip_tokenizer
 
-CAPTIONS = ["a photo of a cat", "an oil painting of a castle at sunset", "dog"]
+CAPTIONS = ["a photo of a cat", "an oil painting of a castle at sunset", "dog", " ".join(["cat"] * 100)]
 
 
 def _save_tiny_clip(folder, seed, hidden, projection):
@@ -55,7 +55,11 @@ def cached(tmp_path_factory):
     cfg = DataConfig(roots=(str(root),), image=ImageConfig(resolution=32),
                      cache=CacheConfig(text_encoder=str(pipe), text="sdxl", dtype="float32", batch_size=2))
     enc = text_encoder(cfg)
-    result = build_cache(cfg, text=enc, only="text", progress=False, log=lambda s: None)
+    logged = []
+    result = build_cache(cfg, text=enc, only="text", progress=False, log=logged.append)
+    # the over-long caption is reported once, at the end, not per batch
+    assert [m for m in logged if "truncated" in m] == [
+        "1 of 5 prompts were longer than 77 tokens and were truncated (at most 25 tokens cut from one prompt)"]
     return cfg, root, enc, result
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from jaxsd.diffusion.samplers import check_sampler_name, img2img_start, make_sampler
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
-from jaxsd.pipelines.denoise import GenerateSpec, compiled_generate, progress_hook
+from jaxsd.pipelines.generate import GenerateSpec, compiled_generate, progress_hook
 from jaxsd.pipelines.loading import LoadedPipeline, load_pipeline
 
 logger = logging.getLogger(__name__)

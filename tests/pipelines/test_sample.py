@@ -14,7 +14,7 @@ from PIL import Image
 
 from jaxsd import cli
 from jaxsd.diffusion.samplers import DIFFUSERS_EQUIVALENT
-from jaxsd.pipelines.denoise import split_run_key
+from jaxsd.pipelines.generate import split_run_key
 from jaxsd.pipelines.pipeline import StableDiffusion, generation_keys
 from tests.pipelines.conftest import assert_images_close, assert_images_differ, to_uint8
 
@@ -174,3 +174,32 @@ def test_hybrid_t5_pipeline_matches_driven_components(tmp_path, sd_pipe, torch_s
     assert_images_close(ours, ref)
     assert_images_differ(pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=2.0,
                                        sampler="dpmpp_2m", num_images=2, latents=latents), ref)
+
+
+def test_v_prediction_zero_snr_folder_matches_diffusers(sd_folder, sd_pipe, tmp_path, torch_single_thread):
+    """An SD2.1-style scheduler config (v-prediction, zero terminal SNR, trailing spacing) on the same
+    weights: the config alone changes the math, and the compiled program is shared (prediction is traced)."""
+    import json
+    import shutil
+
+    import diffusers
+    torch = torch_single_thread
+    folder = tmp_path / "v"
+    shutil.copytree(sd_folder, folder)
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    cfg_path.write_text(json.dumps(cfg))
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    ref.scheduler = _diffusers_scheduler(ref, "dpmpp_2m")
+    latents = _latents(2, seed=11)
+    ref_img = to_uint8(ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5,
+                           guidance_rescale=0.7, num_images_per_prompt=2, latents=torch.from_numpy(latents),
+                           output_type="np").images)
+    pipe = StableDiffusion.from_folder(folder)
+    ours = pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=10, guidance=7.5, guidance_rescale=0.7,
+                         sampler="dpmpp_2m", num_images=2, latents=latents)
+    assert_images_close(ours, ref_img)
+    assert_images_differ(sd_pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=10, guidance=7.5,
+                                          guidance_rescale=0.7, sampler="dpmpp_2m", num_images=2,
+                                          latents=latents), ref_img)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxsd.diffusion import SAMPLER_NAMES
 from jaxsd.diffusion.samplers.base import (PREDICTION_CODES, Sampler, Tables, denoise, img2img_start,
                                            noise_to_start)
 from jaxsd.diffusion.samplers.ddim import DDIM, DDPM
@@ -28,7 +29,6 @@ from jaxsd.diffusion.samplers.euler import Euler, EulerAncestral
 from jaxsd.diffusion.samplers.unipc import UniPC
 from jaxsd.diffusion.schedule import NoiseSchedule
 
-SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
 
 # diffusers class each name reproduces, and the config overrides it implies
 DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {

@@ -1,10 +1,10 @@
 """The jitted generation function: (img2img encode) → guided denoising loop → VAE decode → uint8.
 
-One `jax.jit` per static `GenerateSpec` (sampler, prediction type, img2img or not).
-Everything a user changes between images — prompt embeddings, seed (a key array),
-guidance scale, guidance rescale, strength (as a start index), the scheduler
-tables — is a traced argument, so only new shapes (batch, resolution, steps)
-compile again. Classifier-free guidance always runs the UNet on [uncond; cond]
+One program per static `GenerateSpec` (sampler algorithm, img2img or not) and
+model architecture. Everything a user changes between images — prompt embeddings,
+seed (a key array), guidance scale, guidance rescale, strength (as a start index),
+the scheduler tables (including the prediction type) — is a traced argument, so only
+new shapes (batch, resolution, steps) compile again. Classifier-free guidance always runs the UNet on [uncond; cond]
 (diffusers skips the uncond half when guidance ≤ 1; with the traced scale we
 keep one program and get uncond + 1·(cond - uncond) ≈ cond).
 """

@@ -99,6 +99,8 @@ class StableDiffusion:
         progress: called with the step index after every denoising step.
         """
         check_sampler_name(sampler)
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta={eta} applies to the ddim sampler only (got sampler {sampler!r})")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")

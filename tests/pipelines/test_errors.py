@@ -96,3 +96,8 @@ def test_no_recompilation_for_prompt_seed_guidance_strength(sd_pipe, caplog):
     assert any("truncated" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert compiles == []
     listening[0] = False
+
+
+def test_eta_only_with_ddim(sd_pipe):
+    with pytest.raises(ValueError, match="eta=0.5 applies to the ddim sampler only"):
+        sd_pipe.generate("x", sampler="euler", eta=0.5, steps=4)

@@ -87,8 +87,9 @@ class Euler(Sampler):
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerAncestral(Sampler):
-    """Euler step down to sigma_down, then fresh noise of size sigma_up."""
+class EulerAncestral(Euler):
+    """Euler step down to sigma_down (the inherited step, with dt = sigma_down - sigma), then fresh
+    noise of size sigma_up."""
 
     name = "euler_a"
     stochastic = True
@@ -104,12 +105,6 @@ class EulerAncestral(Sampler):
         tab["sigma_up"], tab["dt"] = as_f32(up, down - s_from)
         return tab
 
-    def model_input(self, tables: Tables, i, x):
-        return x / tables["in_scale"][i]
-
     def step(self, state: State, m, tables: Tables, i, noise) -> State:
-        x = state["x"]
-        x0 = _x0(x, m, tables, i)
-        derivative = (x - x0) / tables["sigma"][i]
-        prev = x + rounded(derivative * tables["dt"][i], tables)
+        prev = super().step(state, m, tables, i, None)["x"]
         return {"x": prev + rounded(noise * tables["sigma_up"][i], tables)}

@@ -85,7 +85,7 @@ class NoiseSchedule:
     config: dict[str, Any]
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], **overrides: Any) -> "NoiseSchedule":
+    def from_config(cls, config: dict[str, Any], **overrides: Any) -> NoiseSchedule:
         """Build from a diffusers `scheduler_config.json` dict (keys such as `_class_name` are ignored).
 
         `overrides` replace config keys, like `from_config(config, prediction_type=...)` in diffusers.

@@ -51,7 +51,7 @@ class StableDiffusion:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, param_dtype=None, variant: str | None = None,
-                    dtype=jnp.float32, attention_impl: str = "auto") -> "StableDiffusion":
+                    dtype=jnp.float32, attention_impl: str = "auto") -> StableDiffusion:
         pipe = load_pipeline(folder, dtype=param_dtype, compute_dtype=dtype, variant=variant,
                              attention_impl=attention_impl)
         return cls(pipe, dtype=dtype, attention_impl=attention_impl)

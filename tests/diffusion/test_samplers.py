@@ -16,8 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsd.diffusion.samplers import (DIFFUSERS_EQUIVALENT, SAMPLER_NAMES, denoise, img2img_start, make_sampler,
-                                      noise_to_start)
+from jaxsd.diffusion.samplers import (
+    DIFFUSERS_EQUIVALENT,
+    SAMPLER_NAMES,
+    denoise,
+    img2img_start,
+    make_sampler,
+    noise_to_start,
+)
 from jaxsd.diffusion.schedule import NoiseSchedule
 from tests.helpers import rel_err
 
@@ -70,7 +76,7 @@ def _replay_noise(monkeypatch):
     monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", _replay_randn_tensor)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_loop(sampler):
     """One jitted loop per static sampler (name + prediction type); tables are traced arguments."""
     def run(tables, x_init, noises):

@@ -121,7 +121,7 @@ def test_sdxl_matches_diffusers(sdxl_folder, torch_single_thread):
     pipe = StableDiffusion.from_folder(sdxl_folder)
     assert pipe.family == "sdxl"
     latents = _latents(1, seed=7)
-    kw = dict(original_size=(24, 32), crops_coords_top_left=(2, 4), target_size=(16, 16))
+    kw = {"original_size": (24, 32), "crops_coords_top_left": (2, 4), "target_size": (16, 16)}
     # negative prompt absent: diffusers' force_zeros_for_empty_prompt gives zero uncond embeddings
     ref_img = to_uint8(ref(PROMPT, num_inference_steps=8, guidance_scale=5.0, height=16, width=16,
                            latents=torch.from_numpy(latents), output_type="np", **kw).images)

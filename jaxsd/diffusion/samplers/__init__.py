@@ -21,14 +21,19 @@ from typing import Any
 import numpy as np
 
 from jaxsd.diffusion import SAMPLER_NAMES
-from jaxsd.diffusion.samplers.base import (PREDICTION_CODES, Sampler, Tables, denoise, img2img_start,
-                                           noise_to_start)
+from jaxsd.diffusion.samplers.base import (
+    PREDICTION_CODES,
+    Sampler,
+    Tables,
+    denoise,
+    img2img_start,
+    noise_to_start,
+)
 from jaxsd.diffusion.samplers.ddim import DDIM, DDPM
 from jaxsd.diffusion.samplers.dpm import DPMSolverPP2M
 from jaxsd.diffusion.samplers.euler import Euler, EulerAncestral
 from jaxsd.diffusion.samplers.unipc import UniPC
 from jaxsd.diffusion.schedule import NoiseSchedule
-
 
 # diffusers class each name reproduces, and the config overrides it implies
 DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
@@ -77,5 +82,15 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options: 
     return sampler, tables
 
 
-__all__ = ["SAMPLER_NAMES", "DIFFUSERS_EQUIVALENT", "Sampler", "Tables", "check_sampler_name", "denoise",
-           "get_sampler", "img2img_start", "make_sampler", "noise_to_start"]
+__all__ = [
+    "DIFFUSERS_EQUIVALENT",
+    "SAMPLER_NAMES",
+    "Sampler",
+    "Tables",
+    "check_sampler_name",
+    "denoise",
+    "get_sampler",
+    "img2img_start",
+    "make_sampler",
+    "noise_to_start",
+]

@@ -16,7 +16,8 @@ how img2img's `strength` skips the first steps without recompiling.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,7 @@ class Sampler:
     stochastic = False  # True: `step` consumes a fresh standard-normal `noise` every step
 
     @classmethod
-    def from_schedule(cls, schedule: NoiseSchedule) -> "Sampler":
+    def from_schedule(cls, schedule: NoiseSchedule) -> Sampler:
         return cls()
 
     def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:

@@ -16,7 +16,13 @@ import numpy as np
 from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32, by_prediction
 from jaxsd.diffusion.samplers.euler import sigma_space_train_sigmas
 from jaxsd.diffusion.schedule import NoiseSchedule
-from jaxsd.diffusion.timesteps import (final_sigma, interp_sigmas, karras_sigmas, sigma_to_t, spaced_timesteps)
+from jaxsd.diffusion.timesteps import (
+    final_sigma,
+    interp_sigmas,
+    karras_sigmas,
+    sigma_to_t,
+    spaced_timesteps,
+)
 
 
 def multistep_sigmas(schedule: NoiseSchedule, num_steps: int, *, karras: bool, last_timestep: int | None = None,

@@ -13,8 +13,13 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32
-from jaxsd.diffusion.samplers.dpm import alpha_sigma_lambda, convert_to_x0, multistep_sigmas, refuse_unsupported
+from jaxsd.diffusion.samplers.base import Sampler, State, Tables
+from jaxsd.diffusion.samplers.dpm import (
+    alpha_sigma_lambda,
+    convert_to_x0,
+    multistep_sigmas,
+    refuse_unsupported,
+)
 from jaxsd.diffusion.schedule import NoiseSchedule
 
 
@@ -41,7 +46,7 @@ class UniPC(Sampler):
     name = "unipc"
 
     @classmethod
-    def from_schedule(cls, schedule: NoiseSchedule) -> "UniPC":
+    def from_schedule(cls, schedule: NoiseSchedule) -> UniPC:
         order = schedule.option("solver_order", 2)
         if order not in (1, 2):
             raise ValueError(f"unipc: solver_order {order} is not supported (1 or 2)")

@@ -4,8 +4,9 @@ Mesh axes are ("data", "fsdp", "tensor"). Params carry logical axis names (see
 jaxsd/models/layers.py); `sharding.rules` maps each logical name to mesh axes.
 For one param, a mesh axis is used at most once (first dimension wins), and a
 dimension whose size is not divisible by its mesh axes' size stays replicated —
-small layers (a 4-channel conv_out) are not worth padding; `describe_shardings`
-lists them.
+small layers (a 4-channel conv_out) are not worth padding. When the rules leave the
+fsdp axis unused for a param, its largest dimension divisible by the fsdp size is
+sharded over fsdp, so FSDP reaches every param that can be split.
 
 Optimizer-state leaves that mirror a param (Adam's mu/nu, EMA) are sharded like
 it; any other leaf (8-bit blocks, Adafactor's factored moments) is sharded over
@@ -103,6 +104,13 @@ def spec_for(shape: tuple[int, ...], logical: P, mesh: Mesh, rules: dict[str, An
             out.append(axes[0] if len(axes) == 1 else axes)
         else:
             out.append(None)
+    n = mesh.shape["fsdp"]
+    if n > 1 and "fsdp" not in used:
+        # FSDP must reach every big param: when the rules leave fsdp unused (a conv_in of 4 channels),
+        # shard the largest free dimension divisible by it.
+        free = [d for d in range(len(shape)) if out[d] is None and shape[d] % n == 0]
+        if free:
+            out[max(free, key=lambda d: shape[d])] = "fsdp"
     return P(*out)
 
 

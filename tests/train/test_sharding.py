@@ -54,8 +54,9 @@ for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1)]:
     q = state.params["to_q"]["kernel"]
     out[str(shape)] = {"losses": losses, "max_param_rel_err": max(errs), "arg_bytes": arg_bytes,
                        "to_q_spec": list(q.sharding.spec), "to_q_shard": list(q.addressable_shards[0].data.shape),
-                       "opt_specs": sorted({repr(tuple(x.sharding.spec)) for x in jax.tree.leaves(state.opt_state)
-                                            if x.shape == (128, 128)})}
+                       "opt_specs": sorted({repr(tuple(x.sharding.spec))
+                                            for path, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+                                            if "to_q" in jax.tree_util.keystr(path)})}
 print("RESULT" + json.dumps(out))
 """
 
@@ -86,3 +87,74 @@ def test_meshes_match_single_device_and_fsdp_shards_state():
     full = res["(8, 1, 1)"]["arg_bytes"]
     assert res["(1, 8, 1)"]["arg_bytes"] < 0.16 * full, res
     assert res["(2, 4, 1)"]["arg_bytes"] < 0.3 * full, res
+
+
+WORKER_CODE = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from jaxsd.config import ShardingConfig
+from jaxsd.train.sharding import maybe_initialize_distributed
+port, pid, nproc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if nproc > 1:
+    assert maybe_initialize_distributed(ShardingConfig(coordinator_address=f"localhost:{port}",
+                                                       num_processes=nproc, process_id=pid))
+import jax.numpy as jnp, numpy as np
+from jax.experimental import multihost_utils
+from jaxsd.config import DiffusionConfig, LossConfig, OptimizerConfig
+from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.train.optimizers import make_optimizer
+from jaxsd.train.sharding import global_batch, make_mesh, param_shardings, train_state_shardings
+from jaxsd.train.step import init_state, make_train_step
+from tests.train.toy import batch, toy
+
+_, params, apply_fn, specs = toy(width=32)
+tx, lr = make_optimizer(OptimizerConfig(name="sgd", learning_rate=1e-2), 10)
+sched = NoiseSchedule.from_config(DiffusionConfig().to_scheduler_config())
+mesh = make_mesh(ShardingConfig(data=1, fsdp=-1))
+p_sh = param_shardings(params, specs, mesh, ShardingConfig().rules)
+abstract = jax.eval_shape(lambda p: init_state(p, {}, tx, 0, False), params)
+st_sh = train_state_shardings(abstract, p_sh, {}, mesh)
+state = jax.jit(lambda p: init_state(p, {}, tx, 0, False), out_shardings=st_sh)(params)
+full = jax.tree.map(np.asarray, batch(8))
+rows = 8 // jax.process_count()
+local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in full.items()}
+b = global_batch(local, mesh)  # each process feeds only its own rows
+step = jax.jit(make_train_step(apply_fn, sched, LossConfig(), tx, lr), out_shardings=(st_sh, None),
+               donate_argnums=(0,))
+losses = []
+for _ in range(3):
+    state, m = step(state, b)
+    losses.append(float(m["loss"]))
+gathered = multihost_utils.process_allgather(state.params, tiled=True)
+if jax.process_index() == 0:
+    print("RESULT" + json.dumps({"losses": losses, "devices": jax.device_count(),
+                                 "params": [np.asarray(x).ravel()[:2000].tolist() for x in jax.tree.leaves(gathered)]}))
+"""
+
+
+def test_two_processes_over_loopback_match_one_process(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER_CODE, str(port), str(i), "2"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-5000:]
+    two = json.loads(outs[0][0].split("RESULT", 1)[1])
+    one = json.loads(run_python(WORKER_CODE.replace("sys.argv[1]", "'0'").replace("sys.argv[2]", "'0'")
+                                .replace("sys.argv[3]", "'1'"), devices=2).split("RESULT", 1)[1])
+    assert two["devices"] == 2 and one["devices"] == 2
+    assert max(abs(a - b) / abs(b) for a, b in zip(two["losses"], one["losses"])) <= 1e-5
+    for a, b in zip(two["params"], one["params"]):
+        scale = max(max(abs(x) for x in b), 1e-30)
+        assert max(abs(x - y) for x, y in zip(a, b)) / scale <= 1e-5

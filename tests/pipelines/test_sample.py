@@ -46,6 +46,7 @@ def test_cli_txt2img_matches_diffusers(sd_folder, sd_reference, sd_pipe, tmp_pat
     assert rc == 0
     printed = capsys.readouterr()
     assert "compile:" in printed.out and "generation:" in printed.out
+    assert "10/10" in printed.err  # the progress bar over the steps
     ours = np.stack([np.asarray(Image.open(out.with_name(f"cat-{i}.png"))) for i in range(2)])
     grid = np.asarray(Image.open(out))
     assert grid.shape == (16, 32, 3) and np.array_equal(grid[:, :16], ours[0])

@@ -4,7 +4,8 @@ The folder is the model format: `jaxsd sample --model DIR` reads what
 `DiffusionPipeline.save_pretrained` writes. The family is detected from the folder:
 
   sdxl    `_class_name` names an XL pipeline, or there is a `text_encoder_2`
-  hybrid  the text encoder is a T5 (with the `text_projection/` component)
+  hybrid  the text encoder is a T5 — through the `text_projection/` component when the
+          folder has one, else its states go to the UNet as they are (cross_attention_dim = d_model)
   sd2     a CLIP text encoder of OpenCLIP type (gelu, 1024 wide) or a 1024-wide UNet context
   sd1     any other CLIP + UNet pipeline
 
@@ -19,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+
 from jaxsd.convert.folder import read_config
 from jaxsd.convert.unet import load_unet
 from jaxsd.convert.vae import load_vae
@@ -29,12 +32,12 @@ from jaxsd.text.prompts import PromptEncoder
 
 FAMILIES = ("sd1", "sd2", "sdxl", "hybrid")
 # jaxsd.text.prompts kind of each family's conditioning
-PROMPT_KIND = {"sd1": "clip", "sd2": "clip", "sdxl": "sdxl", "hybrid": "t5_projected"}
+PROMPT_KIND = {"sd1": "clip", "sd2": "clip", "sdxl": "sdxl", "hybrid": "t5_projected"}  # hybrid: or "t5"
 _REQUIRED = {
     "sd1": ("unet", "vae", "scheduler", "text_encoder", "tokenizer"),
     "sd2": ("unet", "vae", "scheduler", "text_encoder", "tokenizer"),
     "sdxl": ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-    "hybrid": ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_projection"),
+    "hybrid": ("unet", "vae", "scheduler", "text_encoder", "tokenizer"),
 }
 
 
@@ -118,13 +121,17 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
         if not (folder / name).is_dir():
             raise PipelineFolderError(f"{folder}: component {name!r} is missing (no {name}/ folder); a {family} "
                                       f"pipeline needs {', '.join(_REQUIRED[family])}")
+    kind = PROMPT_KIND[family]
+    if family == "hybrid" and not (folder / "text_projection").is_dir():
+        if "text_projection" in index:
+            raise PipelineFolderError(f"{folder}: component 'text_projection' is missing (model_index.json "
+                                      "lists it, but there is no text_projection/ folder)")
+        kind = "t5"
     unet_config, unet_params = load_unet(folder / "unet", dtype=dtype, variant=variant)
     vae_config, vae_params = load_vae(folder / "vae", dtype=dtype, variant=variant)
     if vae_config.latents_mean is not None:
         raise PipelineFolderError(f"{folder}/vae: latents_mean/latents_std VAEs are not supported by jaxsd sample")
-    import jax.numpy as jnp
-
-    text = PromptEncoder.from_pipeline(folder, PROMPT_KIND[family], dtype=compute_dtype or jnp.float32,
+    text = PromptEncoder.from_pipeline(folder, kind, dtype=compute_dtype or jnp.float32,
                                        param_dtype=dtype, variant=variant, attention_impl=attention_impl)
     schedule = NoiseSchedule.from_config(load_scheduler_config(folder))
     options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}

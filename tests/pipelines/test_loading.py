@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jaxsd.pipelines.loading import PipelineFolderError, detect_family, load_scheduler_config
+from jaxsd.pipelines.loading import PipelineFolderError, detect_family, load_pipeline, load_scheduler_config
 
 
 def _folder(tmp_path, cls, components: dict[str, dict]):
@@ -27,6 +27,7 @@ def _folder(tmp_path, cls, components: dict[str, dict]):
     ("StableDiffusionXLPipeline", {"text_encoder": {}, "text_encoder_2": {}, "unet": {}}, "sdxl"),
     ("StableDiffusionPipeline", {"text_encoder": {"model_type": "t5", "d_model": 4096},
                                  "text_projection": {"_class_name": "TextProjection"}, "unet": {}}, "hybrid"),
+    ("StableDiffusionPipeline", {"text_encoder": {"model_type": "t5", "d_model": 768}, "unet": {}}, "hybrid"),
 ])
 def test_detect_family(tmp_path, cls, components, family):
     assert detect_family(_folder(tmp_path, cls, components)) == family
@@ -43,3 +44,12 @@ def test_missing_text_encoder_and_scheduler_are_named(tmp_path):
 def test_not_a_directory(tmp_path):
     with pytest.raises(PipelineFolderError, match="no such directory"):
         detect_family(tmp_path / "nope")
+
+
+def test_listed_but_missing_text_projection(tmp_path):
+    folder = _folder(tmp_path, "StableDiffusionPipeline", {"text_encoder": {"model_type": "t5"}, "unet": {},
+                                                           "vae": {}, "scheduler": {}, "tokenizer": {}})
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_projection": ["jaxsd", "TextProjection"]}))
+    with pytest.raises(PipelineFolderError, match="component 'text_projection' is missing"):
+        load_pipeline(folder)

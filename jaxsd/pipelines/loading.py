@@ -121,6 +121,9 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
         if not (folder / name).is_dir():
             raise PipelineFolderError(f"{folder}: component {name!r} is missing (no {name}/ folder); a {family} "
                                       f"pipeline needs {', '.join(_REQUIRED[family])}")
+    if index.get("requires_aesthetics_score"):
+        raise PipelineFolderError(f"{folder}: an SDXL refiner (requires_aesthetics_score: aesthetic-score time ids) "
+                                  "is not supported by jaxsd sample; use a base SDXL pipeline folder")
     kind = PROMPT_KIND[family]
     if family == "hybrid" and not (folder / "text_projection").is_dir():
         if "text_projection" in index:

@@ -53,3 +53,12 @@ def test_listed_but_missing_text_projection(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "text_projection": ["jaxsd", "TextProjection"]}))
     with pytest.raises(PipelineFolderError, match="component 'text_projection' is missing"):
         load_pipeline(folder)
+
+
+def test_sdxl_refiner_is_refused(tmp_path):
+    folder = _folder(tmp_path, "StableDiffusionXLImg2ImgPipeline", {
+        n: {} for n in ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")})
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": True}))
+    with pytest.raises(PipelineFolderError, match="SDXL refiner"):
+        load_pipeline(folder)

@@ -22,6 +22,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from jaxsd.data.config import DataConfig, check_data_config
+
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -148,6 +150,9 @@ class TrainConfig:
     """regexes (re.search over 'a/b/kernel' param paths); a param trains if any matches..."""
     frozen: list[str] = field(default_factory=list)
     """...and none of these matches."""
+    data_source: str = "cache"
+    """cache: batches from the `data:` section's cached latents (`jaxsd cache` first);
+    synthetic: the in-memory `synthetic:` section (tests, smoke runs, benchmarks)."""
     max_nonfinite_skips: int = 3
     """NaN/inf loss or gradient: skip the update; stop cleanly after more than this many in a row."""
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -196,13 +201,13 @@ class LoggingConfig:
     peak_flops: float = 0.0
     """peak FLOP/s of one device for the MFU estimate; 0 = do not report MFU."""
     sample_every: int = 0
-    """sample images for sample_prompts every N steps (needs jaxsd.pipelines); 0 = off."""
+    """sample images for sample_prompts every N steps; 0 = off (the only value supported so far)."""
     sample_prompts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class SyntheticDataConfig:
-    """In-memory random latents and embeddings of the loader's batch shape (tests, demos, benchmarks)."""
+    """In-memory random latents and embeddings of the loader's batch shape (train.data_source=synthetic)."""
 
     num_examples: int = 64
     latent_size: int = 8
@@ -212,14 +217,6 @@ class SyntheticDataConfig:
     text_dim: int = 32
     pooled_dim: int = 0
     """>0: also yield `pooled` [B, pooled_dim] and SDXL `time_ids` [B, 6]."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where batches come from. (Cached-latent sources come from jaxsd/data once it lands.)"""
-
-    source: str = "synthetic"
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
 
 @dataclass(frozen=True)
@@ -235,6 +232,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    """images, caching and the loader: jaxsd/data/config.py (the data engineer's schema)."""
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
 
 # Values checked beyond their type: field path -> allowed values.
@@ -248,7 +247,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optimizer.name": ("adamw", "adamw8bit", "adafactor", "lion", "sgd"),
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "sharding.distributed": ("auto", "on", "off"),
-    "data.source": ("synthetic",),
+    "train.data_source": ("cache", "synthetic"),
 }
 
 
@@ -311,6 +310,14 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"train.trainable/frozen: bad regex {pattern!r}: {e}") from None
     if not 256 <= cfg.optimizer.block_size <= 4096:
         raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
+    if cfg.logging.sample_every:
+        raise ConfigError("logging.sample_every: sample grids during training are not implemented yet; "
+                          "set it to 0 and sample from an exported checkpoint with `jaxsd sample`")
+    if cfg.train.data_source == "cache":
+        try:
+            check_data_config(cfg.data)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by "
                           f"train.grad_accum_steps = {cfg.train.grad_accum_steps}")

@@ -78,11 +78,49 @@ def _any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
-def make_source(cfg: Config):
-    if cfg.data.source == "synthetic":
-        return SyntheticSource(cfg.data.synthetic, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+def make_source(cfg: Config, mesh=None):
+    """The batch iterator: local numpy batches (synthetic) or global jax.Arrays (the cache loader)."""
+    if cfg.train.data_source == "synthetic":
+        return SyntheticSource(cfg.synthetic, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
-    raise ValueError(f"data.source {cfg.data.source!r} is not supported by the trainer yet")
+    from jaxsd.data.loader import training_loader
+    return _CacheBatches(training_loader(cfg.data, mesh=mesh, batch_size=cfg.train.batch_size))
+
+
+def _on_mesh(batch: dict, mesh) -> dict:
+    """Local numpy rows → global arrays; batches that already are global jax.Arrays pass through."""
+    if all(isinstance(v, jax.Array) for v in batch.values()):
+        return batch
+    return global_batch(batch, mesh)
+
+
+class _CacheBatches:
+    """jaxsd.data's Loader as a trainer source: global arrays on the mesh, checkpointable position."""
+
+    def __init__(self, loader):
+        from jaxsd.data.loader import GlobalBatches
+        self.loader, self.batches = loader, GlobalBatches(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        batch.pop("index", None)  # sample ids: for debugging, not for the model
+        return batch
+
+    def get_state(self) -> dict:
+        return self.loader.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.loader.set_state(state)
+
+    def empty_prompt(self):
+        empty = self.loader.empty_prompt()
+        if empty is None:
+            raise ValueError("loss.cond_dropout > 0 needs the empty prompt's cached embedding; the text cache "
+                             "has none (re-run jaxsd cache)")
+        return empty
 
 
 def _setup_file_logging(run_dir: Path) -> None:
@@ -92,6 +130,34 @@ def _setup_file_logging(run_dir: Path) -> None:
         handler._jaxsd = True  # type: ignore[attr-defined]
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+
+
+@dataclasses.dataclass
+class StatePlan:
+    """What the train state of a config looks like, before any array exists."""
+
+    module: Any
+    param_shapes: Any
+    param_shardings: Any
+    tx: Any
+    lr_fn: Any
+    abstract: TrainState  # ShapeDtypeStructs carrying their shardings
+    state_shardings: TrainState
+
+
+def plan_state(cfg: Config, mesh) -> StatePlan:
+    """Model, optimizer and the sharded abstract TrainState of `cfg` on `mesh` (no allocation)."""
+    module = build_unet(cfg.model, unet_config(cfg.model))
+    shapes, logical = param_shapes(module)
+    shardings = param_shardings(shapes, logical, mesh, dict(cfg.sharding.rules))
+    t_shapes, f_shapes = split_params(shapes, cfg.train.trainable, cfg.train.frozen)
+    t_shard, f_shard = split_params(shardings, cfg.train.trainable, cfg.train.frozen)
+    tx, lr_fn = make_optimizer(cfg.optimizer, cfg.train.steps)
+    ema = cfg.train.ema.enabled
+    abstract = jax.eval_shape(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema), t_shapes, f_shapes)
+    state_sharding = train_state_shardings(abstract, t_shard, f_shard, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    return StatePlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding)
 
 
 def train(cfg: Config, source: Any = None) -> TrainResult:
@@ -105,21 +171,14 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
 
     mesh = make_mesh(cfg.sharding)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
-    module = build_unet(cfg.model, unet_config(cfg.model))
-    shapes, logical = param_shapes(module)
-    shardings = param_shardings(shapes, logical, mesh, dict(cfg.sharding.rules))
-    t_shapes, f_shapes = split_params(shapes, cfg.train.trainable, cfg.train.frozen)
-    t_shard, f_shard = split_params(shardings, cfg.train.trainable, cfg.train.frozen)
-    log.info("trainable: %s of %s", describe(t_shapes), describe(shapes))
-    tx, lr_fn = make_optimizer(cfg.optimizer, cfg.train.steps)
-    ema = cfg.train.ema.enabled
-
-    abstract = jax.eval_shape(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema), t_shapes, f_shapes)
+    plan = plan_state(cfg, mesh)
+    module, shardings, tx, lr_fn, abstract = plan.module, plan.param_shardings, plan.tx, plan.lr_fn, plan.abstract
+    state_sharding = plan.state_shardings
     replicated = NamedSharding(mesh, P())
-    state_sharding = train_state_shardings(abstract, t_shard, f_shard, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    ema = cfg.train.ema.enabled
+    log.info("trainable: %s of %s", describe(abstract.params), describe(plan.param_shapes))
 
-    source = source if source is not None else make_source(cfg)
+    source = source if source is not None else make_source(cfg, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
@@ -128,8 +187,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
         init_from = f"resumed from checkpoint step {start} in {ckpt.directory}"
     else:
         start = 0
-        params, init_from = initial_params(cfg.model, module, cfg.train.seed)
-        params = jax.device_put(params, shardings)
+        params, init_from = initial_params(cfg.model, module, cfg.train.seed, shardings)
         t_params, f_params = split_params(params, cfg.train.trainable, cfg.train.frozen)
         state = jax.jit(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema),
                         out_shardings=state_sharding)(t_params, f_params)
@@ -141,7 +199,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
                               grad_accum_steps=cfg.train.grad_accum_steps,
                               empty_cond=None if empty is None else jax.tree.map(jnp.asarray, empty),
                               micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None)
-    first = global_batch(next(source), mesh)
+    first = _on_mesh(next(source), mesh)
     batch_shardings = jax.tree.map(lambda x: x.sharding, first)
     jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_shardings),
                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
@@ -172,7 +230,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
             step += 1
             data_state = source.get_state()  # the position after every batch this state has seen
             if step < cfg.train.steps:
-                batch = global_batch(next(source), mesh)  # host work overlaps the running step
+                batch = _on_mesh(next(source), mesh)  # host work overlaps the running step
             host = {k: float(v) for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t_step
             host.update(step_time_s=dt, images_per_s=cfg.train.batch_size / dt)

@@ -64,14 +64,19 @@ def param_shapes(module: UNet2DConditionModel) -> tuple[dict, dict]:
     return abstract_params(module, *example_inputs(module.config))
 
 
-def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int) -> tuple[dict, str]:
-    """(params, where from): from `model.pretrained`, else a random init. Params in param_dtype."""
+def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int,
+                   shardings: Any = None) -> tuple[dict, str]:
+    """(params, where from): from `model.pretrained`, else a random init. Params in param_dtype,
+    placed with `shardings` (a random init is created sharded, never as a full replica first)."""
     if cfg.pretrained:
         from jaxsd.convert.unet import load_unet
         folder = unet_folder(cfg.pretrained)
         _, params = load_unet(folder, dtype=jnp.dtype(cfg.param_dtype), variant=cfg.variant)
+        if shardings is not None:
+            params = jax.device_put(params, shardings)
         return params, f"pretrained diffusers folder {folder}"
-    params = jax.jit(lambda k: init_params(module, k, *example_inputs(module.config)))(jax.random.key(seed))
+    params = jax.jit(lambda k: init_params(module, k, *example_inputs(module.config)),
+                     out_shardings=shardings)(jax.random.key(seed))
     return params, f"from scratch (model.unet, seed {seed})"
 
 

@@ -34,7 +34,7 @@ class SyntheticSource:
         self.text = (coarse.reshape(cfg.num_examples, -1) @ proj).reshape(cfg.num_examples, cfg.text_len, cfg.text_dim)
         self.pooled = self.text.mean(axis=1)[:, : cfg.pooled_dim] if cfg.pooled_dim else None
         if cfg.pooled_dim > cfg.text_dim:
-            raise ValueError(f"data.synthetic.pooled_dim={cfg.pooled_dim} must be <= text_dim={cfg.text_dim}")
+            raise ValueError(f"synthetic.pooled_dim={cfg.pooled_dim} must be <= text_dim={cfg.text_dim}")
         self.index = 0
 
     def get_state(self) -> dict:

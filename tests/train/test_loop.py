@@ -41,6 +41,17 @@ if sys.argv[1] == "nan":  # batches 5, 6, 7, ... carry NaN latents
                 b["latents"] = b["latents"] * np.nan
             return b
     source = NaNSource(make_source(cfg))
+if sys.argv[1] == "sigterm":  # a real SIGTERM arrives while step 7 runs (when batch 7 is prefetched)
+    import os, signal
+    class SignalSource:
+        def __init__(self, inner): self.inner = inner
+        def __getattr__(self, name): return getattr(self.inner, name)
+        def __iter__(self): return self
+        def __next__(self):
+            if self.inner.index == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return next(self.inner)
+    source = SignalSource(make_source(cfg))
 logging.basicConfig(level=logging.WARNING)
 result = train(cfg, source)
 h = hashlib.sha256()
@@ -137,3 +148,38 @@ def test_nan_batches_are_skipped_then_the_run_stops_with_the_good_checkpoint(run
     assert steps == [1, 5]
     skipped = [json.loads(line)["skipped"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert skipped == [0] * 5 + [1] * 3
+
+
+@pytest.mark.torch
+def test_export_loads_in_diffusers_and_matches_our_unet(runs, tmp_path):
+    import jax
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from jaxsd.train.export import export_unet
+    tmp, _ = runs
+    out, step = export_unet(tmp / "straight", tmp_path / "unet")
+    assert step == 20
+    unet = UNet2DConditionModel.from_pretrained(out).eval()
+    sample = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    ctx = np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(sample), 500, torch.from_numpy(ctx)).sample.numpy()
+    from jaxsd.convert.unet import load_unet
+    from jaxsd.models.unet import UNet2DConditionModel as FlaxUNet
+    config, params = load_unet(out)
+    ours = jax.jit(FlaxUNet(config).apply)({"params": params}, sample.transpose(0, 2, 3, 1), np.array([500]), ctx)
+    from tests.helpers import rel_err
+    assert rel_err(np.asarray(ours).transpose(0, 3, 1, 2), ref) < 1e-4
+    with pytest.raises(ValueError, match="without EMA"):
+        export_unet(tmp / "straight", tmp_path / "ema", ema=True)
+
+
+def test_sigterm_saves_and_stops(runs):
+    tmp, _ = runs
+    run_dir = tmp / "sigterm"
+    result, _ = _run(tmp, "sigterm", run_dir)
+    assert result["stopped"] == "signal" and result["step"] == 7
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [5, 7]

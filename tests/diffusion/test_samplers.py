@@ -182,5 +182,7 @@ def test_unknown_sampler_lists_valid_names():
 def test_unsupported_option_is_refused():
     with pytest.raises(ValueError, match="thresholding"):
         make_sampler("dpmpp_2m", NoiseSchedule.from_config({**BASE, "thresholding": True}), 10)
+    with pytest.raises(ValueError, match="euler: scheduler option use_karras_sigmas=True is not supported"):
+        make_sampler("euler", NoiseSchedule.from_config({**BASE, "use_karras_sigmas": True}), 10)
     with pytest.raises(ValueError, match="steps must be in"):
         make_sampler("euler", NoiseSchedule.from_config(BASE), 0)

@@ -88,6 +88,15 @@ def rounded(product: jnp.ndarray, tables: Tables) -> jnp.ndarray:
     return product + tables["zero"]
 
 
+def refuse_unsupported(schedule: NoiseSchedule, name: str, options: dict[str, Any]) -> None:
+    """Error for a scheduler option this sampler does not implement (never silently ignored).
+    options: option name -> the only value supported (compared with the config's, default applied)."""
+    for key, ok in options.items():
+        value = schedule.option(key, ok)
+        if value != ok:
+            raise ValueError(f"{name}: scheduler option {key}={value!r} is not supported (only {ok!r})")
+
+
 def as_f32(*values: Any) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(v, dtype=np.float32) for v in values)
 

@@ -13,16 +13,18 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32, by_prediction
+from jaxsd.diffusion.samplers.base import (
+    Sampler,
+    State,
+    Tables,
+    as_f32,
+    by_prediction,
+    refuse_unsupported,
+)
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.diffusion.timesteps import spaced_timesteps
 
 _SUPPORTED_VARIANCE = ("fixed_small", "fixed_large")
-
-
-def _refuse(schedule: NoiseSchedule, sampler: str) -> None:
-    if schedule.option("thresholding", False):
-        raise ValueError(f"{sampler}: scheduler option thresholding=True is not supported")
 
 
 def _x0_and_eps(tables: Tables, i, x, m):
@@ -55,7 +57,7 @@ class DDIM(Sampler):
     stochastic = True  # the eta noise; multiplied by 0 when eta == 0, which leaves x bit-identical
 
     def tables(self, schedule: NoiseSchedule, num_steps: int, eta: float = 0.0) -> Tables:
-        _refuse(schedule, self.name)
+        refuse_unsupported(schedule, self.name, {"thresholding": False})
         T = schedule.num_train_timesteps
         t = spaced_timesteps(schedule.option("timestep_spacing", "leading"), num_steps, T,
                              schedule.option("steps_offset", 0))
@@ -88,7 +90,7 @@ class DDPM(Sampler):
     stochastic = True
 
     def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
-        _refuse(schedule, self.name)
+        refuse_unsupported(schedule, self.name, {"thresholding": False})
         variance_type = schedule.option("variance_type", "fixed_small")
         if variance_type not in _SUPPORTED_VARIANCE:
             raise ValueError(f"ddpm: variance_type {variance_type!r} is not supported; use one of "

@@ -13,7 +13,14 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32, by_prediction
+from jaxsd.diffusion.samplers.base import (
+    Sampler,
+    State,
+    Tables,
+    as_f32,
+    by_prediction,
+    refuse_unsupported,
+)
 from jaxsd.diffusion.samplers.euler import sigma_space_train_sigmas
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.diffusion.timesteps import (
@@ -57,13 +64,6 @@ def alpha_sigma_lambda(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 def convert_to_x0(tables: Tables, x, m, alpha_t, sigma_t):
     """The data prediction x0 (DPM-Solver++ / UniPC with predict_x0)."""
     return by_prediction(tables, (x - sigma_t * m) / alpha_t, alpha_t * x - sigma_t * m, m)
-
-
-def refuse_unsupported(schedule: NoiseSchedule, name: str, options: dict) -> None:
-    for key, ok in options.items():
-        value = schedule.option(key, ok)
-        if value != ok:
-            raise ValueError(f"{name}: scheduler option {key}={value!r} is not supported (only {ok!r})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,15 @@ import dataclasses
 
 import numpy as np
 
-from jaxsd.diffusion.samplers.base import Sampler, State, Tables, as_f32, by_prediction, rounded
+from jaxsd.diffusion.samplers.base import (
+    Sampler,
+    State,
+    Tables,
+    as_f32,
+    by_prediction,
+    refuse_unsupported,
+    rounded,
+)
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.diffusion.timesteps import final_sigma, float_timesteps, interp_sigmas, train_sigmas
 
@@ -35,19 +43,11 @@ def sigma_space_train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
     return sigmas
 
 
-def _refuse_unsupported(schedule: NoiseSchedule, name: str) -> None:
-    for key, ok in (("use_karras_sigmas", False), ("use_exponential_sigmas", False), ("use_beta_sigmas", False)):
-        if schedule.option(key, ok) != ok:
-            raise ValueError(f"{name}: scheduler option {key}={schedule.option(key, ok)!r} is not supported "
-                             f"(use dpmpp_2m_karras for Karras sigmas)")
-    if schedule.option("interpolation_type", "linear") != "linear":
-        raise ValueError(f"{name}: interpolation_type {schedule.option('interpolation_type', '')!r} is not supported")
-    if schedule.option("timestep_type", "discrete") != "discrete":
-        raise ValueError(f"{name}: timestep_type {schedule.option('timestep_type', '')!r} is not supported")
-
-
 def _sigma_tables(schedule: NoiseSchedule, num_steps: int, name: str, *, final: str) -> Tables:
-    _refuse_unsupported(schedule, name)
+    # (for Karras sigmas use dpmpp_2m_karras)
+    refuse_unsupported(schedule, name, {"use_karras_sigmas": False, "use_exponential_sigmas": False,
+                                        "use_beta_sigmas": False, "interpolation_type": "linear",
+                                        "timestep_type": "discrete"})
     spacing = schedule.option("timestep_spacing", "linspace")
     t = float_timesteps(spacing, num_steps, schedule.num_train_timesteps, schedule.option("steps_offset", 0))
     train = sigma_space_train_sigmas(schedule)

@@ -13,12 +13,11 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.diffusion.samplers.base import Sampler, State, Tables
+from jaxsd.diffusion.samplers.base import Sampler, State, Tables, refuse_unsupported
 from jaxsd.diffusion.samplers.dpm import (
     alpha_sigma_lambda,
     convert_to_x0,
     multistep_sigmas,
-    refuse_unsupported,
 )
 from jaxsd.diffusion.schedule import NoiseSchedule
 

@@ -128,6 +128,7 @@ OPTION_CASES = [
     ("euler", {"final_sigmas_type": "sigma_min", "timestep_spacing": "leading"}),
     ("dpmpp_2m", {"final_sigmas_type": "sigma_min", "lower_order_final": False, "timestep_spacing": "trailing"}),
     ("dpmpp_2m_karras", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}),
+    ("dpmpp_2m", {"lambda_min_clipped": -2.5, "timestep_spacing": "linspace"}),
     ("unipc", {"solver_type": "bh1", "timestep_spacing": "trailing"}),
     ("unipc", {"use_karras_sigmas": True}),
 ]

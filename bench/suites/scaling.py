@@ -7,8 +7,9 @@
 
 Each point is measured like `train-step` (own process per framework, same weights).
 The device sweep shards params, gradients and optimizer state over an `fsdp` mesh
-axis (each array along its largest divisible dimension) and the batch over the same
-axis; the child sets XLA_FLAGS=--xla_force_host_platform_device_count=N, so on a
+axis — with `--step train` exactly as `jaxsd train` does (jaxsd.train.sharding's
+logical-axis rules), with `--step simple` each array along its largest divisible
+dimension — and the batch over the same axis; the child sets XLA_FLAGS=--xla_force_host_platform_device_count=N, so on a
 CPU-only machine it shows how memory per device falls, not how time does.
 """
 
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 def device_point(args: argparse.Namespace, devices: int, latent: int) -> dict:
     config = {"preset": args.preset, "step": args.step, "sweep": "devices", "devices": devices, "latent": latent,
               "batch": devices * args.per_device_batch, "dtype": args.dtype, "optimizer": args.optimizer,
-              "remat": args.remat, "sharding": "fsdp"}
+              "remat": args.remat,
+              "sharding": "jaxsd.train.sharding (fsdp)" if args.step == "train" else "largest dim over fsdp"}
     out = run_child("scaling", "fsdp", {**config, "unet": unet_preset(args.preset)}, timeout=args.timeout,
                     env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"})
     figures = {k: out[k] for k in ("argument_gb", "output_gb", "alias_gb", "temp_gb", "per_device_gb")}
@@ -113,6 +115,28 @@ def _fsdp_sharding(mesh, n: int):
     return lambda tree: jax.tree.map(for_shape, tree)
 
 
+def _trainer_shardings(model, state: tuple, batch: dict, n: int):
+    """(mesh, state shardings, batch shardings) exactly as `jaxsd train` builds them for sharding.fsdp=n."""
+    import jax
+
+    from jaxsd.config import ShardingConfig
+    from jaxsd.train.model import param_shapes
+    from jaxsd.train.sharding import (
+        batch_sharding,
+        make_mesh,
+        param_shardings,
+        train_state_shardings,
+    )
+    from jaxsd.train.trainable import split_params
+
+    cfg = ShardingConfig(data=1, fsdp=n)
+    mesh = make_mesh(cfg)
+    shapes, logical = param_shapes(model)
+    trainable, frozen = split_params(param_shardings(shapes, logical, mesh, dict(cfg.rules)))
+    state_sh = (train_state_shardings(state[0], trainable, frozen, mesh),)
+    return mesh, state_sh, jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch)
+
+
 def child_fsdp(config: dict) -> dict:
     import time
 
@@ -125,14 +149,17 @@ def child_fsdp(config: dict) -> dict:
     n = config["devices"]
     if jax.device_count() != n:
         raise RuntimeError(f"expected {n} devices, JAX sees {jax.device_count()} (XLA_FLAGS not applied?)")
-    mesh = Mesh(jax.devices(), ("fsdp",))
-    shard = _fsdp_sharding(mesh, n)
     model = J.build_model(config["unet"], config["dtype"], remat_policy=config.get("remat"))
     kit = make_kit(config["step"], model, config["optimizer"])
     state = kit.abstract_state(J.abstract_params(model))
     batch = kit.to_batch(J.abstract_batch(config["unet"], config["batch"], config["latent"]))
-    state_sh = shard(state)
-    batch_sh = jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (x.ndim - 1)))), batch)
+    if kit.kind == "train":  # the trainer's own shardings: logical-axis rules, mesh (data=1, fsdp=n, tensor=1)
+        mesh, state_sh, batch_sh = _trainer_shardings(model, state, batch, n)
+    else:
+        mesh = Mesh(jax.devices(), ("fsdp",))
+        state_sh = _fsdp_sharding(mesh, n)(state)
+        batch_sh = jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (x.ndim - 1)))),
+                                batch)
     replicated = NamedSharding(mesh, PartitionSpec())
     t0 = time.perf_counter()
     compiled = jax.jit(kit.step, in_shardings=(*state_sh, batch_sh), out_shardings=(*state_sh, replicated),

@@ -61,6 +61,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+
 def test_mesh_shape_fill_and_errors():
     assert mesh_shape(ShardingConfig(data=-1, fsdp=4), 8) == (2, 4, 1)
     assert mesh_shape(ShardingConfig(data=1, fsdp=-1, tensor=2), 8) == (1, 4, 2)
@@ -70,9 +71,16 @@ def test_mesh_shape_fill_and_errors():
         mesh_shape(ShardingConfig(data=-1, fsdp=-1), 8)
 
 
-def test_meshes_match_single_device_and_fsdp_shards_state():
-    stdout = run_python(MESHES_CODE, devices=8)
-    res = json.loads(stdout.split("RESULT", 1)[1])
+@pytest.fixture(scope="module")
+def eight_devices():
+    """One 8-device subprocess: the mesh comparisons, then the 1-process reference of the 2-process test."""
+    stdout = run_python(MESHES_CODE + WORKER_BODY, devices=8)
+    return (json.loads(stdout.split("RESULT", 1)[1].split("\n", 1)[0]),
+            json.loads(stdout.split("WORKER", 1)[1].split("\n", 1)[0]))
+
+
+def test_meshes_match_single_device_and_fsdp_shards_state(eight_devices):
+    res, _ = eight_devices
     ref = res["ref_losses"]
     for shape in ["(8, 1, 1)", "(2, 4, 1)", "(1, 8, 1)"]:
         r = res[shape]
@@ -89,16 +97,21 @@ def test_meshes_match_single_device_and_fsdp_shards_state():
     assert res["(2, 4, 1)"]["arg_bytes"] < 0.3 * full, res
 
 
-WORKER_CODE = r"""
+WORKER_HEADER = r"""
 import json, sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 from jaxsd.config import ShardingConfig
 from jaxsd.train.sharding import maybe_initialize_distributed
-port, pid, nproc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-if nproc > 1:
-    assert maybe_initialize_distributed(ShardingConfig(coordinator_address=f"localhost:{port}",
-                                                       num_processes=nproc, process_id=pid))
+port, pid = int(sys.argv[1]), int(sys.argv[2])
+assert maybe_initialize_distributed(ShardingConfig(coordinator_address=f"localhost:{port}", num_processes=2,
+                                                   process_id=pid))
+"""
+
+# fsdp over 2 devices: two processes with one device each, or (as the reference) one process's first two
+WORKER_BODY = r"""
+import json
+import jax
 import jax.numpy as jnp, numpy as np
 from jax.experimental import multihost_utils
 from jaxsd.config import DiffusionConfig, LossConfig, OptimizerConfig
@@ -111,7 +124,7 @@ from tests.train.toy import batch, toy
 _, params, apply_fn, specs = toy(width=32)
 tx, lr = make_optimizer(OptimizerConfig(name="sgd", learning_rate=1e-2), 10)
 sched = NoiseSchedule.from_config(DiffusionConfig().to_scheduler_config())
-mesh = make_mesh(ShardingConfig(data=1, fsdp=-1))
+mesh = make_mesh(ShardingConfig(data=1, fsdp=-1), jax.devices()[:2])
 p_sh = param_shardings(params, specs, mesh, ShardingConfig().rules)
 abstract = jax.eval_shape(lambda p: init_state(p, {}, tx, 0, False), params)
 st_sh = train_state_shardings(abstract, p_sh, {}, mesh)
@@ -128,12 +141,12 @@ for _ in range(3):
     losses.append(float(m["loss"]))
 gathered = multihost_utils.process_allgather(state.params, tiled=True)
 if jax.process_index() == 0:
-    print("RESULT" + json.dumps({"losses": losses, "devices": jax.device_count(),
+    print("WORKER" + json.dumps({"losses": losses, "processes": jax.process_count(),
                                  "params": [np.asarray(x).ravel()[:2000].tolist() for x in jax.tree.leaves(gathered)]}))
 """
 
 
-def test_two_processes_over_loopback_match_one_process(tmp_path):
+def test_two_processes_over_loopback_match_one_process(eight_devices):
     import os
     import socket
     import subprocess
@@ -145,15 +158,15 @@ def test_two_processes_over_loopback_match_one_process(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER_CODE, str(port), str(i), "2"], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER_HEADER + WORKER_BODY, str(port), str(i)],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-5000:]
-    two = json.loads(outs[0][0].split("RESULT", 1)[1])
-    one = json.loads(run_python(WORKER_CODE.replace("sys.argv[1]", "'0'").replace("sys.argv[2]", "'0'")
-                                .replace("sys.argv[3]", "'1'"), devices=2).split("RESULT", 1)[1])
-    assert two["devices"] == 2 and one["devices"] == 2
+    two = json.loads(outs[0][0].split("WORKER", 1)[1])
+    one = eight_devices[1]
+    assert two["processes"] == 2 and one["processes"] == 1
     assert max(abs(a - b) / abs(b) for a, b in zip(two["losses"], one["losses"])) <= 1e-5
     for a, b in zip(two["params"], one["params"]):
         scale = max(max(abs(x) for x in b), 1e-30)

@@ -38,6 +38,8 @@ def toy(width=32, channels=4, size=8, text=(8, 32)):
 
 
 def batch(n=8, size=8, channels=4, text=(8, 32), seed=0):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    return {"latents": jax.random.normal(k1, (n, size, size, channels)),
-            "encoder_hidden_states": jax.random.normal(k2, (n, *text))}
+    """numpy arrays (an eager jax.random call per new shape costs an XLA compile)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return {"latents": rng.standard_normal((n, size, size, channels), np.float32),
+            "encoder_hidden_states": rng.standard_normal((n, *text), np.float32)}

@@ -7,6 +7,8 @@
   "simple"  bare forward + backward + optax update on pre-noised inputs with a fixed
             target. Deterministic, so jaxsd's and torch's first losses must agree: the
             proof that both frameworks run the same network on the same weights.
+  "grad"    forward + backward only (loss and gradients, no optimizer, nothing donated):
+            the model itself, as `bench/unet_step.py` measures it.
 
 A `StepKit` packages a step as `step(*state, batch) -> (*state, aux)` with the
 function that builds its state from params, which arguments are donated, and how
@@ -24,7 +26,7 @@ import jax
 
 from bench import jaxsd_unet as J
 
-STEP_KINDS = ("train", "simple")
+STEP_KINDS = ("train", "simple", "grad")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class StepKit:
     donate: tuple[int, ...]
     to_batch: Callable[[dict], dict]
     loss: Callable[[Any], jax.Array]
+    updates_state: bool = True
+    """False: step(*state, batch) -> aux only (the state is reused unchanged, e.g. "grad")."""
 
     def abstract_state(self, abstract_params: Any) -> tuple:
         return jax.eval_shape(self.init, abstract_params)
@@ -45,6 +49,10 @@ def make_kit(kind: str, model, optimizer: str) -> StepKit:
         tx = J.make_optimizer(optimizer)
         return StepKit("simple", J.make_train_step(model, tx), lambda p: (p, tx.init(p)), (0, 1),
                        lambda b: b, lambda aux: aux)
+    if kind == "grad":
+        grad_fn = jax.value_and_grad(J.make_loss_fn(model))
+        return StepKit("grad", grad_fn, lambda p: (p,), (), lambda b: b, lambda aux: aux[0],
+                       updates_state=False)
     if kind == "train":
         return _trainer_kit(model, optimizer)
     raise ValueError(f"unknown step kind {kind!r}; choose one of {STEP_KINDS}")

@@ -60,12 +60,19 @@ def _forward(model, params, batch):
                        added_cond=added)
 
 
-def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
-    """(params, opt_state, batch) -> (params, opt_state, loss): MSE to the noise target, fp32 loss."""
+def make_loss_fn(model) -> Callable:
+    """(params, batch) -> MSE of the prediction to the batch's fixed target, in fp32."""
 
     def loss_fn(params, batch):
         pred = _forward(model, params, batch)
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - batch["target"]))
+
+    return loss_fn
+
+
+def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
+    """(params, opt_state, batch) -> (params, opt_state, loss): MSE to the noise target, fp32 loss."""
+    loss_fn = make_loss_fn(model)
 
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)

@@ -54,13 +54,14 @@ _MICRO = {
     "block_out_channels": [32],
 }
 
-# SD1.5's shape at a quarter of its width: big enough that convolutions and
-# attention dominate (as on the real model), small enough for CPU sweeps.
+# SD1.5's structure at a quarter of its width (~54M params; the same `small` as
+# bench/unet_step.py): convolutions and attention dominate as on the real model, yet it
+# fits CPU sweeps.
 _SMALL = {
     **_SD15,
     "sample_size": 32,
-    "block_out_channels": [64, 128, 256, 256], "norm_num_groups": 32,
-    "cross_attention_dim": 256, "attention_head_dim": 8,
+    "block_out_channels": [80, 160, 320, 320], "norm_num_groups": 16,
+    "cross_attention_dim": 192, "attention_head_dim": 8,
 }
 
 UNET_PRESETS: dict[str, dict] = {"micro": _MICRO, "tiny": _TINY, "small": _SMALL, "sd15": _SD15, "sdxl": _SDXL}

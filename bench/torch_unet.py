@@ -69,6 +69,7 @@ def make_train_step(model, opt: torch.optim.Optimizer, dtype: str, kind: str = "
     """batch -> loss: forward (autocast for bf16), fp32 MSE, backward, optimizer step.
 
     kind "simple": the batch's pre-noised sample and fixed target.
+    kind "grad": as "simple" but forward + backward only (no optimizer step).
     kind "train": what diffusers' train_text_to_image does per step — fresh noise and
     timesteps, DDPMScheduler.add_noise on the latents, epsilon target, grad-norm clip at 1.
     """
@@ -96,7 +97,8 @@ def make_train_step(model, opt: torch.optim.Optimizer, dtype: str, kind: str = "
         loss.backward()
         if kind == "train":
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if kind != "grad":
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 

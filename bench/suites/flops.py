@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype; the FLOP count does not depend on it, and XLA:CPU compiles fp32 "
                         "faster (default float32)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "adafactor"))
-    p.add_argument("--step", default="train", choices=("train", "simple"),
-                   help="jaxsd's real training step (default) or the bare forward+backward+update")
+    p.add_argument("--step", default="train", choices=("train", "simple", "grad"),
+                   help="jaxsd's real training step (default), the bare forward+backward+update, or "
+                        "forward+backward only")
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -35,7 +35,7 @@ _SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.
               "beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": False}
 PRESETS = {
     "tiny": {"unet": "tiny", "vae": [16, 32, 32], "clip_width": 32, "resolution": 32},
-    "small": {"unet": "small", "vae": [32, 64, 128, 128], "clip_width": 256, "resolution": 256},
+    "small": {"unet": "small", "vae": [32, 64, 128, 128], "clip_width": 192, "resolution": 256},
 }
 LABELS = ("model", "resolution", "steps", "batch", "dtype")
 

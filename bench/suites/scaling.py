@@ -162,7 +162,9 @@ def child_fsdp(config: dict) -> dict:
                                 batch)
     replicated = NamedSharding(mesh, PartitionSpec())
     t0 = time.perf_counter()
-    compiled = jax.jit(kit.step, in_shardings=(*state_sh, batch_sh), out_shardings=(*state_sh, replicated),
+    # a state-updating step returns (*state, aux); "grad" returns (loss, grads like the params)
+    out_sh = (*state_sh, replicated) if kit.updates_state else (replicated, state_sh[0])
+    compiled = jax.jit(kit.step, in_shardings=(*state_sh, batch_sh), out_shardings=out_sh,
                        donate_argnums=kit.donate).lower(*state, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()

@@ -24,10 +24,11 @@ LABELS = ("preset", "step", "latent", "batch", "dtype", "optimizer")
 def add_unet_arguments(p: argparse.ArgumentParser, *, preset: str = "tiny") -> None:
     p.add_argument("--preset", default=preset, choices=sorted(UNET_PRESETS),
                    help=f"UNet architecture (default {preset}); sd15 needs ~15 GB RAM per framework")
-    p.add_argument("--step", default="train", choices=("train", "simple"),
+    p.add_argument("--step", default="train", choices=("train", "simple", "grad"),
                    help="train: jaxsd's real training step (noise drawn in the step, clipping, NaN guard) vs "
                         "the same recipe in torch (diffusers' train_text_to_image); simple: bare forward+"
-                        "backward+update on fixed inputs, whose first losses must agree (default train)")
+                        "backward+update on fixed inputs, whose first losses must agree; grad: forward+"
+                        "backward only, no optimizer (default train)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype; params stay fp32 (torch side: torch.autocast)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "adafactor"))
@@ -94,9 +95,13 @@ def format_table(records: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- children
 
-def _rss_gb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+def _rss_gb(field: str = "VmRSS") -> float:
+    """This process's resident set (VmRSS) or its peak so far (VmHWM), GB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def child_prepare(config: dict) -> dict:
@@ -128,6 +133,8 @@ def child_jaxsd(config: dict) -> dict:
     del params  # the state holds them now
     compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate)
     mem = compiled.memory_analysis()
+    # where the peak comes from: the high-water mark once compiled vs. the child's final peak
+    peak_after_compile = _rss_gb("VmHWM")
     n = len(state)
     first_loss, times = None, []
     for i in range(config["warmup"] + config["repeats"]):
@@ -136,12 +143,16 @@ def child_jaxsd(config: dict) -> dict:
         jax.block_until_ready(out)
         if i >= config["warmup"]:
             times.append(time.perf_counter() - t0)
-        state, aux = out[:n], out[n]
+        if kit.updates_state:
+            state, aux = out[:n], out[n]
+        else:
+            aux = out
         if first_loss is None:
             first_loss = float(kit.loss(aux))
     return {"step_s": times, "compile_s": lower_s + compile_s, "lower_s": lower_s,
             "info": {"backend": jax.default_backend(), "devices": jax.device_count(), "first_loss": first_loss,
                      "flops": J.flops_of(compiled), "baseline_rss_gb": baseline,
+                     "peak_rss_after_compile_gb": peak_after_compile,
                      "xla_temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem else None,
                      "num_params": int(sum(x.size for x in jax.tree.leaves(J.abstract_params(model))))}}
 

@@ -29,7 +29,7 @@ def bench_env(tmp_path_factory):
 
 
 def _run(out_dir, *argv) -> list[dict]:
-    path = out_dir / f"{argv[0]}.jsonl"
+    path = out_dir / f"{argv[0]}-{len(list(out_dir.iterdir()))}.jsonl"  # one results file per run
     assert cli.main(["bench", *argv, "--json", str(path)]) == 0
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -148,3 +148,14 @@ def test_sample_tiny(bench_env):
     # same folder, prompt and initial latents: the same picture (mean pixel within rounding)
     j, t = rec["jaxsd"]["info"]["image_mean"], rec["torch"]["info"]["image_mean"]
     assert abs(j - t) < 0.5, (j, t)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_train_step_grad_micro(bench_env):
+    """--step grad (forward + backward only, bench/unet_step.py's measurement) in the harness."""
+    (rec,) = _run(bench_env, "train-step", "--preset", "micro", "--step", "grad", "--repeats", "1",
+                  "--warmup", "1")
+    assert _is_stats(rec["jaxsd"]["step_s"]) and _is_stats(rec["torch"]["step_s"])
+    j, t = rec["jaxsd"]["info"]["first_loss"], rec["torch"]["info"]["first_loss"]
+    assert abs(j - t) <= 1e-4 * abs(t), (j, t)

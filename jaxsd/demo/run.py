@@ -244,9 +244,26 @@ def train_unet(st: DemoState) -> None:
     run_cli(["train", str(st.config_path)])
 
 
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
+    "image_encoder": [None, None], "requires_safety_checker": False,
+}
+
+
 def export(st: DemoState) -> None:
+    """The trained UNet (EMA params) via `jaxsd export`, next to the other components, as one diffusers folder."""
+    import shutil
+
     require("jaxsd.commands.export", "exporting the trained UNet as a diffusers folder")
-    run_cli(["export", str(st.config_path), "--out", str(st.pipeline_dir), "--base", str(st.components)])
+    shutil.rmtree(st.pipeline_dir, ignore_errors=True)
+    run_cli(["export", str(st.run_dir), "--out", str(st.pipeline_dir / "unet"), "--ema"])
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        shutil.copytree(st.components / name, st.pipeline_dir / name)
+    (st.pipeline_dir / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    st.log(f"   diffusers StableDiffusionPipeline folder: {st.pipeline_dir}")
 
 
 # ---- sampling and evaluation --------------------------------------------------------------
@@ -296,8 +313,13 @@ def diffusers_check(st: DemoState) -> None:
         st.details["diffusers_max_pixel_diff"] = None
         st.log("   torch/diffusers not installed: skipped (pip install 'jaxsd[torch]')")
         return
+    import diffusers
     import torch
+    import transformers
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
     s = st.settings
     pipe = StableDiffusionPipeline.from_pretrained(st.pipeline_dir, safety_checker=None, feature_extractor=None,

@@ -24,7 +24,7 @@ import optax
 class VAETraining:
     """Settings of the phase-1 autoencoder training."""
 
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_steps: int = 50

@@ -17,7 +17,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -35,10 +35,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The UNet being trained and how it computes."""
 
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     """diffusers folder to initialise from: a pipeline root (with `unet/`) or a UNet folder itself.
     None = from scratch with the architecture in `unet`."""
-    variant: Optional[str] = None
+    variant: str | None = None
     """weights variant of `pretrained` (e.g. "fp16" → diffusion_pytorch_model.fp16.safetensors)."""
     unet: dict[str, Any] = field(default_factory=dict)
     """diffusers UNet2DConditionModel config.json fields (architecture for from-scratch training;
@@ -49,7 +49,7 @@ class ModelConfig:
     """dtype of the trained (master) params and optimizer moments."""
     attention_impl: str = "auto"
     """auto | xla | cudnn (see jaxsd/models/attention.py)."""
-    remat_policy: Optional[str] = None
+    remat_policy: str | None = None
     """activation checkpointing of UNet blocks: None | "full" | "dots" (names understood by the UNet)."""
 
 
@@ -82,13 +82,13 @@ class LossConfig:
     logit_std: float = 1.0
     min_timestep: int = 0
     """lowest timestep sampled (inclusive); with max_timestep this biases training to a range."""
-    max_timestep: Optional[int] = None
+    max_timestep: int | None = None
     """highest timestep sampled (exclusive); None = num_train_timesteps."""
     loss_type: str = "l2"
     """l2 | l1 | huber."""
     huber_c: float = 0.1
     """Huber delta: quadratic for |pred − target| ≤ huber_c, linear beyond."""
-    min_snr_gamma: Optional[float] = None
+    min_snr_gamma: float | None = None
     """Min-SNR-γ weighting (Hang et al. 2023), e.g. 5.0; None = unweighted."""
     noise_offset: float = 0.0
     """add offset·N(0,1) per sample and channel to the noise (brighter/darker images)."""
@@ -116,7 +116,7 @@ class OptimizerConfig:
     """decoupled weight decay; applied only to params with ≥2 dims (never norms or biases)."""
     momentum: float = 0.9
     """sgd momentum."""
-    clip_grad_norm: Optional[float] = 1.0
+    clip_grad_norm: float | None = 1.0
     """global-norm gradient clipping; None = off."""
     block_size: int = 2048
     """adamw8bit: values per quantisation block (256–2048)."""
@@ -174,9 +174,9 @@ class ShardingConfig:
     """logical axis name (see jaxsd/models/layers.py) → mesh axis name, list of names, or null."""
     distributed: str = "auto"
     """auto (initialise jax.distributed when a cluster is detected or coordinator_address is set) | on | off."""
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bl
         count = optax.safe_increment(state.count)
         c1 = 1 - b1 ** count.astype(jnp.float32)
         c2 = 1 - b2 ** count.astype(jnp.float32)
-        is_q = lambda x: isinstance(x, QuantizedMoment)  # noqa: E731
+        is_q = lambda x: isinstance(x, QuantizedMoment)
 
         def one(g, m, v):
             g = g.astype(jnp.float32)

@@ -43,7 +43,7 @@ class RunLogger:
         self.jsonl = None
         if not self.active:
             return
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115  open for the whole run
         if tensorboard:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))

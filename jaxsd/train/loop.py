@@ -22,16 +22,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config, to_yaml
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.train.checkpoint import Checkpointer
 from jaxsd.train.logging import RunLogger, compiled_flops
-from jaxsd.train.model import build_unet, describe, initial_params, make_apply_fn, param_shapes, unet_config
+from jaxsd.train.model import (
+    build_unet,
+    describe,
+    initial_params,
+    make_apply_fn,
+    param_shapes,
+    unet_config,
+)
 from jaxsd.train.optimizers import make_optimizer
-from jaxsd.train.sharding import (global_batch, make_mesh, maybe_initialize_distributed, micro_batch_sharding,
-                                  param_shardings, train_state_shardings)
+from jaxsd.train.sharding import (
+    global_batch,
+    make_mesh,
+    maybe_initialize_distributed,
+    micro_batch_sharding,
+    param_shardings,
+    train_state_shardings,
+)
 from jaxsd.train.step import TrainState, init_state, make_train_step
 from jaxsd.train.synthetic import SyntheticSource
 from jaxsd.train.trainable import split_params

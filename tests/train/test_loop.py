@@ -61,7 +61,9 @@ print("RESULT" + json.dumps({"stopped": result.stopped, "step": result.step, "in
                              "params_sha256": h.hexdigest()}))
 """
 
-COMMON = ["train.steps=20", "checkpoint.every=5", "checkpoint.keep=5", "logging.every=1",
+# a one-level UNet (down: resnet+attention, mid, up) — half the ops of tiny.yaml's, so half the compile
+COMMON = ["model.unet.block_out_channels=[32]", "model.unet.down_block_types=[CrossAttnDownBlock2D]",
+          "model.unet.up_block_types=[CrossAttnUpBlock2D]", "train.steps=20", "checkpoint.every=5", "checkpoint.keep=5", "logging.every=1",
           "logging.progress_bar=false", "logging.peak_flops=1e9"]
 
 
@@ -72,7 +74,7 @@ def _run(tmp: Path, mode: str, run_dir: Path, extra=(), env=None, expect_kill=Fa
                 **(env or {})}
     full_env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", RUNNER, mode, f"train.run_dir={run_dir}", *COMMON, *extra],
-                          capture_output=True, text=True, env=full_env, cwd=REPO, timeout=900)
+                          capture_output=True, text=True, env=full_env, cwd=REPO, timeout=900, check=False)
     if expect_kill:
         assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
         return None, proc.stderr
@@ -141,7 +143,7 @@ def test_nan_batches_are_skipped_then_the_run_stops_with_the_good_checkpoint(run
     run_dir = tmp / "nan"
     run_dir.mkdir()
     (run_dir / "SAVE_NOW").touch()  # trigger file: saves after step 1, then disappears
-    result, stderr = _run(tmp, "nan", run_dir, extra=["train.max_nonfinite_skips=2"])
+    result, _ = _run(tmp, "nan", run_dir, extra=["train.max_nonfinite_skips=2"])
     assert result["stopped"] == "nonfinite" and result["step"] == 8  # steps 6, 7, 8 skipped
     assert not (run_dir / "SAVE_NOW").exists()
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
@@ -150,6 +152,7 @@ def test_nan_batches_are_skipped_then_the_run_stops_with_the_good_checkpoint(run
     assert skipped == [0] * 5 + [1] * 3
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_export_loads_in_diffusers_and_matches_our_unet(runs, tmp_path):
     import jax
@@ -176,6 +179,7 @@ def test_export_loads_in_diffusers_and_matches_our_unet(runs, tmp_path):
         export_unet(tmp / "straight", tmp_path / "ema", ema=True)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops(runs):
     tmp, _ = runs
     run_dir = tmp / "sigterm"

@@ -109,7 +109,7 @@ def test_micro_conditioning_from_metadata():
 
 def test_input_perturbation_and_noise_offset_and_raw_loss(big_draw):
     batch = _batch()
-    identity = lambda params, noisy, t, ehs, added: noisy  # noqa: E731  the "model" returns its input
+    identity = lambda params, noisy, t, ehs, added: noisy
     cfg = LossConfig(input_perturbation=0.1, noise_offset=0.3)
     draws = draw_randomness(jax.random.key(3), batch, cfg, 1000)
     assert set(draws) >= {"noise", "perturb", "t", "drop"}
@@ -130,7 +130,7 @@ def test_latent_distribution_batches_draw_a_fresh_sample():
     b = {"latent_mean": jnp.zeros((3, 2, 2, 4)), "latent_logvar": jnp.full((3, 2, 2, 4), np.log(0.25)),
          "encoder_hidden_states": jnp.zeros((3, 1, 8))}
     draws = draw_randomness(jax.random.key(0), b, LossConfig(), 1000)
-    echo_x0 = lambda params, noisy, t, ehs, added: jnp.zeros_like(noisy)  # noqa: E731
+    echo_x0 = lambda params, noisy, t, ehs, added: jnp.zeros_like(noisy)
     cfg = LossConfig()
     sched = NoiseSchedule.from_config({**DiffusionConfig().to_scheduler_config(), "prediction_type": "sample"})
     _, raw = diffusion_loss(echo_x0, None, b, draws, sched, cfg)

@@ -60,7 +60,7 @@ def test_adamw8bit_tracks_fp32_adamw_with_4x_smaller_state():
     w_true = jnp.asarray(rng.standard_normal((64, 128)), jnp.float32)
     y = x @ w_true + 0.01 * jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)
     params = {"w": jnp.zeros((64, 128)), "b": jnp.zeros((128,))}
-    loss = lambda p: jnp.mean(jnp.square(x @ p["w"] + p["b"] - y))  # noqa: E731
+    loss = lambda p: jnp.mean(jnp.square(x @ p["w"] + p["b"] - y))
 
     def run(tx):
         def body(carry, _):
@@ -94,7 +94,10 @@ def test_split_merge_and_frozen_params_get_no_state(model):
         split_params(params, ["nothing_matches"])
 
 
-def _step(apply_fn, k, tx=None, lr=None, ema=None, loss_cfg=LossConfig(min_snr_gamma=5.0)):
+MIN_SNR = LossConfig(min_snr_gamma=5.0)
+
+
+def _step(apply_fn, k, tx=None, lr=None, ema=None, loss_cfg=MIN_SNR):
     if tx is None:
         tx, lr = make_optimizer(OptimizerConfig(learning_rate=1e-2, weight_decay=0.0), 10)
     return jax.jit(make_train_step(apply_fn, SCHED, loss_cfg, tx, lr, ema_cfg=ema, grad_accum_steps=k)), tx
@@ -134,7 +137,7 @@ def test_ema_update_rule():
 
 def test_nonfinite_loss_skips_the_update(model):
     _, params, apply_fn, _ = model
-    nan_model = lambda p, noisy, t, ehs, added: apply_fn(p, noisy, t, ehs, added) * jnp.nan  # noqa: E731
+    nan_model = lambda p, noisy, t, ehs, added: apply_fn(p, noisy, t, ehs, added) * jnp.nan
     step, tx = _step(nan_model, 1, ema=EMAConfig(enabled=True))
     state = init_state(params, {}, tx, seed=0, ema=True)
     before = jax.tree.map(np.asarray, (state.params, state.ema))

@@ -33,7 +33,7 @@ def toy(width=32, channels=4, size=8, text=(8, 32)):
     ex = (jnp.zeros((1, size, size, channels)), jnp.zeros((1,)), jnp.zeros((1, *text)))
     params = jax.jit(lambda k: nn.unbox(m.init(k, *ex)["params"]))(jax.random.key(0))
     _, specs = abstract_params(m, *ex)
-    apply_fn = lambda p, noisy, t, ehs, added: m.apply({"params": p}, noisy, t, ehs, added)  # noqa: E731
+    apply_fn = lambda p, noisy, t, ehs, added: m.apply({"params": p}, noisy, t, ehs, added)
     return m, params, apply_fn, specs
 
 

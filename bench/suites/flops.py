@@ -73,11 +73,11 @@ def format_table(records: list[dict]) -> str:
         c, j = r["config"], r["jaxsd"]
         pub = r["published_flops_per_image"]
         q = r["ratio"]["flops_vs_published"]
-        rows.append([c["preset"], f"{c['latent']}×{c['latent']}", f"{j['flops_per_image'] / 1e12:.3g}",
+        rows.append([c["preset"], c.get("step", "train"), f"{c['latent']}×{c['latent']}", f"{j['flops_per_image'] / 1e12:.3g}",
                      "—" if pub is None else f"{pub / 1e12:.3g}", "—" if q is None else f"{q:.3f}×",
                      *(f"{r['floor_s_per_image'][a] * 1e3:.3g}" for a in ACCELERATORS),
                      f"{j['compile_s']['median']:.0f}"])
-    return table(["preset", "latent", "TFLOP/img/step", "published", "ratio",
+    return table(["preset", "step", "latent", "TFLOP/img/step", "published", "ratio",
                   *(f"{a} floor ms" for a in ACCELERATORS), "compile s"], rows)
 
 

@@ -82,4 +82,4 @@ def save_unet(
                 dtype=dtype, variant=variant, max_shard_bytes=max_shard_bytes)
 
 
-__all__ = ["load_unet", "save_unet", "UNET_SPEC"]
+__all__ = ["UNET_SPEC", "load_unet", "save_unet"]

@@ -88,7 +88,7 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast_attention,  # noqa: E731
+        attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast_attention,
                                       implementation=self.attention_impl, name=name, **kw)
         h = LayerNorm(1e-5, name="norm1", **kw)(x)
         x = x + attn("attn1")(h, context if self.only_cross_attention else None)

@@ -266,7 +266,7 @@ class UNet2DConditionModel(nn.Module):
                  name="conv_in", **kw)(sample)
         skips = [h]
         n = len(cfg.down_block_types)
-        heads, layers = cfg.per_block("attention_head_dim"), cfg.per_block("layers_per_block")
+        layers = cfg.per_block("layers_per_block")
         for i, block_type in enumerate(cfg.down_block_types):
             h, res = DownBlock(cfg.block_out_channels[i], layers[i], self._attn(block_type, i), add_downsample=i < n - 1,
                                downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",

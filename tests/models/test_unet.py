@@ -109,7 +109,7 @@ def family_case(request, tmp_path_factory):
 
 @pytest.mark.torch
 def test_parity_with_diffusers(family_case):
-    family, config, params, inputs, ref, out = family_case
+    family, _config, _params, _inputs, ref, out = family_case
     assert np.abs(ref).max() > 0.5 and ref.std() > 0.1, "reference output is trivially small"
     assert out.shape == ref.shape
     assert rel_err(out, ref) <= 1e-4, family
@@ -150,7 +150,7 @@ def test_remat_gives_same_gradients():
 
     def grads(policy):
         model = UNet2DConditionModel(config, remat_policy=policy)
-        loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, *args)))  # noqa: E731
+        loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, *args)))
         flat = jax.tree.leaves(jax.jit(jax.grad(loss))(params))
         return np.concatenate([np.ravel(g) for g in flat])
 

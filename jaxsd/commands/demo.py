@@ -34,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from jaxsd.demo.settings import DemoSettings
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
-    result = run_demo(args.out, settings, log=lambda m: print(m, flush=True))
+    try:
+        result = run_demo(args.out, settings, log=lambda m: print(m, flush=True))
+    except FileExistsError as e:
+        print(f"jaxsd demo: {e}", file=sys.stderr)
+        return 2
     if result["missing"]:
         print(f"jaxsd demo: stopped — {result['missing']}", file=sys.stderr)
         return 3

@@ -351,6 +351,29 @@ PHASES: tuple[tuple[str, Callable[[DemoState], None]], ...] = (
 )
 
 
+MARKER = ".jaxsd_demo"
+OWNED = ("data", "components", "run", "pipeline", "samples", "demo.yaml", "metrics.json", "metrics_detail.json")
+
+
+def prepare_out(out: Path) -> None:
+    """Start from scratch: clear a previous demo's outputs (else `jaxsd train` would resume its
+    checkpoint and stale images would join the dataset). A non-empty folder that a demo did not
+    create is refused rather than touched."""
+    import shutil
+
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise FileExistsError(f"--out {out} is not empty and was not written by `jaxsd demo`; "
+                              "choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OWNED:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    (out / MARKER).write_text("written by `jaxsd demo`; its outputs here are replaced by the next run\n")
+
+
 def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None] = print) -> dict:
     """Run every phase; write OUT/metrics.json. Returns {"metrics", "details", "missing"}.
 
@@ -358,7 +381,7 @@ def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None]
     phase that could not (later phases did not run; metrics.json is then not written).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out)
     st = DemoState(out, settings, log)
     start = time.perf_counter()
     missing = None

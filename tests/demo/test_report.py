@@ -42,3 +42,22 @@ def test_metrics_json_has_exactly_the_agreed_keys(tmp_path):
     assert json.loads((tmp_path / "metrics_detail.json").read_text()) == {"seconds": {"vae": 3.0}}
     with pytest.raises(ValueError, match="vae_psnr"):
         report.write_metrics(tmp_path / "m.json", {"colour_accuracy": 1, "shape_accuracy": 1, "seconds_total": 1})
+
+
+def test_demo_out_folder_is_cleared_only_when_the_demo_wrote_it(tmp_path):
+    from jaxsd.demo.run import MARKER, prepare_out
+
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "notes.txt").write_text("user file")
+    with pytest.raises(FileExistsError, match="not written by `jaxsd demo`"):
+        prepare_out(mine)
+    assert (mine / "data").is_dir()  # nothing touched
+    demo = tmp_path / "demo"
+    prepare_out(demo)
+    (demo / "run" / "checkpoints").mkdir(parents=True)
+    (demo / "metrics.json").write_text("{}")
+    (demo / "keep.txt").write_text("x")
+    prepare_out(demo)
+    assert not (demo / "run").exists() and not (demo / "metrics.json").exists()
+    assert (demo / MARKER).is_file() and (demo / "keep.txt").is_file()

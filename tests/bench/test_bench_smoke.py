@@ -58,6 +58,7 @@ def test_unknown_option_values_are_errors(capsys):
     assert "subset of jaxsd,torch" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~60 s: two child processes each compile a train step; the flops test covers the jaxsd step
 @pytest.mark.torch
 def test_train_step_micro(bench_env):
     (rec,) = _run(bench_env, "train-step", "--preset", "micro", "--step", "simple", "--repeats", "1",

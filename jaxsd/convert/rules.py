@@ -196,6 +196,19 @@ def flax_to_torch(params: Mapping, *, spec: ConversionSpec = ConversionSpec(), d
     return state
 
 
+def check_fits(abstract: Mapping, params: Mapping, what: str) -> None:
+    """Refuse `params` whose tree or shapes differ from `abstract` (before anything is written)."""
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
+    have = {k: tuple(getattr(v, "shape", ())) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+    if want != have:
+        missing = sorted("/".join(k) for k in want.keys() - have.keys())
+        unexpected = sorted("/".join(k) for k in have.keys() - want.keys())
+        shapes = sorted(f"{'/'.join(k)}: {have[k]} vs config {want[k]}" for k in want.keys() & have.keys()
+                        if want[k] != have[k])
+        raise ConversionError(f"{what} params do not match the config: missing {missing[:20]}, "
+                              f"unexpected {unexpected[:20]}, shape mismatches {shapes[:20]}")
+
+
 def check_tied(state: Mapping[str, np.ndarray], spec: ConversionSpec, source: str) -> None:
     """Refuse a checkpoint whose tied duplicates differ from their originals."""
     bad = [d for d, o in spec.tied.items() if d in state and o in state

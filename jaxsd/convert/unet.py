@@ -11,11 +11,9 @@ import functools
 import os
 from collections.abc import Callable, Mapping
 
-from flax import traverse_util
-
 from jaxsd.convert.folder import DIFFUSERS_WEIGHTS, open_weights
 from jaxsd.convert.load import load_config, save_params
-from jaxsd.convert.rules import ConversionError, ConversionSpec, check_tied, torch_to_flax
+from jaxsd.convert.rules import ConversionSpec, check_fits, check_tied, torch_to_flax
 from jaxsd.models.params import abstract_params
 from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 
@@ -69,15 +67,7 @@ def save_unet(
     The params are checked against the config's shapes first, so a mismatched pair is
     refused instead of writing a folder diffusers cannot load.
     """
-    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_unet_params(config)).items()}
-    have = {k: tuple(getattr(v, "shape", ())) for k, v in traverse_util.flatten_dict(dict(params)).items()}
-    if want != have:
-        missing = sorted("/".join(k) for k in want.keys() - have.keys())
-        unexpected = sorted("/".join(k) for k in have.keys() - want.keys())
-        shapes = sorted(f"{'/'.join(k)}: {have[k]} vs config {want[k]}" for k in want.keys() & have.keys()
-                        if want[k] != have[k])
-        raise ConversionError(f"UNet params do not match the config: missing {missing[:20]}, "
-                              f"unexpected {unexpected[:20]}, shape mismatches {shapes[:20]}")
+    check_fits(abstract_unet_params(config), params, "UNet")
     save_params(folder, params, config.to_diffusers(), weights_name=DIFFUSERS_WEIGHTS, spec=UNET_SPEC,
                 dtype=dtype, variant=variant, max_shard_bytes=max_shard_bytes)
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 
-from flax import traverse_util
-
 from jaxsd.convert.folder import DIFFUSERS_WEIGHTS
 from jaxsd.convert.load import load_config, load_params, save_params
-from jaxsd.convert.rules import ConversionError, ConversionSpec
+from jaxsd.convert.rules import ConversionSpec, check_fits
 from jaxsd.models.params import abstract_params
 from jaxsd.models.vae import AutoencoderKL, VAEConfig, example_inputs
 
@@ -58,15 +56,7 @@ def load_vae(
 def check_params(config: VAEConfig, params: Mapping) -> None:
     """Refuse params whose tree or shapes do not match `config` (before anything is written)."""
     abstract, _ = abstract_params(AutoencoderKL(config), *example_inputs(config))
-    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
-    have = {k: tuple(getattr(v, "shape", ())) for k, v in traverse_util.flatten_dict(dict(params)).items()}
-    if want != have:
-        missing = sorted("/".join(k) for k in want.keys() - have.keys())
-        unexpected = sorted("/".join(k) for k in have.keys() - want.keys())
-        shapes = sorted(f"{'/'.join(k)}: {have[k]} vs config {want[k]}" for k in want.keys() & have.keys()
-                        if want[k] != have[k])
-        raise ConversionError(f"VAE params do not match the config: missing {missing[:20]}, "
-                              f"unexpected {unexpected[:20]}, shape mismatches {shapes[:20]}")
+    check_fits(abstract, params, "VAE")
 
 
 def save_vae(

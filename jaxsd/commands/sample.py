@@ -49,20 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="PATH.png", help="output image (a grid when several)")
 
 
-def grid(images, columns: int | None = None):
-    """uint8 [N,H,W,3] → one uint8 [rows*H, cols*W, 3] image, row-major."""
-    import numpy as np
-
-    n, h, w, c = images.shape
-    cols = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    out = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        out[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    return out
-
-
 def load_image(path: str, height: int | None, width: int | None, factor: int):
     """RGB uint8 [H,W,3]; resized (Lanczos, as diffusers' image processor) to height x width, or to the
     image's own size rounded down to a multiple of the VAE factor."""
@@ -100,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"jaxsd sample: --out must be a .png path, got {args.out}", file=sys.stderr)
         return 2
 
+    from jaxsd.pipelines.grids import image_grid
     from jaxsd.pipelines.loading import PipelineFolderError
     from jaxsd.pipelines.pipeline import StableDiffusion
 
@@ -141,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         Image.fromarray(images[0]).save(out)
         print(f"wrote {out}")
         return 0
-    Image.fromarray(grid(images)).save(out)
+    Image.fromarray(image_grid(images)).save(out)
     for i, img in enumerate(images):
         Image.fromarray(img).save(out.with_name(f"{out.stem}-{i}{out.suffix}"))
     print(f"wrote grid {out} and {len(images)} images {out.stem}-0{out.suffix} .. "

@@ -201,8 +201,28 @@ class LoggingConfig:
     peak_flops: float = 0.0
     """peak FLOP/s of one device for the MFU estimate; 0 = do not report MFU."""
     sample_every: int = 0
-    """sample images for sample_prompts every N steps; 0 = off (the only value supported so far)."""
+    """write a sample grid of `sample_prompts` every N steps (<run_dir>/samples/step_<N>.png and
+    TensorBoard image `samples/...`); 0 = off. Generated with the EMA params when train.ema is on."""
     sample_prompts: list[str] = field(default_factory=list)
+    """one grid row per prompt."""
+    sample_negative_prompt: str = ""
+    """classifier-free guidance's negative prompt for every sample ("" = the empty prompt, as diffusers)."""
+    sample_images_per_prompt: int = 1
+    """grid columns: images per prompt, each from its own fixed noise."""
+    sample_steps: int = 30
+    """denoising steps per image (30, as `jaxsd sample --steps`)."""
+    sample_guidance_scale: float = 7.5
+    sample_sampler: str = "dpmpp_2m"
+    """sampling algorithm, as `jaxsd sample --scheduler` (ddim, euler, euler_a, dpmpp_2m, ...)."""
+    sample_seed: int = 0
+    """the same seed at every sampling step, so the grids of a run differ only by training."""
+    sample_height: int | None = None
+    """image size in pixels; None = the UNet's sample_size × the VAE's downscale factor."""
+    sample_width: int | None = None
+    sample_components: str | None = None
+    """diffusers pipeline folder (model_index.json) whose vae, text encoder(s), tokenizer(s) and scheduler
+    sample with the trained UNet (its own unet is ignored). None = model.pretrained, when that is a
+    pipeline folder. The scheduler's betas and prediction type are replaced by the `diffusion` section's."""
 
 
 @dataclass(frozen=True)
@@ -310,9 +330,7 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"train.trainable/frozen: bad regex {pattern!r}: {e}") from None
     if not 256 <= cfg.optimizer.block_size <= 4096:
         raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
-    if cfg.logging.sample_every:
-        raise ConfigError("logging.sample_every: sample grids during training are not implemented yet; "
-                          "set it to 0 and sample from an exported checkpoint with `jaxsd sample`")
+    _check_sampling(cfg)
     if cfg.train.data_source == "cache":
         try:
             check_data_config(cfg.data)
@@ -321,6 +339,54 @@ def _check_choices(cfg: Config) -> None:
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by "
                           f"train.grad_accum_steps = {cfg.train.grad_accum_steps}")
+
+
+def sample_components_folder(cfg: Config) -> str | None:
+    """The pipeline folder sample grids take their VAE, text side and scheduler from (None: there is none).
+
+    `logging.sample_components` when set, else `model.pretrained` when that is a pipeline folder
+    (has model_index.json; a bare UNet folder has no text encoder to sample with).
+    """
+    if cfg.logging.sample_components:
+        return cfg.logging.sample_components
+    if cfg.model.pretrained and (Path(cfg.model.pretrained) / "model_index.json").is_file():
+        return cfg.model.pretrained
+    return None
+
+
+def _check_sampling(cfg: Config) -> None:
+    """Sample-grid settings are checked when the config loads, not at step `sample_every`."""
+    lg = cfg.logging
+    if lg.sample_every < 0:
+        raise ConfigError(f"logging.sample_every = {lg.sample_every} must be >= 0 (0 = no sample grids)")
+    if not lg.sample_every:
+        return
+    from jaxsd.diffusion import SAMPLER_NAMES  # jax-free
+
+    if not lg.sample_prompts:
+        raise ConfigError(f"logging.sample_every = {lg.sample_every} but logging.sample_prompts is empty; "
+                          "give the prompts, e.g. logging.sample_prompts='[a photo of a cat]'")
+    if lg.sample_sampler not in SAMPLER_NAMES:
+        close = difflib.get_close_matches(lg.sample_sampler, SAMPLER_NAMES, n=1, cutoff=0.0)
+        raise ConfigError(f"config key 'logging.sample_sampler' = {lg.sample_sampler!r} is not one of "
+                          f"{SAMPLER_NAMES}; did you mean {close[0]!r}?")
+    for key in ("sample_steps", "sample_images_per_prompt"):
+        if getattr(lg, key) < 1:
+            raise ConfigError(f"logging.{key} = {getattr(lg, key)} must be >= 1")
+    for key in ("sample_height", "sample_width"):
+        if getattr(lg, key) is not None and getattr(lg, key) <= 0:
+            raise ConfigError(f"logging.{key} = {getattr(lg, key)} must be a positive number of pixels (or null)")
+    folder = sample_components_folder(cfg)
+    if folder is None:
+        why = (f"model.pretrained={cfg.model.pretrained!r} is not a pipeline folder (no model_index.json)"
+               if cfg.model.pretrained else "model.pretrained is not set")
+        raise ConfigError(f"logging.sample_every = {lg.sample_every}: sample grids need a VAE, text encoder(s), "
+                          f"tokenizer(s) and scheduler, and there are none ({why}). Set "
+                          "logging.sample_components=PATH to a diffusers pipeline folder (its unet is ignored), "
+                          "or logging.sample_every=0")
+    if not (Path(folder) / "model_index.json").is_file():
+        raise ConfigError(f"logging.sample_components={folder!r}: no model_index.json there — point it at a diffusers "
+                          "pipeline folder (model_index.json, vae/, text_encoder/, tokenizer/, scheduler/)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

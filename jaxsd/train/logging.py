@@ -5,17 +5,21 @@ qk_grads_av, skipped, step_time_s, images_per_s and, with `logging.peak_flops`,
 mfu = (XLA cost-analysis FLOPs of one compiled step / step time) / (peak FLOP/s
 per device × devices). Every step's metrics also go to <run_dir>/metrics.jsonl
 (one JSON object per line) — the exact per-step record the resume test compares.
+Sample grids (jaxsd/train/sampling.py) are TensorBoard images under "samples/".
 Only process 0 writes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def compiled_flops(compiled: Any) -> float | None:
@@ -65,6 +69,12 @@ class RunLogger:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
 
+    def log_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """One uint8 [H, W, 3] image as a TensorBoard image summary (PNG-encoded by tensorboardX)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+            self.writer.flush()
+
     def message(self, text: str) -> None:
         if self.active:
             (self.bar.write if self.bar is not None else print)(text)
@@ -79,24 +89,42 @@ class RunLogger:
         self.jsonl.close()
 
 
-def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalar summaries of the TensorBoard event files under `logdir`: tag -> [(step, value)].
+def _events(logdir: str | Path) -> Iterator[Any]:
+    """The Event protos of every TensorBoard event file under `logdir`, file by file.
 
     Parses the TFRecord framing directly (uint64 length, 4-byte CRC, Event proto, 4-byte CRC),
     so reading back needs neither TensorFlow nor the tensorboard package.
     """
     from tensorboardX.proto import event_pb2
 
-    out: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
         data = path.read_bytes()
         pos = 0
         while pos + 12 <= len(data):
             (length,) = struct.unpack("<Q", data[pos:pos + 8])
             pos += 12
-            event = event_pb2.Event.FromString(data[pos:pos + length])
+            yield event_pb2.Event.FromString(data[pos:pos + length])
             pos += length + 4
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+
+
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar summaries of the TensorBoard event files under `logdir`: tag -> [(step, value)]."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for event in _events(logdir):
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+    return out
+
+
+def read_images(logdir: str | Path) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """All image summaries under `logdir`: tag -> [(step, uint8 [H, W, C] decoded image)]."""
+    from PIL import Image
+
+    out: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for event in _events(logdir):
+        for value in event.summary.value:
+            if value.HasField("image"):
+                pixels = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)))
+                out.setdefault(value.tag, []).append((int(event.step), pixels))
     return out

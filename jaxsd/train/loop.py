@@ -38,6 +38,7 @@ from jaxsd.train.model import (
     unet_config,
 )
 from jaxsd.train.optimizers import make_optimizer
+from jaxsd.train.sampling import TrainingSampler
 from jaxsd.train.sharding import (
     global_batch,
     make_mesh,
@@ -191,6 +192,8 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
     replicated = NamedSharding(mesh, P())
     ema = cfg.train.ema.enabled
     log.info("trainable: %s of %s", describe(abstract.params), describe(plan.param_shapes))
+    # before data and compilation, so unusable sample components fail at start-up, not at step sample_every
+    sampler = TrainingSampler.from_config(cfg, module.config, run_dir, mesh)
 
     source = source if source is not None else make_source(cfg, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
@@ -276,6 +279,8 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
                 logger.message(f"signal received: saved step {step}, stopping")
                 stopped = "signal"
                 break
+            if sampler is not None and sampler.due(step):
+                sampler(step, state, logger)  # reads the state only; the next batch is already fetched
     ckpt.close()
     logger.close()
     return TrainResult(state=state, step=step, stopped=stopped, init_from=init_from, losses=losses)

@@ -1,0 +1,183 @@
+"""Sample grids during `jaxsd train` (`logging.sample_every`).
+
+Every `sample_every` steps (never at step 0) the UNet being trained — its EMA params when
+`train.ema.enabled`, else the current params — generates `logging.sample_prompts` through
+`StableDiffusion.generate` with `sample_seed`, so the grids of a run differ only by training.
+Process 0 writes <run_dir>/samples/step_000123.png (one labelled row per prompt,
+`sample_images_per_prompt` columns) and the TensorBoard image `samples/ema` or `samples/params`.
+
+Components: VAE, text encoder(s), tokenizer(s) and scheduler come from the pipeline folder
+`jaxsd.config.sample_components_folder` names (`logging.sample_components`, else a pipeline
+`model.pretrained`); that folder's own UNet is never loaded. The scheduler keeps its spacing and
+offsets, but its betas and prediction type are the `diffusion` section's: they are what the UNet learns.
+Every process loads and checks the components at start-up, so a bad folder fails before step 1
+everywhere instead of at step `sample_every` on one process.
+
+Multi-process / sharded params: one jitted reshard gathers the params to a replicated layout; it is a
+collective, so every process calls `TrainingSampler.__call__`. Process 0 then generates on its first
+local device; the others go on and wait for it in the next step's collectives. Cost: one full copy of
+the UNet params per device while sampling.
+
+Training is not disturbed: the train state is only read (sampling happens between steps, before the
+state is donated again), the generation's randomness comes from `sample_seed` alone, and the data
+iterator is not touched — resumed runs stay bitwise identical. The reshard is jitted once here and the
+generation program is compiled at the first sampling step and then reused from generate.py's cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsd.config import Config, DiffusionConfig, LoggingConfig, sample_components_folder
+from jaxsd.convert.vae import load_vae
+from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.models.unet import UNetConfig
+from jaxsd.pipelines.grids import label_grid
+from jaxsd.pipelines.loading import (
+    PROMPT_KIND,
+    LoadedPipeline,
+    PipelineFolderError,
+    detect_family,
+    load_scheduler_config,
+    read_model_index,
+)
+from jaxsd.pipelines.pipeline import StableDiffusion
+from jaxsd.text.prompts import PromptEncoder
+from jaxsd.train.trainable import merge_params
+
+log = logging.getLogger("jaxsd.train")
+LABEL_CHARS = 48  # longer prompts are cut in the grid's label column (the image keeps the full prompt)
+GRID_CELL_PIXELS = 256  # small images are upscaled (nearest) towards this size so a grid of 16-px tests is visible
+
+
+def load_components(folder: str | Path, unet_config: UNetConfig, diffusion: DiffusionConfig, *,
+                    variant: str | None = None, dtype: Any = jnp.float32,
+                    attention_impl: str = "auto") -> LoadedPipeline:
+    """A pipeline folder's VAE, text side and scheduler around the trained UNet's architecture.
+
+    unet_params is None: the caller sets the trained params for each generation.
+    """
+    folder = Path(folder)
+    index = read_model_index(folder)
+    family = detect_family(folder, index)
+    kind = PROMPT_KIND[family]
+    if family == "hybrid" and not (folder / "text_projection").is_dir():
+        kind = "t5"
+    if not (folder / "vae").is_dir():
+        raise PipelineFolderError(f"{folder}: component 'vae' is missing (no vae/ folder); sample grids decode with it")
+    vae_config, vae_params = load_vae(folder / "vae", variant=variant)
+    text = PromptEncoder.from_pipeline(folder, kind, dtype=dtype, variant=variant, attention_impl=attention_impl)
+    # The folder's scheduler gives spacing/offsets; the training schedule decides betas and prediction type.
+    scheduler = load_scheduler_config(folder) if (folder / "scheduler").is_dir() else {}
+    schedule = NoiseSchedule.from_config({**scheduler, **diffusion.to_scheduler_config()})
+    options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
+    return LoadedPipeline(folder, family, unet_config, None, vae_config, vae_params, text, schedule, options)
+
+
+def check_compatible(pipe: StableDiffusion, cfg: LoggingConfig, height: int, width: int) -> None:
+    """Refuse components that cannot condition or decode this UNet (raises ValueError naming both sides)."""
+    unet, vae, where = pipe.pipe.unet_config, pipe.pipe.vae_config, f"sample-grid components {pipe.pipe.folder}"
+    if vae.latent_channels != unet.in_channels:
+        raise ValueError(f"{where}: its VAE has {vae.latent_channels} latent channels but the trained UNet takes "
+                         f"in_channels={unet.in_channels}; use the components of the model being trained")
+    pipe.check_size(height, width)
+    levels = 2 ** (len(unet.block_out_channels) - 1) * pipe.vae_factor
+    if height % levels or width % levels:
+        raise ValueError(f"logging.sample_height/width = {height}x{width}: must be multiples of {levels} (VAE factor "
+                         f"{pipe.vae_factor} × the UNet's {len(unet.block_out_channels) - 1} downsamplings)")
+    # Encoding once now also compiles the text encoders for the batch `generate` will use.
+    emb = pipe.text.encode(list(cfg.sample_prompts), num_images_per_prompt=cfg.sample_images_per_prompt)
+    width_ctx = emb.encoder_hidden_states.shape[-1]
+    if isinstance(unet.cross_attention_dim, int) and width_ctx != unet.cross_attention_dim:
+        raise ValueError(f"{where}: its text encoders give {width_ctx}-wide embeddings but the trained UNet has "
+                         f"cross_attention_dim={unet.cross_attention_dim}; use the components of the model being "
+                         "trained")
+    if unet.addition_embed_type == "text_time" and emb.pooled is None:
+        raise ValueError(f"{where}: the trained UNet is an SDXL one (addition_embed_type text_time) and needs "
+                         "pooled text embeddings, but these text encoders give none (use an SDXL pipeline folder)")
+
+
+def _label(prompt: str) -> str:
+    return prompt if len(prompt) <= LABEL_CHARS else prompt[:LABEL_CHARS - 1] + "…"
+
+
+class TrainingSampler:
+    """Writes a sample grid when `due(step)`; build with `TrainingSampler.from_config` (None when off)."""
+
+    def __init__(self, cfg: LoggingConfig, pipe: StableDiffusion, run_dir: Path, *, ema: bool, mesh: Any):
+        self.cfg, self.pipe, self.ema = cfg, pipe, ema
+        self.out_dir = Path(run_dir) / "samples"
+        self.tag = "samples/ema" if ema else "samples/params"
+        self.which = "EMA params" if ema else "current params (train.ema is off)"
+        dh, dw = pipe.default_size
+        self.height, self.width = cfg.sample_height or dh, cfg.sample_width or dw
+        # One reshard program for the whole run: (trainable, frozen) → the full UNet tree, replicated.
+        self._gather = jax.jit(merge_params, out_shardings=NamedSharding(mesh, P()))
+
+    @classmethod
+    def from_config(cls, cfg: Config, unet_config: UNetConfig, run_dir: str | Path, mesh: Any) -> TrainingSampler | None:
+        """Load and check the components (before training starts); None when logging.sample_every is 0."""
+        if not cfg.logging.sample_every:
+            return None
+        folder = sample_components_folder(cfg)
+        if folder is None:  # load_config refuses this already; a hand-built Config may not have been checked
+            raise ValueError("logging.sample_every > 0 needs logging.sample_components or a pipeline model.pretrained")
+        variant = cfg.model.variant if folder == cfg.model.pretrained else None
+        dtype = jnp.dtype(cfg.model.dtype)
+        components = load_components(folder, unet_config, cfg.diffusion, variant=variant, dtype=dtype,
+                                     attention_impl=cfg.model.attention_impl)
+        sampler = cls(cfg.logging, StableDiffusion(components, dtype=dtype, attention_impl=cfg.model.attention_impl),
+                      Path(run_dir), ema=cfg.train.ema.enabled, mesh=mesh)
+        check_compatible(sampler.pipe, cfg.logging, sampler.height, sampler.width)
+        log.info("sample grids every %d steps from %s with the %s: %d prompts × %d, %dx%d px, %d %s steps, CFG %g, "
+                 "seed %d", cfg.logging.sample_every, folder, sampler.which, len(cfg.logging.sample_prompts),
+                 cfg.logging.sample_images_per_prompt, sampler.width, sampler.height, cfg.logging.sample_steps,
+                 cfg.logging.sample_sampler, cfg.logging.sample_guidance_scale, cfg.logging.sample_seed)
+        return sampler
+
+    def due(self, step: int) -> bool:
+        return step > 0 and step % self.cfg.sample_every == 0
+
+    def path(self, step: int) -> Path:
+        return self.out_dir / f"step_{step:06d}.png"
+
+    def generate(self, params: Any) -> np.ndarray:
+        """uint8 [prompts × images_per_prompt, H, W, 3] from full UNet params (prompt-major)."""
+        c = self.cfg
+        self.pipe.pipe.unet_params = params
+        try:
+            return self.pipe.generate(list(c.sample_prompts), negative_prompt=c.sample_negative_prompt or None,
+                                      steps=c.sample_steps, guidance=c.sample_guidance_scale,
+                                      sampler=c.sample_sampler, seed=c.sample_seed, height=self.height,
+                                      width=self.width, num_images=c.sample_images_per_prompt)
+        finally:
+            self.pipe.pipe.unet_params = None  # never keep a reference to buffers the next step donates
+
+    def __call__(self, step: int, state: Any, logger: Any) -> Path | None:
+        """Sample at `step` (call on every process); returns the grid's path on process 0, else None."""
+        t0 = time.perf_counter()
+        params = self._gather(state.ema if self.ema else state.params, state.frozen)
+        if jax.process_index() != 0:
+            return None
+        local = jax.tree.map(lambda x: x.addressable_data(0), params)
+        images = self.generate(local)
+        k = self.cfg.sample_images_per_prompt
+        rows = [(_label(p), list(images[i * k:(i + 1) * k])) for i, p in enumerate(self.cfg.sample_prompts)]
+        grid = label_grid(rows, scale=max(1, GRID_CELL_PIXELS // max(self.height, self.width)))
+        path = self.path(step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        logger.log_image(self.tag, np.asarray(grid), step)
+        logger.message(f"step {step}: sample grid of the {self.which} → {path} ({time.perf_counter() - t0:.1f} s, "
+                       f"of which compile {self.pipe.last_compile_seconds:.1f} s)")
+        log.info("step %d: sample grid of the %s written to %s (TensorBoard %s)", step, self.which, path, self.tag)
+        return path

@@ -53,6 +53,24 @@ def test_quantisation_round_trip_is_accurate():
         assert float(err.max()) < 0.02, (signed, float(err.max()))
 
 
+def test_dynamic_map_is_sorted_and_quantisation_picks_the_nearest_code():
+    # the closed-form encoder must agree with a brute-force nearest-entry search over the map
+    from jaxsd.train.adamw8bit import _nearest_code, dynamic_map
+
+    rng = np.random.default_rng(1)
+    for signed in (True, False):
+        table = dynamic_map(signed)
+        assert np.all(np.diff(table) > 0) and table[-1] == 1.0 and table.min() == (-table[-2] if signed else 0.0)
+        assert 1e-7 < np.abs(table[table != 0]).min() < 1e-6  # seven decades
+        x = np.concatenate([rng.uniform(-1.0, 1.0, 20000), np.sign(rng.standard_normal(20000)) *
+                            10.0 ** rng.uniform(-8, 0, 20000), table, (table[1:] + table[:-1]) / 2,
+                            [-1.0, 0.0, 1.0]]).astype(np.float32)
+        x = x if signed else np.abs(x)
+        codes = np.asarray(_nearest_code(jnp.asarray(x), signed))
+        nearest = np.abs(x[:, None] - table[None, :]).min(1)
+        np.testing.assert_array_equal(np.abs(x - table[codes]), nearest)
+
+
 def test_adamw8bit_tracks_fp32_adamw_with_4x_smaller_state():
     # least-squares regression y = X W*; 8-bit and fp32 AdamW from the same start
     rng = np.random.default_rng(0)

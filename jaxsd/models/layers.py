@@ -45,10 +45,22 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = _param(self, "kernel", nn.initializers.lecun_normal(), self.axes,
                         (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + _param(self, "bias", _zeros, (self.axes[1],), (self.features,), self.param_dtype).astype(self.dtype)
         return y
+
+
+def matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., in] @ kernel [in, out] -> [..., out], computed as one 2-D matmul.
+
+    Same result as `jnp.dot(x, kernel)`, but the leading axes are folded into one first: on
+    XLA:CPU the kernel gradient of a dot whose activations keep several leading axes is a
+    transpose-copy plus a slow generic dot (measured 3.5x slower for [64, 64, 32] @ [32, 128]),
+    while a 2-D dot's gradient is two fast matmuls. On GPU/TPU the reshape is free.
+    """
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+    return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
 class Conv(nn.Module):
@@ -71,9 +83,13 @@ class Conv(nn.Module):
         kernel = _param(self, "kernel", nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out"),
                         (k, k, x.shape[-1], self.features), self.param_dtype)
         pad = ((self.padding, self.padding),) * 2 if isinstance(self.padding, int) else self.padding
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides), pad,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if k == 1 and self.strides == 1 and pad == ((0, 0), (0, 0)):
+            # A 1x1 conv is a matmul over channels; as one it trains faster on XLA:CPU (see matmul_last_axis).
+            y = matmul_last_axis(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides), pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
             y = y + _param(self, "bias", _zeros, ("conv_out",), (self.features,), self.param_dtype).astype(self.dtype)
         return y

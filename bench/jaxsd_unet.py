@@ -46,7 +46,7 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
     if name == "adafactor":
         return optax.adafactor(LEARNING_RATE)
     if name == "adamw8bit":
-        from jaxsd.train.adamw8bit import adamw_8bit
+        from jaxsd.train.fused_adamw import adamw_8bit
 
         return adamw_8bit(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")

@@ -129,8 +129,8 @@ def child_jaxsd(config: dict) -> dict:
         _, params = load_unet(config["folder"])
     else:
         params = J.init_params(model)
-    state = jax.jit(kit.init)(params)
-    del params  # the state holds them now
+    state = jax.jit(kit.init, donate_argnums=0)(params)  # donated: the state takes over the params' buffers
+    del params
     compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate)
     mem = compiled.memory_analysis()
     # where the peak comes from: the high-water mark once compiled vs. the child's final peak

@@ -1,5 +1,5 @@
-"""8-bit AdamW: Adam moments stored blockwise-quantised to uint8 (Dettmers et al. 2022, "8-bit Optimizers
-via Block-wise Quantization"), as an optax GradientTransformation.
+"""The 8-bit moment storage of 8-bit AdamW (`jaxsd.train.fused_adamw.adamw_8bit`): blockwise dynamic
+quantisation (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization").
 
 Each moment of a param is flattened, padded and cut into blocks of `block_size`
 values; a block stores one fp32 absmax and one uint8 code per value, the code
@@ -8,10 +8,6 @@ seven decades (10⁻⁶…1), so small moments keep relative precision where a l
 8-bit grid would round them to zero. The first moment uses a signed map, the
 second (never negative) an unsigned one with twice the resolution. State bytes
 per value: 1 + 4/block_size, vs 4 for fp32 — ≈4× smaller.
-
-Each step dequantises, does the fp32 Adam update, and re-quantises. Params
-smaller than `min_quantized_size` keep fp32 moments (their bytes don't matter,
-and biases/norm scales are the most sensitive).
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 # The dynamic map, in closed form. Magnitudes are spread over seven decades: decade
 # e = 0..6 covers (0.1, 1]·10^(e-6) with n0·2^e values at the centres of equal-width bins,
@@ -130,70 +125,6 @@ def dequantize(q: QuantizedMoment, shape: tuple[int, ...], signed: bool) -> jax.
     blocks = decode(q.codes, signed) * q.absmax[:, None]
     size = int(np.prod(shape))
     return blocks.reshape(-1)[:size].reshape(shape)
-
-
-class ScaleByAdam8bitState(NamedTuple):
-    count: jax.Array
-    mu: Any  # per param: QuantizedMoment or fp32 array (small params)
-    nu: Any
-
-
-def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, block_size: int = 2048,
-                       min_quantized_size: int = 4096) -> optax.GradientTransformation:
-    """Adam's update direction m̂/(√v̂+ε) with uint8 blockwise-quantised m and v."""
-
-    def quantized(p) -> bool:
-        return p.size >= min_quantized_size
-
-    def init_fn(params):
-        def zeros(p, signed):
-            if quantized(p):
-                return quantize(jnp.zeros(p.shape, jnp.float32), block_size, signed)
-            return jnp.zeros(p.shape, jnp.float32)
-        return ScaleByAdam8bitState(count=jnp.zeros([], jnp.int32),
-                                    mu=jax.tree.map(lambda p: zeros(p, True), params),
-                                    nu=jax.tree.map(lambda p: zeros(p, False), params))
-
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        c1 = 1 - b1 ** count.astype(jnp.float32)
-        c2 = 1 - b2 ** count.astype(jnp.float32)
-        is_q = lambda x: isinstance(x, QuantizedMoment)
-
-        def one(g, m, v):
-            g = g.astype(jnp.float32)
-            mf = dequantize(m, g.shape, True) if is_q(m) else m
-            vf = dequantize(v, g.shape, False) if is_q(v) else v
-            mf = b1 * mf + (1 - b1) * g
-            vf = b2 * vf + (1 - b2) * jnp.square(g)
-            step = (mf / c1) / (jnp.sqrt(vf / c2) + eps)
-            m_new = quantize(mf, block_size, True) if is_q(m) else mf
-            v_new = quantize(vf, block_size, False) if is_q(v) else vf
-            return step, m_new, v_new
-
-        out = jax.tree.map(one, updates, state.mu, state.nu)
-        treedef = jax.tree.structure(updates)
-        flat = treedef.flatten_up_to(out)
-        steps = treedef.unflatten([o[0] for o in flat])
-        mu = treedef.unflatten([o[1] for o in flat])
-        nu = treedef.unflatten([o[2] for o in flat])
-        return steps, ScaleByAdam8bitState(count=count, mu=mu, nu=nu)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-               weight_decay: float = 1e-2, mask: Any = None, block_size: int = 2048,
-               min_quantized_size: int = 4096) -> optax.GradientTransformation:
-    """AdamW with 8-bit moments: same composition as `optax.adamw` (Adam direction, decoupled decay, −lr)."""
-    if not 256 <= block_size <= 4096:
-        raise ValueError(f"adamw_8bit: block_size {block_size} outside 256..4096")
-    return optax.chain(
-        scale_by_adam_8bit(b1, b2, eps, block_size, min_quantized_size),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
 
 
 def state_bytes(opt_state: Any) -> int:

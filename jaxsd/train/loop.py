@@ -206,8 +206,10 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
         start = 0
         params, init_from = initial_params(cfg.model, module, cfg.train.seed, shardings)
         t_params, f_params = split_params(params, cfg.train.trainable, cfg.train.frozen)
+        # donated: the state takes over the params' buffers instead of holding a second copy
         state = jax.jit(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema),
-                        out_shardings=state_sharding)(t_params, f_params)
+                        out_shardings=state_sharding, donate_argnums=(0, 1))(t_params, f_params)
+        del params, t_params, f_params
     log.info("init: %s (order: resume → model.pretrained → from scratch)", init_from)
 
     empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None

@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules from the `optimizer:` config section.
 
-Every optimizer is `clip_by_global_norm → <optimizer with decoupled weight decay>`.
+Every optimizer is global-norm clipping → <optimizer with decoupled weight decay>, with the
+train step's NaN skip built in (see `make_optimizer`).
 Weight decay applies only to params with two or more dimensions (dense/conv
 kernels, embeddings): never to norm scales or biases, which are all 1-D.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxsd.config import OptimizerConfig
-from jaxsd.train.adamw8bit import adamw_8bit
+from jaxsd.train.fused_adamw import adamw_8bit, fused_adamw
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -39,16 +41,22 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, lr schedule). The optimizer expects `params` in `update` (weight decay needs them)."""
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformationExtraArgs,
+                                                                    optax.Schedule]:
+    """(optimizer, lr schedule). The optimizer expects `params` in `update` (weight decay needs them).
+
+    Its `update(grads, state, params, *, grad_norm=None, apply=None)` also takes the global
+    gradient norm the train step already has (for clipping) and `apply` (bool scalar; False
+    = skip: updates exactly 0, state unchanged). AdamW and 8-bit AdamW do this in one fused
+    pass (`fused_adamw`); the others through the generic `guarded` wrapper.
+    """
     lr = learning_rate_schedule(cfg, total_steps)
-    wd = cfg.weight_decay
+    wd, clip = cfg.weight_decay, cfg.clip_grad_norm
     if cfg.name == "adamw":
-        base = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=decay_mask)
-    elif cfg.name == "adamw8bit":
-        base = adamw_8bit(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=decay_mask,
-                          block_size=cfg.block_size)
-    elif cfg.name == "adafactor":
+        return fused_adamw(lr, cfg.b1, cfg.b2, cfg.eps, wd, decay_mask, clip), lr
+    if cfg.name == "adamw8bit":
+        return adamw_8bit(lr, cfg.b1, cfg.b2, cfg.eps, wd, decay_mask, cfg.block_size, clip_grad_norm=clip), lr
+    if cfg.name == "adafactor":
         base = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
     elif cfg.name == "lion":
         base = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=decay_mask)
@@ -56,6 +64,28 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
         base = optax.chain(optax.add_decayed_weights(wd, decay_mask), optax.sgd(lr, momentum=cfg.momentum))
     else:
         raise ValueError(f"optimizer.name {cfg.name!r} unknown; use adamw, adamw8bit, adafactor, lion or sgd")
-    if cfg.clip_grad_norm is not None:
-        base = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), base)
-    return base, lr
+    return guarded(base, clip), lr
+
+
+def guarded(tx: optax.GradientTransformation, clip_grad_norm: float | None = None,
+            ) -> optax.GradientTransformationExtraArgs:
+    """Any optax optimizer behind the `grad_norm=` / `apply=` interface of `make_optimizer`.
+
+    Clipping scales the gradients; a skipped step zeroes them first (so nothing non-finite
+    flows) and then selects the old state and zero updates. Correct for any optimizer, but
+    the selects cost XLA a whole-state temporary that `fused_adamw` avoids.
+    """
+    def update_fn(grads, state, params=None, *, grad_norm=None, apply=None, **_):
+        ok = jnp.asarray(True if apply is None else apply)
+        if clip_grad_norm is not None:
+            norm = optax.tree.norm(grads) if grad_norm is None else grad_norm
+            scale = jnp.where(norm < clip_grad_norm, 1.0, clip_grad_norm / norm)  # as optax.clip_by_global_norm
+            grads = jax.tree.map(lambda g: g * jnp.where(ok, scale, 0.0).astype(g.dtype), grads)
+        if apply is None:
+            return tx.update(grads, state, params)
+        grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+        updates, new_state = tx.update(grads, state, params)
+        updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+        return updates, jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -73,12 +73,14 @@ def _split_micro(x: jax.Array, k: int, spec: Any) -> jax.Array:
 
 
 def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossConfig,
-                    tx: optax.GradientTransformation, lr_fn: optax.Schedule, *, ema_cfg: EMAConfig | None = None,
+                    tx: optax.GradientTransformationExtraArgs, lr_fn: optax.Schedule, *, ema_cfg: EMAConfig | None = None,
                     grad_accum_steps: int = 1, empty_cond: dict[str, jax.Array] | None = None,
                     micro_batch_sharding: Any = None, loss_fn: Callable | None = None) -> Callable:
     """The pure step function `(state, batch) -> (state, metrics)`.
 
     apply_fn(params, noisy, t, encoder_hidden_states, added_cond) runs the model on full (merged) params.
+    tx: from `jaxsd.train.optimizers.make_optimizer` (or `guarded(any_optax_tx)`): its update takes
+      `grad_norm=` (clipping) and `apply=` (the NaN skip).
     loss_fn: replaces `diffusion_loss` (same signature) — the "what the loss is" seam.
     micro_batch_sharding: sharding of a [k, b, ...] micro-batch stack (None on one device).
     metrics: loss, loss_raw, grad_norm, lr, qk_grads_av, skipped (1 if this update was skipped).
@@ -114,19 +116,15 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
             loss, raw = l_sum / k, r_sum / k
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        # the skip lives inside the optimizer (updates exactly 0, state rewritten with itself):
+        # selecting old-or-new state here would cost XLA a whole-state temporary
+        updates, new_opt = tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm, apply=finite)
         new_params = optax.apply_updates(state.params, updates)
         new_step = state.step + 1
-        new_ema = None if state.ema is None else update_ema(state.ema, new_params, new_step, ema_cfg or EMAConfig())
-
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
+        new_ema = None if state.ema is None else update_ema(state.ema, new_params, new_step, ema_cfg or EMAConfig(),
+                                                            apply=finite)
         new_state = state.replace(
-            step=new_step,
-            params=keep_if_finite(new_params, state.params),
-            opt_state=keep_if_finite(new_opt, state.opt_state),
-            ema=None if state.ema is None else keep_if_finite(new_ema, state.ema),
+            step=new_step, params=new_params, opt_state=new_opt, ema=new_ema,
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
         )
         metrics = {"loss": loss, "loss_raw": raw, "grad_norm": grad_norm, "lr": lr_fn(state.step),

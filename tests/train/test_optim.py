@@ -8,8 +8,9 @@ import pytest
 
 from jaxsd.config import DiffusionConfig, EMAConfig, LossConfig, OptimizerConfig
 from jaxsd.diffusion.schedule import NoiseSchedule
-from jaxsd.train.adamw8bit import adamw_8bit, dequantize, quantize, state_bytes
+from jaxsd.train.adamw8bit import dequantize, quantize, state_bytes
 from jaxsd.train.ema import update_ema
+from jaxsd.train.fused_adamw import adamw_8bit
 from jaxsd.train.optimizers import learning_rate_schedule, make_optimizer
 from jaxsd.train.step import init_state, make_train_step
 from jaxsd.train.trainable import flatten, merge_params, split_params
@@ -98,6 +99,55 @@ def test_adamw8bit_tracks_fp32_adamw_with_4x_smaller_state():
     # 8-bit blocks for w (8192 values ≥ min_quantized_size); b (128) stays fp32
     ratio = (state_bytes(s32) - 2 * 128 * 4) / (state_bytes(s8) - 2 * 128 * 4)
     assert ratio > 3.8, ratio
+
+
+def _regression_params_and_grads(seed: int):
+    rng = np.random.default_rng(seed)
+    params = {"w": jnp.asarray(rng.standard_normal((96, 64)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(64), jnp.float32)}
+    grads = [jax.tree.map(lambda p, s=s: jnp.asarray(rng.standard_normal(p.shape) * s, jnp.float32), params)
+             for s in (0.01, 3.0, 0.1, 10.0, 0.5)]
+    return params, grads
+
+
+def test_fused_adamw_is_optax_clip_then_adamw():
+    from jaxsd.train.fused_adamw import fused_adamw
+    from jaxsd.train.optimizers import decay_mask
+
+    params, grads = _regression_params_and_grads(0)
+    lr = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 5)
+    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.1, mask=decay_mask))
+    ours = fused_adamw(lr, weight_decay=0.1, mask=decay_mask, clip_grad_norm=1.0)
+
+    def run(tx, **extra):
+        p, s = params, tx.init(params)
+        for g in grads:
+            u, s = tx.update(g, s, p, **extra)
+            p = optax.apply_updates(p, u)
+        return p
+
+    expected = run(ref)
+    for got in (run(ours), run(ours, apply=jnp.asarray(True))):
+        for k in params:  # fp32 rounding only: same formulas, different op order
+            np.testing.assert_allclose(got[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "sgd"])
+def test_skipped_step_leaves_params_and_state_bitwise_unchanged(name):
+    params, _ = _regression_params_and_grads(1)
+    params = {"w": jnp.tile(params["w"], (1, 100)), "b": params["b"]}  # w large enough for 8-bit moments
+    tx, _ = make_optimizer(OptimizerConfig(name=name, learning_rate=1e-2, weight_decay=0.1, block_size=256), 10)
+    state = tx.init(params)
+    g = jax.tree.map(lambda p: jnp.ones_like(p), params)
+    update = jax.jit(lambda g, s, p, ok: tx.update(g, s, p, grad_norm=optax.tree.norm(g), apply=ok))
+    _, state = update(g, state, params, jnp.asarray(True))  # non-trivial moments first
+    bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), g)
+    updates, new_state = update(bad, state, params, jnp.asarray(False))
+    new_params = optax.apply_updates(params, updates)
+    for a, b in zip(jax.tree.leaves((new_params, new_state)), jax.tree.leaves((params, state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved, _ = update(g, state, params, jnp.asarray(True))
+    assert float(jnp.abs(moved["w"]).max()) > 0  # and an applied step does move
 
 
 def test_split_merge_and_frozen_params_get_no_state(model):

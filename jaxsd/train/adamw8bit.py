@@ -69,33 +69,34 @@ def decode(codes: jax.Array, signed: bool) -> jax.Array:
 
 
 def _nearest_code(x: jax.Array, signed: bool) -> jax.Array:
-    """uint8 code of the map value nearest each x ∈ [−1, 1] ([0, 1] unsigned).
+    """uint8 code of the map value nearest each x ∈ [−1, 1] ([0, 1] unsigned), up to float rounding.
 
-    The decade and the equal-width bin within it give the candidate directly; at a bin's
-    edge rounding can make a neighbour (possibly in the decade below or above) the nearer
-    one, so both neighbours, 0 and +1 are compared too.
+    In decade e (floor lo, n equal-width bins) the nearest value is the centre of the bin
+    holding x, except just above lo, where the previous decade's top value (at lo·(1 − 0.9/n),
+    its bins being half as many and ten times narrower) is nearer below lo·(1 + 1.8/n). The
+    next decade's first value is never nearer. ~25 elementwise ops: cheap to run and to compile.
     """
     n0 = _n0(signed)
     y = jnp.abs(x)
     e = sum((y >= f).astype(jnp.int32) for f in _DECADE_FLOORS[1:])
+    lo = _decade_floor(e)
     n = n0 * jnp.left_shift(1, e)
-    i = jnp.clip(jnp.floor((y / _decade_floor(e) - 1.0) / 9.0 * n.astype(jnp.float32)).astype(jnp.int32), 0, n - 1)
-    best_e, best_i, best_d = e, i, jnp.abs(y - _value(e, i, n0))
-    below = jnp.where(i > 0, e, e - 1), jnp.where(i > 0, i - 1, n // 2 - 1)
-    above = jnp.where(i < n - 1, e, e + 1), jnp.where(i < n - 1, i + 1, 0)
-    for ce, ci in (below, above):
-        inside = (ce >= 0) & (ce < _DECADES)
-        d = jnp.where(inside, jnp.abs(y - _value(jnp.clip(ce, 0, _DECADES - 1), ci, n0)), jnp.inf)
-        better = d < best_d
-        best_e, best_i, best_d = jnp.where(better, ce, best_e), jnp.where(better, ci, best_i), jnp.minimum(d, best_d)
-    j = n0 * (jnp.left_shift(1, best_e) - 1) + best_i
-    is_zero = y <= best_d  # 0 no farther than the best magnitude
-    is_one = (x > 0) & (jnp.abs(1.0 - y) < best_d)  # +1 only: the signed map has no −1
+    nf = n.astype(jnp.float32)
+    i = jnp.clip(jnp.floor((y / lo - 1.0) * nf / 9.0).astype(jnp.int32), 0, n - 1)
+    down = (i == 0) & (e > 0) & (y < lo * (1.0 + 1.8 / nf))
+    j = n0 * (jnp.left_shift(1, e) - 1) + i - down.astype(jnp.int32)
+    is_zero = y < _ZERO_BELOW[signed]
+    is_one = x > _ONE_ABOVE[signed]  # +1 only: the signed map has no −1
     if signed:
         code = jnp.where(is_zero, 127, jnp.where(x < 0, 126 - j, 128 + j))
     else:
         code = jnp.where(is_zero, 0, j + 1)
     return jnp.where(is_one, 255, code).astype(jnp.uint8)
+
+
+# midpoints between 0 and the smallest magnitude, and between the largest magnitude and 1
+_ZERO_BELOW = {s: np.float32(_DECADE_FLOORS[0] * (1 + 4.5 / _n0(s)) / 2) for s in (True, False)}
+_ONE_ABOVE = {s: np.float32((0.1 * (10 - 4.5 / (_n0(s) * 2 ** (_DECADES - 1))) + 1) / 2) for s in (True, False)}
 
 
 def dynamic_map(signed: bool) -> np.ndarray:

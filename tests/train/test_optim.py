@@ -56,6 +56,7 @@ def test_quantisation_round_trip_is_accurate():
 
 def test_dynamic_map_is_sorted_and_quantisation_picks_the_nearest_code():
     # the closed-form encoder must agree with a brute-force nearest-entry search over the map
+    # (random values over the whole range, every map value, every midpoint between two)
     from jaxsd.train.adamw8bit import _nearest_code, dynamic_map
 
     rng = np.random.default_rng(1)
@@ -69,7 +70,9 @@ def test_dynamic_map_is_sorted_and_quantisation_picks_the_nearest_code():
         x = x if signed else np.abs(x)
         codes = np.asarray(_nearest_code(jnp.asarray(x), signed))
         nearest = np.abs(x[:, None] - table[None, :]).min(1)
-        np.testing.assert_array_equal(np.abs(x - table[codes]), nearest)
+        # up to float rounding (at a midpoint either neighbour is right); a wrong bin would be off by
+        # a bin width, ≥ 0.7 % of |x|
+        np.testing.assert_array_less(np.abs(x - table[codes]) - nearest, 1e-6 * np.abs(x) + 1e-30)
 
 
 def test_adamw8bit_tracks_fp32_adamw_with_4x_smaller_state():

@@ -115,7 +115,11 @@ def quantize(x: jax.Array, block_size: int, signed: bool) -> QuantizedMoment:
     """Blockwise dynamic quantisation of any-shaped fp32 x (flattened, zero-padded to whole blocks)."""
     flat = x.reshape(-1).astype(jnp.float32)
     pad = -flat.size % block_size
-    blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
+    return quantize_blocks(jnp.pad(flat, (0, pad)).reshape(-1, block_size), signed)
+
+
+def quantize_blocks(blocks: jax.Array, signed: bool) -> QuantizedMoment:
+    """`quantize` of fp32 values already laid out as [num_blocks, block_size]."""
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     normed = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
     return QuantizedMoment(_nearest_code(normed, signed), absmax)

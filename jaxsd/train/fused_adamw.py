@@ -22,6 +22,7 @@ when `clip_grad_norm` is set).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsd.train.adamw8bit import QuantizedMoment, dequantize, quantize
+from jaxsd.train.adamw8bit import QuantizedMoment, decode, quantize, quantize_blocks
 
 
 class FusedAdamWState(NamedTuple):
@@ -81,14 +82,21 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
 
         def one(g, m, v, p, wd_on):
             g = jnp.where(ok, g.astype(jnp.float32), 0.0) * scale
-            mf = dequantize(m, g.shape, True) if isinstance(m, QuantizedMoment) else m
-            vf = dequantize(v, g.shape, False) if isinstance(v, QuantizedMoment) else v
-            mf = k1 * g + keep1 * mf
-            vf = k2 * (g * g) + keep2 * vf
-            u = (mf / c1) / (jnp.sqrt(vf / c2) + eps)
+            if isinstance(m, QuantizedMoment):  # all in [blocks, block_size] layout, as the codes
+                bs = m.codes.shape[1]
+                gb = _blocks(g, bs)
+                mf = k1 * gb + keep1 * (decode(m.codes, True) * m.absmax[:, None])
+                vf = k2 * (gb * gb) + keep2 * (decode(v.codes, False) * v.absmax[:, None])
+                u = _unblocks((mf / c1) / (jnp.sqrt(vf / c2) + eps), g.shape)
+                new_m, new_v = _store(mf, m, True, ok), _store(vf, v, False, ok)
+            else:
+                mf = k1 * g + keep1 * m
+                vf = k2 * (g * g) + keep2 * v
+                u = (mf / c1) / (jnp.sqrt(vf / c2) + eps)
+                new_m, new_v = mf, vf
             if wd_on and weight_decay:
                 u = u + weight_decay * p
-            return (step_size * u).astype(p.dtype), _store(mf, m, True, ok), _store(vf, v, False, ok)
+            return (step_size * u).astype(p.dtype), new_m, new_v
 
         treedef = jax.tree.structure(grads)
         leaves = zip(*(treedef.flatten_up_to(t) for t in (grads, state.mu, state.nu, params, decay)), strict=True)
@@ -96,10 +104,8 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
         column = lambda i: treedef.unflatten([o[i] for o in out])
         return column(0), FusedAdamWState(count=count, mu=column(1), nu=column(2))
 
-    def _store(new, old, signed: bool, ok):
-        if not isinstance(old, QuantizedMoment):
-            return new
-        q = quantize(new, old.codes.shape[1], signed)
+    def _store(new_blocks, old, signed: bool, ok):
+        q = quantize_blocks(new_blocks, signed)
         return QuantizedMoment(jnp.where(ok, q.codes, old.codes), jnp.where(ok, q.absmax, old.absmax))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -112,6 +118,15 @@ def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float
     fp32 moments (their bytes don't matter, and biases/norm scales are the most sensitive)."""
     return fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, clip_grad_norm, quantized_moments=True,
                        block_size=block_size, min_quantized_size=min_quantized_size)
+
+
+def _blocks(x: jax.Array, block_size: int) -> jax.Array:
+    flat = x.reshape(-1)
+    return jnp.pad(flat, (0, -flat.size % block_size)).reshape(-1, block_size)
+
+
+def _unblocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
 def _decay_flags(mask: Any, params: Any) -> Any:

@@ -175,11 +175,15 @@ def train_autoencoder(st: DemoState) -> None:
 # ---- the shared jaxsd config of `jaxsd cache` and `jaxsd train` ---------------------------
 def unet_config(s: DemoSettings) -> dict:
     """diffusers UNet2DConditionModel config of the demo's from-scratch UNet (8x8x4 latents)."""
-    n = len(s.unet_block_out_channels)
+    if len(s.unet_cross_attention) != len(s.unet_block_out_channels):
+        raise ValueError(f"DemoSettings: unet_cross_attention {s.unet_cross_attention} needs one entry per UNet "
+                         f"level of unet_block_out_channels {s.unet_block_out_channels}")
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in s.unet_cross_attention]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(s.unet_cross_attention)]
     return {"sample_size": s.resolution // 2 ** (len(s.vae_block_out_channels) - 1),
             "in_channels": s.vae_latent_channels, "out_channels": s.vae_latent_channels,
             "block_out_channels": list(s.unet_block_out_channels),
-            "down_block_types": ["CrossAttnDownBlock2D"] * n, "up_block_types": ["CrossAttnUpBlock2D"] * n,
+            "down_block_types": down, "up_block_types": up,
             "layers_per_block": s.unet_layers_per_block, "attention_head_dim": s.unet_heads,
             "cross_attention_dim": 32, "norm_num_groups": 16}
 

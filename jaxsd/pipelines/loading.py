@@ -108,17 +108,22 @@ def load_scheduler_config(folder: str | os.PathLike) -> dict:
 
 
 def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, variant: str | None = None,
-                  attention_impl: str = "auto") -> LoadedPipeline:
+                  attention_impl: str = "auto", unet: tuple[UNetConfig, Any] | None = None,
+                  scheduler_overrides: dict | None = None) -> LoadedPipeline:
     """Read a diffusers pipeline folder: detect the family, load every component.
 
     dtype: storage dtype of all params (None: fp32). compute_dtype: the text encoders' compute dtype
     (None: fp32). variant: weights variant (e.g. "fp16").
+    unet: (config, params) to use instead of the folder's unet/ (which then need not exist) — the
+      trainer's sample grids. scheduler_overrides: keys that replace the folder's scheduler config
+      (the trainer's betas and prediction type); with them a missing scheduler/ is allowed.
     """
     folder = Path(folder)
     index = read_model_index(folder)
     family = detect_family(folder, index)
     for name in _REQUIRED[family]:
-        if not (folder / name).is_dir():
+        missing_ok = (name == "unet" and unet is not None) or (name == "scheduler" and scheduler_overrides)
+        if not (folder / name).is_dir() and not missing_ok:
             raise PipelineFolderError(f"{folder}: component {name!r} is missing (no {name}/ folder); a {family} "
                                       f"pipeline needs {', '.join(_REQUIRED[family])}")
     if index.get("requires_aesthetics_score"):
@@ -130,12 +135,13 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
             raise PipelineFolderError(f"{folder}: component 'text_projection' is missing (model_index.json "
                                       "lists it, but there is no text_projection/ folder)")
         kind = "t5"
-    unet_config, unet_params = load_unet(folder / "unet", dtype=dtype, variant=variant)
+    unet_config, unet_params = unet if unet is not None else load_unet(folder / "unet", dtype=dtype, variant=variant)
     vae_config, vae_params = load_vae(folder / "vae", dtype=dtype, variant=variant)
     if vae_config.latents_mean is not None:
         raise PipelineFolderError(f"{folder}/vae: latents_mean/latents_std VAEs are not supported by jaxsd sample")
     text = PromptEncoder.from_pipeline(folder, kind, dtype=compute_dtype or jnp.float32,
                                        param_dtype=dtype, variant=variant, attention_impl=attention_impl)
-    schedule = NoiseSchedule.from_config(load_scheduler_config(folder))
+    scheduler = load_scheduler_config(folder) if (folder / "scheduler").is_dir() or not scheduler_overrides else {}
+    schedule = NoiseSchedule.from_config({**scheduler, **(scheduler_overrides or {})})
     options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
     return LoadedPipeline(folder, family, unet_config, unet_params, vae_config, vae_params, text, schedule, options)

@@ -38,20 +38,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config, DiffusionConfig, LoggingConfig, sample_components_folder
-from jaxsd.convert.vae import load_vae
-from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.models.unet import UNetConfig
 from jaxsd.pipelines.grids import label_grid
-from jaxsd.pipelines.loading import (
-    PROMPT_KIND,
-    LoadedPipeline,
-    PipelineFolderError,
-    detect_family,
-    load_scheduler_config,
-    read_model_index,
-)
+from jaxsd.pipelines.loading import LoadedPipeline, load_pipeline
 from jaxsd.pipelines.pipeline import StableDiffusion
-from jaxsd.text.prompts import PromptEncoder
 from jaxsd.train.trainable import merge_params
 
 log = logging.getLogger("jaxsd.train")
@@ -64,23 +54,11 @@ def load_components(folder: str | Path, unet_config: UNetConfig, diffusion: Diff
                     attention_impl: str = "auto") -> LoadedPipeline:
     """A pipeline folder's VAE, text side and scheduler around the trained UNet's architecture.
 
-    unet_params is None: the caller sets the trained params for each generation.
+    unet_params is None: the caller sets the trained params for each generation. The folder's
+    scheduler gives spacing/offsets; the training schedule decides betas and prediction type.
     """
-    folder = Path(folder)
-    index = read_model_index(folder)
-    family = detect_family(folder, index)
-    kind = PROMPT_KIND[family]
-    if family == "hybrid" and not (folder / "text_projection").is_dir():
-        kind = "t5"
-    if not (folder / "vae").is_dir():
-        raise PipelineFolderError(f"{folder}: component 'vae' is missing (no vae/ folder); sample grids decode with it")
-    vae_config, vae_params = load_vae(folder / "vae", variant=variant)
-    text = PromptEncoder.from_pipeline(folder, kind, dtype=dtype, variant=variant, attention_impl=attention_impl)
-    # The folder's scheduler gives spacing/offsets; the training schedule decides betas and prediction type.
-    scheduler = load_scheduler_config(folder) if (folder / "scheduler").is_dir() else {}
-    schedule = NoiseSchedule.from_config({**scheduler, **diffusion.to_scheduler_config()})
-    options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
-    return LoadedPipeline(folder, family, unet_config, None, vae_config, vae_params, text, schedule, options)
+    return load_pipeline(folder, compute_dtype=dtype, variant=variant, attention_impl=attention_impl,
+                         unet=(unet_config, None), scheduler_overrides=diffusion.to_scheduler_config())
 
 
 def check_compatible(pipe: StableDiffusion, cfg: LoggingConfig, height: int, width: int) -> None:

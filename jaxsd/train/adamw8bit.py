@@ -88,15 +88,20 @@ def _nearest_code(x: jax.Array, signed: bool) -> jax.Array:
     is_zero = y < _ZERO_BELOW[signed]
     is_one = x > _ONE_ABOVE[signed]  # +1 only: the signed map has no −1
     if signed:
-        code = jnp.where(is_zero, 127, jnp.where(x < 0, 126 - j, 128 + j))
+        code = jnp.where(is_zero, zero_code(True), jnp.where(x < 0, 126 - j, 128 + j))
     else:
-        code = jnp.where(is_zero, 0, j + 1)
+        code = jnp.where(is_zero, zero_code(False), j + 1)
     return jnp.where(is_one, 255, code).astype(jnp.uint8)
 
 
 # midpoints between 0 and the smallest magnitude, and between the largest magnitude and 1
 _ZERO_BELOW = {s: np.float32(_DECADE_FLOORS[0] * (1 + 4.5 / _n0(s)) / 2) for s in (True, False)}
 _ONE_ABOVE = {s: np.float32((0.1 * (10 - 4.5 / (_n0(s) * 2 ** (_DECADES - 1))) + 1) / 2) for s in (True, False)}
+
+
+def zero_code(signed: bool) -> int:
+    """The code of 0.0."""
+    return 127 if signed else 0
 
 
 def dynamic_map(signed: bool) -> np.ndarray:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsd.train.adamw8bit import QuantizedMoment, decode, quantize, quantize_blocks
+from jaxsd.train.adamw8bit import QuantizedMoment, decode, quantize_blocks, zero_code
 
 
 class FusedAdamWState(NamedTuple):
@@ -58,8 +58,13 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
 
     def init_fn(params):
         def zeros(p, signed):
-            z = jnp.zeros(p.shape, jnp.float32)
-            return quantize(z, block_size, signed) if quantized(p) else z
+            if not quantized(p):
+                return jnp.zeros(p.shape, jnp.float32)
+            # the code of 0, written directly: quantising a zeros constant inside jit makes XLA
+            # constant-fold the encoder over every value (minutes for SD1.5)
+            blocks = -(-p.size // block_size)
+            return QuantizedMoment(jnp.full((blocks, block_size), zero_code(signed), jnp.uint8),
+                                   jnp.zeros((blocks,), jnp.float32))
         return FusedAdamWState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(lambda p: zeros(p, True), params),
                                nu=jax.tree.map(lambda p: zeros(p, False), params))
 

@@ -217,3 +217,16 @@ def test_nonfinite_loss_skips_the_update(model):
         assert int(m["skipped"]) == 1 and int(state.nonfinite) == i + 1
     after = jax.tree.map(np.asarray, (state.params, state.ema))
     assert all(np.array_equal(a, c) for a, c in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+
+
+def test_adamw8bit_initial_state_is_quantised_zeros():
+    # init writes the zero codes directly (no encoder in the init program); they must decode to 0
+    from jaxsd.train.adamw8bit import quantize as q
+
+    p = {"w": jnp.ones((300, 50)), "b": jnp.ones((50,))}
+    state = adamw_8bit(1e-3, block_size=256).init(p)
+    for moment, signed in ((state.mu["w"], True), (state.nu["w"], False)):
+        expected = q(jnp.zeros((300, 50)), 256, signed)
+        np.testing.assert_array_equal(moment.codes, expected.codes)
+        np.testing.assert_array_equal(moment.absmax, expected.absmax)
+        assert float(jnp.abs(dequantize(moment, (300, 50), signed)).max()) == 0.0

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsd.pipelines.grids import label_grid  # noqa: F401  (the demo's grid; lives with the other grids)
-
 # metrics.json always has exactly these keys (fractions in [0, 1], seconds as a number).
 METRIC_KEYS = ("colour_accuracy", "shape_accuracy", "vae_psnr", "seconds_total")
 

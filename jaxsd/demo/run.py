@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from jaxsd.demo import classifier, shapes
-from jaxsd.demo.report import label_grid, psnr, to_uint8, write_metrics
+from jaxsd.demo.report import psnr, to_uint8, write_metrics
 from jaxsd.demo.settings import DemoSettings
 from jaxsd.demo.tokenizer import MAX_LENGTH, build_tokenizer, tiny_text_encoder_config
+from jaxsd.pipelines.grids import label_grid
 
 
 class PhaseUnavailable(RuntimeError):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxsd.demo import report
+from jaxsd.pipelines.grids import label_grid
 
 
 def test_psnr_and_uint8():
@@ -22,14 +23,14 @@ def test_psnr_and_uint8():
 def test_label_grid_layout_and_marks():
     red = np.zeros((8, 8, 3), np.uint8)
     red[..., 0] = 200
-    grid = report.label_grid([("a red circle", [red, red]), ("a blue square", [red])], scale=2,
+    grid = label_grid([("a red circle", [red, red]), ("a blue square", [red])], scale=2,
                              marks=[[True, False], [True]])
     arr = np.asarray(grid)
     assert grid.width > 2 * 16 and grid.height == 2 * (16 + 4 + 4) + 4
     assert (arr == [200, 0, 0]).all(-1).sum() == 3 * 16 * 16  # three upscaled images, nothing lost
     assert (arr == [40, 170, 40]).all(-1).any() and (arr == [210, 40, 40]).all(-1).any()
     with pytest.raises(ValueError, match="at least one"):
-        report.label_grid([])
+        label_grid([])
 
 
 def test_metrics_json_has_exactly_the_agreed_keys(tmp_path):

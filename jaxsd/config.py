@@ -117,7 +117,8 @@ class OptimizerConfig:
     momentum: float = 0.9
     """sgd momentum."""
     clip_grad_norm: float | None = 1.0
-    """global-norm gradient clipping; None = off."""
+    """global-norm gradient clipping; None = off, which also lets each param's update start as soon as
+    its gradient exists instead of after all of them (less memory; NaN skip from the loss only)."""
     block_size: int = 2048
     """adamw8bit: values per quantisation block (256–2048)."""
 

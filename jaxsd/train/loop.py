@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -28,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 from jaxsd.config import Config, to_yaml
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.train.checkpoint import Checkpointer
-from jaxsd.train.logging import RunLogger, compiled_flops
+from jaxsd.train.compile import compile_train_step
+from jaxsd.train.logging import RunLogger
 from jaxsd.train.model import (
     build_unet,
     describe,
@@ -47,7 +49,7 @@ from jaxsd.train.sharding import (
     param_shardings,
     train_state_shardings,
 )
-from jaxsd.train.step import TrainState, init_state, make_train_step
+from jaxsd.train.step import TrainState, init_state, make_train_step, reduce_metrics
 from jaxsd.train.synthetic import SyntheticSource
 from jaxsd.train.trainable import split_params
 
@@ -214,18 +216,18 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
 
     empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
+    # without global-norm clipping nothing needs every gradient before the update: stream it
+    streamed = cfg.optimizer.clip_grad_norm is None
     step_fn = make_train_step(make_apply_fn(module), schedule, cfg.loss, tx, lr_fn, ema_cfg=cfg.train.ema,
                               grad_accum_steps=cfg.train.grad_accum_steps,
                               empty_cond=None if empty is None else jax.tree.map(jnp.asarray, empty),
-                              micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None)
+                              micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,
+                              streamed=streamed)
     first = _on_mesh(next(source), mesh)
     batch_shardings = jax.tree.map(lambda x: x.sharding, first)
     jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_shardings),
                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    t0 = time.perf_counter()
-    compiled = jitted.lower(state, first).compile()
-    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
-    flops = compiled_flops(compiled)
+    compiled, flops = compile_train_step(jitted.lower(state, first))
 
     logger = RunLogger(run_dir, total_steps=cfg.train.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
                        progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)
@@ -250,7 +252,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
             data_state = source.get_state()  # the position after every batch this state has seen
             if step < cfg.train.steps:
                 batch = _on_mesh(next(source), mesh)  # host work overlaps the running step
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            host = reduce_metrics(jax.device_get(metrics))
             dt = time.perf_counter() - t_step
             host.update(step_time_s=dt, images_per_s=cfg.train.batch_size / dt)
             if flops and cfg.logging.peak_flops > 0:
@@ -258,6 +260,14 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
             losses.append(host["loss"])
             logger.log_step(step, host)
             skipped = bool(host["skipped"])
+            if not skipped and not math.isfinite(host["grad_norm"]):
+                # streamed updates check the loss only: this update has already been applied
+                logger.message(f"stopping: step {step} had a finite loss but a non-finite gradient, and the update "
+                               f"was applied (optimizer.clip_grad_norm is off, so updates are not held back for a "
+                               f"gradient check); the last good checkpoint is kept (steps {ckpt.steps()}). Set "
+                               f"optimizer.clip_grad_norm to have such steps skipped instead")
+                stopped = "nonfinite"
+                break
             if skipped:
                 n = int(state.nonfinite)
                 logger.message(f"step {step}: non-finite loss/gradient, update skipped ({n} in a row)")

@@ -6,10 +6,19 @@ One step: draw the batch's randomness from (state.rng, step) → loss and gradie
 w.r.t. the trainable params only, accumulated over `grad_accum_steps`
 micro-batches with a scan → optimizer update → EMA. A NaN/inf loss or gradient
 leaves params, optimizer state and EMA untouched and counts a skip instead.
+
+Streamed updates (`streamed=True`, for optimizers without global-norm clipping): no
+quantity that needs every gradient gates the update, so XLA can update each param as
+soon as its gradient exists and free that gradient, instead of holding all of them
+(SD1.5 fp32: 3.4 GB). The skip is then decided by the loss alone, and the gradient
+norm and `qk_grads_av` leave the step as per-param partial sums (`reduce_metrics`
+finishes them): one in-graph sum over all gradients would again keep every gradient
+alive until the end of the step (measured: XLA temporaries 2.0 → 3.6 GB on SD1.5).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,14 +59,41 @@ def init_state(params: Any, frozen: Any, tx: optax.GradientTransformation, seed:
                       rng=jax.random.key_data(jax.random.key(seed)), nonfinite=jnp.zeros([], jnp.int32))
 
 
+def _qk_kernels(grads: Any) -> list[jax.Array]:
+    return [g for path, g in flatten(grads).items() if path.endswith(("to_q/kernel", "to_k/kernel"))]
+
+
 def qk_grads_average(grads: Any) -> jax.Array:
     """Mean |grad| over attention to_q / to_k kernels (0 when there are none)."""
-    leaves = [g for path, g in flatten(grads).items()
-              if path.endswith(("to_q/kernel", "to_k/kernel"))]
+    leaves = _qk_kernels(grads)
     if not leaves:
         return jnp.zeros([], jnp.float32)
     total = sum(jnp.abs(g.astype(jnp.float32)).sum() for g in leaves)
     return total / sum(g.size for g in leaves)
+
+
+def gradient_partials(grads: Any) -> dict[str, Any]:
+    """Per-param partial sums of the gradient statistics, for `reduce_metrics`.
+
+    grad_sq_parts: [Σ g² of each param] (f32 scalars).  qk_abs_parts: [Σ |g| of each
+    to_q/to_k kernel].  qk_count: [] number of values those kernels hold.
+    """
+    f32 = lambda g: g.astype(jnp.float32)
+    qk = _qk_kernels(grads)
+    return {"grad_sq_parts": [jnp.sum(jnp.square(f32(g))) for g in jax.tree.leaves(grads)],
+            "qk_abs_parts": [jnp.sum(jnp.abs(f32(g))) for g in qk],
+            "qk_count": jnp.asarray(float(sum(g.size for g in qk)), jnp.float32)}
+
+
+def reduce_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """A step's metrics (device or host arrays) → {name: float}; partial sums of a streamed
+    step become `grad_norm` and `qk_grads_av`."""
+    out = {k: float(v) for k, v in metrics.items() if not k.endswith(("_parts", "_count"))}
+    if "grad_sq_parts" in metrics:
+        out["grad_norm"] = math.sqrt(math.fsum(float(x) for x in metrics["grad_sq_parts"]))
+        count = float(metrics["qk_count"])
+        out["qk_grads_av"] = math.fsum(float(x) for x in metrics["qk_abs_parts"]) / count if count else 0.0
+    return out
 
 
 def _split_micro(x: jax.Array, k: int, spec: Any) -> jax.Array:
@@ -75,7 +111,8 @@ def _split_micro(x: jax.Array, k: int, spec: Any) -> jax.Array:
 def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossConfig,
                     tx: optax.GradientTransformationExtraArgs, lr_fn: optax.Schedule, *, ema_cfg: EMAConfig | None = None,
                     grad_accum_steps: int = 1, empty_cond: dict[str, jax.Array] | None = None,
-                    micro_batch_sharding: Any = None, loss_fn: Callable | None = None) -> Callable:
+                    micro_batch_sharding: Any = None, loss_fn: Callable | None = None,
+                    streamed: bool = False) -> Callable:
     """The pure step function `(state, batch) -> (state, metrics)`.
 
     apply_fn(params, noisy, t, encoder_hidden_states, added_cond) runs the model on full (merged) params.
@@ -83,7 +120,10 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
       `grad_norm=` (clipping) and `apply=` (the NaN skip).
     loss_fn: replaces `diffusion_loss` (same signature) — the "what the loss is" seam.
     micro_batch_sharding: sharding of a [k, b, ...] micro-batch stack (None on one device).
-    metrics: loss, loss_raw, grad_norm, lr, qk_grads_av, skipped (1 if this update was skipped).
+    streamed: update each param as soon as its gradient exists (module docstring); the
+      optimizer must not clip by the global norm. The skip then looks at the loss only.
+    metrics: loss, loss_raw, grad_norm, lr, qk_grads_av, skipped (1 if this update was skipped);
+      streamed: grad_norm and qk_grads_av as partial sums — pass metrics through `reduce_metrics`.
     """
     k = grad_accum_steps
     objective = loss_fn or diffusion_loss
@@ -114,8 +154,12 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
             (g_sum, l_sum, r_sum), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
             grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), g_sum, state.params)
             loss, raw = l_sum / k, r_sum / k
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if streamed:
+            grad_norm = None
+            finite = jnp.isfinite(loss)
+        else:
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # the skip lives inside the optimizer (updates exactly 0, state rewritten with itself):
         # selecting old-or-new state here would cost XLA a whole-state temporary
         updates, new_opt = tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm, apply=finite)
@@ -127,8 +171,11 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
             step=new_step, params=new_params, opt_state=new_opt, ema=new_ema,
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
         )
-        metrics = {"loss": loss, "loss_raw": raw, "grad_norm": grad_norm, "lr": lr_fn(state.step),
-                   "qk_grads_av": qk_grads_average(grads), "skipped": (~finite).astype(jnp.int32)}
+        metrics = {"loss": loss, "loss_raw": raw, "lr": lr_fn(state.step), "skipped": (~finite).astype(jnp.int32)}
+        if streamed:
+            metrics.update(gradient_partials(grads))
+        else:
+            metrics.update(grad_norm=grad_norm, qk_grads_av=qk_grads_average(grads))
         return new_state, metrics
 
     return step_fn

@@ -85,23 +85,31 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
         step_size = -jnp.where(ok, lr_of(state.count), 0.0)
         decay = _decay_flags(mask, params)
 
+        def blocks_update(gb, m: QuantizedMoment, v: QuantizedMoment, pb, wd_on):
+            """Rows of [blocks, block_size]: gradient, both moments, param → update, new moments."""
+            gb = jnp.where(ok, gb.astype(jnp.float32), 0.0) * scale
+            mf = k1 * gb + keep1 * (decode(m.codes, True) * m.absmax[:, None])
+            vf = k2 * (gb * gb) + keep2 * (decode(v.codes, False) * v.absmax[:, None])
+            u = (mf / c1) / (jnp.sqrt(vf / c2) + eps)
+            if wd_on and weight_decay:
+                u = u + weight_decay * pb
+            return (step_size * u).astype(pb.dtype), _store(mf, m, True, ok), _store(vf, v, False, ok)
+
         def one(g, m, v, p, wd_on):
-            g = jnp.where(ok, g.astype(jnp.float32), 0.0) * scale
             if isinstance(m, QuantizedMoment):  # all in [blocks, block_size] layout, as the codes
-                bs = m.codes.shape[1]
-                gb = _blocks(g, bs)
-                mf = k1 * gb + keep1 * (decode(m.codes, True) * m.absmax[:, None])
-                vf = k2 * (gb * gb) + keep2 * (decode(v.codes, False) * v.absmax[:, None])
-                u = _unblocks((mf / c1) / (jnp.sqrt(vf / c2) + eps), g.shape)
-                new_m, new_v = _store(mf, m, True, ok), _store(vf, v, False, ok)
-            else:
-                mf = k1 * g + keep1 * m
-                vf = k2 * (g * g) + keep2 * v
-                u = (mf / c1) / (jnp.sqrt(vf / c2) + eps)
-                new_m, new_v = mf, vf
+                blocks, bs = m.codes.shape
+                if p.size == blocks * bs and blocks >= 2 * _LOOP_ROWS:
+                    return _row_loop(blocks_update, g.reshape(blocks, bs), m, v, p.reshape(blocks, bs),
+                                     wd_on, p.shape)
+                ub, new_m, new_v = blocks_update(_blocks(g, bs), m, v, _blocks(p, bs), wd_on)
+                return _unblocks(ub, p.shape), new_m, new_v
+            g = jnp.where(ok, g.astype(jnp.float32), 0.0) * scale
+            mf = k1 * g + keep1 * m
+            vf = k2 * (g * g) + keep2 * v
+            u = (mf / c1) / (jnp.sqrt(vf / c2) + eps)
             if wd_on and weight_decay:
                 u = u + weight_decay * p
-            return (step_size * u).astype(p.dtype), new_m, new_v
+            return (step_size * u).astype(p.dtype), mf, vf
 
         treedef = jax.tree.structure(grads)
         leaves = zip(*(treedef.flatten_up_to(t) for t in (grads, state.mu, state.nu, params, decay)), strict=True)
@@ -123,6 +131,35 @@ def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float
     fp32 moments (their bytes don't matter, and biases/norm scales are the most sensitive)."""
     return fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, clip_grad_norm, quantized_moments=True,
                        block_size=block_size, min_quantized_size=min_quantized_size)
+
+
+# Quantised params of at least 2 × this many blocks are updated by a loop over row chunks of
+# this many blocks (2048 values each): XLA:CPU otherwise computed every param's fp32 moments
+# at once (SD1.5: 10.5 GB of temporaries; optimization barriers do not survive its scheduler).
+_LOOP_ROWS = 64
+
+
+def _row_loop(blocks_update: Callable, gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, pb: jax.Array,
+              wd_on: bool, shape: tuple[int, ...]) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
+    """`blocks_update` over chunks of `_LOOP_ROWS` rows, the results written in place; the update
+    goes into the gradient's buffer (each chunk of it is read before it is overwritten)."""
+    rows = gb.shape[0]
+
+    def chunk(start, size, carry):
+        u, mc, ma, vc, va = carry
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 0)
+        du, dm, dv = blocks_update(take(u), QuantizedMoment(take(mc), take(ma)),
+                                   QuantizedMoment(take(vc), take(va)), take(pb), wd_on)
+        put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)
+        return put(u, du), put(mc, dm.codes), put(ma, dm.absmax), put(vc, dv.codes), put(va, dv.absmax)
+
+    full = rows // _LOOP_ROWS
+    carry = jax.lax.fori_loop(0, full, lambda i, c: chunk(i * _LOOP_ROWS, _LOOP_ROWS, c),
+                              (gb.astype(pb.dtype), m.codes, m.absmax, v.codes, v.absmax))
+    if rows % _LOOP_ROWS:
+        carry = chunk(full * _LOOP_ROWS, rows % _LOOP_ROWS, carry)
+    u, mc, ma, vc, va = carry
+    return u.reshape(shape), QuantizedMoment(mc, ma), QuantizedMoment(vc, va)
 
 
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:

@@ -3,7 +3,8 @@
   "train"   jaxsd's real training step (`jaxsd.train.step.make_train_step`): noise and
             timesteps drawn inside the step, DDPM noising, MSE to the target, gradient
             clipping, the trainer's optimizer (`jaxsd.train.optimizers`), the NaN guard —
-            what `jaxsd train` runs, with default loss/optimizer settings and no EMA.
+            what `jaxsd train` runs, with default loss/optimizer settings and no EMA,
+            compiled with the trainer's XLA options (`jaxsd.train.compile`).
   "simple"  bare forward + backward + optax update on pre-noised inputs with a fixed
             target. Deterministic, so jaxsd's and torch's first losses must agree: the
             proof that both frameworks run the same network on the same weights.
@@ -39,12 +40,15 @@ class StepKit:
     loss: Callable[[Any], jax.Array]
     updates_state: bool = True
     """False: step(*state, batch) -> aux only (the state is reused unchanged, e.g. "grad")."""
+    compiler_options: dict | None = None
+    """XLA options the step is compiled with (the trainer's, for "train")."""
 
     def abstract_state(self, abstract_params: Any) -> tuple:
         return jax.eval_shape(self.init, abstract_params)
 
 
-def make_kit(kind: str, model, optimizer: str) -> StepKit:
+def make_kit(kind: str, model, optimizer: str, clip: float = 1.0) -> StepKit:
+    """clip: global-norm clipping of the "train" step (0 = off: the trainer then streams the update)."""
     if kind == "simple":
         tx = J.make_optimizer(optimizer)
         return StepKit("simple", J.make_train_step(model, tx), lambda p: (p, tx.init(p)), (0, 1),
@@ -54,7 +58,7 @@ def make_kit(kind: str, model, optimizer: str) -> StepKit:
         return StepKit("grad", grad_fn, lambda p: (p,), (), lambda b: b, lambda aux: aux[0],
                        updates_state=False)
     if kind == "train":
-        return _trainer_kit(model, optimizer)
+        return _trainer_kit(model, optimizer, clip)
     raise ValueError(f"unknown step kind {kind!r}; choose one of {STEP_KINDS}")
 
 
@@ -67,20 +71,22 @@ def _trainer_batch(b: dict) -> dict:
     return out
 
 
-def _trainer_kit(model, optimizer: str) -> StepKit:
+def _trainer_kit(model, optimizer: str, clip: float) -> StepKit:
     from jaxsd.config import DiffusionConfig, LossConfig, OptimizerConfig
     from jaxsd.diffusion.schedule import NoiseSchedule
+    from jaxsd.train.compile import train_step_compiler_options
     from jaxsd.train.model import make_apply_fn
     from jaxsd.train.optimizers import make_optimizer
     from jaxsd.train.step import init_state, make_train_step
     from jaxsd.train.trainable import split_params
 
-    tx, lr_fn = make_optimizer(OptimizerConfig(name=optimizer), total_steps=1000)
+    tx, lr_fn = make_optimizer(OptimizerConfig(name=optimizer, clip_grad_norm=clip or None), total_steps=1000)
     schedule = NoiseSchedule.from_config(DiffusionConfig().to_scheduler_config())
-    step = make_train_step(make_apply_fn(model), schedule, LossConfig(), tx, lr_fn)
+    step = make_train_step(make_apply_fn(model), schedule, LossConfig(), tx, lr_fn, streamed=not clip)
 
     def init(params):
         trainable, frozen = split_params(params)
         return (init_state(trainable, frozen, tx, seed=0, ema=False),)
 
-    return StepKit("train", step, init, (0,), _trainer_batch, lambda metrics: metrics["loss"])
+    return StepKit("train", step, init, (0,), _trainer_batch, lambda metrics: metrics["loss"],
+                   compiler_options=train_step_compiler_options())

@@ -103,12 +103,12 @@ def tree_bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def timed_compile(fn: Callable, *args, donate_argnums=(0, 1), **jit_kw):
+def timed_compile(fn: Callable, *args, donate_argnums=(0, 1), compiler_options: dict | None = None, **jit_kw):
     """AOT-compile `fn` for `args` (arrays or ShapeDtypeStructs); returns (compiled, lower_s, compile_s)."""
     t0 = time.perf_counter()
     lowered = jax.jit(fn, donate_argnums=donate_argnums, **jit_kw).lower(*args)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options or None)
     t2 = time.perf_counter()
     return compiled, t1 - t0, t2 - t1
 

@@ -65,13 +65,15 @@ def torch_batch(np_batch: dict) -> dict:
     return out
 
 
-def make_train_step(model, opt: torch.optim.Optimizer, dtype: str, kind: str = "simple") -> Callable[[dict], float]:
+def make_train_step(model, opt: torch.optim.Optimizer, dtype: str, kind: str = "simple",
+                    clip: float = 1.0) -> Callable[[dict], float]:
     """batch -> loss: forward (autocast for bf16), fp32 MSE, backward, optimizer step.
 
     kind "simple": the batch's pre-noised sample and fixed target.
     kind "grad": as "simple" but forward + backward only (no optimizer step).
     kind "train": what diffusers' train_text_to_image does per step — fresh noise and
-    timesteps, DDPMScheduler.add_noise on the latents, epsilon target, grad-norm clip at 1.
+    timesteps, DDPMScheduler.add_noise on the latents, epsilon target, grad-norm clip at
+    `clip` (0 = none).
     """
     from diffusers import DDPMScheduler
 
@@ -95,8 +97,8 @@ def make_train_step(model, opt: torch.optim.Optimizer, dtype: str, kind: str = "
                          added_cond_kwargs=batch.get("added_cond_kwargs"), return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
-        if kind == "train":
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if kind == "train" and clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if kind != "grad":
             opt.step()
         opt.zero_grad(set_to_none=True)

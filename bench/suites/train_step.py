@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from bench.harness import comparison_table, make_record, repeat_children, run_child
 from bench.presets import DEFAULT_LATENT, UNET_PRESETS, numpy_batch, unet_preset
 
-LABELS = ("preset", "step", "latent", "batch", "dtype", "optimizer")
+LABELS = ("preset", "step", "clip", "latent", "batch", "dtype", "optimizer")
 
 
 def add_unet_arguments(p: argparse.ArgumentParser, *, preset: str = "tiny") -> None:
@@ -36,6 +36,10 @@ def add_unet_arguments(p: argparse.ArgumentParser, *, preset: str = "tiny") -> N
                    help="jaxsd attention implementation")
     p.add_argument("--remat", default=None, metavar="POLICY",
                    help="jaxsd rematerialisation policy name (default: none)")
+    p.add_argument("--clip", type=float, default=1.0, metavar="NORM",
+                   help="--step train: global-norm gradient clipping in both frameworks (default 1.0, as "
+                        "diffusers' recipe); 0 = off, which lets jaxsd update each param as soon as its "
+                        "gradient exists instead of holding every gradient")
     p.add_argument("--weights-dir", default=None, metavar="DIR",
                    help="keep the shared random UNet weights here between runs (default: a temp dir)")
 
@@ -52,8 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def base_config(args: argparse.Namespace) -> dict:
     """The knobs every UNet-step measurement shares (recorded in each JSON line)."""
-    return {"preset": args.preset, "step": args.step, "dtype": args.dtype, "optimizer": args.optimizer, "attention": args.attention,
-            "remat": args.remat, "warmup": args.warmup, "repeats": args.repeats, "processes": args.processes}
+    config = {"preset": args.preset, "step": args.step, "dtype": args.dtype, "optimizer": args.optimizer,
+              "attention": args.attention, "remat": args.remat, "warmup": args.warmup, "repeats": args.repeats,
+              "processes": args.processes}
+    if args.step == "train":
+        config["clip"] = args.clip
+    return config
 
 
 @contextlib.contextmanager
@@ -90,7 +98,10 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def format_table(records: list[dict]) -> str:
-    return comparison_table(records, LABELS)
+    # records from before --clip existed: their "train" steps clipped at 1.0
+    shown = [{**r, "config": {"clip": 1.0 if r["config"].get("step") == "train" else "—", **r["config"]}}
+             for r in records]
+    return comparison_table(shown, LABELS)
 
 
 # ----------------------------------------------------------------------------- children
@@ -120,7 +131,7 @@ def child_jaxsd(config: dict) -> dict:
     baseline = _rss_gb()
     cfg = config["unet"]
     model = J.build_model(cfg, config["dtype"], config["attention"], config.get("remat"))
-    kit = make_kit(config["step"], model, config["optimizer"])
+    kit = make_kit(config["step"], model, config["optimizer"], clip=config.get("clip", 1.0))
     batch = kit.to_batch({k: jnp.asarray(v) for k, v in numpy_batch(cfg, config["batch"], config["latent"],
                                                                         seed=1).items()})
     if config.get("folder"):
@@ -129,10 +140,17 @@ def child_jaxsd(config: dict) -> dict:
         _, params = load_unet(config["folder"])
     else:
         params = J.init_params(model)
+    num_params = int(sum(x.size for x in jax.tree.leaves(params)))
     state = jax.jit(kit.init, donate_argnums=0)(params)  # donated: the state takes over the params' buffers
     del params
-    compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate)
+    compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate,
+                                                   compiler_options=kit.compiler_options)
     mem = compiled.memory_analysis()
+    flops = J.flops_of(compiled)
+    if kit.kind == "train":  # as the trainer does after compiling (jaxsd.train.compile.compile_train_step)
+        from jaxsd.train.compile import release_freed_host_memory
+
+        release_freed_host_memory()
     # where the peak comes from: the high-water mark once compiled vs. the child's final peak
     peak_after_compile = _rss_gb("VmHWM")
     n = len(state)
@@ -151,10 +169,10 @@ def child_jaxsd(config: dict) -> dict:
             first_loss = float(kit.loss(aux))
     return {"step_s": times, "compile_s": lower_s + compile_s, "lower_s": lower_s,
             "info": {"backend": jax.default_backend(), "devices": jax.device_count(), "first_loss": first_loss,
-                     "flops": J.flops_of(compiled), "baseline_rss_gb": baseline,
+                     "flops": flops, "baseline_rss_gb": baseline,
                      "peak_rss_after_compile_gb": peak_after_compile,
                      "xla_temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem else None,
-                     "num_params": int(sum(x.size for x in jax.tree.leaves(J.abstract_params(model))))}}
+                     "num_params": num_params}}
 
 
 def child_torch(config: dict) -> dict:
@@ -166,7 +184,7 @@ def child_torch(config: dict) -> dict:
     cfg = config["unet"]
     model = T.load_unet(config.get("folder"), cfg)
     opt = T.make_optimizer(config["optimizer"], model.parameters())
-    step = T.make_train_step(model, opt, config["dtype"], config["step"])
+    step = T.make_train_step(model, opt, config["dtype"], config["step"], clip=config.get("clip", 1.0))
     batch = T.torch_batch(numpy_batch(cfg, config["batch"], config["latent"], seed=1))
     first_loss, times = None, []
     for i in range(config["warmup"] + config["repeats"]):

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsd.config import Config, to_yaml
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.train.checkpoint import Checkpointer
-from jaxsd.train.compile import compile_train_step
+from jaxsd.train.compile import compile_train_step, use_compilation_cache
 from jaxsd.train.logging import RunLogger
 from jaxsd.train.model import (
     build_unet,
@@ -180,6 +180,7 @@ def plan_state(cfg: Config, mesh) -> StatePlan:
 def train(cfg: Config, source: Any = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; returns the final state and why it stopped."""
     maybe_initialize_distributed(cfg.sharding)
+    cache_dir = use_compilation_cache(cfg.train.compilation_cache)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_file_logging(run_dir)
@@ -188,6 +189,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
 
     mesh = make_mesh(cfg.sharding)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+    log.info("XLA compilation cache: %s", cache_dir or "off")
     plan = plan_state(cfg, mesh)
     module, shardings, tx, lr_fn, abstract = plan.module, plan.param_shardings, plan.tx, plan.lr_fn, plan.abstract
     state_sharding = plan.state_shardings

@@ -5,7 +5,8 @@
 * the from-scratch run reduces the loss; TensorBoard events read back;
 * NaN batches: updates skipped, then a clean stop with the last good checkpoint intact; trigger-file save.
 
-All runs share one persistent XLA compilation cache, so the step is compiled once for the module.
+All runs share one persistent XLA compilation cache (`train.compilation_cache`), so the step is
+compiled once for the module.
 """
 
 import json
@@ -69,11 +70,12 @@ COMMON = ["model.unet.block_out_channels=[32]", "model.unet.down_block_types=[Cr
 
 def _run(tmp: Path, mode: str, run_dir: Path, extra=(), env=None, expect_kill=False):
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-                "JAX_COMPILATION_CACHE_DIR": str(tmp / "xla_cache"),
                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
                 **(env or {})}
     full_env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", RUNNER, mode, f"train.run_dir={run_dir}", *COMMON, *extra],
+    full_env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the runs use train.compilation_cache
+    cache = f"train.compilation_cache={tmp / 'xla_cache'}"
+    proc = subprocess.run([sys.executable, "-c", RUNNER, mode, f"train.run_dir={run_dir}", cache, *COMMON, *extra],
                           capture_output=True, text=True, env=full_env, cwd=REPO, timeout=900, check=False)
     if expect_kill:
         assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
@@ -94,6 +96,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
     straight, _ = _run(tmp, "plain", tmp / "straight")
+    assert any((tmp / "xla_cache").iterdir()), "train.compilation_cache stored nothing"
     return tmp, straight
 
 

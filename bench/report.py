@@ -22,10 +22,18 @@ SUITE_MODULES = {"train-step": "train_step", "scaling": "scaling", "sample": "sa
 
 
 def latest(records: list[dict]) -> dict[str, list[dict]]:
-    """suite -> newest record per configuration, in first-seen order."""
+    """suite -> newest record per configuration, in first-seen order.
+
+    A suite module may define `normalize_config(config) -> config` (defaults of options added
+    later), so records from before an option existed count as the same configuration.
+    """
     by_suite: dict[str, dict[str, dict]] = {}
     for r in records:
-        key = json.dumps(r.get("config", {}), sort_keys=True)
+        config = r.get("config", {})
+        if r["suite"] in SUITE_MODULES:
+            module = importlib.import_module(f"bench.suites.{SUITE_MODULES[r['suite']]}")
+            config = getattr(module, "normalize_config", lambda c: c)(config)
+        key = json.dumps(config, sort_keys=True)
         by_suite.setdefault(r["suite"], {})[key] = r
     return {s: list(v.values()) for s, v in by_suite.items()}
 

@@ -97,10 +97,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     return [make_record("train-step", config, results, note=args.note)]
 
 
+def normalize_config(config: dict) -> dict:
+    """Records from before --clip existed: their "train" steps clipped at 1.0."""
+    if config.get("step") == "train" and "clip" not in config:
+        return {**config, "clip": 1.0}
+    return config
+
+
 def format_table(records: list[dict]) -> str:
-    # records from before --clip existed: their "train" steps clipped at 1.0
-    shown = [{**r, "config": {"clip": 1.0 if r["config"].get("step") == "train" else "—", **r["config"]}}
-             for r in records]
+    shown = [{**r, "config": {"clip": "—", **normalize_config(r["config"])}} for r in records]
     return comparison_table(shown, LABELS)
 
 

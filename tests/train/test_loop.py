@@ -155,6 +155,19 @@ def test_nan_batches_are_skipped_then_the_run_stops_with_the_good_checkpoint(run
     assert skipped == [0] * 5 + [1] * 3
 
 
+def test_streamed_updates_log_gradient_statistics_and_skip_nan_losses(runs):
+    # optimizer.clip_grad_norm=null: the step streams its updates, the loop finishes the gradient
+    # statistics from per-param partial sums and skips on the loss alone
+    tmp, _ = runs
+    run_dir = tmp / "streamed"
+    result, _ = _run(tmp, "nan", run_dir, extra=["train.max_nonfinite_skips=2", "optimizer.clip_grad_norm=null"])
+    assert result["stopped"] == "nonfinite" and result["step"] == 8
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [0] * 5 + [1] * 3
+    assert all(r["grad_norm"] > 0 and r["qk_grads_av"] > 0 for r in records[:5])
+    assert not any(k.endswith(("_parts", "_count")) for r in records for k in r)
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_export_loads_in_diffusers_and_matches_our_unet(runs, tmp_path):

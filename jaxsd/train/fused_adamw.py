@@ -88,17 +88,14 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
 
         coeffs = _Coefficients(ok, scale, k1, k2, keep1, keep2, c1, c2, step_size)
 
-        def blocks_update(gb, m: QuantizedMoment, v: QuantizedMoment, pb, wd_on):
-            return _quantized_blocks_update(gb, m, v, pb, coeffs, weight_decay=weight_decay if wd_on else 0.0,
-                                            eps=eps)
-
         def one(g, m, v, p, wd_on):
             if isinstance(m, QuantizedMoment):  # all in [blocks, block_size] layout, as the codes
+                update = functools.partial(_quantized_blocks_update, co=coeffs, eps=eps,
+                                           weight_decay=weight_decay if wd_on else 0.0)
                 blocks, bs = m.codes.shape
                 if p.size == blocks * bs and blocks >= 2 * _LOOP_ROWS:
-                    return _row_loop(blocks_update, g.reshape(blocks, bs), m, v, p.reshape(blocks, bs),
-                                     wd_on, p.shape)
-                ub, new_m, new_v = blocks_update(_blocks(g, bs), m, v, _blocks(p, bs), wd_on)
+                    return _row_loop(update, g.reshape(blocks, bs), m, v, p.reshape(blocks, bs), p.shape)
+                ub, new_m, new_v = update(_blocks(g, bs), m, v, _blocks(p, bs))
                 return _unblocks(ub, p.shape), new_m, new_v
             g = jnp.where(ok, g.astype(jnp.float32), 0.0) * scale
             mf = k1 * g + keep1 * m
@@ -167,16 +164,16 @@ _LOOP_ROWS = 64
 
 
 def _row_loop(blocks_update: Callable, gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, pb: jax.Array,
-              wd_on: bool, shape: tuple[int, ...]) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
-    """`blocks_update` over chunks of `_LOOP_ROWS` rows, the results written in place; the update
-    goes into the gradient's buffer (each chunk of it is read before it is overwritten)."""
+              shape: tuple[int, ...]) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
+    """`blocks_update(g, m, v, p)` over chunks of `_LOOP_ROWS` rows, the results written in place;
+    the update goes into the gradient's buffer (each chunk of it is read before it is overwritten)."""
     rows = gb.shape[0]
 
     def chunk(start, size, carry):
         u, mc, ma, vc, va = carry
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 0)
         du, dm, dv = blocks_update(take(u), QuantizedMoment(take(mc), take(ma)),
-                                   QuantizedMoment(take(vc), take(va)), take(pb), wd_on)
+                                   QuantizedMoment(take(vc), take(va)), take(pb))
         put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)
         return put(u, du), put(mc, dm.codes), put(ma, dm.absmax), put(vc, dv.codes), put(va, dv.absmax)
 

@@ -59,17 +59,16 @@ def init_state(params: Any, frozen: Any, tx: optax.GradientTransformation, seed:
                       rng=jax.random.key_data(jax.random.key(seed)), nonfinite=jnp.zeros([], jnp.int32))
 
 
-def _qk_kernels(grads: Any) -> list[jax.Array]:
-    return [g for path, g in flatten(grads).items() if path.endswith(("to_q/kernel", "to_k/kernel"))]
+def _qk_partials(grads: Any) -> tuple[list[jax.Array], int]:
+    """([Σ |g| of each attention to_q / to_k kernel], number of values those kernels hold)."""
+    qk = [g for path, g in flatten(grads).items() if path.endswith(("to_q/kernel", "to_k/kernel"))]
+    return [jnp.sum(jnp.abs(g.astype(jnp.float32))) for g in qk], sum(g.size for g in qk)
 
 
 def qk_grads_average(grads: Any) -> jax.Array:
     """Mean |grad| over attention to_q / to_k kernels (0 when there are none)."""
-    leaves = _qk_kernels(grads)
-    if not leaves:
-        return jnp.zeros([], jnp.float32)
-    total = sum(jnp.abs(g.astype(jnp.float32)).sum() for g in leaves)
-    return total / sum(g.size for g in leaves)
+    parts, count = _qk_partials(grads)
+    return sum(parts) / count if count else jnp.zeros([], jnp.float32)
 
 
 def gradient_partials(grads: Any) -> dict[str, Any]:
@@ -78,11 +77,9 @@ def gradient_partials(grads: Any) -> dict[str, Any]:
     grad_sq_parts: [Σ g² of each param] (f32 scalars).  qk_abs_parts: [Σ |g| of each
     to_q/to_k kernel].  qk_count: [] number of values those kernels hold.
     """
-    f32 = lambda g: g.astype(jnp.float32)
-    qk = _qk_kernels(grads)
-    return {"grad_sq_parts": [jnp.sum(jnp.square(f32(g))) for g in jax.tree.leaves(grads)],
-            "qk_abs_parts": [jnp.sum(jnp.abs(f32(g))) for g in qk],
-            "qk_count": jnp.asarray(float(sum(g.size for g in qk)), jnp.float32)}
+    qk_parts, qk_count = _qk_partials(grads)
+    return {"grad_sq_parts": [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)],
+            "qk_abs_parts": qk_parts, "qk_count": jnp.asarray(float(qk_count), jnp.float32)}
 
 
 def reduce_metrics(metrics: dict[str, Any]) -> dict[str, float]:

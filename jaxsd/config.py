@@ -48,7 +48,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     """dtype of the trained (master) params and optimizer moments."""
     attention_impl: str = "auto"
-    """auto | xla | cudnn (see jaxsd/models/attention.py)."""
+    """auto | einsum | xla | cudnn (see jaxsd/models/attention.py)."""
     remat_policy: str | None = None
     """activation checkpointing of UNet blocks: None | "full" | "dots" (names understood by the UNet)."""
 
@@ -265,7 +265,7 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.attention_impl": ("auto", "einsum", "xla", "cudnn"),
     "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
     "loss.timestep_sampling": ("uniform", "logit_normal"),
     "loss.loss_type": ("l2", "l1", "huber"),

@@ -32,7 +32,7 @@ def add_unet_arguments(p: argparse.ArgumentParser, *, preset: str = "tiny") -> N
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype; params stay fp32 (torch side: torch.autocast)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "adafactor"))
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+    p.add_argument("--attention", default="auto", choices=("auto", "einsum", "xla", "cudnn"),
                    help="jaxsd attention implementation")
     p.add_argument("--remat", default=None, metavar="POLICY",
                    help="jaxsd rematerialisation policy name (default: none)")

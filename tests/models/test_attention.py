@@ -31,8 +31,8 @@ def test_einsum_matches_jax_attention_with_gradients(case):
     k, v = (jax.random.normal(key, (2, 5, 3, 8)) for key in ks[1:3])
     bias = jax.random.normal(ks[3], (1, 3, 7, 5))
     mask = jax.random.bernoulli(ks[4], 0.7, (2, 1, 7, 5)).at[0, 0, 2].set(False)  # one fully masked row
-    kw = {"plain": {}, "bias": dict(bias=bias), "mask": dict(mask=mask),
-          "bias_mask_scale": dict(bias=bias, mask=mask, scale=1.0), "causal": dict(is_causal=True)}[case]
+    kw = {"plain": {}, "bias": {"bias": bias}, "mask": {"mask": mask},
+          "bias_mask_scale": {"bias": bias, "mask": mask, "scale": 1.0}, "causal": {"is_causal": True}}[case]
     if case == "causal":  # causal needs Lq == Lk
         k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in ks[1:3])
 

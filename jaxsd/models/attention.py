@@ -10,7 +10,8 @@ is chosen per platform:
 * ``"einsum"`` — our own two matmuls and softmax with the heads axis moved in front
   ([B, H, L, D]). The same math as `jax.nn.dot_product_attention`'s XLA path, whose
   [B, L, H, D] → [B, H, Lq, Lk] einsums cost XLA:CPU transposes around the softmax
-  passes: the `small` preset's train step is 5–7 % faster with it (docs/benchmarks.md).
+  passes: the `small` preset's train step is 3 % faster with it (wall; 5 % CPU time;
+  interleaved A/B in one process, docs/benchmarks.md).
 * ``"xla"`` (`jax.nn.dot_product_attention`) / ``"cudnn"`` — forced.
 """
 

@@ -98,7 +98,10 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def normalize_config(config: dict) -> dict:
-    """Records from before --clip existed: their "train" steps clipped at 1.0."""
+    """What identifies a configuration in the report: records from before --clip existed clipped
+    "train" steps at 1.0; warm-up and repeat counts are measurement effort, not configuration
+    (a newer run with more repeats replaces an older one)."""
+    config = {k: v for k, v in config.items() if k not in ("warmup", "repeats")}
     if config.get("step") == "train" and "clip" not in config:
         return {**config, "clip": 1.0}
     return config

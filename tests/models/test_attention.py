@@ -17,8 +17,8 @@ def _rel(x, y):
     return float(jnp.abs(x - y).max() / jnp.abs(y).max())
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="auto's choice on CPU")
 def test_auto_is_einsum_on_cpu():
-    assert jax.default_backend() == "cpu"
     assert choose_implementation("auto", jnp.float32, 40) == "einsum"
     with pytest.raises(ValueError, match="unknown"):
         choose_implementation("flash", jnp.float32, 40)

@@ -90,5 +90,5 @@ def test_sd15_streamed_step_holds_fewer_gradients():
                                          compiler_options=kit.compiler_options)
         temps[clip] = compiled.memory_analysis().temp_size_in_bytes
     assert temps[0.0] < 0.7 * grad_bytes, (temps, grad_bytes)
-    # clipped, (nearly) all of them: measured 3.37 GB for 3.44 GB of gradients
-    assert temps[1.0] >= 0.9 * grad_bytes, (temps, grad_bytes)
+    # clipped, (nearly) all of them: measured 3.37 GB for 3.44 GB of gradients (0.98)
+    assert temps[1.0] >= 0.95 * grad_bytes, (temps, grad_bytes)

@@ -25,6 +25,7 @@ from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipelines.generate import GenerateSpec, compiled_generate, progress_hook
 from jaxsd.pipelines.loading import LoadedPipeline, load_pipeline
+from jaxsd.text.prompts import PromptEmbeddings
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class StableDiffusion:
                 raise ValueError(f"{name} {v} must be a positive multiple of {self.vae_factor} (the VAE's "
                                  f"downscale factor): try {max(self.vae_factor, v // self.vae_factor * self.vae_factor)}")
 
-    def generate(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+    def generate(self, prompt: str | Sequence[str] | None = None, *,
+                 negative_prompt: str | Sequence[str] | None = None,
+                 prompt_embeds: PromptEmbeddings | None = None, negative_prompt_embeds: PromptEmbeddings | None = None,
                  steps: int = 30, guidance: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "dpmpp_2m",
                  seed: int = 0, height: int | None = None, width: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, init_image: np.ndarray | None = None, strength: float = 0.8,
@@ -91,6 +94,10 @@ class StableDiffusion:
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Generate images; returns uint8 [len(prompts) * num_images, H, W, 3] (prompt-major, as diffusers).
+
+        prompt_embeds, negative_prompt_embeds: instead of `prompt` / `negative_prompt`, both from
+          `PromptEncoder.encode_with_negative` (one row per prompt, N = its batch): what diffusers calls
+          by the same names. The text encoders are not used, so they may be unloaded (`self.text = None`).
 
         latents: NCHW float32 initial noise [N, C, H/f, W/f] (diffusers' `latents`); default drawn from `seed`.
           With init_image it is the noise added to the image latents (diffusers draws it internally).
@@ -101,9 +108,7 @@ class StableDiffusion:
         check_sampler_name(sampler)
         if eta and sampler != "ddim":
             raise ValueError(f"eta={eta} applies to the ddim sampler only (got sampler {sampler!r})")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("no prompt given")
+        cond, uncond = self._embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         img2img = init_image is not None
@@ -122,7 +127,8 @@ class StableDiffusion:
         dh, dw = self.default_size
         height, width = height or dh, width or dw
         self.check_size(height, width)
-        n = len(prompts) * num_images
+        n = cond.encoder_hidden_states.shape[0] * num_images
+        cond, uncond = cond.repeat(num_images), uncond.repeat(num_images)
 
         noise_key, run_key = generation_keys(seed)
         shape = self.latent_shape(n, height, width)
@@ -136,7 +142,6 @@ class StableDiffusion:
                                  f"width/{self.vae_factor})")
             noise = jnp.asarray(latents.astype(np.float32).transpose(0, 2, 3, 1))
 
-        cond, uncond = self.text.encode_with_negative(prompts, negative_prompt, num_images_per_prompt=num_images)
         context = jnp.concatenate([uncond.encoder_hidden_states, cond.encoder_hidden_states], axis=0)
         added = None
         if self.pipe.unet_config.addition_embed_type == "text_time":
@@ -163,3 +168,26 @@ class StableDiffusion:
             images = np.asarray(fn(inputs))
         self.last_run_seconds = time.perf_counter() - t0
         return images
+
+    def _embeddings(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                    ) -> tuple[PromptEmbeddings, PromptEmbeddings]:
+        """(conditional, unconditional) embeddings, one row per prompt, from prompts or as given."""
+        if prompt_embeds is None:
+            if negative_prompt_embeds is not None:
+                raise ValueError("negative_prompt_embeds without prompt_embeds; give both, or prompts")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+            if not prompts:
+                raise ValueError("no prompt given")
+            if self.text is None:
+                raise ValueError("this pipeline's text encoders were unloaded; pass prompt_embeds and "
+                                 "negative_prompt_embeds instead of prompts")
+            return self.text.encode_with_negative(prompts, negative_prompt)
+        if prompt is not None or negative_prompt is not None:
+            raise ValueError("give prompts or prompt_embeds, not both")
+        if negative_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs negative_prompt_embeds (classifier-free guidance uses both); "
+                             "PromptEncoder.encode_with_negative makes the pair")
+        got, want = negative_prompt_embeds.encoder_hidden_states.shape, prompt_embeds.encoder_hidden_states.shape
+        if got != want:
+            raise ValueError(f"negative_prompt_embeds {got} and prompt_embeds {want} differ in shape")
+        return prompt_embeds, negative_prompt_embeds

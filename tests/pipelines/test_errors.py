@@ -101,3 +101,24 @@ def test_no_recompilation_for_prompt_seed_guidance_strength(sd_pipe, caplog):
 def test_eta_only_with_ddim(sd_pipe):
     with pytest.raises(ValueError, match="eta=0.5 applies to the ddim sampler only"):
         sd_pipe.generate("x", sampler="euler", eta=0.5, steps=4)
+
+
+def test_prompt_embeds_stand_in_for_prompts(sd_pipe):
+    """Embeddings from `encode_with_negative` give the very images their prompts give; mixing or halving
+    the two ways is refused, and so are prompts once the text encoders are unloaded."""
+    options = dict(num_images=2, steps=10, sampler="dpmpp_2m", seed=4)
+    cond, uncond = sd_pipe.text.encode_with_negative(["a red cube"], "blurry")
+    np.testing.assert_array_equal(sd_pipe.generate(prompt_embeds=cond, negative_prompt_embeds=uncond, **options),
+                                  sd_pipe.generate("a red cube", negative_prompt="blurry", **options))
+    with pytest.raises(ValueError, match="give prompts or prompt_embeds, not both"):
+        sd_pipe.generate("x", prompt_embeds=cond, negative_prompt_embeds=uncond)
+    with pytest.raises(ValueError, match="prompt_embeds needs negative_prompt_embeds"):
+        sd_pipe.generate(prompt_embeds=cond)
+    with pytest.raises(ValueError, match="negative_prompt_embeds without prompt_embeds"):
+        sd_pipe.generate(negative_prompt_embeds=uncond)
+    text, sd_pipe.text = sd_pipe.text, None
+    try:
+        with pytest.raises(ValueError, match="text encoders were unloaded; pass prompt_embeds"):
+            sd_pipe.generate("x")
+    finally:
+        sd_pipe.text = text

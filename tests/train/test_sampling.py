@@ -168,3 +168,26 @@ def test_components_that_do_not_fit_the_unet_fail_before_training(setup, tmp_pat
     with pytest.raises(ValueError, match="give 32-wide embeddings but the trained UNet has cross_attention_dim=64"):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_sampler_encodes_its_prompts_once_and_unloads_the_text_encoders(setup, tmp_path):
+    import gc
+    import weakref
+
+    import jax
+
+    from jaxsd.pipelines.pipeline import StableDiffusion
+    from jaxsd.train.sampling import TrainingSampler, load_components
+
+    _, pipe, _, yaml = setup
+    cfg = load_config(yaml)
+    components = load_components(pipe, UNET, cfg.diffusion)
+    encoders = weakref.ref(components.text)
+    expected = components.text.encode_with_negative(PROMPTS)
+    sampler = TrainingSampler(cfg.logging, StableDiffusion(components), tmp_path, ema=True,
+                              mesh=jax.make_mesh((1,), ("data",)))
+    del components
+    gc.collect()
+    assert encoders() is None and sampler.pipe.text is None
+    for got, want in zip(sampler.embeddings, expected):
+        np.testing.assert_array_equal(got.encoder_hidden_states, want.encoder_hidden_states)

@@ -106,7 +106,7 @@ def test_eta_only_with_ddim(sd_pipe):
 def test_prompt_embeds_stand_in_for_prompts(sd_pipe):
     """Embeddings from `encode_with_negative` give the very images their prompts give; mixing or halving
     the two ways is refused, and so are prompts once the text encoders are unloaded."""
-    options = dict(num_images=2, steps=10, sampler="dpmpp_2m", seed=4)
+    options = {"num_images": 2, "steps": 10, "sampler": "dpmpp_2m", "seed": 4}
     cond, uncond = sd_pipe.text.encode_with_negative(["a red cube"], "blurry")
     np.testing.assert_array_equal(sd_pipe.generate(prompt_embeds=cond, negative_prompt_embeds=uncond, **options),
                                   sd_pipe.generate("a red cube", negative_prompt="blurry", **options))

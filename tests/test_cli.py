@@ -28,3 +28,20 @@ def test_unknown_option_is_an_error(capsys):
         main(["cache", "cfg.yaml", "--no-such-flag"])
     assert e.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_train_reports_unusable_input_as_one_message(tmp_path, capsys):
+    """A missing folder or an unconfigured cache stops `jaxsd train` with exit 2 and a message naming the
+    setting — no traceback unless --traceback asks for it."""
+    run = f"train.run_dir={tmp_path / 'run'}"
+    cases = {
+        (f"model.pretrained={tmp_path / 'nothing'}",): "FileNotFoundError: model.pretrained=",
+        ("train.data_source=cache", f"data.roots=[{tmp_path}]"): "ValueError: set data.cache.vae and "
+                                                                  "data.cache.text_encoder",
+    }
+    for overrides, message in cases.items():
+        assert main(["train", "tiny", run, *overrides]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "add --traceback" in err, err
+    with pytest.raises(FileNotFoundError, match="no unet/config.json"):
+        main(["train", "tiny", "--traceback", run, f"model.pretrained={tmp_path / 'nothing'}"])

@@ -48,7 +48,8 @@ class StepKit:
 
 
 def make_kit(kind: str, model, optimizer: str, clip: float = 1.0) -> StepKit:
-    """clip: global-norm clipping of the "train" step (0 = off: the trainer then streams the update)."""
+    """clip: global-norm clipping of the "train" step (0 = off: the trainer then streams the update,
+    except with 8-bit AdamW — `jaxsd.train.optimizers.streams_updates`)."""
     if kind == "simple":
         tx = J.make_optimizer(optimizer)
         return StepKit("simple", J.make_train_step(model, tx), lambda p: (p, tx.init(p)), (0, 1),
@@ -76,13 +77,14 @@ def _trainer_kit(model, optimizer: str, clip: float) -> StepKit:
     from jaxsd.diffusion.schedule import NoiseSchedule
     from jaxsd.train.compile import train_step_compiler_options
     from jaxsd.train.model import make_apply_fn
-    from jaxsd.train.optimizers import make_optimizer
+    from jaxsd.train.optimizers import make_optimizer, streams_updates
     from jaxsd.train.step import init_state, make_train_step
     from jaxsd.train.trainable import split_params
 
-    tx, lr_fn = make_optimizer(OptimizerConfig(name=optimizer, clip_grad_norm=clip or None), total_steps=1000)
+    opt_cfg = OptimizerConfig(name=optimizer, clip_grad_norm=clip or None)
+    tx, lr_fn = make_optimizer(opt_cfg, total_steps=1000)
     schedule = NoiseSchedule.from_config(DiffusionConfig().to_scheduler_config())
-    step = make_train_step(make_apply_fn(model), schedule, LossConfig(), tx, lr_fn, streamed=not clip)
+    step = make_train_step(make_apply_fn(model), schedule, LossConfig(), tx, lr_fn, streamed=streams_updates(opt_cfg))
 
     def init(params):
         trainable, frozen = split_params(params)

@@ -39,7 +39,7 @@ from jaxsd.train.model import (
     param_shapes,
     unet_config,
 )
-from jaxsd.train.optimizers import make_optimizer
+from jaxsd.train.optimizers import make_optimizer, streams_updates
 from jaxsd.train.sampling import TrainingSampler
 from jaxsd.train.sharding import (
     global_batch,
@@ -218,8 +218,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
 
     empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
-    # without global-norm clipping nothing needs every gradient before the update: stream it
-    streamed = cfg.optimizer.clip_grad_norm is None
+    streamed = streams_updates(cfg.optimizer)
     step_fn = make_train_step(make_apply_fn(module), schedule, cfg.loss, tx, lr_fn, ema_cfg=cfg.train.ema,
                               grad_accum_steps=cfg.train.grad_accum_steps,
                               empty_cond=None if empty is None else jax.tree.map(jnp.asarray, empty),

@@ -67,6 +67,15 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
     return guarded(base, clip), lr
 
 
+def streams_updates(cfg: OptimizerConfig) -> bool:
+    """Whether the train step streams its update (`make_train_step(streamed=True)`): only without
+    global-norm clipping, which needs every gradient before the first update, and not for 8-bit
+    AdamW, whose chunked updates XLA:CPU defers instead of streaming them (SD1.5, docs/benchmarks.md:
+    more temporaries and a slower step than the guarded step). The guarded step also checks the
+    gradient, not only the loss, for NaN/inf before it updates."""
+    return cfg.clip_grad_norm is None and cfg.name != "adamw8bit"
+
+
 def guarded(tx: optax.GradientTransformation, clip_grad_norm: float | None = None,
             ) -> optax.GradientTransformationExtraArgs:
     """Any optax optimizer behind the `grad_norm=` / `apply=` interface of `make_optimizer`.

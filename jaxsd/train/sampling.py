@@ -64,8 +64,7 @@ def load_components(folder: str | Path, unet_config: UNetConfig, diffusion: Diff
                          unet=(unet_config, None), scheduler_overrides=diffusion.to_scheduler_config())
 
 
-def check_compatible(pipe: StableDiffusion, cond: PromptEmbeddings, cfg: LoggingConfig, height: int,
-                     width: int) -> None:
+def check_compatible(pipe: StableDiffusion, cond: PromptEmbeddings, height: int, width: int) -> None:
     """Refuse components that cannot condition or decode this UNet (raises ValueError naming both sides).
 
     cond: the sample prompts' embeddings from these components' text encoders."""
@@ -123,7 +122,7 @@ class TrainingSampler:
                                      attention_impl=cfg.model.attention_impl)
         sampler = cls(cfg.logging, StableDiffusion(components, dtype=dtype, attention_impl=cfg.model.attention_impl),
                       Path(run_dir), ema=cfg.train.ema.enabled, mesh=mesh)
-        check_compatible(sampler.pipe, sampler.embeddings[0], cfg.logging, sampler.height, sampler.width)
+        check_compatible(sampler.pipe, sampler.embeddings[0], sampler.height, sampler.width)
         log.info("sample grids every %d steps from %s with the %s: %d prompts × %d, %dx%d px, %d %s steps, CFG %g, "
                  "seed %d", cfg.logging.sample_every, folder, sampler.which, len(cfg.logging.sample_prompts),
                  cfg.logging.sample_images_per_prompt, sampler.width, sampler.height, cfg.logging.sample_steps,

@@ -36,3 +36,23 @@ def run_python(code: str, *, devices: int = 8, timeout: float = 600, env: dict |
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
     return proc.stdout
+
+
+def jaxsd_command(*args: str, env: dict | None = None, timeout: float = 900, check: bool = True,
+                  devices: int | None = None) -> subprocess.CompletedProcess:
+    """Run the `jaxsd` console script a user types (`.venv/bin/jaxsd ARGS`) in a fresh process.
+
+    PYTHONPATH points at this checkout so a worktree tests its own code. `devices` sets fake CPU
+    devices. check=True fails the test with the command's output when it exits non-zero.
+    """
+    exe = Path(sys.executable).parent / "jaxsd"
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu",
+                "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    if devices is not None:
+        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"`jaxsd {' '.join(map(str, args))}` exited {proc.returncode}:\n"
+                             f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
+    return proc

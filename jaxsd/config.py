@@ -158,6 +158,10 @@ class TrainConfig:
     """directory of a persistent XLA compilation cache (the full-size presets use ~/.cache/jaxsd/xla):
     a resumed or repeated run loads the compiled train step instead of compiling it again (SD1.5:
     ~35 s); null = off. JAX_COMPILATION_CACHE_DIR, if set, wins."""
+    resume: str = "auto"
+    """auto: resume from <run_dir>/checkpoints when there is one (a config change that alters the train
+    state — optimizer, trainable/frozen, EMA on/off, model — stops with the changed keys named);
+    params_only: on such a change, start a fresh optimizer (and EMA) from the checkpoint's params."""
     max_nonfinite_skips: int = 3
     """NaN/inf loss or gradient: skip the update; stop cleanly after more than this many in a row."""
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -273,6 +277,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optimizer.schedule": ("constant", "linear", "cosine"),
     "sharding.distributed": ("auto", "on", "off"),
     "train.data_source": ("cache", "synthetic"),
+    "train.resume": ("auto", "params_only"),
 }
 
 

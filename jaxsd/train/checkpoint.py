@@ -6,21 +6,30 @@ data iterator's position, the step). Saves are asynchronous (training continues
 while the arrays are written); orbax commits a step only once it is complete, so
 a process killed mid-save leaves no half-written checkpoint behind as "latest".
 
-Restore walks the steps newest first. A checkpoint that fails to restore (files
-missing or corrupt) is reported with a warning naming it and the error, and the
-previous one is tried; if none restores, that is an error — never a silent fresh
-start.
+Reading is in two parts so a resume can look before it restores: `metas()` walks the
+steps newest first and yields each one's meta; `restore(step, abstract)` then reads
+the state — or, with `partial=True`, only the subtrees `abstract` names (what
+`jaxsd export` and `train.resume=params_only` need; the optimizer state is never read).
+
+A checkpoint that fails to read (files missing or corrupt) is reported with a warning
+naming it and the error, moved aside to <run_dir>/checkpoints.damaged/<step> (process 0),
+and the previous one is tried; reaching that step again writes a fresh checkpoint. If
+checkpoints exist but none restores, that is an error — never a silent fresh start.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxsd.config import CheckpointConfig
+from jaxsd.errors import InputError
 
 log = logging.getLogger("jaxsd.train")
 
@@ -29,15 +38,30 @@ log = logging.getLogger("jaxsd.train")
 RESTORE_ERRORS = (OSError, ValueError, KeyError)
 
 
+class DamagedCheckpoints(InputError):
+    """The run directory has checkpoints, and none of them reads."""
+
+
+def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    # PyTree (not Standard) handlers: they also read tree metadata and partial trees
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.PyTreeSave, ocp.args.PyTreeRestore):
+        registry.add("state", args, ocp.PyTreeCheckpointHandler())
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+        registry.add("meta", args, ocp.handlers.JsonCheckpointHandler())
+    return registry
+
+
 class Checkpointer:
     """Save / restore the train state of one run directory."""
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
         self.cfg = cfg
+        self.damaged: list[str] = []  # "<path>: <error type>" of the checkpoints set aside
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
                                                create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handlers())
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -45,39 +69,48 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start an (async) save of `state` at `step`; `meta` must be JSON-serialisable."""
         if step in self.manager.all_steps():
-            return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            return  # already saved (e.g. a trigger-file save on a periodic step)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         log.info("checkpoint: saving step %d to %s", step, self.directory)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """(state, meta) of one step. abstract_state: ShapeDtypeStruct tree with shardings."""
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                 meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        """The JSON meta of one step (config YAML, data position, step)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
-        """The newest checkpoint that restores, falling back past damaged ones with a warning.
+    def restore(self, step: int, abstract_state: Any, *, partial: bool = False) -> Any:
+        """The state of one step. abstract_state: ShapeDtypeStruct tree with shardings; with
+        partial=True a nested dict naming only the subtrees to read (e.g. {"params": ..., "frozen": ...})."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        args = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args, partial_restore=partial)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
-        None when the directory has no checkpoint at all; RuntimeError when there are some but
-        none restores.
-        """
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        failures = []
-        for step in steps:
+    def metas(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(step, meta) newest first; a step whose meta does not read is set aside as damaged."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                state, meta = self.restore(step, abstract_state)
+                meta = self.restore_meta(step)
             except RESTORE_ERRORS as e:
-                where = self.directory / str(step)
-                log.warning("checkpoint %s is incomplete or corrupt (%s: %s); falling back to the previous one",
-                            where, type(e).__name__, str(e).splitlines()[0][:300])
-                failures.append(f"{where}: {type(e).__name__}")
+                self.set_aside(step, e)
                 continue
-            return state, meta, step
-        if failures:
-            raise RuntimeError("no checkpoint in the run directory restores: " + "; ".join(failures) +
-                               ". Delete them (or the run dir) to start fresh deliberately.")
-        return None
+            yield step, meta
+
+    def set_aside(self, step: int, error: Exception) -> None:
+        """Report a damaged checkpoint and move it out of the way (so the step can be saved again)."""
+        where = self.directory / str(step)
+        aside = self.directory.with_name(self.directory.name + ".damaged") / str(step)
+        log.warning("checkpoint %s is incomplete or corrupt (%s: %s); moved to %s, falling back to the previous one",
+                    where, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "", aside)
+        self.damaged.append(f"{where}: {type(error).__name__}")
+        if jax.process_index() == 0 and where.exists():
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                shutil.rmtree(aside)
+            shutil.move(str(where), str(aside))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"jaxsd set aside checkpoint {step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         """Block until pending async saves are committed."""

@@ -76,9 +76,38 @@ def compile_train_step(lowered: Any) -> tuple[Any, float | None]:
     RSS 13.8 → 13.5 GB at the first step when the trim also follows the cost analysis)."""
     from jaxsd.train.logging import compiled_flops
 
-    t0 = time.perf_counter()
     compiled = lowered.compile(compiler_options=train_step_compiler_options())
     flops = compiled_flops(compiled)
     release_freed_host_memory()
-    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
     return compiled, flops
+
+
+def batch_signature(batch: dict[str, Any]) -> tuple:
+    """What a compiled step is specific to: each batch entry's name, shape and dtype."""
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+
+
+class CompiledSteps:
+    """The jitted train step compiled once per batch shape, on first sight, and kept.
+
+    Aspect-ratio buckets give batches of several shapes; each gets its own executable
+    (logged with its shapes and compile time). With `train.compilation_cache` a resumed
+    run loads them from disk instead of compiling again.
+    """
+
+    def __init__(self, jitted: Any):
+        self.jitted = jitted
+        self.compiled: dict[tuple, tuple[Any, float | None]] = {}
+
+    def __call__(self, state: Any, batch: dict[str, Any]) -> tuple[Any, Any, float | None]:
+        """(new state, metrics, FLOPs of this step or None)."""
+        key = batch_signature(batch)
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = compile_train_step(self.jitted.lower(state, batch))
+            shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s, _ in key)
+            log.info("train step compiled for batch shapes {%s} in %.1f s (%d shape%s so far)", shapes,
+                     time.perf_counter() - t0, len(self.compiled), "s" if len(self.compiled) > 1 else "")
+        compiled, flops = self.compiled[key]
+        state, metrics = compiled(state, batch)
+        return state, metrics, flops

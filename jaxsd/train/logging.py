@@ -6,7 +6,10 @@ mfu = (XLA cost-analysis FLOPs of one compiled step / step time) / (peak FLOP/s
 per device × devices). Every step's metrics also go to <run_dir>/metrics.jsonl
 (one JSON object per line) — the exact per-step record the resume test compares.
 Sample grids (jaxsd/train/sampling.py) are TensorBoard images under "samples/".
-Only process 0 writes.
+Only process 0 writes. A resumed run replays the steps after its checkpoint: their old
+metrics.jsonl lines are dropped, and TensorBoard is told to purge its old points from
+that step on (a SessionLog START at the resume step, which TensorBoard honours), so a
+plot shows one curve.
 """
 
 from __future__ import annotations
@@ -47,10 +50,13 @@ class RunLogger:
         self.jsonl = None
         if not self.active:
             return
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115  open for the whole run
+        jsonl = Path(run_dir) / "metrics.jsonl"
+        if jsonl.exists():
+            _drop_records_after(jsonl, start_step)
+        self.jsonl = open(jsonl, "a")  # noqa: SIM115  open for the whole run
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         if progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -89,6 +95,16 @@ class RunLogger:
         self.jsonl.close()
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    """Keep only the metrics.jsonl lines of steps <= `step` (a resumed run writes the later ones again)."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)  # atomic: a kill now leaves the old or the new file, never half of one
+
+
 def _events(logdir: str | Path) -> Iterator[Any]:
     """The Event protos of every TensorBoard event file under `logdir`, file by file.
 
@@ -108,9 +124,16 @@ def _events(logdir: str | Path) -> Iterator[Any]:
 
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalar summaries of the TensorBoard event files under `logdir`: tag -> [(step, value)]."""
+    """All scalar summaries of the TensorBoard event files under `logdir`: tag -> [(step, value)].
+
+    As TensorBoard shows them: a SessionLog START at step S (a resumed run) purges the points
+    read so far from step S on."""
+    from tensorboardX.proto import event_pb2
+
     out: dict[str, list[tuple[int, float]]] = {}
     for event in _events(logdir):
+        if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+            out = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in out.items()}
         for value in event.summary.value:
             if value.HasField("simple_value"):
                 out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))

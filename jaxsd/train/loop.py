@@ -2,8 +2,9 @@
 
     result = train(load_config("configs/tiny.yaml", ["train.steps=50"]))
 
-Init order (logged): resume from <run_dir>/checkpoints → `model.pretrained` → from scratch.
-The loop stops at `train.steps`; on SIGTERM/SIGINT (e.g. TPU preemption) or when
+Init order (logged): resume from <run_dir>/checkpoints (checked against the run's config first,
+see `jaxsd.train.resume`) → `model.pretrained` → from scratch. The step is compiled once per
+batch shape (aspect-ratio buckets), on first sight. The loop stops at `train.steps`; on SIGTERM/SIGINT (e.g. TPU preemption) or when
 <run_dir>/<checkpoint.trigger_file> appears it saves first (and, for a signal,
 then stops). After more than `train.max_nonfinite_skips` consecutive NaN/inf
 steps it stops without saving, so the last good checkpoint stays the latest.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -29,33 +29,23 @@ from jax.sharding import PartitionSpec as P
 from jaxsd.config import Config, to_yaml
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.train.checkpoint import Checkpointer
-from jaxsd.train.compile import compile_train_step, use_compilation_cache
+from jaxsd.train.compile import CompiledSteps, use_compilation_cache
 from jaxsd.train.logging import RunLogger
-from jaxsd.train.model import (
-    build_unet,
-    describe,
-    initial_params,
-    make_apply_fn,
-    param_shapes,
-    unet_config,
-)
-from jaxsd.train.optimizers import make_optimizer, streams_updates
+from jaxsd.train.model import describe, initial_params, make_apply_fn
+from jaxsd.train.optimizers import streams_updates
+from jaxsd.train.plan import fresh_state, plan_state
+from jaxsd.train.resume import restore_data_position, resume
 from jaxsd.train.sampling import TrainingSampler
 from jaxsd.train.sharding import (
     global_batch,
     make_mesh,
     maybe_initialize_distributed,
     micro_batch_sharding,
-    param_shardings,
-    train_state_shardings,
 )
-from jaxsd.train.step import TrainState, init_state, make_train_step, reduce_metrics
+from jaxsd.train.step import TrainState, make_train_step, reduce_metrics
 from jaxsd.train.synthetic import SyntheticSource
-from jaxsd.train.trainable import split_params
 
 log = logging.getLogger("jaxsd.train")
-# Fault injection for the resume test: SIGKILL ourselves once this step is done and saved.
-KILL_AT_STEP_ENV = "JAXSD_FAULT_KILL_AT_STEP"
 
 
 @dataclasses.dataclass
@@ -149,34 +139,6 @@ def _setup_file_logging(run_dir: Path) -> None:
         log.setLevel(logging.INFO)
 
 
-@dataclasses.dataclass
-class StatePlan:
-    """What the train state of a config looks like, before any array exists."""
-
-    module: Any
-    param_shapes: Any
-    param_shardings: Any
-    tx: Any
-    lr_fn: Any
-    abstract: TrainState  # ShapeDtypeStructs carrying their shardings
-    state_shardings: TrainState
-
-
-def plan_state(cfg: Config, mesh) -> StatePlan:
-    """Model, optimizer and the sharded abstract TrainState of `cfg` on `mesh` (no allocation)."""
-    module = build_unet(cfg.model, unet_config(cfg.model))
-    shapes, logical = param_shapes(module)
-    shardings = param_shardings(shapes, logical, mesh, dict(cfg.sharding.rules))
-    t_shapes, f_shapes = split_params(shapes, cfg.train.trainable, cfg.train.frozen)
-    t_shard, f_shard = split_params(shardings, cfg.train.trainable, cfg.train.frozen)
-    tx, lr_fn = make_optimizer(cfg.optimizer, cfg.train.steps)
-    ema = cfg.train.ema.enabled
-    abstract = jax.eval_shape(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema), t_shapes, f_shapes)
-    state_sharding = train_state_shardings(abstract, t_shard, f_shard, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    return StatePlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding)
-
-
 def train(cfg: Config, source: Any = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; returns the final state and why it stopped."""
     maybe_initialize_distributed(cfg.sharding)
@@ -184,62 +146,50 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_file_logging(run_dir)
-    if jax.process_index() == 0:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     mesh = make_mesh(cfg.sharding)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
     log.info("XLA compilation cache: %s", cache_dir or "off")
     plan = plan_state(cfg, mesh)
-    module, shardings, tx, lr_fn, abstract = plan.module, plan.param_shardings, plan.tx, plan.lr_fn, plan.abstract
-    state_sharding = plan.state_shardings
     replicated = NamedSharding(mesh, P())
-    ema = cfg.train.ema.enabled
-    log.info("trainable: %s of %s", describe(abstract.params), describe(plan.param_shapes))
+    log.info("trainable: %s of %s", describe(plan.abstract.params), describe(plan.param_shapes))
     # before data and compilation, so unusable sample components fail at start-up, not at step sample_every
-    sampler = TrainingSampler.from_config(cfg, module.config, run_dir, mesh)
+    sampler = TrainingSampler.from_config(cfg, plan.module.config, run_dir, mesh)
 
     source = source if source is not None else make_source(cfg, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    restored = ckpt.restore_latest(abstract)
-    if restored is not None:
-        state, meta, start = restored
-        source.set_state(meta["data"])
-        init_from = f"resumed from checkpoint step {start} in {ckpt.directory}"
+    resumed = resume(cfg, plan, ckpt, mesh)  # compares configs before reading any array
+    if resumed is not None:
+        state, start, init_from = resumed.state, resumed.step, resumed.how
+        restore_data_position(source, resumed.meta, resumed.changes)
     else:
         start = 0
-        params, init_from = initial_params(cfg.model, module, cfg.train.seed, shardings)
-        t_params, f_params = split_params(params, cfg.train.trainable, cfg.train.frozen)
-        # donated: the state takes over the params' buffers instead of holding a second copy
-        state = jax.jit(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema),
-                        out_shardings=state_sharding, donate_argnums=(0, 1))(t_params, f_params)
-        del params, t_params, f_params
+        params, init_from = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings)
+        state = fresh_state(cfg, plan, params)
+        del params
     log.info("init: %s (order: resume → model.pretrained → from scratch)", init_from)
+    if jax.process_index() == 0:  # after the resume check: it compares against the checkpoint's own copy
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
-    streamed = streams_updates(cfg.optimizer)
-    step_fn = make_train_step(make_apply_fn(module), schedule, cfg.loss, tx, lr_fn, ema_cfg=cfg.train.ema,
-                              grad_accum_steps=cfg.train.grad_accum_steps,
+    step_fn = make_train_step(make_apply_fn(plan.module), schedule, cfg.loss, plan.tx, plan.lr_fn,
+                              ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,
                               empty_cond=None if empty is None else jax.tree.map(jnp.asarray, empty),
                               micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,
-                              streamed=streamed)
-    first = _on_mesh(next(source), mesh)
-    batch_shardings = jax.tree.map(lambda x: x.sharding, first)
-    jitted = jax.jit(step_fn, in_shardings=(state_sharding, batch_shardings),
-                     out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    compiled, flops = compile_train_step(jitted.lower(state, first))
+                              streamed=streams_updates(cfg.optimizer))
+    # batches arrive as global arrays with their sharding; one executable per batch shape
+    steps = CompiledSteps(jax.jit(step_fn, in_shardings=(plan.state_shardings, None),
+                                  out_shardings=(plan.state_shardings, replicated), donate_argnums=(0,)))
 
     logger = RunLogger(run_dir, total_steps=cfg.train.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
                        progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)
     logger.message(f"jaxsd train: {init_from}")
     trigger = run_dir / cfg.checkpoint.trigger_file
-    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
     losses: list[float] = []
     stopped = "done"
     step = start
-    batch = first
-
+    batch = _on_mesh(next(source), mesh) if step < cfg.train.steps else None
     data_state = source.get_state()
 
     def meta() -> dict:
@@ -248,7 +198,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
     with _StopFlag() as stop:
         while step < cfg.train.steps:
             t_step = time.perf_counter()
-            state, metrics = compiled(state, batch)
+            state, metrics, flops = steps(state, batch)
             step += 1
             data_state = source.get_state()  # the position after every batch this state has seen
             if step < cfg.train.steps:
@@ -285,9 +235,6 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
             periodic = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
             if not skipped and (periodic or signalled or triggered):  # never checkpoint a skipped step
                 ckpt.save(step, state, meta())
-            if kill_at and step >= kill_at:
-                ckpt.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
             if signalled:
                 logger.message(f"signal received: saved step {step}, stopping")
                 stopped = "signal"

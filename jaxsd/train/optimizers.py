@@ -67,6 +67,16 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
     return guarded(base, clip), lr
 
 
+def applied_updates(opt_state: Any) -> jax.Array:
+    """int32 []: the updates the optimizer has applied (skipped steps do not count) — the position its
+    learning-rate schedule is at. Read from the state's `count` (every optimizer here has one)."""
+    counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+              if path and getattr(path[-1], "name", None) == "count"]
+    if not counts:
+        raise ValueError("optimizer state has no `count`: cannot tell which learning rate was applied")
+    return counts[0]
+
+
 def streams_updates(cfg: OptimizerConfig) -> bool:
     """Whether the train step streams its update (`make_train_step(streamed=True)`): only without
     global-norm clipping, which needs every gradient before the first update, and not for 8-bit

@@ -31,6 +31,7 @@ from jaxsd.config import EMAConfig, LossConfig
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.train.ema import update_ema
 from jaxsd.train.loss import ApplyFn, diffusion_loss, draw_randomness
+from jaxsd.train.optimizers import applied_updates
 from jaxsd.train.trainable import flatten, merge_params
 
 
@@ -189,7 +190,9 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
             step=new_step, params=new_params, opt_state=new_opt, ema=new_ema,
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
         )
-        metrics = {"loss": loss, "loss_raw": raw, "lr": lr_fn(state.step), "skipped": (~finite).astype(jnp.int32)}
+        # the optimizer's schedule runs on its own count of applied updates, which lags state.step after skips
+        lr = lr_fn(applied_updates(state.opt_state))
+        metrics = {"loss": loss, "loss_raw": raw, "lr": lr, "skipped": (~finite).astype(jnp.int32)}
         if streamed:
             metrics.update(gradient_partials(grads))
         else:

@@ -262,3 +262,20 @@ def test_adamw8bit_row_loop_equals_one_pass(monkeypatch):
         np.testing.assert_allclose(a.absmax, b.absmax, rtol=1e-6)
         diff = np.abs(np.asarray(a.codes, np.int32) - np.asarray(b.codes, np.int32))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # a value on a bin edge may round either way
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])  # the fused and the guarded update paths
+def test_logged_lr_is_the_one_applied_after_skips(model, name):
+    # warmup: the schedule moves every applied update; a skipped step must not move it
+    _, params, apply_fn, _ = model
+    tx, lr = make_optimizer(OptimizerConfig(name=name, learning_rate=1.0, warmup_steps=10, weight_decay=0.0), 20)
+    step = jax.jit(make_train_step(apply_fn, SCHED, MIN_SNR, tx, lr))
+    nan_step = jax.jit(make_train_step(lambda *a: apply_fn(*a) * jnp.nan, SCHED, MIN_SNR, tx, lr))
+    state = init_state(params, {}, tx, seed=0, ema=False)
+    logged = []
+    for fn in (step, nan_step, nan_step, step, step):
+        state, m = fn(state, batch(8))
+        logged.append(float(m["lr"]))
+    # applied updates before each step: 0, 1, 1 (skipped), 1 (skipped), 2 — not state.step's 0..4
+    assert logged == pytest.approx([float(lr(n)) for n in (0, 1, 1, 1, 2)], rel=1e-6)
+    assert int(state.step) == 5

@@ -1,32 +1,68 @@
-"""Write a training checkpoint's UNet as a diffusers folder.
+"""Write a training checkpoint as a diffusers pipeline folder (or a UNet folder).
 
-    jaxsd export RUN_DIR --out DIR [--ema] [--step N]
+    jaxsd export RUN_DIR --out DIR [--pipeline BASE | --unet-only] [--ema] [--step N]
 
-Reads RUN_DIR/config.yaml and the latest (or --step N) checkpoint in RUN_DIR/checkpoints,
-merges trained and frozen params (with --ema: the EMA of the trained ones) and writes
-DIR/config.json + DIR/diffusion_pytorch_model.safetensors, loadable with diffusers'
-`UNet2DConditionModel.from_pretrained(DIR)`.
+Reads the latest (or --step N) checkpoint in RUN_DIR/checkpoints — only the trained params
+(with --ema: their EMA) and the frozen ones, never the optimizer state — and writes:
+
+  a pipeline folder  DIR/unet/ (the trained UNet) + every other component of BASE (vae/,
+                     text_encoder/, tokenizer/, scheduler/, ...) and its model_index.json,
+                     hard-linked (copied when BASE is on another filesystem). Loads in
+                     `jaxsd sample --model DIR` and diffusers' `DiffusionPipeline.from_pretrained(DIR)`.
+                     BASE defaults to the run's model.pretrained when that is a pipeline folder.
+  a UNet folder      DIR/config.json + DIR/diffusion_pytorch_model.safetensors, when there is no
+                     pipeline to copy from, or with --unet-only (`UNet2DConditionModel.from_pretrained`).
+
+BASE's components must fit the trained UNet (VAE latent channels, text embedding width, SDXL
+pooled width), else nothing is written. If BASE's scheduler has another noise schedule
+(betas, prediction type) than the run trained with, DIR gets the run's.
+
+DIR must not exist, be empty, or be a previous export (it holds jaxsd_export.json, which records
+run, step, EMA and BASE); a previous export is replaced as a whole, once the new one is complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a `jaxsd train` run directory")
-    parser.add_argument("--out", required=True, help="output diffusers UNet folder")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a `jaxsd train` run directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (pipeline or UNet)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--pipeline", default=None, metavar="BASE",
+                       help="pipeline folder whose other components go beside the trained UNet "
+                            "(default: the run's model.pretrained when it is a pipeline folder)")
+    which.add_argument("--unet-only", action="store_true", help="write the UNet folder alone")
     parser.add_argument("--ema", action="store_true", help="export the EMA params (train.ema.enabled runs)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsd.train.export import export_unet
+    from jaxsd.errors import InputError
+    from jaxsd.train.export import export
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        path, step = export_unet(args.run_dir, args.out, ema=args.ema, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
+        r = export(args.run_dir, args.out, pipeline=args.pipeline, unet_only=args.unet_only, ema=args.ema,
+                   step=args.step)
+    except InputError as e:
         print(f"jaxsd export: {e}", file=sys.stderr)
         return 2
-    print(f"jaxsd export: step {step}{' (EMA)' if args.ema else ''} → {path}")
+    what = f"jaxsd export: step {r.step}{' (EMA)' if args.ema else ''} → {r.out}"
+    if r.pipeline is not None:
+        how = f"{r.links.linked} files hard-linked" + (f", {r.links.copied} copied" if r.links.copied else "")
+        print(f"{what}: diffusers pipeline folder (unet/ trained; other components from {r.pipeline}: {how})")
+        if r.scheduler_from_run:
+            print("jaxsd export: scheduler/scheduler_config.json has the run's noise schedule (diffusion section), "
+                  f"which differs from {r.pipeline}'s")
+    elif args.unet_only:
+        print(f"{what}: diffusers UNet folder")
+    else:
+        print(f"{what}: diffusers UNet folder only — the run has no pipeline folder to take the VAE, text "
+              "encoders, tokenizers and scheduler from (model.pretrained is not one). For a complete pipeline "
+              "that `jaxsd sample --model` and diffusers load, run again with --pipeline BASE (a pipeline "
+              "folder whose components fit this UNet, e.g. the one the data was cached with)")
     return 0

@@ -1,43 +1,211 @@
-"""Checkpoint → diffusers UNet folder (the `jaxsd export` command)."""
+"""Checkpoint → diffusers folder (the `jaxsd export` command).
+
+Two outputs:
+  pipeline folder  the trained UNet as unet/ + every other component of a base pipeline folder
+                   (hard-linked, or copied across filesystems) + its model_index.json: loads in
+                   `jaxsd sample --model` and diffusers' `DiffusionPipeline.from_pretrained`.
+  UNet folder      config.json + diffusion_pytorch_model.safetensors (`UNet2DConditionModel`),
+                   when there is no base pipeline or with unet_only.
+
+The base is `pipeline` when given, else the run's `model.pretrained` when that is a pipeline
+folder (has model_index.json). Its components are checked against the trained UNet's config
+before any weights are read (`convert/pipeline_copy.py`). Its scheduler is kept, except that a
+noise schedule (betas, prediction type) other than the run's `diffusion` section is replaced by
+the run's — that is what the UNet learned to invert.
+
+From the checkpoint only the params (or their EMA) and the frozen params are read, as host
+arrays (`partial_restore.py`): never the optimizer state. The run's config is the one stored in
+that checkpoint (`meta["config"]`), so a run resumed with other settings exports each step with
+its own. Without a step, the newest checkpoint that restores is used; a damaged one is skipped
+with a warning.
+
+The output is written whole or not at all and replaces only a previous export (see
+`convert/output_folder.py`); `jaxsd_export.json` in it records what was exported.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
 
-from jaxsd.config import from_yaml_text
-from jaxsd.train.checkpoint import Checkpointer
+from jaxsd.config import Config, DiffusionConfig, ShardingConfig, from_yaml_text
+from jaxsd.convert.output_folder import check_replaceable, replacing_folder
+from jaxsd.convert.pipeline_copy import (
+    LinkReport,
+    check_unet_fits,
+    link_components,
+    pipeline_components,
+)
+from jaxsd.diffusion.schedule import make_betas
+from jaxsd.errors import InputError
+from jaxsd.models.unet import UNetConfig
+from jaxsd.train.checkpoint import RESTORE_ERRORS
+from jaxsd.train.partial_restore import CheckpointReader
 from jaxsd.train.sharding import make_mesh
 from jaxsd.train.trainable import merge_params
 
+log = logging.getLogger("jaxsd.export")
+MARKER = "jaxsd_export.json"
 
-def export_unet(run_dir: str | Path, out: str | Path, *, ema: bool = False, step: int | None = None) -> tuple[Path, int]:
-    """Write the UNet of checkpoint `step` (default latest) of `run_dir` to `out`; returns (out, step)."""
-    from jaxsd.config import ShardingConfig
-    from jaxsd.convert.unet import save_unet
+
+@dataclasses.dataclass(frozen=True)
+class TrainedUNet:
+    """One checkpoint's UNet: params: nested dict of numpy arrays (trained or EMA, merged with frozen)."""
+
+    run_config: Config
+    config: UNetConfig
+    params: Any
+    step: int
+    ema: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    step: int
+    pipeline: Path | None  # the base whose components were placed beside the UNet; None: UNet folder only
+    links: LinkReport | None
+    scheduler_from_run: bool  # the base's scheduler config got the run's noise schedule
+
+
+def _run_config(meta: dict, where: Path, ema: bool) -> Config:
+    cfg = from_yaml_text(meta["config"])
+    if ema and not cfg.train.ema.enabled:
+        raise InputError(f"--ema: the run in {where} was trained without EMA (train.ema.enabled=false); "
+                         "export without --ema")
+    pretrained = cfg.model.pretrained
+    if pretrained and not Path(pretrained).exists():
+        raise InputError(f"{where}: the run's model.pretrained {pretrained} does not exist any more; export reads "
+                         "the UNet's architecture (config.json) from it — put the folder back at that path")
+    return cfg
+
+
+def _warn_skip(where: Path, e: Exception, failures: list[str]) -> None:
+    log.warning("checkpoint %s does not restore (%s: %s); trying the previous one",
+                where, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+    failures.append(f"{where}: {type(e).__name__}")
+
+
+def load_trained_unet(run_dir: str | Path, *, ema: bool = False, step: int | None = None,
+                      before_restore: Callable[[Config, UNetConfig], None] | None = None) -> TrainedUNet:
+    """The UNet of checkpoint `step` (default: the newest that restores) of a `jaxsd train` run dir.
+
+    before_restore(run config, UNet config) runs before the params are read (checks that should
+    fail fast); its errors propagate.
+    """
     from jaxsd.train.loop import plan_state
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}/config.yaml not found: not a jaxsd train run directory")
-    cfg = from_yaml_text((run_dir / "config.yaml").read_text())
-    if ema and not cfg.train.ema.enabled:
-        raise ValueError(f"--ema: the run in {run_dir} was trained without EMA (train.ema.enabled=false)")
-    mesh = make_mesh(ShardingConfig(data=1), jax.devices()[:1])  # export on one device, whatever trained it
-    plan = plan_state(cfg, mesh)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    steps = ckpt.steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
-    if step is None:
-        restored = ckpt.restore_latest(plan.abstract)
-        state, _, step = restored
-    else:
-        if step not in steps:
-            raise ValueError(f"--step {step}: no such checkpoint; have {steps}")
-        state, _ = ckpt.restore(step, plan.abstract)
-    ckpt.close()
-    params = merge_params(state.ema if ema else state.params, state.frozen)
-    save_unet(out, plan.module.config, jax.device_get(params))
-    return Path(out), step
+    if not (run_dir / "checkpoints").is_dir():
+        raise InputError(f"{run_dir}: no checkpoints/ folder — not a `jaxsd train` run directory, or a run that "
+                         "has not saved a checkpoint yet")
+    reader = CheckpointReader(run_dir / "checkpoints")
+    try:
+        steps = reader.steps()
+        if not steps:
+            raise InputError(f"{run_dir}/checkpoints: no checkpoint yet; train until one is saved "
+                             "(checkpoint.every, or at the end of the run)")
+        if step is not None and step not in steps:
+            raise InputError(f"--step {step}: no such checkpoint in {run_dir}/checkpoints; have {steps}")
+        failures: list[str] = []
+        for s in [step] if step is not None else steps[::-1]:
+            where = reader.directory / str(s)
+            try:
+                meta = reader.meta(s)
+            except RESTORE_ERRORS as e:
+                _warn_skip(where, e, failures)
+                continue
+            cfg = _run_config(meta, where, ema)
+            plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
+            if before_restore is not None:
+                before_restore(cfg, plan.module.config)
+            which = "ema" if ema else "params"
+            try:
+                fields = reader.restore_fields(s, {which: getattr(plan.abstract, which),
+                                                   "frozen": plan.abstract.frozen})
+            except RESTORE_ERRORS as e:
+                _warn_skip(where, e, failures)
+                continue
+            return TrainedUNet(cfg, plan.module.config, merge_params(fields[which], fields["frozen"]), s, ema)
+        raise InputError("no checkpoint restores: " + "; ".join(failures) +
+                         (". Pick another with --step" if step is not None else ""))
+    finally:
+        reader.close()
+
+
+def default_pipeline(cfg: Config) -> Path | None:
+    """The run's `model.pretrained` when it is a pipeline folder (has model_index.json), else None."""
+    pretrained = cfg.model.pretrained
+    return Path(pretrained) if pretrained and (Path(pretrained) / "model_index.json").is_file() else None
+
+
+def _same_schedule(a: dict, b: dict) -> bool:
+    return (np.array_equal(make_betas(a), make_betas(b))
+            and a.get("prediction_type", "epsilon") == b.get("prediction_type", "epsilon"))
+
+
+def use_run_schedule(folder: Path, diffusion: DiffusionConfig) -> bool:
+    """Give folder/scheduler/scheduler_config.json the run's noise schedule if it has another one.
+
+    Spacing, offsets and the scheduler class stay the base's. Returns whether the file changed.
+    """
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return False
+    base = json.loads(path.read_text())
+    run = {**{k: v for k, v in base.items() if k != "trained_betas"}, **diffusion.to_scheduler_config()}
+    if _same_schedule(base, run):
+        return False
+    path.unlink()  # it is a hard link to the base's file: write a new file, never through the link
+    path.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+    return True
+
+
+def export(run_dir: str | Path, out: str | Path, *, pipeline: str | Path | None = None, unet_only: bool = False,
+           ema: bool = False, step: int | None = None) -> ExportResult:
+    """Write checkpoint `step` (default: the newest) of `run_dir` to `out` as a pipeline or UNet folder."""
+    from jaxsd.convert.unet import save_unet
+
+    if pipeline is not None and unet_only:
+        raise InputError("--pipeline and --unet-only exclude each other: a UNet folder has no other components")
+    run_dir, out = Path(run_dir), Path(out)
+    keep = [run_dir, *([pipeline] if pipeline is not None else [])]
+    check_replaceable(out, MARKER, keep)  # before the checkpoint is read: a refused --out costs nothing
+    if pipeline is not None:
+        pipeline_components(pipeline)
+    chosen: dict[str, Path | None] = {}
+
+    def choose_base(cfg: Config, unet: UNetConfig) -> None:
+        base = None if unet_only else Path(pipeline) if pipeline is not None else default_pipeline(cfg)
+        if base is not None:
+            flag = "--pipeline" if pipeline is not None else "the run's model.pretrained (default --pipeline)"
+            check_replaceable(out, MARKER, [*keep, base])
+            check_unet_fits(base, unet.to_diffusers(), flag=flag)
+        chosen["base"] = base
+
+    trained = load_trained_unet(run_dir, ema=ema, step=step, before_restore=choose_base)
+    base = chosen["base"]
+    links, from_run = None, False
+    with replacing_folder(out, MARKER, [*keep, *([base] if base else [])]) as staging:
+        if base is not None:
+            links = link_components(base, staging)
+            from_run = use_run_schedule(staging, trained.run_config.diffusion)
+        save_unet(staging / "unet" if base is not None else staging, trained.config, trained.params)
+        record = {"written_by": "jaxsd export", "run_dir": str(run_dir.absolute()), "step": trained.step,
+                  "ema": ema, "pipeline": str(base.absolute()) if base else None,
+                  "scheduler": "the run's noise schedule" if from_run else ("the pipeline's" if base else None)}
+        (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    return ExportResult(out.absolute(), trained.step, base, links, from_run)
+
+
+def export_unet(run_dir: str | Path, out: str | Path, *, ema: bool = False, step: int | None = None) -> tuple[Path, int]:
+    """Write the UNet of checkpoint `step` (default latest) of `run_dir` as a diffusers UNet folder `out`."""
+    result = export(run_dir, out, unet_only=True, ema=ema, step=step)
+    return result.out, result.step

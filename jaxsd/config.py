@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -415,9 +415,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {item!r}") from None
-    cfg = OmegaConf.to_object(merged)
+    cfg = _unbool_on_off(OmegaConf.to_object(merged))
     assert isinstance(cfg, Config)
     _check_choices(cfg)
+    return cfg
+
+
+def _unbool_on_off(cfg: Config) -> Config:
+    """YAML 1.1 reads `on`/`off` as booleans (`sharding.distributed=on` arrives as "True"): for keys
+    whose choices are on/off, give the words back."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if "on" in allowed and "off" in allowed and value in ("True", "False"):
+            fixed = replace(getattr(cfg, section), **{name: "on" if value == "True" else "off"})
+            cfg = replace(cfg, **{section: fixed})
     return cfg
 
 
@@ -429,6 +441,6 @@ def to_yaml(cfg: Config) -> str:
 def from_yaml_text(text: str) -> Config:
     """Inverse of `to_yaml` (used when a checkpoint's stored config is read back)."""
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    cfg = OmegaConf.to_object(merged)
+    cfg = _unbool_on_off(OmegaConf.to_object(merged))
     assert isinstance(cfg, Config)
     return cfg

@@ -21,6 +21,14 @@ def test_overrides_and_round_trip():
     assert isinstance(cfg, Config) and from_yaml_text(to_yaml(cfg)) == cfg
 
 
+def test_on_off_choices_survive_yaml_booleans(tmp_path):
+    # YAML 1.1 reads on/off as booleans; sharding.distributed=on must still mean "on"
+    assert load_config("tiny", ["sharding.distributed=on"]).sharding.distributed == "on"
+    (tmp_path / "c.yaml").write_text("sharding:\n  distributed: off\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.sharding.distributed == "off" and from_yaml_text(to_yaml(cfg)) == cfg
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=3", "unknown config key 'train.stepz'; did you mean 'train.steps'?"),
     ("optimzer.name=lion", "unknown config key 'optimzer'; did you mean 'optimizer'?"),

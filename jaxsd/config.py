@@ -197,6 +197,10 @@ class CheckpointConfig:
     async_save: bool = True
     trigger_file: str = "SAVE_NOW"
     """creating <run_dir>/<trigger_file> makes the loop save at the next step (the file is then removed)."""
+    poll_every: int = 10
+    """with several processes: check for a signal (SIGTERM, e.g. a TPU preemption) or the trigger file every
+    N steps, in one small collective, so all processes save and stop at the same step. A signal is acted
+    on within N steps; one process checks every step (no collective needed)."""
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ log = logging.getLogger("jaxsd.train")
 @dataclasses.dataclass
 class TrainResult:
     state: TrainState
-    step: int
+    step: int  # the last step whose metrics were read and logged
     stopped: str  # "done" | "signal" | "nonfinite"
     init_from: str
     losses: list[float]
@@ -77,12 +77,89 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _any_process(flag: bool) -> bool:
-    """True if `flag` is true on any process (so that every process saves/stops together)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(np.max(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+class _StopPolls:
+    """Whether to save and/or stop now: a signal on any process, or the trigger file (seen by process 0).
+
+    One process: checked every step (a flag and a file stat). Several: every `poll_every` steps in
+    one small collective (the flags of all processes at once), so that every process saves and
+    stops at the same step — a SIGTERM is acted on within `poll_every` steps.
+    """
+
+    def __init__(self, trigger: Path, poll_every: int):
+        self.trigger = trigger
+        self.every = 1 if jax.process_count() == 1 else max(1, poll_every)
+
+    def poll(self, step: int, signalled: bool) -> tuple[bool, bool]:
+        """(signalled, triggered) as every process sees them at `step`."""
+        if step % self.every:
+            return False, False
+        triggered = jax.process_index() == 0 and self.trigger.exists()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flags = multihost_utils.process_allgather(np.asarray([signalled, triggered], np.int32))
+            signalled, triggered = (bool(x) for x in np.max(flags.reshape(-1, 2), axis=0))
+        if triggered and jax.process_index() == 0:
+            self.trigger.unlink()
+        return signalled, triggered
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose metrics the host has not read yet."""
+
+    step: int
+    metrics: Any  # device arrays
+    flops: float | None
+
+
+class _Monitor:
+    """Reads a step's metrics once it has run, logs them and applies the NaN/inf policy.
+
+    The loop reads step n's metrics only after step n+1 is dispatched, so the device never waits
+    for the host's logging. Step time is the wall time between two reads (steady state: one
+    step), restarted after checkpoint saves and sample grids.
+    """
+
+    def __init__(self, cfg: Config, logger: RunLogger, ckpt: Checkpointer, devices: int):
+        self.cfg, self.logger, self.ckpt, self.devices = cfg, logger, ckpt, devices
+        self.losses: list[float] = []
+        self.skips = 0  # consecutive skipped steps
+        self.last_step = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+    def read(self, f: _InFlight) -> tuple[bool, str]:
+        """(whether step f.step was skipped, "done" to go on or the reason to stop)."""
+        host = reduce_metrics(jax.device_get(f.metrics))
+        now = time.perf_counter()
+        dt, self.clock = now - self.clock, now
+        host.update(step_time_s=dt, images_per_s=self.cfg.train.batch_size / dt)
+        peak = self.cfg.logging.peak_flops
+        if f.flops and peak > 0:
+            host["mfu"] = f.flops / dt / (peak * self.devices)
+        self.losses.append(host["loss"])
+        self.last_step = f.step
+        self.logger.log_step(f.step, host)
+        skipped = bool(host["skipped"])
+        self.skips = self.skips + 1 if skipped else 0
+        kept = f"the last good checkpoint is kept (steps {self.ckpt.steps()})"
+        if not skipped and not math.isfinite(host["grad_norm"]):
+            # streamed updates check the loss only: this update has already been applied
+            self.logger.message(f"stopping: step {f.step} had a finite loss but a non-finite gradient, and the "
+                                f"update was applied (optimizer.clip_grad_norm is off, so updates are not held "
+                                f"back for a gradient check); {kept}. Set optimizer.clip_grad_norm to have such "
+                                f"steps skipped instead")
+            return skipped, "nonfinite"
+        if skipped:
+            self.logger.message(f"step {f.step}: non-finite loss/gradient, update skipped ({self.skips} in a row)")
+            limit = self.cfg.train.max_nonfinite_skips
+            if self.skips > limit:
+                self.logger.message(f"stopping: more than train.max_nonfinite_skips={limit} non-finite steps in "
+                                    f"a row; {kept}")
+                return skipped, "nonfinite"
+        return skipped, "done"
 
 
 def make_source(cfg: Config, mesh=None):
@@ -185,62 +262,54 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
     logger = RunLogger(run_dir, total_steps=cfg.train.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
                        progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)
     logger.message(f"jaxsd train: {init_from}")
-    trigger = run_dir / cfg.checkpoint.trigger_file
-    losses: list[float] = []
+    monitor = _Monitor(cfg, logger, ckpt, mesh.size)
+    stops = _StopPolls(run_dir / cfg.checkpoint.trigger_file, cfg.checkpoint.poll_every)
     stopped = "done"
     step = start
     batch = _on_mesh(next(source), mesh) if step < cfg.train.steps else None
     data_state = source.get_state()
+    in_flight: _InFlight | None = None
 
     def meta() -> dict:
         return {"step": step, "data": data_state, "config": to_yaml(cfg)}
 
-    with _StopFlag() as stop:
+    # the host never waits for the device by accident: on GPU/TPU, reading a device value without an
+    # explicit jax.device_get (float(x), np.asarray(x), int(state.step)) raises here (JAX does not check
+    # CPU arrays, which live in host memory; tests/train/test_loop.py checks the read order instead)
+    with _StopFlag() as stop, jax.transfer_guard_device_to_host("disallow"):
         while step < cfg.train.steps:
-            t_step = time.perf_counter()
-            state, metrics, flops = steps(state, batch)
+            state, metrics, flops = steps(state, batch)  # dispatched; runs while the host goes on
             step += 1
             data_state = source.get_state()  # the position after every batch this state has seen
             if step < cfg.train.steps:
-                batch = _on_mesh(next(source), mesh)  # host work overlaps the running step
-            host = reduce_metrics(jax.device_get(metrics))
-            dt = time.perf_counter() - t_step
-            host.update(step_time_s=dt, images_per_s=cfg.train.batch_size / dt)
-            if flops and cfg.logging.peak_flops > 0:
-                host["mfu"] = flops / dt / (cfg.logging.peak_flops * mesh.size)
-            losses.append(host["loss"])
-            logger.log_step(step, host)
-            skipped = bool(host["skipped"])
-            if not skipped and not math.isfinite(host["grad_norm"]):
-                # streamed updates check the loss only: this update has already been applied
-                logger.message(f"stopping: step {step} had a finite loss but a non-finite gradient, and the update "
-                               f"was applied (optimizer.clip_grad_norm is off, so updates are not held back for a "
-                               f"gradient check); the last good checkpoint is kept (steps {ckpt.steps()}). Set "
-                               f"optimizer.clip_grad_norm to have such steps skipped instead")
-                stopped = "nonfinite"
-                break
-            if skipped:
-                n = int(state.nonfinite)
-                logger.message(f"step {step}: non-finite loss/gradient, update skipped ({n} in a row)")
-                if n > cfg.train.max_nonfinite_skips:
-                    logger.message(f"stopping: more than train.max_nonfinite_skips={cfg.train.max_nonfinite_skips} "
-                                   f"non-finite steps in a row; the last good checkpoint is kept "
-                                   f"(steps {ckpt.steps()})")
-                    stopped = "nonfinite"
-                    break
-            signalled = _any_process(stop.signum is not None)
-            triggered = _any_process(jax.process_index() == 0 and trigger.exists())
-            if triggered and jax.process_index() == 0:
-                trigger.unlink()
+                batch = _on_mesh(next(source), mesh)
+            if in_flight is not None:  # the previous step has run by now (or is about to): read it
+                stopped = monitor.read(in_flight)[1]
+                if stopped != "done":
+                    break  # (the step just dispatched is not logged: the run stopped before it)
+            in_flight = _InFlight(step, metrics, flops)
+            signalled, triggered = stops.poll(step, stop.signum is not None)
             periodic = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
-            if not skipped and (periodic or signalled or triggered):  # never checkpoint a skipped step
-                ckpt.save(step, state, meta())
+            sample = sampler is not None and sampler.due(step)
+            if not (periodic or signalled or triggered or sample):
+                continue
+            # these need this step's own metrics (never checkpoint a skipped step): wait for it
+            skipped, stopped = monitor.read(in_flight)
+            in_flight = None
+            if stopped != "done":
+                break
+            if not skipped and (periodic or signalled or triggered):
+                with jax.transfer_guard_device_to_host("allow"):  # a checkpoint copies the state to host
+                    ckpt.save(step, state, meta())
             if signalled:
                 logger.message(f"signal received: saved step {step}, stopping")
                 stopped = "signal"
                 break
-            if sampler is not None and sampler.due(step):
-                sampler(step, state, logger)  # reads the state only; the next batch is already fetched
+            if sample:
+                with jax.transfer_guard_device_to_host("allow"):  # the grid's pixels come to the host
+                    sampler(step, state, logger)  # reads the state only; the next batch is already fetched
+            monitor.restart_clock()  # saving and sampling are not step time
     ckpt.close()
     logger.close()
-    return TrainResult(state=state, step=step, stopped=stopped, init_from=init_from, losses=losses)
+    return TrainResult(state=state, step=monitor.last_step, stopped=stopped, init_from=init_from,
+                       losses=monitor.losses)

@@ -59,19 +59,28 @@ if sys.argv[1] == "sigterm":  # a real SIGTERM arrives while step 7 runs (when b
                 os.kill(os.getpid(), signal.SIGTERM)
             return next(self.inner)
     source = SignalSource(make_source(cfg))
+EVENTS = []
+if sys.argv[1] == "order":  # record when steps are dispatched and when their metrics are read
+    from jaxsd.train import loop
+    call, read, dispatched = loop.CompiledSteps.__call__, loop._Monitor.read, iter(range(1, 1000))
+    def dispatch(self, state, batch):
+        EVENTS.append(f"dispatch {next(dispatched)}")
+        return call(self, state, batch)
+    loop.CompiledSteps.__call__ = dispatch
+    loop._Monitor.read = lambda self, f: (EVENTS.append(f"read {f.step}"), read(self, f))[1]
 logging.basicConfig(level=logging.WARNING)
 result = train(cfg, source)
 h = hashlib.sha256()
 for leaf in jax.tree.leaves(result.state.params):
     h.update(np.asarray(leaf).tobytes())
 print("RESULT" + json.dumps({"stopped": result.stopped, "step": result.step, "init_from": result.init_from,
-                             "params_sha256": h.hexdigest()}))
+                             "params_sha256": h.hexdigest(), "events": EVENTS}))
 """
 
 # a one-level UNet (down: resnet+attention, mid, up) — half the ops of tiny.yaml's, so half the compile
 COMMON = ["model.unet.block_out_channels=[32]", "model.unet.down_block_types=[CrossAttnDownBlock2D]",
           "model.unet.up_block_types=[CrossAttnUpBlock2D]", "train.steps=20", "checkpoint.every=5", "checkpoint.keep=5", "logging.every=1",
-          "logging.progress_bar=false", "logging.peak_flops=1e9"]
+          "logging.progress_bar=false", "logging.peak_flops=1e9", "checkpoint.poll_every=1"]
 
 
 def _command(tmp: Path, mode: str, run_dir: Path, extra=()) -> tuple[list[str], dict]:
@@ -209,6 +218,16 @@ def test_nan_batches_are_skipped_then_the_run_stops_with_the_good_checkpoint(run
     assert steps == [1, 5]
     skipped = [json.loads(line)["skipped"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert skipped == [0] * 5 + [1] * 3
+
+
+def test_the_host_reads_a_step_only_after_dispatching_the_next(runs):
+    # one step stays in flight: step n's metrics are read after step n+1 is dispatched, except where a
+    # decision needs step n itself (checkpoint steps 5, 10, ...: never checkpoint a skipped step)
+    tmp, _ = runs
+    result, _ = _run(tmp, "order", tmp / "order", extra=["train.steps=7"])
+    assert result["events"] == ["dispatch 1", "dispatch 2", "read 1", "dispatch 3", "read 2", "dispatch 4",
+                                "read 3", "dispatch 5", "read 4", "read 5", "dispatch 6", "dispatch 7", "read 6",
+                                "read 7"]
 
 
 def test_streamed_updates_log_gradient_statistics_and_skip_nan_losses(runs):

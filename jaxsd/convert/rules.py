@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jaxsd.errors import InputError
+
 # PyTorch attribute names that hold nn.ModuleList / nn.Sequential children.
 LIST_CONTAINERS = frozenset({
     # diffusers UNet / VAE
@@ -56,7 +58,7 @@ class ConversionSpec:
     tied: Mapping[str, str] = field(default_factory=dict)
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """A checkpoint that does not fit the model: every offending name is listed."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxsd.convert.safetensors_io import SafetensorsFile
+from jaxsd.errors import InputError
 
 MANIFEST = "jaxsd_cache.json"
 FORMAT_VERSION = 1
@@ -36,7 +37,7 @@ _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 _fingerprint_memo: dict[tuple, str] = {}
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(InputError):
     """A cache made by a different model/settings than the run that wants to use it."""
 
 

@@ -49,13 +49,15 @@ from tokenizers import (
 )
 from tokenizers.models import BPE, Unigram
 
+from jaxsd.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _HUGE = 10**8  # transformers writes int(1e30) as "no limit"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer folder that cannot be read."""
 
 

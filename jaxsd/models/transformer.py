@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsd.errors import InputError
 from jaxsd.models.attention import Attention
 from jaxsd.models.layers import Conv, Dense, GroupNorm, LayerNorm
 
@@ -22,7 +23,7 @@ def remat_policy(name: str | None):
         return None
     policy = getattr(jax.checkpoint_policies, name, None) if name in REMAT_POLICIES else None
     if policy is None:
-        raise ValueError(f"remat policy {name!r} unknown; choose None or one of {REMAT_POLICIES}")
+        raise InputError(f"remat policy {name!r} unknown; choose None or one of {REMAT_POLICIES}")
     return policy
 
 

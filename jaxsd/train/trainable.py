@@ -15,6 +15,8 @@ from typing import Any
 
 from flax import traverse_util
 
+from jaxsd.errors import ConfigError
+
 
 def flatten(params: dict) -> dict[str, Any]:
     """{"a/b/kernel": leaf} view of a nested params dict."""
@@ -35,9 +37,9 @@ def split_params(params: dict, trainable: Sequence[str] = (".*",), frozen: Seque
     flat = flatten(params)
     train = {k: v for k, v in flat.items() if is_trainable(k, trainable, frozen)}
     if not train:
-        raise ValueError(f"no parameter is trainable: train.trainable={list(trainable)} with "
-                         f"train.frozen={list(frozen)} match none of the {len(flat)} params "
-                         f"(paths look like {next(iter(flat), '?')!r})")
+        raise ConfigError(f"no parameter is trainable: train.trainable={list(trainable)} with "
+                          f"train.frozen={list(frozen)} match none of the {len(flat)} params "
+                          f"(paths look like {next(iter(flat), '?')!r})")
     return unflatten(train), unflatten({k: v for k, v in flat.items() if k not in train})
 
 

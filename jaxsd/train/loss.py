@@ -1,4 +1,4 @@
-"""The diffusion training objective — "what the loss is", one of the two seams LoRA/DreamBooth build on.
+"""The diffusion training objective — "what the loss is", one of the two seams other training methods plug into.
 
 Two halves, so that gradient accumulation is exact: `draw_randomness` draws every
 random quantity of a whole batch (noise, timesteps, perturbation, dropout mask,

@@ -1,4 +1,4 @@
-"""Which params train — one of the two seams LoRA and DreamBooth build on.
+"""Which params train — one of the two seams other training methods plug into.
 
 Params are split into two nested dicts, `trainable` and `frozen`, by regexes over
 slash-joined paths ("down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel").

@@ -296,7 +296,8 @@ def diffusers_check(st: DemoState) -> None:
     """Load the export in diffusers' StableDiffusionPipeline, generate from the same latents, compare pixels."""
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
         st.details["diffusers_max_pixel_diff"] = None
-        st.log("   torch/diffusers not installed: skipped (pip install 'jaxsd[torch]')")
+        st.log("   torch/diffusers not installed: skipped (to run it, install the [torch] extra: "
+               "`.venv/bin/pip install -c constraints.txt -e '.[torch]'` in the checkout)")
         return
     import diffusers
     import torch

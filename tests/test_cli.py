@@ -19,9 +19,9 @@ def test_help_lists_exactly_the_implemented_commands(capsys):
     assert set(COMMANDS) == modules
     assert main([]) == 0
     out = capsys.readouterr().out
-    listed = set(re.findall(r"^    (\w+)\s", out, flags=re.M))
+    listed = set(re.findall(r"^    (\w+)\s", out, flags=re.MULTILINE))
     assert listed == modules, out
-    assert not re.search(r"lora|not available|not implemented|convert|compare", out, flags=re.I), out
+    assert not re.search(r"lora|not available|not implemented|convert|compare", out, flags=re.IGNORECASE), out
 
 
 def test_every_command_has_help_and_traceback(capsys):
@@ -32,11 +32,11 @@ def test_every_command_has_help_and_traceback(capsys):
         out = capsys.readouterr().out
         assert out.startswith("usage: jaxsd " + name), name
         assert "--traceback" in out, name
-        assert not re.search(r"lora|not available yet", out, flags=re.I), (name, out)
+        assert not re.search(r"lora|not available yet", out, flags=re.IGNORECASE), (name, out)
 
 
 def test_overrides_after_options_are_collected(monkeypatch):
-    import jaxsd.commands.cache as cache
+    from jaxsd.commands import cache
 
     seen = {}
     monkeypatch.setattr(cache, "run", lambda args: seen.update(vars(args)) or 0)

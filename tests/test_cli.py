@@ -146,3 +146,14 @@ def test_console_script_exit_codes(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" in proc.stderr and proc.stderr.rstrip().endswith("ValueError: bug: not an input error")
     assert TRACEBACK_HINT not in proc.stderr
+
+
+def test_bench_without_torch_says_how_to_get_it(monkeypatch, capsys):
+    """`make demo` installs no torch: a torch-side benchmark then names what is missing and the way out."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "torch" else real(name, *a, **k))
+    assert main(["bench", "train-step", "--preset", "micro"]) == 2
+    err = capsys.readouterr().err
+    assert "InputError: --frameworks jaxsd,torch needs torch, not installed" in err and "--frameworks jaxsd" in err

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ SUITES = {
     "optimizer-state": "optimizer_state",
     "flops": "flops",
 }
+# suites whose --frameworks may include torch (the others measure jaxsd alone)
+TORCH_SUITES = ("train-step", "scaling", "sample", "cache")
 _REPO = Path(__file__).resolve().parents[2]
 
 
@@ -121,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
         if e.name != f"bench.suites.{SUITES[args.suite]}":
             raise
         raise InputError(f"suite {args.suite!r}: bench/suites/{SUITES[args.suite]}.py is not in this checkout") from e
+    if args.suite in TORCH_SUITES and "torch" in args.frameworks:
+        missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise InputError(f"--frameworks {','.join(args.frameworks)} needs {', '.join(missing)}, not installed: "
+                             "install the [torch] extra (pip install -c constraints.txt -e '.[torch]') or pass "
+                             "--frameworks jaxsd")
     if args.repeats < 3:
         print(f"note: --repeats {args.repeats} < 3 — a smoke run, not a measurement", file=sys.stderr)
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ FRAMEWORKS = ("jaxsd", "torch")
 
 
 class BenchError(RuntimeError):
-    """A benchmark that could not run (bad option, missing dependency, failed child)."""
+    """A benchmark that could not run (a failed child, no measurements); bad options are InputErrors."""
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -4,6 +4,11 @@ Each command lives in `jaxsd/commands/<name>.py` with two functions:
 `add_arguments(parser)` and `run(args) -> int`. Commands are imported lazily so
 `jaxsd --help` is instant and a command's heavy imports (jax, torch) only load
 when it runs.
+
+Errors follow one rule for every command, applied here: an `InputError` (jaxsd/errors.py:
+a missing folder, a bad config value, a mismatched cache, ...) is printed as one message and
+exits 2 (`--traceback` shows where it was raised); any other exception is a bug and keeps
+its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -12,48 +17,51 @@ import argparse
 import importlib
 import sys
 
+from jaxsd.errors import InputError
+
 # name -> one-line help. Order is the order users meet them in the data flow.
+# Only commands that exist are listed: a new command adds its line with its module.
 COMMANDS: dict[str, str] = {
     "demo": "train a tiny text-to-image model from scratch on the CPU and show it follows prompts",
     "cache": "encode images and captions into cached latents and text embeddings",
     "train": "train (fine-tune or from scratch) a UNet over cached latents",
     "sample": "generate images from a diffusers pipeline folder",
-    "export": "write a training checkpoint as a diffusers folder or LoRA file",
-    "convert": "convert between diffusers folders and other weight layouts",
-    "compare": "compare jaxsd and diffusers PyTorch outputs on the same folder",
+    "export": "write a training checkpoint's UNet as a diffusers folder",
     "bench": "side-by-side benchmarks against diffusers PyTorch",
 }
+TRACEBACK_HINT = "(add --traceback to see where this was raised)"
 
 
-def _load(name: str):
-    try:
-        return importlib.import_module(f"jaxsd.commands.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"jaxsd.commands.{name}":
-            return None
-        raise
+def _add_traceback_option(parser: argparse.ArgumentParser) -> None:
+    """--traceback on `parser` and on every sub-parser below it (e.g. `jaxsd bench SUITE`), so it may
+    follow any part of the command line. SUPPRESS: a sub-parser's default must not reset a given flag."""
+    parser.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                        help="on an input error (missing folder, bad config value, mismatched cache, ...) "
+                             "show the Python traceback too, not just the message")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_traceback_option(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxsd",
-        description="Train Stable Diffusion family models in JAX/Flax; export diffusers folders and LoRA files.",
+        description="Train Stable Diffusion family models in JAX/Flax; export diffusers folders.",
         epilog="Run `jaxsd <command> --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, help_text in COMMANDS.items():
-        module = _load(name)
-        available = module is not None
-        p = sub.add_parser(name, help=help_text if available else f"{help_text} (not available yet)",
-                           description=(module.__doc__ if available else help_text),
+        module = importlib.import_module(f"jaxsd.commands.{name}")
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        if available:
-            module.add_arguments(p)
-        p.set_defaults(_module=module, _name=name)
+        module.add_arguments(p)
+        _add_traceback_option(p)
+        p.set_defaults(_module=module)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     # Dotted overrides may follow options (`jaxsd train cfg.yaml --x y key=v`): argparse
     # stops filling a positional list at the first option, so collect the rest here.
@@ -65,11 +73,25 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
-        return 0
-    if args._module is None:
-        print(f"jaxsd {args._name}: this command is not implemented in this version of jaxsd yet.", file=sys.stderr)
-        return 2
+    return args
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command; its exceptions, InputError included, propagate."""
     return int(args._module.run(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command is None:
+        return 0
+    try:
+        return run_command(args)
+    except InputError as e:
+        if getattr(args, "traceback", False):
+            raise
+        print(f"jaxsd {args.command}: {type(e).__name__}: {e}\n{TRACEBACK_HINT}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,12 +23,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from jaxsd.data.config import DataConfig, check_data_config
+from jaxsd.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or has a value of the wrong type."""
 
 
 @dataclass(frozen=True)
@@ -346,10 +343,7 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
     _check_sampling(cfg)
     if cfg.train.data_source == "cache":
-        try:
-            check_data_config(cfg.data)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_data_config(cfg.data)
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by "
                           f"train.grad_accum_steps = {cfg.train.grad_accum_steps}")

@@ -16,6 +16,7 @@ import argparse
 
 from bench.harness import BenchError, make_record, run_child, stats, table
 from bench.presets import UNET_PRESETS, unet_preset
+from jaxsd.errors import InputError
 
 # Published training FLOPs per image per step (forward + backward ≈ 3 × forward).
 PUBLISHED_FLOPS = {"sd15": 2.41e12, "sdxl": 20.2e12}
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in UNET_PRESETS]
     if bad or not models:
-        raise BenchError(f"--models {args.models!r}: choose from {','.join(sorted(UNET_PRESETS))}")
+        raise InputError(f"--models {args.models!r}: choose from {','.join(sorted(UNET_PRESETS))}")
     records = []
     for name in models:
         latent = args.latent or PUBLISHED_LATENT.get(name) or unet_preset(name)["sample_size"]

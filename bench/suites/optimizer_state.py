@@ -11,6 +11,7 @@ import argparse
 
 from bench.harness import make_record, run_child, table
 from bench.presets import UNET_PRESETS
+from jaxsd.errors import InputError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 
@@ -22,13 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from bench.harness import BenchError
     from bench.presets import unet_preset
 
     names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     bad = [o for o in names if o not in OPTIMIZERS]
     if bad or not names:
-        raise BenchError(f"--optimizers {args.optimizers!r}: choose from {','.join(OPTIMIZERS)}")
+        raise InputError(f"--optimizers {args.optimizers!r}: choose from {','.join(OPTIMIZERS)}")
     out = run_child("optimizer_state", "jaxsd", {"unet": unet_preset(args.preset), "optimizers": names},
                     timeout=args.timeout)
     adamw = out["state_bytes"].get("adamw")

@@ -55,9 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _folder(args: argparse.Namespace):
     if args.model:
         if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-            from bench.harness import BenchError
+            from jaxsd.errors import InputError
 
-            raise BenchError(f"--model {args.model}: no model_index.json — not a diffusers pipeline folder")
+            raise InputError(f"--model {args.model}: no model_index.json — not a diffusers pipeline folder")
         yield args.model
         return
     with tempfile.TemporaryDirectory(prefix="jaxsd-bench-pipe-") as tmp:

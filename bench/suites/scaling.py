@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 
-from bench.harness import BenchError, comparison_table, make_record, run_child, stats, table
+from bench.harness import comparison_table, make_record, run_child, stats, table
 from bench.presets import DEFAULT_LATENT, unet_preset
 from bench.suites import train_step
+from jaxsd.errors import InputError
 
 SWEEPS = ("batch", "latent", "devices")
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     sweeps = [s.strip() for s in args.sweep.split(",") if s.strip()]
     bad = [s for s in sweeps if s not in SWEEPS]
     if bad or not sweeps:
-        raise BenchError(f"--sweep {args.sweep!r}: choose from {','.join(SWEEPS)}")
+        raise InputError(f"--sweep {args.sweep!r}: choose from {','.join(SWEEPS)}")
     frameworks = tuple(args.frameworks)
     latent = args.latent or DEFAULT_LATENT[args.preset]
     points = [("batch", {"latent": latent, "batch": b}) for b in args.batches if "batch" in sweeps]

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import time
 from pathlib import Path
+
+from jaxsd.errors import InputError
 
 # suite name -> module in bench/suites
 SUITES = {
@@ -42,13 +45,15 @@ SUITES = {
     "optimizer-state": "optimizer_state",
     "flops": "flops",
 }
+# suites whose --frameworks may include torch (the others measure jaxsd alone)
+TORCH_SUITES = ("train-step", "scaling", "sample", "cache")
 _REPO = Path(__file__).resolve().parents[2]
 
 
 def _bench_package():
     """Import the repo's `bench` package (next to `jaxsd/`); a clear error outside a checkout."""
     if not (_REPO / "bench" / "harness.py").is_file():
-        raise SystemExit("jaxsd bench: bench/ not found next to the jaxsd package — run from a source checkout "
+        raise InputError("bench/ not found next to the jaxsd package — run from a source checkout "
                          "(git clone …; pip install -e '.[torch]').")
     if str(_REPO) not in sys.path:
         sys.path.insert(0, str(_REPO))
@@ -96,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, module_name in SUITES.items():
         try:
             module = _suite(name)
-        except SystemExit:
+        except InputError:  # not a source checkout: the suites are listed, `run` says why they cannot run
             module = None
         except ModuleNotFoundError as e:
             if e.name != f"bench.suites.{module_name}":
@@ -118,16 +123,17 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         if e.name != f"bench.suites.{SUITES[args.suite]}":
             raise
-        print(f"jaxsd bench {args.suite}: this suite is not available in this checkout", file=sys.stderr)
-        return 2
+        raise InputError(f"suite {args.suite!r}: bench/suites/{SUITES[args.suite]}.py is not in this checkout") from e
+    if args.suite in TORCH_SUITES and "torch" in args.frameworks:
+        missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise InputError(f"--frameworks {','.join(args.frameworks)} needs {', '.join(missing)}, not installed: "
+                             "install the [torch] extra (pip install -c constraints.txt -e '.[torch]') or pass "
+                             "--frameworks jaxsd")
     if args.repeats < 3:
         print(f"note: --repeats {args.repeats} < 3 — a smoke run, not a measurement", file=sys.stderr)
     t0 = time.perf_counter()
-    try:
-        records = module.run(args)
-    except harness.BenchError as e:
-        print(f"jaxsd bench {args.suite}: {e}", file=sys.stderr)
-        return 1
+    records = module.run(args)  # a failed child raises BenchError with its output: a traceback, exit 1
     print(module.format_table(records))
     if not args.no_record:
         path = harness.append_jsonl(args.json or harness.DEFAULT_RESULTS, records)

@@ -1,10 +1,12 @@
 """Encode images and captions into cached latents and text embeddings (sidecar files + manifest).
 
-    jaxsd cache CONFIG.yaml [data.key=value ...] [--only latents|text] [--pack DIR]
+    jaxsd cache CONFIG [data.key=value ...] [--only latents|text] [--pack DIR]
 
-Reads the `data:` section of CONFIG: the sources (data.roots, data.tfds), the
-validation policy, preprocessing (data.image: resolution, crop, flip, buckets)
-and what encodes (data.cache.vae, data.cache.text_encoder, data.cache.text).
+CONFIG is a YAML file or the name of a preset in configs/, as for `jaxsd train`
+(e.g. `jaxsd cache sd15 data.roots=[imgs] ...`). Reads its `data:` section: the
+sources (data.roots, data.tfds), the validation policy, preprocessing (data.image:
+resolution, crop, flip, buckets) and what encodes (data.cache.vae,
+data.cache.text_encoder, data.cache.text).
 First every image and caption is validated (report: console + jaxsd_validation.json),
 then latents (`foo.<vae suffix>`) and text embeddings (`foo.<text suffix>`) are
 written next to each image with a manifest `jaxsd_cache.json` per root.
@@ -18,7 +20,10 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config with a data: section (e.g. configs/sd15.yaml)")
+    from jaxsd.config import list_presets
+
+    parser.add_argument("config", help="YAML config file or preset name with a data: section; presets: "
+                        f"{', '.join(list_presets())}")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.roots=[imgs] data.cache.dtype=float32"
                         " (overrides of other sections are accepted and ignored)")
     parser.add_argument("--only", choices=("latents", "text"), help="rebuild only this kind of cache")
@@ -32,13 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxsd.config import resolve_preset
     from jaxsd.data.config import load_data_config
+    from jaxsd.errors import ConfigError
 
-    try:
-        cfg = load_data_config(args.config, args.overrides)
-    except (ValueError, OSError) as e:
-        print(f"jaxsd cache: {e}")
-        return 2
+    cfg = load_data_config(str(resolve_preset(args.config)), args.overrides)
     if args.validate_only:
         from jaxsd.data.cache import validate_only
 
@@ -55,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [k for k, want, v in (("data.cache.vae", want_latents, cfg.cache.vae),
                                     ("data.cache.text_encoder", want_text, cfg.cache.text_encoder)) if want and not v]
     if missing:
-        print(f"jaxsd cache: set {' and '.join(missing)} (or use --only)")
-        return 2
+        raise ConfigError(f"set {' and '.join(missing)} (or use --only)")
     vae = text = None
     if want_latents:
         from jaxsd.data.model_encoders import vae_encoder

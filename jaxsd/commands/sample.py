@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from jaxsd.diffusion import SAMPLER_NAMES as SCHEDULERS  # jax-free import
+from jaxsd.errors import InputError, InputNotFoundError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,11 +54,14 @@ def load_image(path: str, height: int | None, width: int | None, factor: int):
     """RGB uint8 [H,W,3]; resized (Lanczos, as diffusers' image processor) to height x width, or to the
     image's own size rounded down to a multiple of the VAE factor."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--init-image {path}: no such file")
-    img = Image.open(path).convert("RGB")
+        raise InputNotFoundError(f"--init-image {path}: no such file")
+    try:
+        img = Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:  # only the user's file is read here
+        raise InputError(f"--init-image {path}: not a readable image ({e})") from e
     w0, h0 = img.size
     width = width or (w0 - w0 % factor)
     height = height or (h0 - h0 % factor)
@@ -66,59 +70,63 @@ def load_image(path: str, height: int | None, width: int | None, factor: int):
     return np.asarray(img)
 
 
-def run(args: argparse.Namespace) -> int:
+def load_latents(path: str):
+    """The --latents file: float32 NCHW, as diffusers' `latents` argument."""
     import numpy as np
+
+    if not Path(path).is_file():
+        raise InputNotFoundError(f"--latents {path}: no such file")
+    try:
+        latents = np.load(path)
+    except (ValueError, OSError) as e:  # only the user's file is read here
+        raise InputError(f"--latents {path}: not a .npy array file ({e})") from e
+    if latents.dtype != np.float32:
+        raise InputError(f"--latents {path}: dtype {latents.dtype}; expected float32 (NCHW)")
+    return latents
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if args.scheduler not in SCHEDULERS:
+        raise InputError(f"unknown scheduler {args.scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+    if not 0.0 <= args.strength <= 1.0:
+        raise InputError(f"--strength must be in [0, 1], got {args.strength}")
+    if args.steps < 1 or args.num_images < 1:
+        raise InputError("--steps and --num-images must be >= 1")
+    if not args.out.lower().endswith(".png"):
+        raise InputError(f"--out must be a .png path, got {args.out}")
+
+
+def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.scheduler not in SCHEDULERS:
-        print(f"jaxsd sample: unknown scheduler {args.scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}",
-              file=sys.stderr)  # checked before loading anything, so a typo costs no model load
-        return 2
-    if not 0.0 <= args.strength <= 1.0:
-        print(f"jaxsd sample: --strength must be in [0, 1], got {args.strength}", file=sys.stderr)
-        return 2
-    if args.steps < 1 or args.num_images < 1:
-        print("jaxsd sample: --steps and --num-images must be >= 1", file=sys.stderr)
-        return 2
-    if not args.out.lower().endswith(".png"):
-        print(f"jaxsd sample: --out must be a .png path, got {args.out}", file=sys.stderr)
-        return 2
+    check_arguments(args)  # before loading anything, so a typo costs no model load
 
     from jaxsd.pipelines.grids import image_grid
-    from jaxsd.pipelines.loading import PipelineFolderError
     from jaxsd.pipelines.pipeline import StableDiffusion
 
     t0 = time.perf_counter()
-    try:
-        pipe = StableDiffusion.from_folder(args.model)
-        init = None
-        if args.init_image:
-            init = load_image(args.init_image, args.height, args.width, pipe.vae_factor)
-        latents = None
-        if args.latents:
-            latents = np.load(args.latents)
-            if latents.dtype != np.float32:
-                raise ValueError(f"--latents {args.latents}: dtype {latents.dtype}; expected float32 (NCHW)")
-        print(f"loaded {args.model} ({pipe.family}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        bar = None
+    pipe = StableDiffusion.from_folder(args.model)
+    init = None
+    if args.init_image:
+        init = load_image(args.init_image, args.height, args.width, pipe.vae_factor)
+    latents = load_latents(args.latents) if args.latents else None
+    print(f"loaded {args.model} ({pipe.family}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    bar = None
 
-        def on_step(i: int) -> None:  # the bar starts at the first finished step, after compilation
-            nonlocal bar
-            if bar is None:
-                bar = tqdm(total=args.steps, initial=i, desc=f"{args.scheduler}", unit="step", file=sys.stderr)
-            bar.update(i + 1 - bar.n)
+    def on_step(i: int) -> None:  # the bar starts at the first finished step, after compilation
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=args.steps, initial=i, desc=f"{args.scheduler}", unit="step", file=sys.stderr)
+        bar.update(i + 1 - bar.n)
 
-        images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                               guidance=args.guidance, sampler=args.scheduler, seed=args.seed, height=args.height,
-                               width=args.width, num_images=args.num_images, latents=latents, init_image=init,
-                               strength=args.strength, progress=on_step)
-        if bar is not None:
-            bar.close()
-    except (PipelineFolderError, ValueError, FileNotFoundError) as e:
-        print(f"jaxsd sample: {e}", file=sys.stderr)
-        return 2
+    images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                           guidance=args.guidance, sampler=args.scheduler, seed=args.seed, height=args.height,
+                           width=args.width, num_images=args.num_images, latents=latents, init_image=init,
+                           strength=args.strength, progress=on_step)
+    if bar is not None:
+        bar.close()
     print(f"compile: {pipe.last_compile_seconds:.2f} s; generation: {pipe.last_run_seconds:.2f} s "
           f"({len(images)} image(s), {args.steps} steps, {args.scheduler})")
 

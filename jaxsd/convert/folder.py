@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from jaxsd.convert.safetensors_io import SafetensorsFile, save_file
+from jaxsd.errors import InputNotFoundError
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = "model"
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
-class ComponentError(FileNotFoundError):
+class ComponentError(InputNotFoundError):
     """A component folder that is missing or lacks readable weights."""
 
 

@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 
 import jax
 import numpy as np
+from einops import rearrange
 from flax import traverse_util
+
+from jaxsd.errors import InputError
 
 # PyTorch attribute names that hold nn.ModuleList / nn.Sequential children.
 LIST_CONTAINERS = frozenset({
@@ -56,7 +59,7 @@ class ConversionSpec:
     tied: Mapping[str, str] = field(default_factory=dict)
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """A checkpoint that does not fit the model: every offending name is listed."""
 
 
@@ -91,8 +94,8 @@ def torch_key(flax_path: Path) -> str:
 def _to_flax_layout(arr: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
     if leaf != "kernel":
         return arr
-    if arr.ndim == 4 and target_ndim == 4:  # conv OIHW -> HWIO
-        return arr.transpose(2, 3, 1, 0)
+    if arr.ndim == 4 and target_ndim == 4:
+        return rearrange(arr, "o i h w -> h w i o")
     if arr.ndim == 4 and target_ndim == 2 and arr.shape[2:] == (1, 1):  # 1x1 conv -> linear
         return arr[:, :, 0, 0].T
     if arr.ndim == 2:
@@ -105,7 +108,7 @@ def to_torch_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
     if leaf != "kernel":
         return arr
     if arr.ndim == 4:
-        return arr.transpose(3, 2, 0, 1)
+        return rearrange(arr, "h w i o -> o i h w")
     if arr.ndim == 2:
         return arr.T
     return arr

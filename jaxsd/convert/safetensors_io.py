@@ -22,6 +22,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from jaxsd.errors import InputError
+
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -39,7 +41,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(InputError):
     """A safetensors file that cannot be read as one."""
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from jaxsd.convert.folder import DIFFUSERS_WEIGHTS, open_weights
 from jaxsd.convert.load import load_config, save_params
 from jaxsd.convert.rules import ConversionSpec, check_fits, check_tied, torch_to_flax
+from jaxsd.errors import InputError
 from jaxsd.models.params import abstract_params
 from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 
@@ -43,8 +44,8 @@ def load_unet(
     """
     try:
         config = UNetConfig.from_diffusers(load_config(folder))
-    except ValueError as e:
-        raise ValueError(f"{folder}/config.json: {e}") from None
+    except InputError as e:
+        raise InputError(f"{folder}/config.json: {e}") from None
     # load.load_params minus the tracing, which abstract_unet_params caches
     state = open_weights(folder, DIFFUSERS_WEIGHTS, variant=variant, allow_pickle=allow_pickle)
     check_tied(state, UNET_SPEC, str(folder))

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from jaxsd.convert.folder import DIFFUSERS_WEIGHTS
 from jaxsd.convert.load import load_config, load_params, save_params
 from jaxsd.convert.rules import ConversionSpec, check_fits
+from jaxsd.errors import InputError
 from jaxsd.models.params import abstract_params
 from jaxsd.models.vae import AutoencoderKL, VAEConfig, example_inputs
 
@@ -45,8 +46,8 @@ def load_vae(
     """
     try:
         config = VAEConfig.from_diffusers(load_config(folder))
-    except ValueError as e:
-        raise ValueError(f"{folder}/config.json: {e}") from None
+    except InputError as e:
+        raise InputError(f"{folder}/config.json: {e}") from None
     params = load_params(folder, AutoencoderKL(config), example_inputs(config), weights_name=DIFFUSERS_WEIGHTS,
                          spec=VAE_SPEC, dtype=dtype, variant=variant, allow_pickle=allow_pickle,
                          to_device=to_device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from jaxsd.data.config import ImageConfig
+from jaxsd.errors import ConfigError
 
 
 def make_buckets(resolution: int, *, min_side: int = 256, max_side: int = 1024, step: int = 64,
@@ -33,8 +34,8 @@ def make_buckets(resolution: int, *, min_side: int = 256, max_side: int = 1024, 
             buckets.add((long, short))
         short += step
     if not buckets:
-        raise ValueError(f"no bucket fits resolution={resolution}, min_side={min_side}, max_side={max_side}, "
-                         f"step={step}, max_aspect={max_aspect}")
+        raise ConfigError(f"no bucket fits resolution={resolution}, min_side={min_side}, max_side={max_side}, "
+                          f"step={step}, max_aspect={max_aspect}")
     return sorted(buckets, key=lambda hw: (hw[0] / hw[1], hw[0]))
 
 

@@ -38,6 +38,7 @@ from jaxsd.data.records import STORAGE_DTYPES, sidecar_is_current, sidecar_path,
 from jaxsd.data.sources import Item, open_sources
 from jaxsd.data.store import EMPTY_CAPTION_KEY
 from jaxsd.data.validate import Finding, Report, Valid, report_path, validate
+from jaxsd.errors import InputError
 
 
 @dataclass
@@ -198,7 +199,7 @@ def build_cache(cfg: DataConfig, *, vae: Encoder | None = None, text: Encoder | 
     vae = vae if only in (None, "latents") else None
     text = text if only in (None, "text") else None
     if vae is None and text is None:
-        raise ValueError("nothing to cache: no VAE for latents and no text encoder for captions")
+        raise InputError("nothing to cache: no VAE for latents and no text encoder for captions")
     t0 = time.perf_counter()
     pi, pc = jax.process_index(), jax.process_count()
     sources, valid, report = _scan_and_validate(cfg, pi, pc)

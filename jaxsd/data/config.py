@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jaxsd.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TFDSConfig:
@@ -166,18 +168,18 @@ def check_data_config(cfg: DataConfig) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     b = cfg.image.buckets
     if cfg.image.resolution <= 0 or cfg.image.resolution % 8:
-        raise ValueError(f"data.image.resolution={cfg.image.resolution} must be a positive multiple of 8")
+        raise ConfigError(f"data.image.resolution={cfg.image.resolution} must be a positive multiple of 8")
     if b.enabled and not (0 < b.min_side <= cfg.image.resolution <= b.max_side and b.step > 0):
-        raise ValueError(f"data.image.buckets: need 0 < min_side ({b.min_side}) <= resolution "
-                         f"({cfg.image.resolution}) <= max_side ({b.max_side}) and step > 0")
+        raise ConfigError(f"data.image.buckets: need 0 < min_side ({b.min_side}) <= resolution "
+                          f"({cfg.image.resolution}) <= max_side ({b.max_side}) and step > 0")
     bg = cfg.validation.background
     if len(bg) != 3 or not all(0 <= c <= 255 for c in bg):
-        raise ValueError(f"data.validation.background={cfg.validation.background} must be three 0..255 values")
+        raise ConfigError(f"data.validation.background={cfg.validation.background} must be three 0..255 values")
     if cfg.loader.batch_size <= 0 or cfg.cache.batch_size <= 0:
-        raise ValueError("data.loader.batch_size and data.cache.batch_size must be positive")
+        raise ConfigError("data.loader.batch_size and data.cache.batch_size must be positive")
 
 
 def load_data_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
@@ -185,7 +187,7 @@ def load_data_config(path: str | None = None, overrides: list[str] | tuple[str, 
 
     Other sections and overrides of other sections are the trainer's business and are
     ignored here, so `jaxsd cache` and `jaxsd train` accept the same command line.
-    Unknown keys or wrong types raise ValueError naming the key (and the closest valid one).
+    Unknown keys or wrong types raise ConfigError naming the key (and the closest valid one).
     """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -205,8 +207,8 @@ def load_data_config(path: str | None = None, overrides: list[str] | tuple[str, 
     except OmegaConfBaseException as e:
         key = f"data.{e.full_key}" if getattr(e, "full_key", None) else "data"
         first = str(e).splitlines()[0]
-        raise ValueError(f"{path or 'overrides'}: {key}: {first} (the keys and their meaning are in "
-                         "jaxsd/data/config.py)") from None
+        raise ConfigError(f"{path or 'overrides'}: {key}: {first} (the keys and their meaning are in "
+                          "jaxsd/data/config.py)") from None
     check_data_config(cfg)
     return cfg
 

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsd.data.config import DataConfig
 from jaxsd.data.store import CacheStore, open_store
+from jaxsd.errors import ConfigError, InputError
 
 BATCH_AXES = ("data", "fsdp")
 _EPOCHS = 1_000_000  # the sequence of batches is "endless": long enough for any run
@@ -50,7 +51,7 @@ def plan_epoch(buckets: np.ndarray, batch_size: int, seed: int, epoch: int, shuf
         usable = len(idx) // batch_size * batch_size
         batches += list(idx[:usable].reshape(-1, batch_size))
     if not batches:
-        raise ValueError(f"no bucket holds a full global batch of {batch_size} samples "
+        raise InputError(f"no bucket holds a full global batch of {batch_size} samples "
                          f"(largest bucket: {np.bincount(buckets).max() if len(buckets) else 0}); "
                          "lower data.loader.batch_size or add images")
     order = rng.permutation(len(batches)) if shuffle else np.arange(len(batches))
@@ -129,14 +130,14 @@ class Loader:
             self.sharding = batch_sharding(mesh)
             shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
             if gbs % shards:
-                raise ValueError(f"data.loader.batch_size={gbs} is not divisible by the {shards} batch shards "
-                                 "of the mesh (data x fsdp)")
+                raise ConfigError(f"data.loader.batch_size={gbs} is not divisible by the {shards} batch shards "
+                                  "of the mesh (data x fsdp)")
             rows = batch_rows(self.sharding, gbs)
         else:
             self.sharding = None
             pc, pi = jax.process_count(), jax.process_index()
             if gbs % pc:
-                raise ValueError(f"data.loader.batch_size={gbs} is not divisible by the {pc} processes")
+                raise ConfigError(f"data.loader.batch_size={gbs} is not divisible by the {pc} processes")
             rows = np.arange(pi * gbs // pc, (pi + 1) * gbs // pc)
         self.rows = rows
         self.source = _Batches(self.store, cfg, rows)
@@ -171,7 +172,7 @@ class Loader:
         mine = {"seed": lc.seed, "batch_size": lc.batch_size, "samples": len(self.store), "shuffle": lc.shuffle}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
-            raise ValueError("loader state was saved for a different data order: "
+            raise InputError("loader state was saved for a different data order: "
                              + ", ".join(f"{k} saved {a} now {b}" for k, (a, b) in diff.items())
                              + "; restore with the same data.loader settings and cache, or start the data fresh")
         self.iterator.set_state(state["grain"])
@@ -215,8 +216,8 @@ def training_loader(cfg: DataConfig, *, mesh: Mesh | None = None, batch_size: in
     missing = [k for k, v in (("data.cache.vae", cfg.cache.vae), ("data.cache.text_encoder", cfg.cache.text_encoder))
                if not v]
     if missing:
-        raise ValueError(f"set {' and '.join(missing)}: training checks the cache against the models that must "
-                         "have made it (the same settings `jaxsd cache` used)")
+        raise ConfigError(f"set {' and '.join(missing)}: training checks the cache against the models that must "
+                          "have made it (the same settings `jaxsd cache` used)")
     latents, text = expected_specs(cfg)
     return Loader(cfg, mesh=mesh, latents=latents, text=text, rebuild=f"jaxsd cache {config_path}",
                   batch_size=batch_size)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxsd.convert.safetensors_io import SafetensorsFile
+from jaxsd.errors import InputError, InputNotFoundError
 
 MANIFEST = "jaxsd_cache.json"
 FORMAT_VERSION = 1
@@ -36,7 +37,7 @@ _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 _fingerprint_memo: dict[tuple, str] = {}
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(InputError):
     """A cache made by a different model/settings than the run that wants to use it."""
 
 
@@ -87,7 +88,7 @@ def fingerprint_folder(folder: str | os.PathLike) -> str:
     (default ~/.cache/jaxsd), so a big encoder is hashed once, not at every run."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"cannot fingerprint {folder}: not a directory")
+        raise InputNotFoundError(f"cannot fingerprint {folder}: not a directory")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     has_safetensors = any(p.suffix == ".safetensors" for p in files)
     key = (str(folder.resolve()),) + tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)

@@ -18,6 +18,7 @@ from jaxsd.convert.folder import read_config
 from jaxsd.data.config import DataConfig
 from jaxsd.data.encoders import Encoder, latent_spec, text_spec
 from jaxsd.data.manifest import combine_fingerprints, fingerprint_folder
+from jaxsd.errors import ConfigError, InputError, InputNotFoundError
 
 # Pipeline subfolders of each text conditioning, in the order they are fingerprinted.
 TEXT_COMPONENTS = {
@@ -35,14 +36,14 @@ def vae_folder(path: str | os.PathLike) -> Path:
         return path / "vae"
     if (path / "config.json").is_file():
         return path
-    raise FileNotFoundError(f"data.cache.vae={str(path)!r}: neither a VAE folder (config.json + weights) "
-                            "nor a pipeline folder with vae/")
+    raise InputNotFoundError(f"data.cache.vae={str(path)!r}: neither a VAE folder (config.json + weights) "
+                             "nor a pipeline folder with vae/")
 
 
 def vae_spec(cfg: DataConfig) -> dict:
     """The "latents" manifest section for `cfg.cache.vae` under `cfg` (reads config.json + fingerprints)."""
     if not cfg.cache.vae:
-        raise ValueError("data.cache.vae is not set: the VAE folder that makes (or made) the cached latents")
+        raise ConfigError("data.cache.vae is not set: the VAE folder that makes (or made) the cached latents")
     folder = vae_folder(cfg.cache.vae)
     conf = read_config(folder)
     return latent_spec(fingerprint=fingerprint_folder(folder), scaling_factor=conf.get("scaling_factor", 0.18215),
@@ -61,7 +62,7 @@ def vae_encoder(cfg: DataConfig) -> Encoder:
     log_scale2 = 2.0 * math.log(config.scaling_factor)
     for side in (cfg.image.resolution, cfg.image.buckets.step if cfg.image.buckets.enabled else cfg.image.resolution):
         if side % config.downscale:
-            raise ValueError(f"image sides must be multiples of the VAE's downscale factor {config.downscale}; "
+            raise InputError(f"image sides must be multiples of the VAE's downscale factor {config.downscale}; "
                              f"data.image.resolution / buckets.step gives {side}")
 
     def apply(p, inputs):
@@ -78,13 +79,13 @@ def _text_components(cfg: DataConfig) -> list[Path]:
     if (root / names[0]).is_dir():
         missing = [n for n in names if not (root / n).is_dir()]
         if missing:
-            raise FileNotFoundError(f"data.cache.text_encoder={str(root)!r} lacks {', '.join(missing)} "
-                                    f"(needed for data.cache.text={cfg.cache.text!r})")
+            raise InputNotFoundError(f"data.cache.text_encoder={str(root)!r} lacks {', '.join(missing)} "
+                                     f"(needed for data.cache.text={cfg.cache.text!r})")
         return [root / n for n in names]
     if (root / "config.json").is_file() and len(names) == 2:
         return [root]  # a single text-encoder folder holding its tokenizer files too
-    raise FileNotFoundError(f"data.cache.text_encoder={str(root)!r}: expected a pipeline folder with "
-                            f"{', '.join(names)}")
+    raise InputNotFoundError(f"data.cache.text_encoder={str(root)!r}: expected a pipeline folder with "
+                             f"{', '.join(names)}")
 
 
 def text_producer(cfg: DataConfig, encoder_config: dict) -> str:
@@ -109,8 +110,8 @@ def max_length(cfg: DataConfig) -> int:
 def text_encoder_spec(cfg: DataConfig) -> dict:
     """The "text" manifest section for `cfg.cache.text_encoder` / `cfg.cache.text`."""
     if not cfg.cache.text_encoder:
-        raise ValueError("data.cache.text_encoder is not set: the pipeline folder whose text encoder(s) "
-                         "make (or made) the cached text embeddings")
+        raise ConfigError("data.cache.text_encoder is not set: the pipeline folder whose text encoder(s) "
+                          "make (or made) the cached text embeddings")
     comps = _text_components(cfg)
     producer = text_producer(cfg, read_config(comps[0]))
     return text_spec(producer=producer, fingerprint=combine_fingerprints([fingerprint_folder(c) for c in comps]),
@@ -144,7 +145,7 @@ def text_encoder(cfg: DataConfig) -> Encoder:
         c.tokenizer.warn_each_call = False
     for c in comps:
         if c.tokenizer.max_length != length:
-            raise ValueError(f"{cfg.cache.text_encoder}: tokenizer length {c.tokenizer.max_length} != "
+            raise InputError(f"{cfg.cache.text_encoder}: tokenizer length {c.tokenizer.max_length} != "
                              f"data.cache.max_length {length}")
     # diffusers gives CLIP a padding mask only when its config asks for it (`use_attention_mask`)
     use_mask = [not isinstance(c.model, CLIPTextModel) or bool(dict(c.model.config.extra).get("use_attention_mask"))

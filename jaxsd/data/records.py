@@ -22,12 +22,13 @@ import ml_dtypes
 import numpy as np
 
 from jaxsd.convert.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from jaxsd.errors import InputError
 
 STORAGE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                   "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
-class SidecarMismatch(ValueError):
+class SidecarMismatch(InputError):
     """A sidecar whose header names another producer than the manifest's."""
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from jaxsd.data.config import DataConfig, TFDSConfig
 from jaxsd.data.images import decode, read_bytes
+from jaxsd.errors import ConfigError, InputNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # preference order for duplicate stems
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -51,8 +52,8 @@ class FolderSource:
         self.root = Path(root)
         self.source_id = source_id
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data root {self.root} does not exist or is not a directory "
-                                    "(set data.roots to folders of foo.jpg + foo.txt pairs)")
+            raise InputNotFoundError(f"data root {self.root} does not exist or is not a directory "
+                                     "(set data.roots to folders of foo.jpg + foo.txt pairs)")
 
     def scan(self) -> tuple[list[Item], list[Problem]]:
         groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
@@ -106,18 +107,18 @@ class TFDSSource:
         self.data = tfds.data_source(cfg.name, split=cfg.split, **kwargs)
         features = self.data.dataset_info.features
         if cfg.image_key not in features:
-            raise KeyError(f"TFDS {cfg.name}: no image feature {cfg.image_key!r} "
-                           f"(features: {', '.join(features.keys())}); set data.tfds.image_key")
+            raise ConfigError(f"TFDS {cfg.name}: no image feature {cfg.image_key!r} "
+                              f"(features: {', '.join(features.keys())}); set data.tfds.image_key")
         self.label_names = None
         if cfg.caption_key:
             if cfg.caption_key not in features:
-                raise KeyError(f"TFDS {cfg.name}: no caption feature {cfg.caption_key!r} "
-                               f"(features: {', '.join(features.keys())}); set data.tfds.caption_key")
+                raise ConfigError(f"TFDS {cfg.name}: no caption feature {cfg.caption_key!r} "
+                                  f"(features: {', '.join(features.keys())}); set data.tfds.caption_key")
         elif cfg.label_key in features:
             self.label_names = getattr(features[cfg.label_key], "names", None)
         else:
-            raise KeyError(f"TFDS {cfg.name}: neither data.tfds.caption_key nor a label feature "
-                           f"{cfg.label_key!r} (features: {', '.join(features.keys())})")
+            raise ConfigError(f"TFDS {cfg.name}: neither data.tfds.caption_key nor a label feature "
+                              f"{cfg.label_key!r} (features: {', '.join(features.keys())})")
         self.root = tfds_cache_root(cfg)
 
     def scan(self) -> tuple[list[Item], list[Problem]]:
@@ -153,5 +154,5 @@ def open_sources(cfg: DataConfig) -> list[FolderSource | TFDSSource]:
     if cfg.tfds.name:
         sources.append(TFDSSource(cfg.tfds, len(sources)))
     if not sources:
-        raise ValueError("no data source configured: set data.roots=[path, ...] or data.tfds.name")
+        raise ConfigError("no data source configured: set data.roots=[path, ...] or data.tfds.name")
     return sources

@@ -16,6 +16,7 @@ from jaxsd.data.config import DataConfig
 from jaxsd.data.manifest import CacheMismatch, read_manifest, verify_manifest
 from jaxsd.data.records import decode_record, read_sidecar, sidecar_path
 from jaxsd.data.sources import tfds_cache_root
+from jaxsd.errors import ConfigError, InputError
 
 FLIPPED = "_flipped"
 EMPTY_CAPTION_KEY = "jaxsd_empty_caption"  # per-root embedding of "" (written by the cache, for CFG dropout)
@@ -46,7 +47,7 @@ class CacheStore:
             for key, e in sorted(m.get("entries", {}).items()):
                 self.entries.append((loc, key, tuple(e["bucket"]), e))
         if not self.entries:
-            raise ValueError(f"the cache at {', '.join(w for w, _ in manifests)} has no samples; "
+            raise InputError(f"the cache at {', '.join(w for w, _ in manifests)} has no samples; "
                              "see the validation report of `jaxsd cache`")
         self.bucket_list = sorted({b for _, _, b, _ in self.entries})
 
@@ -117,7 +118,7 @@ def open_store(cfg: DataConfig, *, latents: Mapping | None = None, text: Mapping
     """
     locations = list(cfg.packed) if cfg.packed else cache_roots(cfg)
     if not locations:
-        raise ValueError("no cached data configured: set data.roots, data.tfds.name or data.packed")
+        raise ConfigError("no cached data configured: set data.roots, data.tfds.name or data.packed")
     if latents is None and text is None:
         manifests = []
         for loc in locations:

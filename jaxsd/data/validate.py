@@ -24,6 +24,7 @@ from jaxsd.data.buckets import target_size
 from jaxsd.data.config import CacheConfig, DataConfig
 from jaxsd.data.images import to_rgb
 from jaxsd.data.sources import Item
+from jaxsd.errors import ConfigError
 
 ImageCheck = Callable[[Image.Image, str], "str | None"]
 
@@ -116,11 +117,11 @@ def load_image_check(spec: str) -> ImageCheck | None:
         return None
     module, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"data.cache.image_check={spec!r}: use 'package.module:function'")
+        raise ConfigError(f"data.cache.image_check={spec!r}: use 'package.module:function'")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"data.cache.image_check={spec!r} cannot be imported: {e}") from e
+        raise ConfigError(f"data.cache.image_check={spec!r} cannot be imported: {e}") from e
 
 
 def check_one(source, item: Item, cfg: DataConfig, image_check: ImageCheck | None,

@@ -10,10 +10,6 @@ OUT/
   samples/         grid.png (labelled) and one PNG per sample
   metrics.json     colour_accuracy, shape_accuracy, vae_psnr, seconds_total
   metrics_detail.json  per-phase seconds, classifier accuracy on real images, diffusers check
-
-A phase whose code has not landed in this version of jaxsd raises
-`PhaseUnavailable`; the demo then stops, says which phase and what is missing,
-and exits non-zero — it never substitutes a private copy of another component.
 """
 
 from __future__ import annotations
@@ -32,11 +28,8 @@ from jaxsd.demo import classifier, shapes
 from jaxsd.demo.report import psnr, to_uint8, write_metrics
 from jaxsd.demo.settings import DemoSettings
 from jaxsd.demo.tokenizer import MAX_LENGTH, build_tokenizer, tiny_text_encoder_config
+from jaxsd.errors import InputError
 from jaxsd.pipelines.grids import label_grid
-
-
-class PhaseUnavailable(RuntimeError):
-    """A phase needs a part of jaxsd that this version does not have yet."""
 
 
 @dataclass
@@ -85,17 +78,14 @@ class DemoState:
         self.log(f"   {name}: {self.seconds[name]:.1f}s")
 
 
-def require(module: str, what: str) -> None:
-    """Raise PhaseUnavailable naming `what` when `module` is not part of this jaxsd."""
-    if importlib.util.find_spec(module) is None:
-        raise PhaseUnavailable(f"{what} needs {module}, which is not in this version of jaxsd")
-
-
 def run_cli(argv: list[str]) -> None:
     """Run a `jaxsd` subcommand in this process (same code path as the shell; jax imported once)."""
-    from jaxsd.cli import main
+    from jaxsd.cli import parse_args, run_command
 
-    code = main(argv)
+    try:
+        code = run_command(parse_args(argv))
+    except InputError as e:  # the demo wrote these inputs itself: one jaxsd refuses is a bug in the demo
+        raise RuntimeError(f"`jaxsd {' '.join(argv)}` refused the demo's own input: {e}") from e
     if code != 0:
         raise RuntimeError(f"`jaxsd {' '.join(argv)}` failed with exit code {code}")
 
@@ -233,19 +223,10 @@ def write_components(st: DemoState) -> None:
 
 # ---- caching, training, export ------------------------------------------------------------
 def cache(st: DemoState) -> None:
-    require("jaxsd.commands.cache", "caching")
     run_cli(["cache", str(st.config_path), "--no-progress"])
 
 
 def train_unet(st: DemoState) -> None:
-    require("jaxsd.commands.train", "UNet training")
-    from jaxsd.config import ConfigError, load_config
-
-    try:
-        load_config(str(st.config_path))
-    except ConfigError as e:
-        raise PhaseUnavailable(f"`jaxsd train` cannot read the demo's config (cached-data training has not "
-                               f"landed in jaxsd/config.py): {e}") from None
     run_cli(["train", str(st.config_path)])
 
 
@@ -262,7 +243,6 @@ def export(st: DemoState) -> None:
     """The trained UNet (EMA params) via `jaxsd export`, next to the other components, as one diffusers folder."""
     import shutil
 
-    require("jaxsd.commands.export", "exporting the trained UNet as a diffusers folder")
     shutil.rmtree(st.pipeline_dir, ignore_errors=True)
     run_cli(["export", str(st.run_dir), "--out", str(st.pipeline_dir / "unet"), "--ema"])
     for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
@@ -316,7 +296,8 @@ def diffusers_check(st: DemoState) -> None:
     """Load the export in diffusers' StableDiffusionPipeline, generate from the same latents, compare pixels."""
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
         st.details["diffusers_max_pixel_diff"] = None
-        st.log("   torch/diffusers not installed: skipped (pip install 'jaxsd[torch]')")
+        st.log("   torch/diffusers not installed: skipped (to run it, install the [torch] extra: "
+               "`.venv/bin/pip install -c constraints.txt -e '.[torch]'` in the checkout)")
         return
     import diffusers
     import torch
@@ -367,8 +348,8 @@ def prepare_out(out: Path) -> None:
     import shutil
 
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise FileExistsError(f"--out {out} is not empty and was not written by `jaxsd demo`; "
-                              "choose a new or empty folder")
+        raise InputError(f"--out {out} is not empty and was not written by `jaxsd demo`; "
+                         "choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     for name in OWNED:
         path = out / name
@@ -380,31 +361,18 @@ def prepare_out(out: Path) -> None:
 
 
 def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None] = print) -> dict:
-    """Run every phase; write OUT/metrics.json. Returns {"metrics", "details", "missing"}.
-
-    missing: None when every phase ran, else the PhaseUnavailable message of the first
-    phase that could not (later phases did not run; metrics.json is then not written).
-    """
+    """Run every phase; write OUT/metrics.json. Returns {"metrics", "details"}."""
     out = Path(out)
     prepare_out(out)
     st = DemoState(out, settings, log)
     start = time.perf_counter()
-    missing = None
     for name, fn in PHASES:
-        try:
-            with st.phase(name):
-                fn(st)
-        except PhaseUnavailable as e:
-            missing = f"phase {name!r}: {e}"
-            log(f"!! {missing}")
-            log(f"!! not run: {', '.join(n for n, _ in PHASES[[n for n, _ in PHASES].index(name):])}")
-            break
+        with st.phase(name):
+            fn(st)
     total = time.perf_counter() - start
     st.details["seconds"] = {**st.seconds, "total": round(total, 2)}
-    result = {"metrics": None, "details": st.details, "missing": missing}
     (out / "metrics_detail.json").write_text(json.dumps(st.details, indent=2, default=float) + "\n")
-    if missing is None:
-        result["metrics"] = write_metrics(out / "metrics.json", {
-            "colour_accuracy": st.details["colour_accuracy"], "shape_accuracy": st.details["shape_accuracy"],
-            "vae_psnr": st.details["vae_psnr"], "seconds_total": total}, extra=st.details)
-    return result
+    metrics = write_metrics(out / "metrics.json", {
+        "colour_accuracy": st.details["colour_accuracy"], "shape_accuracy": st.details["shape_accuracy"],
+        "vae_psnr": st.details["vae_psnr"], "seconds_total": total}, extra=st.details)
+    return {"metrics": metrics, "details": st.details}

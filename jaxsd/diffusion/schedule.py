@@ -20,6 +20,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsd.errors import InputError
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -53,7 +55,7 @@ def make_betas(config: dict[str, Any]) -> np.ndarray:
     if trained is not None:
         betas = np.asarray(trained, dtype=np.float32)
         if betas.shape != (n,):
-            raise ValueError(f"scheduler config: trained_betas has {betas.size} values but num_train_timesteps is {n}")
+            raise InputError(f"scheduler config: trained_betas has {betas.size} values but num_train_timesteps is {n}")
     elif kind == "linear":
         betas = np.linspace(start, end, n).astype(np.float32)
     elif kind == "scaled_linear":
@@ -62,7 +64,7 @@ def make_betas(config: dict[str, Any]) -> np.ndarray:
     elif kind == "squaredcos_cap_v2":
         betas = _cosine_betas(n)
     else:
-        raise ValueError(f"scheduler config: beta_schedule {kind!r} is not supported; "
+        raise InputError(f"scheduler config: beta_schedule {kind!r} is not supported; "
                          f"use one of {', '.join(BETA_SCHEDULES)} or give trained_betas")
     if config.get("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
@@ -93,11 +95,11 @@ class NoiseSchedule:
         config = {**config, **overrides}
         prediction_type = config.get("prediction_type", "epsilon")
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"scheduler config: prediction_type {prediction_type!r} is not supported; "
+            raise InputError(f"scheduler config: prediction_type {prediction_type!r} is not supported; "
                              f"use one of {', '.join(PREDICTION_TYPES)}")
         spacing = config.get("timestep_spacing", "leading")
         if spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"scheduler config: timestep_spacing {spacing!r} is not supported; "
+            raise InputError(f"scheduler config: timestep_spacing {spacing!r} is not supported; "
                              f"use one of {', '.join(TIMESTEP_SPACINGS)}")
         betas = make_betas(config)
         alphas_cumprod = np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxsd.diffusion.schedule import TIMESTEP_SPACINGS
+from jaxsd.errors import InputError
 
 
 def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset: int = 0, *,
@@ -22,9 +23,9 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train: int, steps_offset:
     last_timestep: DPM-Solver's lambda_min_clipped bound (defaults to num_train).
     """
     if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"timestep_spacing {spacing!r} is not supported; use one of {', '.join(TIMESTEP_SPACINGS)}")
+        raise InputError(f"timestep_spacing {spacing!r} is not supported; use one of {', '.join(TIMESTEP_SPACINGS)}")
     if num_steps < 1 or num_steps > num_train:
-        raise ValueError(f"number of inference steps must be in [1, {num_train}] (num_train_timesteps), got {num_steps}")
+        raise InputError(f"number of inference steps must be in [1, {num_train}] (num_train_timesteps), got {num_steps}")
     last = num_train if last_timestep is None else last_timestep
     if not extra_step:
         if spacing == "linspace":
@@ -86,4 +87,4 @@ def final_sigma(kind: str, sigmas_train: np.ndarray) -> float:
         return 0.0
     if kind == "sigma_min":
         return float(sigmas_train[0])
-    raise ValueError(f"scheduler config: final_sigmas_type {kind!r} is not supported; use 'zero' or 'sigma_min'")
+    raise InputError(f"scheduler config: final_sigmas_type {kind!r} is not supported; use 'zero' or 'sigma_min'")

@@ -23,6 +23,7 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 Implementation = Literal["auto", "einsum", "xla", "cudnn"]
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
@@ -98,7 +99,7 @@ def _heads_first_attention(q, k, v, bias, mask, scale, is_causal) -> jax.Array:
     heads-first operands, bias added, masked logits replaced, fp32 softmax, probabilities
     cast to v's dtype for the second matmul (as `jax.nn.dot_product_attention`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    qh, kh, vh = (rearrange(x, "b l h d -> b h l d") for x in (q, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * jnp.float32(scale)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -108,16 +109,17 @@ def _heads_first_attention(q, k, v, bias, mask, scale, is_causal) -> jax.Array:
     if mask is not None:
         logits = jnp.where(mask, logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, vh).transpose(0, 2, 1, 3)
+    return rearrange(jnp.einsum("bhqk,bhkd->bhqd", probs, vh), "b h q d -> b q h d")
 
 
 def _query_chunked(q, k, v, scale, impl, chunk: int) -> jax.Array:
     """Attention of q [B, Lq, H, D] in Lq-chunks via `lax.map`; the last chunk is zero-padded and cut."""
-    b, lq, h, d = q.shape
+    lq = q.shape[1]
     n = -(-lq // chunk)
-    q = jnp.pad(q, ((0, 0), (0, n * chunk - lq), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
-    out = jax.lax.map(lambda qc: _attend(qc, k, v, None, None, scale, False, impl), q)
-    return out.swapaxes(0, 1).reshape(b, n * chunk, h, -1)[:, :lq]
+    q = jnp.pad(q, ((0, 0), (0, n * chunk - lq), (0, 0), (0, 0)))
+    out = jax.lax.map(lambda qc: _attend(qc, k, v, None, None, scale, False, impl),
+                      rearrange(q, "b (n c) h d -> n b c h d", c=chunk))
+    return rearrange(out, "n b c h d -> b (n c) h d")[:, :lq]
 
 
 class Attention(nn.Module):
@@ -153,22 +155,21 @@ class Attention(nn.Module):
         residual = x
         shape = x.shape
         if x.ndim == 4:
-            x = x.reshape(shape[0], shape[1] * shape[2], shape[3])
+            x = rearrange(x, "b height width c -> b (height width) c")
         if self.norm_num_groups is not None:
             x = GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype, name="group_norm")(x)
         ctx = x if context is None else context
         inner = self.heads * self.dim_head
         dense = lambda n, name, bias, axes=("embed", "heads"): Dense(  # noqa: E731
             n, use_bias=bias, axes=axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        b = x.shape[0]
-        q = dense(inner, "to_q", self.qkv_bias)(x).reshape(b, -1, self.heads, self.dim_head)
-        k = dense(inner, "to_k", self.qkv_bias)(ctx).reshape(b, -1, self.heads, self.dim_head)
-        v = dense(inner, "to_v", self.qkv_bias)(ctx).reshape(b, -1, self.heads, self.dim_head)
+        q, k, v = (rearrange(dense(inner, name, self.qkv_bias)(src), "b l (h d) -> b l h d", h=self.heads)
+                   for name, src in (("to_q", x), ("to_k", ctx), ("to_v", ctx)))
         o = attention(q, k, v, upcast=self.upcast, implementation=self.implementation,
-                      query_chunk_size=self.query_chunk_size).reshape(b, -1, inner)
-        o = dense(self.out_dim or shape[-1], "to_out_0", self.out_bias, ("heads", "embed"))(o)
+                      query_chunk_size=self.query_chunk_size)
+        o = dense(self.out_dim or shape[-1], "to_out_0", self.out_bias, ("heads", "embed"))(
+            rearrange(o, "b l h d -> b l (h d)"))
         if x.ndim != len(shape):
-            o = o.reshape(shape[:-1] + (o.shape[-1],))
+            o = rearrange(o, "b (height width) c -> b height width c", height=shape[1])
         if self.residual_connection:
             o = o + residual
         return o / self.rescale_output_factor

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsd.errors import InputError
+
 Dtype = jnp.dtype
 _zeros = nn.initializers.zeros_init()
 _ones = nn.initializers.ones_init()
@@ -203,4 +205,4 @@ def activation(name: str):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"activation {name!r} is not supported; choose one of {sorted(ACTIVATIONS)}") from None
+        raise InputError(f"activation {name!r} is not supported; choose one of {sorted(ACTIVATIONS)}") from None

@@ -36,6 +36,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxsd.errors import InputError
 from jaxsd.models.attention import attention
 from jaxsd.models.layers import Dense, Embed, RMSNorm, activation
 
@@ -62,7 +63,7 @@ class T5Config:
     def __post_init__(self):
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-            raise ValueError(f"T5 feed_forward_proj {self.feed_forward_proj!r} is not `ACT` or `gated-ACT`")
+            raise InputError(f"T5 feed_forward_proj {self.feed_forward_proj!r} is not `ACT` or `gated-ACT`")
         activation(self.dense_act_fn)
 
     @property

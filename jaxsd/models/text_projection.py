@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsd.errors import InputError
 from jaxsd.models.layers import Dense
 
 CLASS_NAME = "TextProjection"
@@ -40,10 +41,10 @@ class TextProjectionConfig:
     @classmethod
     def from_dict(cls, config: Mapping) -> TextProjectionConfig:
         if config.get("_class_name", CLASS_NAME) != CLASS_NAME:
-            raise ValueError(f"config.json describes a {config['_class_name']!r}, not a {CLASS_NAME}")
+            raise InputError(f"config.json describes a {config['_class_name']!r}, not a {CLASS_NAME}")
         missing = [k for k in ("in_features", "out_features") if k not in config]
         if missing:
-            raise ValueError(f"{CLASS_NAME} config.json lacks {', '.join(missing)}")
+            raise InputError(f"{CLASS_NAME} config.json lacks {', '.join(missing)}")
         return cls(int(config["in_features"]), int(config["out_features"]), bool(config.get("bias", True)))
 
     def to_dict(self) -> dict:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
+from jaxsd.errors import InputError
 from jaxsd.models.attention import Attention
 from jaxsd.models.layers import Conv, Dense, GroupNorm, LayerNorm
 
@@ -22,7 +24,7 @@ def remat_policy(name: str | None):
         return None
     policy = getattr(jax.checkpoint_policies, name, None) if name in REMAT_POLICIES else None
     if policy is None:
-        raise ValueError(f"remat policy {name!r} unknown; choose None or one of {REMAT_POLICIES}")
+        raise InputError(f"remat policy {name!r} unknown; choose None or one of {REMAT_POLICIES}")
     return policy
 
 
@@ -121,24 +123,24 @@ class Transformer2DModel(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, height, width, channels = x.shape
+        height, channels = x.shape[1], x.shape[-1]
         inner = self.heads * self.dim_head
         residual = x
         h = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
         if self.use_linear_projection:
-            h = h.reshape(b, height * width, channels)
-            h = Dense(inner, axes=("conv_in", "conv_out"), name="proj_in", **kw)(h)
+            tokens = Dense(inner, axes=("conv_in", "conv_out"), name="proj_in", **kw)(
+                rearrange(h, "b height width c -> b (height width) c"))
         else:
-            h = Conv(inner, 1, padding=0, name="proj_in", **kw)(h)
-            h = h.reshape(b, height * width, inner)
+            tokens = rearrange(Conv(inner, 1, padding=0, name="proj_in", **kw)(h),
+                               "b height width c -> b (height width) c")
         block_cls = maybe_remat(BasicTransformerBlock, self.remat_policy)
         for i in range(self.num_layers):
-            h = block_cls(self.heads, self.dim_head, self.only_cross_attention, self.upcast_attention,
-                          self.attention_impl, name=f"transformer_blocks_{i}", **kw)(h, context)
+            tokens = block_cls(self.heads, self.dim_head, self.only_cross_attention, self.upcast_attention,
+                               self.attention_impl, name=f"transformer_blocks_{i}", **kw)(tokens, context)
         if self.use_linear_projection:
-            h = Dense(channels, axes=("conv_in", "conv_out"), name="proj_out", **kw)(h)
-            h = h.reshape(b, height, width, channels)
+            h = rearrange(Dense(channels, axes=("conv_in", "conv_out"), name="proj_out", **kw)(tokens),
+                          "b (height width) c -> b height width c", height=height)
         else:
-            h = h.reshape(b, height, width, inner)
-            h = Conv(channels, 1, padding=0, name="proj_out", **kw)(h)
+            h = Conv(channels, 1, padding=0, name="proj_out", **kw)(
+                rearrange(tokens, "b (height width) c -> b height width c", height=height))
         return h + residual.astype(h.dtype)

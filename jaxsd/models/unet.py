@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsd.errors import InputError
 from jaxsd.models.layers import Conv, Dense, GroupNorm, activation
 from jaxsd.models.unet_blocks import AttnSettings, DownBlock, MidBlock, UpBlock
 
@@ -118,7 +119,7 @@ class UNetConfig:
                 if value != default:
                     hint = (" (diffusers refuses it too: the per-block head count goes in attention_head_dim)"
                             if key == "num_attention_heads" else "")
-                    raise ValueError(f"UNet config {key}={value!r} is not supported by jaxsd; only "
+                    raise InputError(f"UNet config {key}={value!r} is not supported by jaxsd; only "
                                      f"{default!r} is{hint}")
             elif key in INERT_KEYS:
                 if value != INERT_KEYS[key]:
@@ -126,7 +127,7 @@ class UNetConfig:
             else:
                 unknown.append(key)
         if unknown:
-            raise ValueError(f"UNet config has keys jaxsd does not know: {sorted(unknown)}; "
+            raise InputError(f"UNet config has keys jaxsd does not know: {sorted(unknown)}; "
                              "they are not part of diffusers' UNet2DConditionModel as jaxsd implements it")
         return cls(**kwargs, extra=tuple(extra))
 
@@ -157,7 +158,7 @@ class UNetConfig:
 
     def _validate(self) -> None:
         def bad(key, why):
-            raise ValueError(f"UNet config {key}={getattr(self, key)!r}: {why}")
+            raise InputError(f"UNet config {key}={getattr(self, key)!r}: {why}")
 
         n = len(self.down_block_types)
         for t in self.down_block_types:

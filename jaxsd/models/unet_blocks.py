@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsd.errors import InputError
 from jaxsd.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from jaxsd.models.transformer import Transformer2DModel, maybe_remat
 
@@ -51,7 +52,7 @@ class _BlockBase(nn.Module):
     def _transformer(self, i: int) -> nn.Module:
         a = self.attn
         if self.out_channels % a.heads:
-            raise ValueError(f"{self.out_channels} channels are not divisible into {a.heads} attention heads "
+            raise InputError(f"{self.out_channels} channels are not divisible into {a.heads} attention heads "
                              "(config key attention_head_dim, which diffusers uses as the number of heads)")
         return Transformer2DModel(
             a.heads, self.out_channels // a.heads, a.transformer_layers, self.norm_num_groups,

@@ -24,6 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxsd.errors import InputError
 from jaxsd.models.attention import Attention
 from jaxsd.models.layers import Conv, GroupNorm
 from jaxsd.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -75,7 +76,7 @@ class VAEConfig:
         own = {f.name for f in fields(cls)}
         unknown = sorted(k for k in config if not k.startswith("_") and k not in own)
         if unknown:
-            raise ValueError(f"VAE config has keys jaxsd does not know: {unknown}; they are not part of "
+            raise InputError(f"VAE config has keys jaxsd does not know: {unknown}; they are not part of "
                              f"diffusers' AutoencoderKL (known keys: {sorted(own)})")
         return cls(**{k: v for k, v in config.items() if k in own})
 
@@ -101,7 +102,7 @@ class VAEConfig:
 
     def _validate(self) -> None:
         def bad(key, why):
-            raise ValueError(f"VAE config {key}={getattr(self, key)!r}: {why}")
+            raise InputError(f"VAE config {key}={getattr(self, key)!r}: {why}")
 
         n = len(self.block_out_channels)
         if n == 0:
@@ -178,7 +179,7 @@ def _remat(cls: type[nn.Module], policy: str | None) -> type[nn.Module]:
     try:
         return nn.remat(cls, policy=getattr(jax.checkpoint_policies, policy))
     except AttributeError:
-        raise ValueError(f"remat_policy {policy!r} is not a jax.checkpoint_policies name") from None
+        raise InputError(f"remat_policy {policy!r} is not a jax.checkpoint_policies name") from None
 
 
 class MidBlock(nn.Module):

@@ -26,6 +26,7 @@ from jaxsd.convert.folder import read_config
 from jaxsd.convert.unet import load_unet
 from jaxsd.convert.vae import load_vae
 from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.errors import InputError
 from jaxsd.models.unet import UNetConfig
 from jaxsd.models.vae import VAEConfig
 from jaxsd.text.prompts import PromptEncoder
@@ -41,7 +42,7 @@ _REQUIRED = {
 }
 
 
-class PipelineFolderError(ValueError):
+class PipelineFolderError(InputError):
     """A pipeline folder that cannot be used (missing model_index.json or component)."""
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd.diffusion.samplers import check_sampler_name, img2img_start, make_sampler
+from jaxsd.errors import InputError
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipelines.generate import GenerateSpec, compiled_generate, progress_hook
@@ -81,7 +82,7 @@ class StableDiffusion:
     def check_size(self, height: int, width: int) -> None:
         for name, v in (("height", height), ("width", width)):
             if v <= 0 or v % self.vae_factor:
-                raise ValueError(f"{name} {v} must be a positive multiple of {self.vae_factor} (the VAE's "
+                raise InputError(f"{name} {v} must be a positive multiple of {self.vae_factor} (the VAE's "
                                  f"downscale factor): try {max(self.vae_factor, v // self.vae_factor * self.vae_factor)}")
 
     def generate(self, prompt: str | Sequence[str] | None = None, *,
@@ -107,10 +108,10 @@ class StableDiffusion:
         """
         check_sampler_name(sampler)
         if eta and sampler != "ddim":
-            raise ValueError(f"eta={eta} applies to the ddim sampler only (got sampler {sampler!r})")
+            raise InputError(f"eta={eta} applies to the ddim sampler only (got sampler {sampler!r})")
         cond, uncond = self._embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+            raise InputError(f"num_images must be >= 1, got {num_images}")
         img2img = init_image is not None
         start = img2img_start(steps, strength) if img2img else 0
         if init_image is not None:
@@ -118,11 +119,11 @@ class StableDiffusion:
             if init_image.ndim == 3:
                 init_image = init_image[None]
             if init_image.ndim != 4 or init_image.shape[-1] != 3:
-                raise ValueError(f"init_image must be [H, W, 3] or [N, H, W, 3] RGB, got shape {init_image.shape}")
+                raise InputError(f"init_image must be [H, W, 3] or [N, H, W, 3] RGB, got shape {init_image.shape}")
             height = height or init_image.shape[1]
             width = width or init_image.shape[2]
             if init_image.shape[1:3] != (height, width):
-                raise ValueError(f"init_image is {init_image.shape[2]}x{init_image.shape[1]} (WxH) but the run is "
+                raise InputError(f"init_image is {init_image.shape[2]}x{init_image.shape[1]} (WxH) but the run is "
                                  f"{width}x{height}; resize it first")
         dh, dw = self.default_size
         height, width = height or dh, width or dw
@@ -137,7 +138,7 @@ class StableDiffusion:
         else:
             latents = np.asarray(latents)
             if latents.shape != shape:
-                raise ValueError(f"latents have shape {latents.shape}; this run needs {shape} (NCHW float32: "
+                raise InputError(f"latents have shape {latents.shape}; this run needs {shape} (NCHW float32: "
                                  f"prompts x num_images = {n}, {shape[1]} latent channels, height/{self.vae_factor}, "
                                  f"width/{self.vae_factor})")
             noise = jnp.asarray(latents.astype(np.float32).transpose(0, 2, 3, 1))
@@ -146,7 +147,7 @@ class StableDiffusion:
         added = None
         if self.pipe.unet_config.addition_embed_type == "text_time":
             if cond.pooled is None:
-                raise ValueError("this UNet needs pooled text embeddings (SDXL) but the text encoders give none")
+                raise InputError("this UNet needs pooled text embeddings (SDXL) but the text encoders give none")
             ids = list(original_size or (height, width)) + list(crops_coords_top_left) + list(target_size or (height, width))
             time_ids = jnp.broadcast_to(jnp.asarray(ids, jnp.float32), (2 * n, 6))
             added = {"text_embeds": jnp.concatenate([uncond.pooled, cond.pooled], axis=0),
@@ -160,7 +161,7 @@ class StableDiffusion:
             image = jnp.asarray(init_image, jnp.float32) / 255.0 * 2.0 - 1.0
             inputs["image"] = jnp.broadcast_to(image, (n,) + image.shape[1:]) if image.shape[0] == 1 else image
             if inputs["image"].shape[0] != n:
-                raise ValueError(f"{init_image.shape[0]} init images for {n} outputs; give one image or {n}")
+                raise InputError(f"{init_image.shape[0]} init images for {n} outputs; give one image or {n}")
         fn, self.last_compile_seconds = compiled_generate(self.unet, self.vae, self.pipe.vae_config,
                                                           GenerateSpec(sampler_obj, img2img), inputs)
         t0 = time.perf_counter()
@@ -174,20 +175,20 @@ class StableDiffusion:
         """(conditional, unconditional) embeddings, one row per prompt, from prompts or as given."""
         if prompt_embeds is None:
             if negative_prompt_embeds is not None:
-                raise ValueError("negative_prompt_embeds without prompt_embeds; give both, or prompts")
+                raise InputError("negative_prompt_embeds without prompt_embeds; give both, or prompts")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
             if not prompts:
-                raise ValueError("no prompt given")
+                raise InputError("no prompt given")
             if self.text is None:
-                raise ValueError("this pipeline's text encoders were unloaded; pass prompt_embeds and "
+                raise InputError("this pipeline's text encoders were unloaded; pass prompt_embeds and "
                                  "negative_prompt_embeds instead of prompts")
             return self.text.encode_with_negative(prompts, negative_prompt)
         if prompt is not None or negative_prompt is not None:
-            raise ValueError("give prompts or prompt_embeds, not both")
+            raise InputError("give prompts or prompt_embeds, not both")
         if negative_prompt_embeds is None:
-            raise ValueError("prompt_embeds needs negative_prompt_embeds (classifier-free guidance uses both); "
+            raise InputError("prompt_embeds needs negative_prompt_embeds (classifier-free guidance uses both); "
                              "PromptEncoder.encode_with_negative makes the pair")
         got, want = negative_prompt_embeds.encoder_hidden_states.shape, prompt_embeds.encoder_hidden_states.shape
         if got != want:
-            raise ValueError(f"negative_prompt_embeds {got} and prompt_embeds {want} differ in shape")
+            raise InputError(f"negative_prompt_embeds {got} and prompt_embeds {want} differ in shape")
         return prompt_embeds, negative_prompt_embeds

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.convert.text_encoders import load_clip, load_t5, load_text_projection
+from jaxsd.errors import InputError, InputNotFoundError
 from jaxsd.models.clip import CLIPTextModel
 from jaxsd.models.layers import LayerNorm
 from jaxsd.models.t5 import T5EncoderModel
@@ -57,7 +58,7 @@ class PromptEmbeddings:
 
     def repeat(self, n: int) -> PromptEmbeddings:
         if n < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {n}")
+            raise InputError(f"num_images_per_prompt must be >= 1, got {n}")
         if n == 1:
             return self
         rep = lambda x: None if x is None else jnp.repeat(x, n, axis=0)
@@ -113,12 +114,12 @@ class PromptEncoder:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"prompt encoder kind {self.kind!r} unknown; choose one of {KINDS}")
+            raise InputError(f"prompt encoder kind {self.kind!r} unknown; choose one of {KINDS}")
         want = {"clip": 1, "sdxl": 2, "t5": 1, "t5_projected": 1}[self.kind]
         if len(self.components) != want:
-            raise ValueError(f"kind {self.kind!r} needs {want} text encoder(s), got {len(self.components)}")
+            raise InputError(f"kind {self.kind!r} needs {want} text encoder(s), got {len(self.components)}")
         if (self.kind == "t5_projected") != (self.projection is not None):
-            raise ValueError("a text projection goes with kind 't5_projected' and only with it")
+            raise InputError("a text projection goes with kind 't5_projected' and only with it")
         if self.projection is not None:
             proj = self.projection[0]
             self._project = jax.jit(lambda p, h: proj.apply({"params": p}, h))
@@ -130,9 +131,9 @@ class PromptEncoder:
         """Conditioning for `prompts` (SDXL: `prompts_2` for encoder 2, default the same)."""
         prompts = _as_list(prompts, "prompts")
         if prompts_2 is not None and self.kind != "sdxl":
-            raise ValueError(f"prompts_2 is for SDXL's second text encoder; kind {self.kind!r} has one encoder")
+            raise InputError(f"prompts_2 is for SDXL's second text encoder; kind {self.kind!r} has one encoder")
         if clip_skip is not None and (self.kind not in ("clip", "sdxl") or clip_skip < 0):
-            raise ValueError(f"clip_skip={clip_skip} applies to CLIP encoders only, as a non-negative int")
+            raise InputError(f"clip_skip={clip_skip} applies to CLIP encoders only, as a non-negative int")
         if self.kind == "clip":
             comp = self.components[0]
             out, mask = comp(prompts)
@@ -169,7 +170,7 @@ class PromptEncoder:
             neg = _as_list(negative_prompts or "", "negative_prompts")
             neg = neg * n if len(neg) == 1 and n > 1 else neg
             if len(neg) != n:
-                raise ValueError(f"{len(neg)} negative prompts for {n} prompts; give one, or one per prompt")
+                raise InputError(f"{len(neg)} negative prompts for {n} prompts; give one, or one per prompt")
             if self.kind == "sdxl":
                 neg2 = _as_list(negative_prompts_2 or neg, "negative_prompts_2")
                 neg2 = neg2 * n if len(neg2) == 1 and n > 1 else neg2
@@ -180,10 +181,10 @@ class PromptEncoder:
 
     def _encode_sdxl(self, prompts: list[str], prompts_2: list[str], layer: int) -> PromptEmbeddings:
         if len(prompts_2) != len(prompts):
-            raise ValueError(f"{len(prompts_2)} prompts_2 for {len(prompts)} prompts")
+            raise InputError(f"{len(prompts_2)} prompts_2 for {len(prompts)} prompts")
         (out1, mask1), (out2, _) = self.components[0](prompts), self.components[1](prompts_2)
         if out2.text_embeds is None:
-            raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection (text_embeds)")
+            raise InputError("SDXL's second text encoder must be a CLIPTextModelWithProjection (text_embeds)")
         h1, h2 = out1.hidden_states[layer], out2.hidden_states[layer]
         h = jnp.concatenate([h1, h2.astype(h1.dtype)], axis=-1)
         return PromptEmbeddings(h, out2.text_embeds, mask1)
@@ -211,7 +212,7 @@ class PromptEncoder:
         """
         root = Path(folder)
         if not (root / "text_encoder").is_dir() and not (root / "text_encoder_2").is_dir():
-            raise FileNotFoundError(f"{root}: not a pipeline folder (no text_encoder/ or text_encoder_2/)")
+            raise InputNotFoundError(f"{root}: not a pipeline folder (no text_encoder/ or text_encoder_2/)")
         index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
         te_config = json.loads((root / "text_encoder" / "config.json").read_text()) \
             if (root / "text_encoder" / "config.json").is_file() else {}
@@ -223,14 +224,14 @@ class PromptEncoder:
             else:
                 kind = "t5" if te_config.get("model_type") == "t5" else "clip"
         if kind not in KINDS:
-            raise ValueError(f"prompt encoder kind {kind!r} unknown; choose one of {KINDS}")
+            raise InputError(f"prompt encoder kind {kind!r} unknown; choose one of {KINDS}")
         store = param_dtype or dtype
         names = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if kind == "sdxl" else [])
         comps = []
         for tok_name, enc_name in names:
             for n in (tok_name, enc_name):
                 if not (root / n).is_dir():
-                    raise FileNotFoundError(f"{root}: kind {kind!r} needs a {n}/ folder")
+                    raise InputNotFoundError(f"{root}: kind {kind!r} needs a {n}/ folder")
             tok = load_tokenizer(root / tok_name, max_length=max_length if kind.startswith("t5") else None)
             if kind.startswith("t5"):
                 config, params = load_t5(root / enc_name, dtype=store, variant=variant)

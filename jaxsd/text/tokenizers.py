@@ -49,13 +49,15 @@ from tokenizers import (
 )
 from tokenizers.models import BPE, Unigram
 
+from jaxsd.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _HUGE = 10**8  # transformers writes int(1e30) as "no limit"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer folder that cannot be read."""
 
 
@@ -193,7 +195,7 @@ def load_tokenizer(folder: str | os.PathLike, *, max_length: int | None = None, 
             raise TokenizerError(f"{folder}: cannot tell the tokenizer kind (tokenizer_class {cls or 'absent'}); "
                                  "pass kind='clip' or kind='t5'")
     if kind not in ("clip", "t5"):
-        raise ValueError(f"tokenizer kind {kind!r} unknown; choose 'clip' or 't5'")
+        raise InputError(f"tokenizer kind {kind!r} unknown; choose 'clip' or 't5'")
     defaults = ({"bos": "<|startoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>", "pad": "<|endoftext|>"}
                 if kind == "clip" else {"bos": None, "eos": "</s>", "unk": "<unk>", "pad": "<pad>"})
     special = {k: _token(config.get(f"{k}_token", v)) for k, v in defaults.items()}

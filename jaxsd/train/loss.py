@@ -1,4 +1,4 @@
-"""The diffusion training objective — "what the loss is", one of the two seams LoRA/DreamBooth build on.
+"""The diffusion training objective — "what the loss is", one of the two seams other training methods plug into.
 
 Two halves, so that gradient accumulation is exact: `draw_randomness` draws every
 random quantity of a whole batch (noise, timesteps, perturbation, dropout mask,
@@ -22,6 +22,7 @@ import optax
 
 from jaxsd.config import LossConfig
 from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.errors import ConfigError, InputError
 
 # apply_fn(params, noisy_latents [B,h,w,C], t [B], encoder_hidden_states [B,L,D], added_cond | None) -> [B,h,w,C]
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any], jax.Array]
@@ -32,8 +33,8 @@ def sample_timesteps(rng: jax.Array, batch: int, cfg: LossConfig, num_train_time
     lo = cfg.min_timestep
     hi = num_train_timesteps if cfg.max_timestep is None else cfg.max_timestep
     if not 0 <= lo < hi <= num_train_timesteps:
-        raise ValueError(f"loss.min_timestep={lo} / max_timestep={hi} must satisfy 0 <= min < max <= "
-                         f"{num_train_timesteps} (diffusion.num_train_timesteps)")
+        raise ConfigError(f"loss.min_timestep={lo} / max_timestep={hi} must satisfy 0 <= min < max <= "
+                          f"{num_train_timesteps} (diffusion.num_train_timesteps)")
     if cfg.timestep_sampling == "uniform":
         return jax.random.randint(rng, (batch,), lo, hi, dtype=jnp.int32)
     if cfg.timestep_sampling == "logit_normal":
@@ -116,7 +117,7 @@ def conditioning(batch: dict[str, jax.Array], drop: jax.Array,
         elif "original_size" in batch:
             time_ids = micro_conditioning(batch["original_size"], batch["crop_top_left"], batch["target_size"])
         else:
-            raise ValueError("an SDXL batch (with 'pooled') needs 'time_ids' [B,6] or 'original_size', "
+            raise InputError("an SDXL batch (with 'pooled') needs 'time_ids' [B,6] or 'original_size', "
                              "'crop_top_left', 'target_size' [B,2] each")
         added = {"text_embeds": pooled, "time_ids": time_ids.astype(jnp.float32)}
     return ehs, added

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.config import ModelConfig
+from jaxsd.errors import ConfigError, InputNotFoundError
 from jaxsd.models.params import abstract_params, init_params
 from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 
@@ -31,8 +32,8 @@ def unet_folder(pretrained: str) -> Path:
         return root / "unet"
     if (root / "config.json").is_file():
         return root
-    raise FileNotFoundError(f"model.pretrained={pretrained!r}: no unet/config.json or config.json there; "
-                            "point it at a diffusers pipeline folder or its unet/ folder")
+    raise InputNotFoundError(f"model.pretrained={pretrained!r}: no unet/config.json or config.json there; "
+                             "point it at a diffusers pipeline folder or its unet/ folder")
 
 
 def unet_config(cfg: ModelConfig) -> UNetConfig:
@@ -41,8 +42,8 @@ def unet_config(cfg: ModelConfig) -> UNetConfig:
         from jaxsd.convert.load import load_config as load_folder_config
         return UNetConfig.from_diffusers(load_folder_config(unet_folder(cfg.pretrained)))
     if not cfg.unet:
-        raise ValueError("model.unet is empty and model.pretrained is not set: give a diffusers UNet config "
-                         "(see configs/tiny.yaml) or a pretrained folder")
+        raise ConfigError("model.unet is empty and model.pretrained is not set: give a diffusers UNet config "
+                          "(see configs/tiny.yaml) or a pretrained folder")
     return UNetConfig.from_diffusers(dict(cfg.unet))
 
 

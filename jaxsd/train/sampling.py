@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config, DiffusionConfig, LoggingConfig, sample_components_folder
+from jaxsd.errors import ConfigError, InputError
 from jaxsd.models.unet import UNetConfig
 from jaxsd.pipelines.grids import label_grid
 from jaxsd.pipelines.loading import LoadedPipeline, load_pipeline
@@ -70,20 +71,20 @@ def check_compatible(pipe: StableDiffusion, cond: PromptEmbeddings, height: int,
     cond: the sample prompts' embeddings from these components' text encoders."""
     unet, vae, where = pipe.pipe.unet_config, pipe.pipe.vae_config, f"sample-grid components {pipe.pipe.folder}"
     if vae.latent_channels != unet.in_channels:
-        raise ValueError(f"{where}: its VAE has {vae.latent_channels} latent channels but the trained UNet takes "
+        raise InputError(f"{where}: its VAE has {vae.latent_channels} latent channels but the trained UNet takes "
                          f"in_channels={unet.in_channels}; use the components of the model being trained")
     pipe.check_size(height, width)
     levels = 2 ** (len(unet.block_out_channels) - 1) * pipe.vae_factor
     if height % levels or width % levels:
-        raise ValueError(f"logging.sample_height/width = {height}x{width}: must be multiples of {levels} (VAE factor "
-                         f"{pipe.vae_factor} × the UNet's {len(unet.block_out_channels) - 1} downsamplings)")
+        raise ConfigError(f"logging.sample_height/width = {height}x{width}: must be multiples of {levels} (VAE factor "
+                          f"{pipe.vae_factor} × the UNet's {len(unet.block_out_channels) - 1} downsamplings)")
     width_ctx = cond.encoder_hidden_states.shape[-1]
     if isinstance(unet.cross_attention_dim, int) and width_ctx != unet.cross_attention_dim:
-        raise ValueError(f"{where}: its text encoders give {width_ctx}-wide embeddings but the trained UNet has "
+        raise InputError(f"{where}: its text encoders give {width_ctx}-wide embeddings but the trained UNet has "
                          f"cross_attention_dim={unet.cross_attention_dim}; use the components of the model being "
                          "trained")
     if unet.addition_embed_type == "text_time" and cond.pooled is None:
-        raise ValueError(f"{where}: the trained UNet is an SDXL one (addition_embed_type text_time) and needs "
+        raise InputError(f"{where}: the trained UNet is an SDXL one (addition_embed_type text_time) and needs "
                          "pooled text embeddings, but these text encoders give none (use an SDXL pipeline folder)")
 
 

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import ShardingConfig
+from jaxsd.errors import ConfigError
 
 log = logging.getLogger("jaxsd.train")
 AXES = ("data", "fsdp", "tensor")
@@ -60,15 +61,15 @@ def mesh_shape(cfg: ShardingConfig, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) with one −1 filled by the remaining devices; product must equal num_devices."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"sharding: at most one of data/fsdp/tensor may be -1, got {sizes}")
+        raise ConfigError(f"sharding: at most one of data/fsdp/tensor may be -1, got {sizes}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"sharding: {num_devices} devices are not divisible by the fixed axes {sizes}")
+            raise ConfigError(f"sharding: {num_devices} devices are not divisible by the fixed axes {sizes}")
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"sharding: mesh data×fsdp×tensor = {sizes} needs {int(np.prod(sizes))} devices, "
-                         f"there are {num_devices}; use -1 for one axis to fill")
+        raise ConfigError(f"sharding: mesh data×fsdp×tensor = {sizes} needs {int(np.prod(sizes))} devices, "
+                          f"there are {num_devices}; use -1 for one axis to fill")
     return tuple(sizes)  # type: ignore[return-value]
 
 
@@ -82,14 +83,14 @@ def _rule(rules: dict[str, Any], name: str | None) -> tuple[str, ...]:
     if name is None:
         return ()
     if name not in rules:
-        raise ValueError(f"sharding.rules has no entry for logical axis {name!r}; rules: {sorted(rules)}")
+        raise ConfigError(f"sharding.rules has no entry for logical axis {name!r}; rules: {sorted(rules)}")
     target = rules[name]
     if target is None:
         return ()
     axes = (target,) if isinstance(target, str) else tuple(target)
     for a in axes:
         if a not in AXES:
-            raise ValueError(f"sharding.rules[{name!r}] = {target!r}: mesh axis {a!r} is not one of {AXES}")
+            raise ConfigError(f"sharding.rules[{name!r}] = {target!r}: mesh axis {a!r} is not one of {AXES}")
     return axes
 
 

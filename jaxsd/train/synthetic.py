@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxsd.config import SyntheticDataConfig
+from jaxsd.errors import ConfigError
 
 
 class SyntheticSource:
@@ -21,7 +22,7 @@ class SyntheticSource:
     def __init__(self, cfg: SyntheticDataConfig, *, global_batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1):
         if global_batch_size % process_count:
-            raise ValueError(f"train.batch_size={global_batch_size} is not divisible by {process_count} processes")
+            raise ConfigError(f"train.batch_size={global_batch_size} is not divisible by {process_count} processes")
         self.cfg, self.seed = cfg, seed
         self.global_batch_size = global_batch_size
         self.local = global_batch_size // process_count
@@ -34,7 +35,7 @@ class SyntheticSource:
         self.text = (coarse.reshape(cfg.num_examples, -1) @ proj).reshape(cfg.num_examples, cfg.text_len, cfg.text_dim)
         self.pooled = self.text.mean(axis=1)[:, : cfg.pooled_dim] if cfg.pooled_dim else None
         if cfg.pooled_dim > cfg.text_dim:
-            raise ValueError(f"synthetic.pooled_dim={cfg.pooled_dim} must be <= text_dim={cfg.text_dim}")
+            raise ConfigError(f"synthetic.pooled_dim={cfg.pooled_dim} must be <= text_dim={cfg.text_dim}")
         self.index = 0
 
     def get_state(self) -> dict:

@@ -1,4 +1,4 @@
-"""Which params train — one of the two seams LoRA and DreamBooth build on.
+"""Which params train — one of the two seams other training methods plug into.
 
 Params are split into two nested dicts, `trainable` and `frozen`, by regexes over
 slash-joined paths ("down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel").
@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from flax import traverse_util
+
+from jaxsd.errors import ConfigError
 
 
 def flatten(params: dict) -> dict[str, Any]:
@@ -35,9 +37,9 @@ def split_params(params: dict, trainable: Sequence[str] = (".*",), frozen: Seque
     flat = flatten(params)
     train = {k: v for k, v in flat.items() if is_trainable(k, trainable, frozen)}
     if not train:
-        raise ValueError(f"no parameter is trainable: train.trainable={list(trainable)} with "
-                         f"train.frozen={list(frozen)} match none of the {len(flat)} params "
-                         f"(paths look like {next(iter(flat), '?')!r})")
+        raise ConfigError(f"no parameter is trainable: train.trainable={list(trainable)} with "
+                          f"train.frozen={list(frozen)} match none of the {len(flat)} params "
+                          f"(paths look like {next(iter(flat), '?')!r})")
     return unflatten(train), unflatten({k: v for k, v in flat.items() if k not in train})
 
 

@@ -47,11 +47,12 @@ def test_metrics_json_has_exactly_the_agreed_keys(tmp_path):
 
 def test_demo_out_folder_is_cleared_only_when_the_demo_wrote_it(tmp_path):
     from jaxsd.demo.run import MARKER, prepare_out
+    from jaxsd.errors import InputError
 
     mine = tmp_path / "mine"
     (mine / "data").mkdir(parents=True)
     (mine / "notes.txt").write_text("user file")
-    with pytest.raises(FileExistsError, match="not written by `jaxsd demo`"):
+    with pytest.raises(InputError, match="not written by `jaxsd demo`"):
         prepare_out(mine)
     assert (mine / "data").is_dir()  # nothing touched
     demo = tmp_path / "demo"

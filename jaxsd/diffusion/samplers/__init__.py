@@ -34,6 +34,7 @@ from jaxsd.diffusion.samplers.dpm import DPMSolverPP2M
 from jaxsd.diffusion.samplers.euler import Euler, EulerAncestral
 from jaxsd.diffusion.samplers.unipc import UniPC
 from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.errors import InputError
 
 # diffusers class each name reproduces, and the config overrides it implies
 DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
@@ -51,7 +52,7 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
 
 def check_sampler_name(name: str) -> str:
     if name not in SAMPLER_NAMES:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
+        raise InputError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
     return name
 
 

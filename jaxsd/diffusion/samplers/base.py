@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.errors import InputError
 
 Tables = dict[str, Any]
 State = dict[str, Any]
@@ -94,7 +95,7 @@ def refuse_unsupported(schedule: NoiseSchedule, name: str, options: dict[str, An
     for key, ok in options.items():
         value = schedule.option(key, ok)
         if value != ok:
-            raise ValueError(f"{name}: scheduler option {key}={value!r} is not supported (only {ok!r})")
+            raise InputError(f"{name}: scheduler option {key}={value!r} is not supported (only {ok!r})")
 
 
 def as_f32(*values: Any) -> tuple[np.ndarray, ...]:
@@ -104,7 +105,7 @@ def as_f32(*values: Any) -> tuple[np.ndarray, ...]:
 def img2img_start(num_steps: int, strength: float) -> int:
     """Index of the first step img2img runs (diffusers' get_timesteps): strength 1 → 0, strength 0 → num_steps."""
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+        raise InputError(f"strength must be in [0, 1], got {strength}")
     init = min(int(num_steps * strength), num_steps)
     return max(num_steps - init, 0)
 

@@ -23,6 +23,7 @@ from jaxsd.diffusion.samplers.base import (
 )
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.diffusion.timesteps import spaced_timesteps
+from jaxsd.errors import InputError
 
 _SUPPORTED_VARIANCE = ("fixed_small", "fixed_large")
 
@@ -93,7 +94,7 @@ class DDPM(Sampler):
         refuse_unsupported(schedule, self.name, {"thresholding": False})
         variance_type = schedule.option("variance_type", "fixed_small")
         if variance_type not in _SUPPORTED_VARIANCE:
-            raise ValueError(f"ddpm: variance_type {variance_type!r} is not supported; use one of "
+            raise InputError(f"ddpm: variance_type {variance_type!r} is not supported; use one of "
                              f"{', '.join(_SUPPORTED_VARIANCE)}")
         T = schedule.num_train_timesteps
         t = spaced_timesteps(schedule.option("timestep_spacing", "leading"), num_steps, T,

@@ -30,6 +30,7 @@ from jaxsd.diffusion.timesteps import (
     sigma_to_t,
     spaced_timesteps,
 )
+from jaxsd.errors import InputError
 
 
 def multistep_sigmas(schedule: NoiseSchedule, num_steps: int, *, karras: bool, last_timestep: int | None = None,
@@ -85,7 +86,7 @@ class DPMSolverPP2M(Sampler):
                                                  "use_flow_sigmas": False, "variance_type": None})
         order = schedule.option("solver_order", 2)
         if order not in (1, 2):
-            raise ValueError(f"{self.name}: solver_order {order} is not supported (1 or 2)")
+            raise InputError(f"{self.name}: solver_order {order} is not supported (1 or 2)")
         last_t = None
         clip = schedule.option("lambda_min_clipped", -float("inf"))
         if clip != -float("inf"):

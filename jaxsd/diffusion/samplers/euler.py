@@ -23,6 +23,7 @@ from jaxsd.diffusion.samplers.base import (
 )
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.diffusion.timesteps import final_sigma, float_timesteps, interp_sigmas, train_sigmas
+from jaxsd.errors import InputError
 
 
 def sigma_space_train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
@@ -96,7 +97,7 @@ class EulerAncestral(Euler):
 
     def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
         if schedule.prediction_type == "sample":
-            raise ValueError("euler_a: prediction_type 'sample' is not supported (as in diffusers)")
+            raise InputError("euler_a: prediction_type 'sample' is not supported (as in diffusers)")
         tab = _sigma_tables(schedule, num_steps, self.name, final="zero")
         s_from, s_to = tab["sigma"], tab["sigma_next"]
         with np.errstate(invalid="ignore"):

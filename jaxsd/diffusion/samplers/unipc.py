@@ -20,6 +20,7 @@ from jaxsd.diffusion.samplers.dpm import (
     multistep_sigmas,
 )
 from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.errors import InputError
 
 
 def _bh_coeffs(hh: np.float32, solver_type: str, order: int) -> tuple[np.float32, np.float32, np.ndarray]:
@@ -48,7 +49,7 @@ class UniPC(Sampler):
     def from_schedule(cls, schedule: NoiseSchedule) -> UniPC:
         order = schedule.option("solver_order", 2)
         if order not in (1, 2):
-            raise ValueError(f"unipc: solver_order {order} is not supported (1 or 2)")
+            raise InputError(f"unipc: solver_order {order} is not supported (1 or 2)")
         return cls(solver_order=order,
                    lower_order_final=bool(schedule.option("lower_order_final", True)))
 

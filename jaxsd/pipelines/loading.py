@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from jaxsd.models.unet import UNetConfig
 from jaxsd.models.vae import VAEConfig
 from jaxsd.text.prompts import PromptEncoder
 
+logger = logging.getLogger(__name__)
 FAMILIES = ("sd1", "sd2", "sdxl", "hybrid")
 # jaxsd.text.prompts kind of each family's conditioning
 PROMPT_KIND = {"sd1": "clip", "sd2": "clip", "sdxl": "sdxl", "hybrid": "t5_projected"}  # hybrid: or "t5"
@@ -137,8 +139,10 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
         kind = "t5"
     unet_config, unet_params = unet if unet is not None else load_unet(folder / "unet", dtype=dtype, variant=variant)
     vae_config, vae_params = load_vae(folder / "vae", dtype=dtype, variant=variant)
-    if vae_config.latents_mean is not None:
-        raise PipelineFolderError(f"{folder}/vae: latents_mean/latents_std VAEs are not supported by jaxsd sample")
+    if vae_config.latents_mean is not None and family != "sdxl":
+        logger.warning("%s/vae: latents_mean/latents_std are applied (as the cache and diffusers' SDXL pipelines "
+                       "do); diffusers' StableDiffusionPipeline ignores them, so it decodes this %s folder "
+                       "differently", folder, family)
     text = PromptEncoder.from_pipeline(folder, kind, dtype=compute_dtype or jnp.float32,
                                        param_dtype=dtype, variant=variant, attention_impl=attention_impl)
     scheduler = load_scheduler_config(folder) if (folder / "scheduler").is_dir() or not scheduler_overrides else {}

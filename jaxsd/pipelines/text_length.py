@@ -41,7 +41,8 @@ def set_text_max_length(folder: str | os.PathLike, max_length: int) -> None:
     """Record `max_length` as the length a pipeline folder's prompts are padded to.
 
     T5 pipelines (the hybrid): writes `model_max_length` into tokenizer/tokenizer_config.json (created
-    if absent; every other key kept). CLIP pipelines: raises InputError unless max_length is the
+    if absent; every other key kept). The file is replaced, never written through: a hard link to a
+    base pipeline's file (what `jaxsd export` places) leaves the base unchanged. CLIP pipelines: raises InputError unless max_length is the
     tokenizer's fixed length (77), and writes nothing.
     """
     folder = Path(folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import jax
@@ -88,7 +89,11 @@ def test_cli_sample_pads_prompts_to_the_length_the_folder_records(cached, tmp_pa
     _, pipe, _, _ = cached
     folder = tmp_path / "pipe512"
     shutil.copytree(pipe, folder)
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    config.unlink()
+    os.link(pipe / "tokenizer" / "tokenizer_config.json", config)  # as `jaxsd export` links a base's files
     set_text_max_length(folder, 512)
+    assert read_text_max_length(pipe) == 16  # the base's file was replaced in `folder`, not written through
     latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
     out = tmp_path / "out.png"

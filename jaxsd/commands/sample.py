@@ -4,6 +4,9 @@ The scheduler's parameters (betas, prediction type, spacing, offsets, zero-SNR
 rescale) come from the folder's scheduler/scheduler_config.json; --scheduler only
 picks the algorithm, as diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
 
+Prompts are padded to the length the folder records (a T5 hybrid: tokenizer/tokenizer_config.json's
+model_max_length, which `jaxsd export` sets to the length the UNet was trained with; CLIP: 77).
+
 One image is written to --out; with several (--num-images > 1), --out holds a grid
 and the images are written beside it as OUT-0.png, OUT-1.png, ...
 
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if args.init_image:
         init = load_image(args.init_image, args.height, args.width, pipe.vae_factor)
     latents = load_latents(args.latents) if args.latents else None
-    print(f"loaded {args.model} ({pipe.family}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"loaded {args.model} ({pipe.family}, prompts padded to {pipe.text.text_length} tokens) in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     bar = None
 
     def on_step(i: int) -> None:  # the bar starts at the first finished step, after compilation

@@ -33,8 +33,9 @@ class Encoder:
       without the dot). Stored in the manifest and checked on resume and by trainers.
     apply: pure, jittable `apply(params, inputs) -> outputs`, batch-leading arrays.
       For latents: inputs {"pixels": [B,H,W,3] in [-1,1]} -> {"latent_mean", "latent_logvar"}
-      [B,h,w,C], ALREADY in diffusion-model space: mean = (mu - shift) * scale,
-      logvar = log(sigma^2) + 2 log(scale).
+      [B,h,w,C], ALREADY in diffusion-model space (`VAEConfig.scale_latents` / `scale_logvar`):
+      mean = (mu - shift) * scale, logvar = log(sigma^2) + 2 log(scale) — with latents_mean/std
+      mean = (mu - m) * scale / s, logvar = log(sigma^2) + 2 log(scale / s) per channel.
       For text: inputs from `prepare` -> {"encoder_hidden_states": [B,L,D], optional "pooled": [B,P]}.
     prepare: host-side `prepare(batch_of_raw_inputs) -> inputs` (e.g. tokenization);
       None for latents (pixels go in as they are).
@@ -61,8 +62,10 @@ def default_latent_suffix(scaling_factor: float, latent_channels: int, fingerpri
 
 
 def latent_spec(*, fingerprint: str, scaling_factor: float, shift_factor: float | None, latent_channels: int,
-                cfg: DataConfig) -> dict:
-    """The manifest's "latents" section for a VAE (by fingerprint/config) under `cfg`'s preprocessing."""
+                cfg: DataConfig, latents_mean: Sequence[float] | None = None,
+                latents_std: Sequence[float] | None = None) -> dict:
+    """The manifest's "latents" section for a VAE (by fingerprint/config) under `cfg`'s preprocessing.
+    latents_mean / latents_std: the VAE config's per-channel statistics (None when it has none)."""
     b = cfg.image.buckets
     return {
         "suffix": cfg.cache.latent_suffix or default_latent_suffix(scaling_factor, latent_channels, fingerprint),
@@ -70,6 +73,9 @@ def latent_spec(*, fingerprint: str, scaling_factor: float, shift_factor: float 
         "scaling_factor": float(scaling_factor),
         "shift_factor": float(shift_factor or 0.0),
         "latent_channels": int(latent_channels),
+        # per-channel normalisation (SDXL-pipeline VAEs); None for the usual scaling_factor-only VAEs
+        "latents_mean": None if latents_mean is None else [float(v) for v in latents_mean],
+        "latents_std": None if latents_std is None else [float(v) for v in latents_std],
         "mode": cfg.cache.latents,
         "dtype": cfg.cache.dtype,
         "compute_dtype": cfg.cache.compute_dtype,

@@ -6,7 +6,7 @@ another scale; here the metadata travels with the data. Each dataset root has a
 
     {"format": "jaxsd-cache", "version": 1,
      "latents": {"suffix", "vae_fingerprint", "scaling_factor", "shift_factor", "latent_channels",
-                 "mode", "dtype", "resolution", "buckets", "crop", "flip"},
+                 "latents_mean", "latents_std", "mode", "dtype", "resolution", "buckets", "crop", "flip"},
      "text":    {"suffix", "encoder_fingerprint", "max_length", "dtype", ...producer details},
      "entries": {key: {"bucket": [h, w], "image": sig, "caption": sig}}}
 

@@ -8,7 +8,6 @@ to `verify_manifest` / `Loader`.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -47,7 +46,8 @@ def vae_spec(cfg: DataConfig) -> dict:
     folder = vae_folder(cfg.cache.vae)
     conf = read_config(folder)
     return latent_spec(fingerprint=fingerprint_folder(folder), scaling_factor=conf.get("scaling_factor", 0.18215),
-                       shift_factor=conf.get("shift_factor"), latent_channels=conf.get("latent_channels", 4), cfg=cfg)
+                       shift_factor=conf.get("shift_factor"), latent_channels=conf.get("latent_channels", 4), cfg=cfg,
+                       latents_mean=conf.get("latents_mean"), latents_std=conf.get("latents_std"))
 
 
 def vae_encoder(cfg: DataConfig) -> Encoder:
@@ -59,7 +59,6 @@ def vae_encoder(cfg: DataConfig) -> Encoder:
     dtype = jnp.dtype(cfg.cache.compute_dtype)
     config, params = load_vae(folder, dtype=dtype, variant=cfg.cache.variant or None)
     model = AutoencoderKL(config, dtype=dtype, param_dtype=dtype)
-    log_scale2 = 2.0 * math.log(config.scaling_factor)
     for side in (cfg.image.resolution, cfg.image.buckets.step if cfg.image.buckets.enabled else cfg.image.resolution):
         if side % config.downscale:
             raise InputError(f"image sides must be multiples of the VAE's downscale factor {config.downscale}; "
@@ -68,7 +67,7 @@ def vae_encoder(cfg: DataConfig) -> Encoder:
     def apply(p, inputs):
         posterior = model.apply({"params": p}, inputs["pixels"], method="encode")
         mean = config.scale_latents(posterior.mean.astype(jnp.float32))
-        return {"latent_mean": mean, "latent_logvar": posterior.logvar.astype(jnp.float32) + log_scale2}
+        return {"latent_mean": mean, "latent_logvar": config.scale_logvar(posterior.logvar.astype(jnp.float32))}
 
     return Encoder(vae_spec(cfg), params, apply)
 

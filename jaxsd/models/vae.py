@@ -10,8 +10,9 @@ GroupNorm → SiLU → conv_out.
 Param names mirror diffusers (`encoder/down_blocks_0/resnets_1/conv1/kernel` ⇔
 `encoder.down_blocks.0.resnets.1.conv1.weight`). Images are in [-1, 1],
 [B, H, W, 3]; latents [B, H/f, W/f, latent_channels] with f = 2**(n_blocks-1).
-Latents for diffusion are `(z - shift_factor) * scaling_factor`; see
-`VAEConfig.scale_latents` / `unscale_latents`.
+Latents for diffusion are `(z - shift_factor) * scaling_factor`, or with `latents_mean` /
+`latents_std` `(z - mean) * scaling_factor / std` per channel (as diffusers' SDXL pipelines);
+see `VAEConfig.scale_latents` / `unscale_latents` / `scale_logvar`.
 """
 
 from __future__ import annotations
@@ -92,13 +93,37 @@ class VAEConfig:
         """Pixels per latent along each side: 2**(number of blocks - 1)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def _latent_stats(self, dtype) -> tuple[jax.Array, jax.Array] | None:
+        """(latents_mean, latents_std) as [C] arrays (broadcast over NHWC's channel axis), or None."""
+        if self.latents_mean is None:
+            return None
+        return jnp.asarray(self.latents_mean, dtype), jnp.asarray(self.latents_std, dtype)
+
     def scale_latents(self, z: jax.Array) -> jax.Array:
-        """VAE latents -> diffusion-model latents: (z - shift_factor) * scaling_factor."""
+        """VAE latents [..., C] -> diffusion-model latents, as diffusers' pipelines do:
+        with latents_mean/std (SDXL-pipeline VAEs such as Playground v2.5's) (z - mean) * scaling_factor / std,
+        else (z - shift_factor) * scaling_factor (no shift when absent; SD3/Flux VAEs have one)."""
+        stats = self._latent_stats(z.dtype)
+        if stats is not None:
+            mean, std = stats
+            return (z - mean) * self.scaling_factor / std
         return (z - (self.shift_factor or 0.0)) * self.scaling_factor
 
     def unscale_latents(self, z: jax.Array) -> jax.Array:
-        """Diffusion-model latents -> VAE latents: z / scaling_factor + shift_factor."""
+        """Diffusion-model latents [..., C] -> VAE latents: z * std / scaling_factor + mean with
+        latents_mean/std (diffusers' StableDiffusionXLPipeline decode), else z / scaling_factor + shift_factor."""
+        stats = self._latent_stats(z.dtype)
+        if stats is not None:
+            mean, std = stats
+            return z * std / self.scaling_factor + mean
         return z / self.scaling_factor + (self.shift_factor or 0.0)
+
+    def scale_logvar(self, logvar: jax.Array) -> jax.Array:
+        """A posterior's log-variance [..., C] in diffusion-model space (what `scale_latents` does to a
+        sample's spread): logvar + 2 log(scaling_factor / std), std = latents_std or 1."""
+        stats = self._latent_stats(logvar.dtype)
+        scale = self.scaling_factor if stats is None else self.scaling_factor / stats[1]
+        return logvar + 2.0 * jnp.log(jnp.asarray(scale, logvar.dtype))
 
     def _validate(self) -> None:
         def bad(key, why):
@@ -124,6 +149,25 @@ class VAEConfig:
             v = getattr(self, key)
             if v is not None and len(v) != self.latent_channels:
                 bad(key, f"needs one value per latent channel ({self.latent_channels})")
+        self._validate_latent_stats()
+
+    def _validate_latent_stats(self) -> None:
+        # diffusers applies latents_mean/std only when both are set, and then ignores shift_factor (SDXL
+        # pipelines), while SD3/Flux pipelines apply shift_factor and ignore them: a config with an unpaired
+        # value, or with both kinds, has no one latent space, so it is refused rather than guessed.
+        mean, std = self.latents_mean, self.latents_std
+        if (mean is None) != (std is None):
+            given, absent = ("latents_mean", "latents_std") if std is None else ("latents_std", "latents_mean")
+            raise InputError(f"VAE config has {given} but no {absent}: diffusers uses the two together "
+                             f"(latents = (z - mean) * scaling_factor / std); give both, or neither")
+        if mean is None:
+            return
+        if self.shift_factor:
+            raise InputError(f"VAE config has both shift_factor={self.shift_factor} and latents_mean/latents_std; "
+                             "diffusers' pipelines apply one or the other (SD3/Flux: shift_factor, SDXL: mean/std), "
+                             "so the latent space is ambiguous. Remove the one the model was not trained with")
+        if any(not s > 0 for s in std):
+            raise InputError(f"VAE config latents_std={list(std)}: every value must be > 0")
 
 
 @flax.struct.dataclass

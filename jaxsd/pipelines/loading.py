@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from jaxsd.models.unet import UNetConfig
 from jaxsd.models.vae import VAEConfig
 from jaxsd.text.prompts import PromptEncoder
 
+logger = logging.getLogger(__name__)
 FAMILIES = ("sd1", "sd2", "sdxl", "hybrid")
 # jaxsd.text.prompts kind of each family's conditioning
 PROMPT_KIND = {"sd1": "clip", "sd2": "clip", "sdxl": "sdxl", "hybrid": "t5_projected"}  # hybrid: or "t5"
@@ -110,11 +112,13 @@ def load_scheduler_config(folder: str | os.PathLike) -> dict:
 
 def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, variant: str | None = None,
                   attention_impl: str = "auto", unet: tuple[UNetConfig, Any] | None = None,
-                  scheduler_overrides: dict | None = None) -> LoadedPipeline:
+                  scheduler_overrides: dict | None = None, text_max_length: int | None = None) -> LoadedPipeline:
     """Read a diffusers pipeline folder: detect the family, load every component.
 
     dtype: storage dtype of all params (None: fp32). compute_dtype: the text encoders' compute dtype
     (None: fp32). variant: weights variant (e.g. "fp16").
+    text_max_length: tokens prompts are padded to (the trainer's cache length); None: the length the
+      folder records (jaxsd/pipelines/text_length.py). CLIP families accept only their fixed 77.
     unet: (config, params) to use instead of the folder's unet/ (which then need not exist) — the
       trainer's sample grids. scheduler_overrides: keys that replace the folder's scheduler config
       (the trainer's betas and prediction type); with them a missing scheduler/ is allowed.
@@ -138,10 +142,16 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
         kind = "t5"
     unet_config, unet_params = unet if unet is not None else load_unet(folder / "unet", dtype=dtype, variant=variant)
     vae_config, vae_params = load_vae(folder / "vae", dtype=dtype, variant=variant)
-    if vae_config.latents_mean is not None:
-        raise PipelineFolderError(f"{folder}/vae: latents_mean/latents_std VAEs are not supported by jaxsd sample")
-    text = PromptEncoder.from_pipeline(folder, kind, dtype=compute_dtype or jnp.float32,
-                                       param_dtype=dtype, variant=variant, attention_impl=attention_impl)
+    if vae_config.latents_mean is not None and family != "sdxl":
+        logger.warning("%s/vae: latents_mean/latents_std are applied (as the cache and diffusers' SDXL pipelines "
+                       "do); diffusers' StableDiffusionPipeline ignores them, so it decodes this %s folder "
+                       "differently", folder, family)
+    text = PromptEncoder.from_pipeline(folder, kind, dtype=compute_dtype or jnp.float32, param_dtype=dtype,
+                                       variant=variant, attention_impl=attention_impl,
+                                       max_length=text_max_length if family == "hybrid" else None)
+    if text_max_length is not None and text.text_length != text_max_length:
+        raise PipelineFolderError(f"{folder}: its {family} tokenizer pads prompts to a fixed {text.text_length} "
+                                  f"tokens; they cannot be encoded at {text_max_length}")
     scheduler = load_scheduler_config(folder) if (folder / "scheduler").is_dir() or not scheduler_overrides else {}
     schedule = NoiseSchedule.from_config({**scheduler, **(scheduler_overrides or {})})
     options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}

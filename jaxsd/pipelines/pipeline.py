@@ -53,9 +53,11 @@ class StableDiffusion:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, param_dtype=None, variant: str | None = None,
-                    dtype=jnp.float32, attention_impl: str = "auto") -> StableDiffusion:
+                    dtype=jnp.float32, attention_impl: str = "auto",
+                    text_max_length: int | None = None) -> StableDiffusion:
+        """text_max_length: tokens prompts are padded to; None: the length the folder records."""
         pipe = load_pipeline(folder, dtype=param_dtype, compute_dtype=dtype, variant=variant,
-                             attention_impl=attention_impl)
+                             attention_impl=attention_impl, text_max_length=text_max_length)
         return cls(pipe, dtype=dtype, attention_impl=attention_impl)
 
     # ---- compiled pieces ----------------------------------------------------------

@@ -124,6 +124,11 @@ class PromptEncoder:
             proj = self.projection[0]
             self._project = jax.jit(lambda p, h: proj.apply({"params": p}, h))
 
+    @property
+    def text_length(self) -> int:
+        """Tokens every prompt is padded/truncated to (the L of encoder_hidden_states [N, L, D])."""
+        return self.max_length or self.components[0].tokenizer.max_length
+
     # ------------------------------------------------------------------ encoding
 
     def encode(self, prompts: str | Sequence[str], *, prompts_2: str | Sequence[str] | None = None,
@@ -208,7 +213,8 @@ class PromptEncoder:
           text_projection/ → "t5_projected", a T5 text_encoder → "t5", else "clip".
         dtype: compute dtype; param_dtype: storage dtype of the loaded weights (default = dtype,
           so a bf16 encoder never holds an fp32 copy).
-        max_length: T5 token length (e.g. 77/256/512); default the tokenizer's.
+        max_length: T5 token length (e.g. 77/256/512); default the tokenizer's `model_max_length` (where a
+          pipeline folder records the length its UNet was trained with, see jaxsd/pipelines/text_length.py).
         """
         root = Path(folder)
         if not (root / "text_encoder").is_dir() and not (root / "text_encoder_2").is_dir():

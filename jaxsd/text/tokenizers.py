@@ -212,6 +212,8 @@ def load_tokenizer(folder: str | os.PathLike, *, max_length: int | None = None, 
     limit = max_length or int(min(float(config.get("model_max_length", 77 if kind == "clip" else _HUGE)), _HUGE))
     if limit >= _HUGE:
         limit = 512
+        logger.warning("%s records no model_max_length; prompts are padded to %d tokens. A pipeline jaxsd "
+                       "exports records the length its UNet was trained with", folder, limit)
     return TextTokenizer(tok, kind, limit, special["pad"], special["bos"], special["eos"], str(folder))
 
 

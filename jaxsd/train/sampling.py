@@ -8,7 +8,8 @@ Process 0 writes <run_dir>/samples/step_000123.png (one labelled row per prompt,
 
 Components: VAE, text encoder(s), tokenizer(s) and scheduler come from the pipeline folder
 `jaxsd.config.sample_components_folder` names (`logging.sample_components`, else a pipeline
-`model.pretrained`); that folder's own UNet is never loaded. The scheduler keeps its spacing and
+`model.pretrained`); that folder's own UNet is never loaded. Prompts are padded to the length the
+UNet trains with: a T5 cache's `data.cache.max_length`, not the folder's tokenizer default. The scheduler keeps its spacing and
 offsets, but its betas and prediction type are the `diffusion` section's: they are what the UNet learns.
 Every process loads and checks the components at start-up, so a bad folder fails before step 1
 everywhere instead of at step `sample_every` on one process. The prompts are encoded then, once, and
@@ -54,15 +55,27 @@ GRID_CELL_PIXELS = 256  # small images are upscaled (nearest) towards this size 
 
 
 def load_components(folder: str | Path, unet_config: UNetConfig, diffusion: DiffusionConfig, *,
-                    variant: str | None = None, dtype: Any = jnp.float32,
-                    attention_impl: str = "auto") -> LoadedPipeline:
+                    variant: str | None = None, dtype: Any = jnp.float32, attention_impl: str = "auto",
+                    text_max_length: int | None = None) -> LoadedPipeline:
     """A pipeline folder's VAE, text side and scheduler around the trained UNet's architecture.
 
     unet_params is None: the caller sets the trained params for each generation. The folder's
     scheduler gives spacing/offsets; the training schedule decides betas and prediction type.
+    text_max_length: the training text's token length (`training_text_length`); None: the folder's.
     """
     return load_pipeline(folder, compute_dtype=dtype, variant=variant, attention_impl=attention_impl,
-                         unet=(unet_config, None), scheduler_overrides=diffusion.to_scheduler_config())
+                         unet=(unet_config, None), scheduler_overrides=diffusion.to_scheduler_config(),
+                         text_max_length=text_max_length)
+
+
+def training_text_length(cfg: Config) -> int | None:
+    """The token length the UNet is trained with when it is not the components' own: a T5 text cache's
+    `data.cache.max_length` (default 256; checked against every root's manifest by the loader).
+    None (the components' length) for CLIP caches (fixed 77) and synthetic data."""
+    if cfg.train.data_source != "cache" or not cfg.data.cache.text.startswith("t5"):
+        return None
+    from jaxsd.data.model_encoders import max_length
+    return max_length(cfg.data)
 
 
 def check_compatible(pipe: StableDiffusion, cond: PromptEmbeddings, height: int, width: int) -> None:
@@ -120,14 +133,17 @@ class TrainingSampler:
         variant = cfg.model.variant if folder == cfg.model.pretrained else None
         dtype = jnp.dtype(cfg.model.dtype)
         components = load_components(folder, unet_config, cfg.diffusion, variant=variant, dtype=dtype,
-                                     attention_impl=cfg.model.attention_impl)
+                                     attention_impl=cfg.model.attention_impl,
+                                     text_max_length=training_text_length(cfg))
         sampler = cls(cfg.logging, StableDiffusion(components, dtype=dtype, attention_impl=cfg.model.attention_impl),
                       Path(run_dir), ema=cfg.train.ema.enabled, mesh=mesh)
         check_compatible(sampler.pipe, sampler.embeddings[0], sampler.height, sampler.width)
-        log.info("sample grids every %d steps from %s with the %s: %d prompts × %d, %dx%d px, %d %s steps, CFG %g, "
-                 "seed %d", cfg.logging.sample_every, folder, sampler.which, len(cfg.logging.sample_prompts),
-                 cfg.logging.sample_images_per_prompt, sampler.width, sampler.height, cfg.logging.sample_steps,
-                 cfg.logging.sample_sampler, cfg.logging.sample_guidance_scale, cfg.logging.sample_seed)
+        log.info("sample grids every %d steps from %s with the %s: %d prompts × %d (padded to %d tokens), %dx%d px, "
+                 "%d %s steps, CFG %g, seed %d", cfg.logging.sample_every, folder, sampler.which,
+                 len(cfg.logging.sample_prompts), cfg.logging.sample_images_per_prompt,
+                 sampler.embeddings[0].encoder_hidden_states.shape[1], sampler.width, sampler.height,
+                 cfg.logging.sample_steps, cfg.logging.sample_sampler, cfg.logging.sample_guidance_scale,
+                 cfg.logging.sample_seed)
         return sampler
 
     def due(self, step: int) -> bool:

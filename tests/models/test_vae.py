@@ -225,6 +225,37 @@ def test_config_round_trip_and_latent_scaling():
     np.testing.assert_allclose(sd.scale_latents(z), z * 0.18215, rtol=1e-6)
 
 
+# Playground-v2.5-like statistics (its VAE config carries latents_mean/std), drawn per channel
+STATS = {**SD, "scaling_factor": 0.5, "latents_mean": [-1.6, 0.8, 0.3, -0.4], "latents_std": [4.2, 2.1, 0.7, 1.3]}
+
+
+def test_latents_mean_std_scale_as_diffusers():
+    """Encode as diffusers' SDXL img2img `prepare_latents`, decode as `StableDiffusionXLPipeline`, per channel
+    (NHWC: channels last); decode(encode(z)) == z; the log-variance follows the per-channel scale."""
+    cfg = VAEConfig.from_diffusers(STATS)
+    z = jax.random.normal(jax.random.key(0), (2, 3, 3, 4)) * 3.0
+    m, s = np.asarray(STATS["latents_mean"]), np.asarray(STATS["latents_std"])
+    np.testing.assert_allclose(cfg.scale_latents(z), (np.asarray(z) - m) * 0.5 / s, rtol=1e-6)
+    np.testing.assert_allclose(cfg.unscale_latents(z), np.asarray(z) * s / 0.5 + m, rtol=1e-6)
+    np.testing.assert_allclose(cfg.unscale_latents(cfg.scale_latents(z)), z, rtol=1e-5, atol=1e-6)
+    logvar = jnp.full((1, 2, 2, 4), -1.0)
+    np.testing.assert_allclose(cfg.scale_logvar(logvar)[0, 0, 0], -1.0 + 2 * np.log(0.5 / s), rtol=1e-6)
+    plain = VAEConfig.from_diffusers(SD)  # without statistics: scaling_factor alone, as before
+    np.testing.assert_allclose(plain.scale_logvar(logvar), logvar + 2 * np.log(0.18215), rtol=1e-6)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"latents_std": None}, "has latents_mean but no latents_std"),
+    ({"latents_mean": None}, "has latents_std but no latents_mean"),
+    ({"shift_factor": 0.1}, "both shift_factor=0.1 and latents_mean/latents_std"),
+    ({"latents_std": [1.0, 0.0, 1.0, 1.0]}, "every value must be > 0"),
+])
+def test_ambiguous_latent_statistics_are_refused(change, match):
+    from jaxsd.errors import InputError
+    with pytest.raises(InputError, match=match):
+        VAEConfig.from_diffusers({**STATS, **change})
+
+
 @pytest.mark.torch
 def test_posterior_matches_diffusers_distribution():
     import torch

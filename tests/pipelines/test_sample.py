@@ -204,3 +204,43 @@ def test_v_prediction_zero_snr_folder_matches_diffusers(sd_folder, sd_pipe, tmp_
     assert_images_differ(sd_pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=10, guidance=7.5,
                                           guidance_rescale=0.7, sampler="dpmpp_2m", num_images=2,
                                           latents=latents), ref_img)
+
+
+def test_sdxl_vae_latent_statistics_match_diffusers(sdxl_folder, tmp_path, monkeypatch, torch_single_thread):
+    """A VAE config with latents_mean / latents_std (Playground-v2.5 style) through diffusers'
+    StableDiffusionXLImg2ImgPipeline, which encodes with (z - mean) * scaling_factor / std and decodes with
+    z * std / scaling_factor + mean (the same decode as StableDiffusionXLPipeline). Its two random draws
+    (posterior sample, noise) are replaced by ours; everything else is diffusers' own code."""
+    import json
+    import shutil
+
+    import diffusers
+    from diffusers.pipelines.stable_diffusion_xl import (
+        pipeline_stable_diffusion_xl_img2img as img2img,
+    )
+    torch = torch_single_thread
+    folder = tmp_path / "stats"
+    shutil.copytree(sdxl_folder, folder)
+    config_path = folder / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(latents_mean=[0.3, -0.5, 0.2, 0.6], latents_std=[1.7, 0.8, 1.2, 2.2])
+    config_path.write_text(json.dumps(config))
+
+    seed, strength, noise = 5, 0.6, _latents(1, seed=14)
+    image = np.random.default_rng(6).uniform(0, 255, (16, 16, 3)).astype(np.uint8)
+    encode_key, _ = split_run_key(generation_keys(seed)[1])
+    eps = torch.from_numpy(np.array(jax.random.normal(encode_key, (1, 8, 8, 4))).transpose(0, 3, 1, 2).copy())
+    monkeypatch.setattr(img2img, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": out.latent_dist.mean + out.latent_dist.std * eps)
+    monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **k: torch.from_numpy(noise).to(k.get("dtype")))
+
+    def diffusers_image(path):
+        ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(path)
+        ref.scheduler = _diffusers_scheduler(ref, "euler")
+        return to_uint8(ref(PROMPT, image=Image.fromarray(image), strength=strength, num_inference_steps=10,
+                            guidance_scale=5.0, output_type="np").images)
+
+    ours = StableDiffusion.from_folder(folder).generate(PROMPT, init_image=image, strength=strength, steps=10,
+                                                        guidance=5.0, sampler="euler", seed=seed, latents=noise)
+    assert_images_close(ours, diffusers_image(folder))
+    assert_images_differ(ours, diffusers_image(sdxl_folder))  # the statistics change the image by far

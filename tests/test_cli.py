@@ -102,15 +102,12 @@ BUG_SITES = {
     "train": ("jaxsd.train.loop.train", ["train", "tiny", "train.run_dir={tmp}/run"]),
     "sample": ("jaxsd.pipelines.pipeline.StableDiffusion.from_folder",
                ["sample", "--model", "{tmp}", "--prompt", "x", "--out", "{tmp}/a.png"]),
-    "export": ("jaxsd.train.export.export_unet", ["export", "{tmp}", "--out", "{tmp}/out"]),
+    "export": ("jaxsd.train.export.export", ["export", "{tmp}", "--out", "{tmp}/out"]),
     "bench": ("bench.suites.optimizer_state.run", ["bench", "optimizer-state", "--no-record"]),
 }
 
 
-@pytest.mark.parametrize("command", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="commands/export.py still catches ValueError; "
-                                            "its rewrite drops that handler"))
-    if c == "export" else c for c in COMMANDS])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_a_bug_keeps_its_exception(command, tmp_path, monkeypatch):
     target, argv = BUG_SITES[command]
     monkeypatch.setattr(target, _bug)

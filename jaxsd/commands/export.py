@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,16 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsd.errors import InputError
     from jaxsd.train.export import export
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        r = export(args.run_dir, args.out, pipeline=args.pipeline, unet_only=args.unet_only, ema=args.ema,
-                   step=args.step)
-    except InputError as e:
-        print(f"jaxsd export: {e}", file=sys.stderr)
-        return 2
+    r = export(args.run_dir, args.out, pipeline=args.pipeline, unet_only=args.unet_only, ema=args.ema,
+               step=args.step)
     what = f"jaxsd export: step {r.step}{' (EMA)' if args.ema else ''} → {r.out}"
     if r.pipeline is not None:
         how = f"{r.links.linked} files hard-linked" + (f", {r.links.copied} copied" if r.links.copied else "")

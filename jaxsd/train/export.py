@@ -46,8 +46,11 @@ from jaxsd.convert.pipeline_copy import (
 from jaxsd.diffusion.schedule import make_betas
 from jaxsd.errors import InputError
 from jaxsd.models.unet import UNetConfig
+from jaxsd.pipelines.text_length import set_text_max_length
 from jaxsd.train.checkpoint import RESTORE_ERRORS
 from jaxsd.train.partial_restore import CheckpointReader
+from jaxsd.train.plan import plan_state
+from jaxsd.train.sampling import training_text_length
 from jaxsd.train.sharding import make_mesh
 from jaxsd.train.trainable import merge_params
 
@@ -100,8 +103,6 @@ def load_trained_unet(run_dir: str | Path, *, ema: bool = False, step: int | Non
     before_restore(run config, UNet config) runs before the params are read (checks that should
     fail fast); its errors propagate.
     """
-    from jaxsd.train.loop import plan_state
-
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         raise InputError(f"{run_dir}: no checkpoints/ folder — not a `jaxsd train` run directory, or a run that "
@@ -197,6 +198,9 @@ def export(run_dir: str | Path, out: str | Path, *, pipeline: str | Path | None 
         if base is not None:
             links = link_components(base, staging)
             from_run = use_run_schedule(staging, trained.run_config.diffusion)
+            text_length = training_text_length(trained.run_config)
+            if text_length is not None:  # the T5 length the run's text cache was encoded at
+                set_text_max_length(staging, text_length)
         save_unet(staging / "unet" if base is not None else staging, trained.config, trained.params)
         record = {"written_by": "jaxsd export", "run_dir": str(run_dir.absolute()), "step": trained.step,
                   "ema": ema, "pipeline": str(base.absolute()) if base else None,

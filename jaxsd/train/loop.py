@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config, to_yaml
 from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.errors import InputError
 from jaxsd.train.checkpoint import Checkpointer
 from jaxsd.train.compile import CompiledSteps, use_compilation_cache
 from jaxsd.train.logging import RunLogger
@@ -202,7 +203,7 @@ class _CacheBatches:
     def empty_prompt(self):
         empty = self.loader.empty_prompt()
         if empty is None:
-            raise ValueError("loss.cond_dropout > 0 needs the empty prompt's cached embedding; the text cache "
+            raise InputError("loss.cond_dropout > 0 needs the empty prompt's cached embedding; the text cache "
                              "has none (re-run jaxsd cache)")
         return empty
 

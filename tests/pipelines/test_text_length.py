@@ -150,22 +150,18 @@ def test_lengths_that_cannot_be_recorded_are_refused(cached, tmp_path, caplog):
     assert "records no model_max_length; prompts are padded to 512 tokens" in caplog.text
 
 
-@pytest.mark.slow
 def test_train_grid_equals_the_exported_folder_sampled_at_the_recorded_length(cached, tmp_path):
-    """`jaxsd train`'s sample grid (EMA params, cache length) is what a pipeline folder recording that
-    length generates: the UNet exported next to the hybrid's components + `set_text_max_length`."""
+    """`jaxsd train`'s sample grid (EMA params, cache length) is what `jaxsd export` writes: the trained
+    UNet beside the hybrid's components, its tokenizer recording the cache's length."""
     from jaxsd.pipelines.grids import label_grid
-    from jaxsd.train.export import export_unet
     from jaxsd.train.sampling import GRID_CELL_PIXELS
 
     _, pipe, _, yaml = cached
     run_dir = tmp_path / "run"
     jaxsd_command("train", yaml, f"train.run_dir={run_dir}", PROMPTS_OVERRIDE)
     folder = tmp_path / "exported"
-    for name in HYBRID_COMPONENTS:
-        (shutil.copytree if (pipe / name).is_dir() else shutil.copy)(pipe / name, folder / name)
-    export_unet(run_dir, folder / "unet", ema=True)
-    set_text_max_length(folder, CACHE_LENGTH)
+    jaxsd_command("export", run_dir, "--out", folder, "--ema")  # the base: the run's model.pretrained
+    assert read_text_max_length(folder) == CACHE_LENGTH != read_text_max_length(pipe)
     images = StableDiffusion.from_folder(folder).generate(PROMPTS, **GENERATE)
     grid = np.asarray(label_grid([(p, [im]) for p, im in zip(PROMPTS, images)], scale=GRID_CELL_PIXELS // IMAGE_SIZE))
     np.testing.assert_array_equal(np.asarray(Image.open(run_dir / "samples" / "step_000004.png")), grid)

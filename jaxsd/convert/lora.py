@@ -4,7 +4,9 @@ Two layouts (key names in `jaxsd.convert.lora_names`, rank/alpha in `lora_metada
 
   peft   `unet.<module>.lora_A.weight` [r, in] (conv [r, in, kh, kw]), `.lora_B.weight` [out, r]
          (conv [out, r, 1, 1]), `text_encoder.` / `text_encoder_2.` prefixes; alpha in the
-         `lora_adapter_metadata` JSON — what `pipe.save_lora_weights` writes.
+         `lora_adapter_metadata` JSON — what `pipe.save_lora_weights` writes. Also read: the
+         attention spellings diffusers' training scripts save (`to_q.lora.down.weight`,
+         `q_proj.lora_linear_layer.down.weight`).
   kohya  `lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` (same
          shapes as lora_A / lora_B) / `.alpha` (0-d), `lora_te_` (SD1/SD2) or `lora_te1_` /
          `lora_te2_` (SDXL); SDXL UNet names are the SGM ones (`input_blocks_4_1_...`).
@@ -54,7 +56,10 @@ LAYOUTS = ("peft", "kohya")
 UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
                "lora_mid": "LoCon with Tucker decomposition (lora_mid)", "oft_": "OFT", "boft_": "BOFT",
                ".diff": "full weight difference (diff)", "ia3_": "IA3", "lora_B.bias": "a bias on lora_B (lora_bias)"}
-_PEFT_SUFFIX = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+# PEFT's names, and the spellings diffusers' `convert_state_dict_to_diffusers` gives attention layers
+# (its training scripts save those): UNet `to_q.lora.down`, text encoder `q_proj.lora_linear_layer.down`
+_PEFT_SUFFIX = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
+                ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}
 _KOHYA_SUFFIX = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 
 
@@ -81,16 +86,16 @@ class LoraLayer:
 class LoraWeights:
     """A LoRA: {component ("unet", "text_encoder", "text_encoder_2"): {module path: LoraLayer}}.
 
-    layout / metadata / file_names: the file's layout, safetensors metadata and module names
-    (with their prefixes, as spelled in the file), when it came from a file. Writing in the same
-    layout reuses the names, so a file read and written back has the same keys.
+    layout / metadata / file_keys: the file's layout, safetensors metadata and, per layer, its
+    tensor keys ({"down": key, "up": key[, "alpha": key]}), when it came from a file. Writing in the
+    same layout reuses the keys, so a file read and written back has the same keys.
     """
 
     layers: dict[str, dict[ModulePath, LoraLayer]]
     layout: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = "adapters"
-    file_names: dict[str, dict[ModulePath, str]] = field(default_factory=dict)
+    file_keys: dict[str, dict[ModulePath, dict[str, str]]] = field(default_factory=dict)
 
     @classmethod
     def from_adapters(cls, adapters: Mapping[str, Mapping], plans: Mapping[str, Mapping[ModulePath, AdapterSpec]]
@@ -232,7 +237,7 @@ def read_lora(path: str | os.PathLike, model: LoraModel) -> LoraWeights:
                          "file uses one layout")
     layout = layouts.pop() if layouts else "peft"
     layers: dict[str, dict[ModulePath, LoraLayer]] = {}
-    names: dict[str, dict[ModulePath, str]] = {}
+    file_keys: dict[str, dict[ModulePath, dict[str, str]]] = {}
     configs: dict[str, dict | None] = {}
     for module, parts in sorted(groups.items()):
         found = model.lookup(module)
@@ -262,10 +267,10 @@ def read_lora(path: str | os.PathLike, model: LoraModel) -> LoraWeights:
                 configs[component] = peft_component_config(f.metadata, component, source)
             alpha = peft_alpha(configs[component], model.tables[component].module_name(mpath), rank, source)
         layers.setdefault(component, {})[mpath] = LoraLayer(down, up, alpha, alpha_dtype)
-        names.setdefault(component, {})[mpath] = module
+        file_keys.setdefault(component, {})[mpath] = parts
     if unknown or problems:
         _fail(source, model, unknown, problems)
-    return LoraWeights(layers, layout, dict(f.metadata), source, names)
+    return LoraWeights(layers, layout, dict(f.metadata), source, file_keys)
 
 
 def write_lora(path: str | os.PathLike, weights: LoraWeights, model: LoraModel, *, layout: str = "peft",
@@ -288,20 +293,22 @@ def write_lora(path: str | os.PathLike, weights: LoraWeights, model: LoraModel, 
             raise InputError(f"LoRA layers {component}: {['/'.join(p) for p in missing[:5]]} are not adaptable "
                              f"layers of this {model.family} model")
         ranks_alphas = {}
-        own_names = weights.file_names.get(component, {}) if weights.layout == layout else {}
+        own_keys = weights.file_keys.get(component, {}) if weights.layout == layout else {}
         for mpath, layer in sorted(layers.items()):
-            down, up = cast(_to_file(layer.down)), cast(_to_file(layer.up))
             if layout == "peft":
-                name = own_names.get(mpath) or f"{component}.{table.module_name(mpath)}"
-                tensors[f"{name}.lora_A.weight"] = down
-                tensors[f"{name}.lora_B.weight"] = up
+                name = f"{component}.{table.module_name(mpath)}"
+                keys = {"down": f"{name}.lora_A.weight", "up": f"{name}.lora_B.weight"}
                 ranks_alphas[table.module_name(mpath).removeprefix("text_model.")] = (layer.rank, layer.alpha)
             else:
-                name = own_names.get(mpath) or table.kohya[mpath]
-                tensors[f"{name}.lora_down.weight"] = down
-                tensors[f"{name}.lora_up.weight"] = up
-                alpha_dtype = dtype or layer.alpha_dtype or down.dtype
-                tensors[f"{name}.alpha"] = np.asarray(layer.alpha, dtype=alpha_dtype)
+                name = table.kohya[mpath]
+                keys = {"down": f"{name}.lora_down.weight", "up": f"{name}.lora_up.weight", "alpha": f"{name}.alpha"}
+            own = own_keys.get(mpath, {})
+            keys = {part: own.get(part, default) for part, default in keys.items()}
+            tensors[keys["down"]] = cast(_to_file(layer.down))
+            tensors[keys["up"]] = cast(_to_file(layer.up))
+            if "alpha" in keys:
+                alpha_dtype = dtype or layer.alpha_dtype or tensors[keys["down"]].dtype
+                tensors[keys["alpha"]] = np.asarray(layer.alpha, dtype=alpha_dtype)
         if layout == "peft" and ranks_alphas:
             adapter_config.update(peft_adapter_metadata(component, ranks_alphas))
     if not tensors:

@@ -76,21 +76,22 @@ def sgm_name(name: str, config: UNetConfig) -> str | None:
         start = 1 + sum(layers[i] + (1 if i < n - 1 else 0) for i in range(b))
         if kind == "downsamplers" and j == 0 and rest == ["conv"]:
             return f"input_blocks.{start + layers[b]}.0.op"
-        if kind == "resnets":
-            return ".".join(["input_blocks", str(start + j), "0"] + _resnet_part(rest))
-        if kind == "attentions":
-            return ".".join(["input_blocks", str(start + j), "1"] + rest)
-        return None
+        return _sgm_layer("input_blocks", start + j, kind, rest)
     up_layers = [layers[n - 1 - i] + 1 for i in range(n)]
     start = sum(up_layers[:b])
     if kind == "upsamplers" and j == 0 and rest == ["conv"]:
         # the upsampler sits in the block's last layer, after its resnet (and attention, if any)
         has_attn = "CrossAttn" in config.up_block_types[b]
         return f"output_blocks.{start + up_layers[b] - 1}.{2 if has_attn else 1}.conv"
+    return _sgm_layer("output_blocks", start + j, kind, rest)
+
+
+def _sgm_layer(blocks: str, index: int, kind: str, rest: list[str]) -> str | None:
+    """An SGM block layer holds its resnet at .0 and its transformer at .1."""
     if kind == "resnets":
-        return ".".join(["output_blocks", str(start + j), "0"] + _resnet_part(rest))
+        return ".".join([blocks, str(index), "0"] + _resnet_part(rest))
     if kind == "attentions":
-        return ".".join(["output_blocks", str(start + j), "1"] + rest)
+        return ".".join([blocks, str(index), "1"] + rest)
     return None
 
 

@@ -18,7 +18,6 @@ from flax import traverse_util
 from jaxsd.convert.lora import (
     LoraBaseWarning,
     LoraInfo,
-    LoraLayer,
     LoraModel,
     LoraWeights,
     combine_loras,
@@ -30,22 +29,9 @@ from jaxsd.convert.lora_names import sgm_name
 from jaxsd.convert.safetensors_io import SafetensorsFile, save_file
 from jaxsd.convert.unet import abstract_unet_params
 from jaxsd.errors import InputError
-from jaxsd.models.clip import CLIPTextConfig
-from jaxsd.models.lora import plan_adapters
 from jaxsd.models.params import fingerprint_params
 from jaxsd.models.unet import UNetConfig
-from tests.models.test_lora import TINY_SD
-
-# the UNet of tests/pipelines/tiny.py's SDXL pipeline
-TINY_SDXL = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=96,
-                       attention_head_dim=(2, 4), norm_num_groups=8, transformer_layers_per_block=(1, 2),
-                       use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                       projection_class_embeddings_input_dim=80)
-CLIP = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-CLIP2 = CLIPTextConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, hidden_act="gelu", projection_dim=32, with_projection=True)
+from tests.convert.lora_tiny import CLIP, CLIP2, TINY_SD, TINY_SDXL, random_lora
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +42,6 @@ def sd_model():
 @pytest.fixture(scope="module")
 def sdxl_model():
     return LoraModel("sdxl", TINY_SDXL, {"text_encoder": CLIP, "text_encoder_2": CLIP2})
-
-
-def random_lora(model: LoraModel, dtype=np.float32, seed=0) -> LoraWeights:
-    """attn_ff (rank 4, alpha 8) + LoCon (rank 2, alpha 1) on the UNet, rank 4 alpha 2 on the text encoders."""
-    rng = np.random.default_rng(seed)
-    layers = {}
-    for component, table in model.tables.items():
-        tree = traverse_util.unflatten_dict({p + ("kernel",): np.zeros(s, np.int8) for p, s in table.layers.items()})
-        plan = (plan_adapters(tree, "attn_ff", 4, 8, conv_rank=2, conv_alpha=1) if component == "unet"
-                else plan_adapters(tree, "text_encoder", 4, 2))
-        layers[component] = {p: LoraLayer(rng.standard_normal(s.down_shape()).astype(dtype),
-                                          rng.standard_normal(s.up_shape()).astype(dtype), s.alpha)
-                             for p, s in plan.items()}
-    return LoraWeights(layers)
 
 
 def tensors(path) -> dict[str, tuple]:

@@ -32,13 +32,8 @@ from jaxsd.models.names import torch_module_name
 from jaxsd.models.params import abstract_params
 from jaxsd.models.resnet import Downsample2D, ResnetBlock2D
 from jaxsd.models.transformer import Transformer2DModel
-from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
-
-# the UNet of tests/pipelines/tiny.py's SD1 pipeline (shapes only: no model is run)
-TINY_SD = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                     attention_head_dim=4, norm_num_groups=8)
+from jaxsd.models.unet import UNet2DConditionModel, example_inputs
+from tests.convert.lora_tiny import TINY_SD
 
 
 @pytest.fixture(scope="module")
@@ -89,27 +84,31 @@ def test_targets_errors_name_the_problem(sd_shapes):
         plan_adapters(shapes, [r"nonexistent$"], 4, 4)
 
 
-def test_init_is_peft_and_up_is_zero(sd_shapes):
-    shapes, _ = sd_shapes
-    ad = init_adapters(shapes, "attn_ff", 8, 4, jax.random.key(0), conv_rank=4, conv_alpha=8)
-    flat = traverse_util.flatten_dict(ad)
-    kernels = traverse_util.flatten_dict(shapes)
-    for path, value in flat.items():
+def test_init_is_peft_and_up_is_zero(blocks):
+    params, _ = blocks
+    some = [r"attn1\.to_q$", r"proj_in$", r"ff\.net\.0\.proj$"]
+    ad = init_adapters(params, some, 8, 4, jax.random.key(0), conv_rank=4, conv_alpha=8)
+    kernels = traverse_util.flatten_dict(params)
+    downs = []
+    for path, value in traverse_util.flatten_dict(ad).items():
         kernel = kernels[path[:-1] + ("kernel",)].shape
         if path[-1] == "up":
+            assert value.shape == (1,) * (len(kernel) - 2) + (value.shape[-2], kernel[-1])
             assert not np.any(np.asarray(value))
         elif path[-1] == "down":
-            fan_in = math.prod(kernel[:-1])
             assert value.shape == kernel[:-1] + (value.shape[-1],)
-            assert float(jnp.abs(value).max()) <= 1 / math.sqrt(fan_in)
+            bound = 1 / math.sqrt(math.prod(kernel[:-1]))  # PEFT: kaiming-uniform(a=sqrt(5)) = U(±1/sqrt(fan_in))
+            assert float(jnp.abs(value).max()) <= bound
+            downs.append(np.ravel(value) / bound)
         else:
             assert value.dtype == jnp.float32 and float(value[0]) in (4 / 8, 8 / 4)
-    downs = np.concatenate([np.ravel(v) for p, v in flat.items() if p[-1] == "down" and v.shape[-1] == 8])
-    gauss = init_adapters(shapes, "attn", 8, 8, jax.random.key(1), init="gaussian")
+    u = np.concatenate(downs)
+    assert abs(u.std() - 1 / math.sqrt(3)) < 0.02 and abs(u.mean()) < 0.02  # uniform on [-1, 1]
+    gauss = init_adapters(params, some, 8, 8, jax.random.key(1), init="gaussian", conv_rank=8)
     g = np.concatenate([np.ravel(v) for p, v in traverse_util.flatten_dict(gauss).items() if p[-1] == "down"])
-    assert abs(g.std() - 1 / 8) < 0.01 and abs(downs.std() - 0.1) < 0.1  # N(0, 1/r) vs small uniform
+    assert abs(g.std() - 1 / 8) < 0.005 and abs(g.mean()) < 0.005  # PEFT's "gaussian": N(0, (1/r)^2)
     with pytest.raises(InputError, match="init 'xavier'"):
-        init_adapters(shapes, "attn", 8, 8, jax.random.key(1), init="xavier")
+        init_adapters(params, "attn", 8, 8, jax.random.key(1), init="xavier")
 
 
 def test_adapter_logical_axes_follow_the_kernels(sd_shapes):

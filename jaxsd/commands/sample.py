@@ -17,8 +17,7 @@ docs/lora.md — to the UNet and CLIP text encoders at --lora-scale (one per fil
 Examples:
   jaxsd sample --model ./sd15 --prompt "a castle at sunset" --steps 25 --out castle.png
   jaxsd sample --model ./sd15 --prompt "oil painting" --init-image photo.png --strength 0.6 --out painted.png
-  jaxsd sample --model ./sdxl --prompt "a cat" --lora style.safetensors --lora detail.safetensors \
-      --lora-scale 0.8 0.5 --out cat.png
+  jaxsd sample --model ./sdxl --prompt "a cat" --lora style.safetensors --lora-scale 0.8 --out cat.png
 """
 
 from __future__ import annotations

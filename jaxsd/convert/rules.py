@@ -31,15 +31,11 @@ from einops import rearrange
 from flax import traverse_util
 
 from jaxsd.errors import InputError
-
-# PyTorch attribute names that hold nn.ModuleList / nn.Sequential children.
-LIST_CONTAINERS = frozenset({
-    # diffusers UNet / VAE
-    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-    "transformer_blocks", "to_out", "net",
-    # transformers CLIP / T5
-    "layers", "block", "layer",
-})
+from jaxsd.models.names import (
+    LIST_CONTAINERS,  # noqa: F401  (re-exported: the rule lives with the models)
+    flax_module_path,
+    torch_module_name,
+)
 
 Path = tuple[str, ...]
 
@@ -64,31 +60,16 @@ class ConversionError(InputError):
 
 
 def _module_path(torch_key: str) -> tuple[Path, str]:
-    parts = torch_key.split(".")
-    out: list[str] = []
-    for p in parts[:-1]:
-        if p.isdigit() and out:
-            out[-1] = f"{out[-1]}_{p}"
-        else:
-            out.append(p)
-    return tuple(out), parts[-1]
-
-
-_INDEXED = re.compile(r"^(.+)_(\d+)$")
+    module, _, leaf = torch_key.rpartition(".")
+    return (flax_module_path(module) if module else ()), leaf
 
 
 def torch_key(flax_path: Path) -> str:
     """Flax param path (module path + leaf) -> PyTorch state-dict key."""
-    parts: list[str] = []
-    for seg in flax_path[:-1]:
-        m = _INDEXED.match(seg)
-        if m and m.group(1) in LIST_CONTAINERS:
-            parts += [m.group(1), m.group(2)]
-        else:
-            parts.append(seg)
     leaf = flax_path[-1]
-    parts.append("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
-    return ".".join(parts)
+    leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+    module = torch_module_name(flax_path[:-1])
+    return f"{module}.{leaf}" if module else leaf
 
 
 def _to_flax_layout(arr: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:

@@ -13,6 +13,12 @@ Logical axis names on params (mapped to mesh axes by the sharding rules):
   "vocab"   — token-embedding rows
   "conv_in", "conv_out" — conv channel dimensions (spatial dims unsharded)
   "norm"    — norm scales and biases
+
+LoRA / LoCon adapters are a second variable collection, "lora", whose paths mirror
+"params" (see `jaxsd.models.lora`): when `module.apply({"params": p, "lora": a}, ...)`
+gives a Dense or Conv a `down`/`up`/`scale` entry, the layer adds the low-rank term
+unmerged. Without the collection the layers compute exactly what they compute
+without adapters (no extra op is traced).
 """
 
 from __future__ import annotations
@@ -60,7 +66,21 @@ class Dense(nn.Module):
         y = matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + _param(self, "bias", _zeros, (self.axes[1],), (self.features,), self.param_dtype).astype(self.dtype)
+        if self.has_variable("lora", "down"):
+            down, up, scale = _adapter(self)
+            h = matmul_last_axis(x.astype(self.dtype), down) * scale
+            y = y + matmul_last_axis(h, up)
         return y
+
+
+def _adapter(module: nn.Module) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The module's LoRA (down, up, scale) in its compute dtype.
+
+    Dense: down [in, r], up [r, out]. Conv: down [kh, kw, in, r], up [1, 1, r, out].
+    scale [r]: user scale × alpha / rank per rank column, so several adapters concatenate
+    along the rank axis and a new scale is new values, not a new program.
+    """
+    return tuple(module.get_variable("lora", name).astype(module.dtype) for name in ("down", "up", "scale"))
 
 
 def matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -94,17 +114,23 @@ class Conv(nn.Module):
         k = self.kernel_size
         kernel = _param(self, "kernel", nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out"),
                         (k, k, x.shape[-1], self.features), self.param_dtype)
-        pad = ((self.padding, self.padding),) * 2 if isinstance(self.padding, int) else self.padding
-        if k == 1 and self.strides == 1 and pad == ((0, 0), (0, 0)):
-            # A 1x1 conv is a matmul over channels; as one it trains faster on XLA:CPU (see matmul_last_axis).
-            y = matmul_last_axis(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
-        else:
-            y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides), pad,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = self._conv(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + _param(self, "bias", _zeros, ("conv_out",), (self.features,), self.param_dtype).astype(self.dtype)
+        if self.has_variable("lora", "down"):
+            # LoCon: the down conv has the base conv's kernel size, stride and padding; up is 1x1
+            down, up, scale = _adapter(self)
+            y = y + matmul_last_axis(self._conv(x.astype(self.dtype), down) * scale, up[0, 0])
         return y
+
+    def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """x [B, H, W, in] conv kernel [k, k, in, n] with this layer's stride and padding."""
+        pad = ((self.padding, self.padding),) * 2 if isinstance(self.padding, int) else self.padding
+        if kernel.shape[:2] == (1, 1) and self.strides == 1 and pad == ((0, 0), (0, 0)):
+            # A 1x1 conv is a matmul over channels; as one it trains faster on XLA:CPU (see matmul_last_axis).
+            return matmul_last_axis(x, kernel[0, 0])
+        return jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides), pad,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class GroupNorm(nn.Module):

@@ -3,10 +3,11 @@
 One program per static `GenerateSpec` (sampler algorithm, img2img or not) and
 model architecture. Everything a user changes between images — prompt embeddings,
 seed (a key array), guidance scale, guidance rescale, strength (as a start index),
-the scheduler tables (including the prediction type) — is a traced argument, so only
-new shapes (batch, resolution, steps) compile again. Classifier-free guidance always runs the UNet on [uncond; cond]
-(diffusers skips the uncond half when guidance ≤ 1; with the traced scale we
-keep one program and get uncond + 1·(cond - uncond) ≈ cond).
+the scheduler tables (including the prediction type), LoRA weights and their scales — is a
+traced argument, so only new shapes (batch, resolution, steps, LoRA ranks) compile again.
+Classifier-free guidance always runs the UNet on [uncond; cond] (diffusers skips the uncond
+half when guidance ≤ 1; with the traced scale we keep one program and get
+uncond + 1·(cond - uncond) ≈ cond).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def make_generate(unet: UNet2DConditionModel, vae: AutoencoderKL, vae_config: VA
     """Build `generate(inputs) -> uint8 images [N,H,W,3]` (pure; jit it, see `compiled_generate`).
 
     inputs (a dict, every entry traced):
-      unet, vae: params.   tables: the sampler's tables.   key: PRNG key (posterior sample, sampler noise).
+      unet, vae: params.   unet_lora: None, or the UNet's "lora" variables (LoRA files at their scales;
+      `jaxsd.models.lora`).   tables: the sampler's tables.   key: PRNG key (posterior sample, sampler noise).
       context [2N,L,D]: [uncond; cond] encoder hidden states.   added: None | {"text_embeds" [2N,P],
       "time_ids" [2N,6]}.   guidance, guidance_rescale: float32 scalars.
       noise [N,h,w,C]: initial noise (txt2img: scaled by the sampler's init sigma; img2img: added to
@@ -105,10 +107,13 @@ def make_generate(unet: UNet2DConditionModel, vae: AutoencoderKL, vae_config: VA
             start = 0
         context, added = inputs["context"], inputs.get("added")
         guidance, rescale = inputs["guidance"], inputs["guidance_rescale"]
+        variables = {"params": inputs["unet"]}
+        if inputs.get("unet_lora") is not None:
+            variables["lora"] = inputs["unet_lora"]
 
         def model_fn(x_in: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
             both = jnp.concatenate([x_in, x_in], axis=0)
-            out = unet.apply({"params": inputs["unet"]}, both, t, context, added).astype(jnp.float32)
+            out = unet.apply(variables, both, t, context, added).astype(jnp.float32)
             uncond, cond = jnp.split(out, 2, axis=0)
             guided = uncond + guidance * (cond - uncond)
             return rescale_guidance(guided, cond, rescale)

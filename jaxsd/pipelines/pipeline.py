@@ -2,6 +2,7 @@
 
     pipe = StableDiffusion.from_folder("path/to/pipeline")
     images = pipe.generate(["a cat"], steps=20, guidance=7.5, sampler="dpmpp_2m", seed=0)   # uint8 [N,H,W,3]
+    pipe.load_loras(["style.safetensors"], [0.7])   # LoRA files on the UNet and text encoders
 
 Covers SD1.x, SD2.x (v-prediction comes from the scheduler config), SDXL (pooled
 embeddings + micro-conditioning) and the T5 hybrid. Host work per call is
@@ -20,12 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsd.convert.lora import LoraWeights
 from jaxsd.diffusion.samplers import check_sampler_name, img2img_start, make_sampler
 from jaxsd.errors import InputError
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.pipelines.generate import GenerateSpec, compiled_generate, progress_hook
 from jaxsd.pipelines.loading import LoadedPipeline, load_pipeline
+from jaxsd.pipelines.lora import apply_loras, lora_scales, read_loras
 from jaxsd.text.prompts import PromptEmbeddings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class StableDiffusion:
         self._tables: dict[tuple, tuple] = {}
         self.last_compile_seconds = 0.0  # of the latest `generate` call (0 when its program was cached)
         self.last_run_seconds = 0.0
+        self.loras: list[LoraWeights] = []
+        self._unet_lora: dict | None = None
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, param_dtype=None, variant: str | None = None,
@@ -59,6 +64,20 @@ class StableDiffusion:
         pipe = load_pipeline(folder, dtype=param_dtype, compute_dtype=dtype, variant=variant,
                              attention_impl=attention_impl, text_max_length=text_max_length)
         return cls(pipe, dtype=dtype, attention_impl=attention_impl)
+
+    # ---- LoRA ---------------------------------------------------------------------
+
+    def load_loras(self, files: Sequence[str | os.PathLike], scales: Sequence[float] | None = None) -> None:
+        """Apply LoRA files (PEFT/diffusers or kohya, LoCon included) to the UNet and CLIP text encoders
+        at `scales` (default 1.0 each), replacing any loaded before. An empty list removes them."""
+        loras = read_loras(self.pipe, files)
+        scales = lora_scales(len(loras), scales)
+        self.loras = loras
+        self.set_lora_scales(scales)
+
+    def set_lora_scales(self, scales: Sequence[float]) -> None:
+        """New scales for the loaded LoRA files (new values only: no recompilation)."""
+        self._unet_lora = apply_loras(self.pipe, self.loras, lora_scales(len(self.loras), scales))
 
     # ---- compiled pieces ----------------------------------------------------------
 
@@ -156,7 +175,8 @@ class StableDiffusion:
                      "time_ids": time_ids}
 
         sampler_obj, tables = self.sampler_tables(sampler, steps, eta)
-        inputs = {"unet": self.pipe.unet_params, "vae": self.pipe.vae_params, "tables": tables, "key": run_key,
+        inputs = {"unet": self.pipe.unet_params, "unet_lora": self._unet_lora, "vae": self.pipe.vae_params,
+                  "tables": tables, "key": run_key,
                   "context": context, "added": added, "guidance": jnp.float32(guidance),
                   "guidance_rescale": jnp.float32(guidance_rescale), "noise": noise, "start": jnp.int32(start)}
         if img2img:

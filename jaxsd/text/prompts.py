@@ -67,24 +67,33 @@ class PromptEmbeddings:
 
 @dataclass
 class TextComponent:
-    """One tokenizer + encoder pair with its params and a jitted forward."""
+    """One tokenizer + encoder pair with its params and a jitted forward.
+
+    lora: None, or the encoder's "lora" variables (`jaxsd.models.lora`), applied unmerged. They are
+    an argument of the jitted forward, so new values (another scale, another file of the same
+    shapes) reuse the compiled program.
+    """
 
     tokenizer: TextTokenizer
     model: CLIPTextModel | T5EncoderModel
     params: dict
+    lora: dict | None = None
 
     def __post_init__(self):
         model = self.model
-        if isinstance(model, CLIPTextModel):
-            # diffusers passes CLIP a padding mask only when the config asks (`use_attention_mask`).
-            use_mask = bool(dict(model.config.extra).get("use_attention_mask", False))
-            self._forward = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask if use_mask else None))
-        else:
-            self._forward = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
+        # diffusers passes CLIP a padding mask only when the config asks (`use_attention_mask`).
+        use_mask = not isinstance(model, CLIPTextModel) or bool(
+            dict(model.config.extra).get("use_attention_mask", False))
+
+        def forward(params, lora, ids, mask):
+            variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+            return model.apply(variables, ids, mask if use_mask else None)
+
+        self._forward = jax.jit(forward)
 
     def __call__(self, prompts: Sequence[str], max_length: int | None = None):
         batch = self.tokenizer(prompts, max_length)
-        return self._forward(self.params, batch.input_ids, batch.attention_mask), batch.attention_mask
+        return self._forward(self.params, self.lora, batch.input_ids, batch.attention_mask), batch.attention_mask
 
 
 @partial(jax.jit, static_argnums=0)

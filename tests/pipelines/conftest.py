@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -56,3 +58,17 @@ def assert_images_differ(ours: np.ndarray, ref: np.ndarray) -> None:
     """The sensitivity check: a deliberately wrong setting must fail the parity tolerance by far."""
     d = np.abs(ours.astype(np.int32) - ref.astype(np.int32))
     assert d.mean() > 1.0 and d.max() > 10, f"a wrong setting changed the images only by mean {d.mean():.3f}"
+
+
+@contextlib.contextmanager
+def lora_loaded(pipe, *paths, weights=None):
+    """A diffusers pipeline with LoRA files loaded (`load_lora_weights`, as adapters l0, l1, ... at
+    `weights`), unloaded again afterwards so session pipelines stay clean."""
+    for i, path in enumerate(paths):
+        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
+    if weights is not None:
+        pipe.set_adapters([f"l{i}" for i in range(len(paths))], adapter_weights=list(weights))
+    try:
+        yield pipe
+    finally:
+        pipe.unload_lora_weights()

@@ -7,7 +7,9 @@ another scale; here the metadata travels with the data. Each dataset root has a
     {"format": "jaxsd-cache", "version": 1,
      "latents": {"suffix", "vae_fingerprint", "scaling_factor", "shift_factor", "latent_channels",
                  "latents_mean", "latents_std", "mode", "dtype", "resolution", "buckets", "crop", "flip"},
-     "text":    {"suffix", "encoder_fingerprint", "max_length", "dtype", ...producer details},
+     "text":    {"suffix", "encoder_fingerprint", "max_length", "dtype", ...producer details}
+                or, for token ids, {"suffix", "mode": "tokens", "tokenizers": {name: {"fingerprint",
+                "max_length"}}, "max_length", "dtype": "int32"},
      "entries": {key: {"bucket": [h, w], "image": sig, "caption": sig}}}
 
 `verify_manifest` compares a root's manifest with the spec of the model being
@@ -202,7 +204,13 @@ def verify_manifest(root: str | os.PathLike, *, latents: Mapping | None = None, 
             problems.append(f"no cached {kind}; build them with `{rebuild} --only {kind}`")
             continue
         diffs = spec_differences(stored, expected)
-        if diffs:
+        held, wanted = (stored.get("mode", "embeddings"), expected.get("mode", "embeddings")) if kind == "text" \
+            else (None, None)
+        if held != wanted:  # one clear sentence instead of every field the two layouts do not share
+            problems.append(f"the cache holds text {held.replace('tokens', 'token ids')} but this run expects "
+                            f"{wanted.replace('tokens', 'token ids')} (data.cache.text_mode={wanted}); rebuild them "
+                            f"with `{rebuild} --only text`, or set data.cache.text_mode={held}")
+        elif diffs:
             fields = "; ".join(f"{k}: cache has {_short(a)}, this run expects {_short(b)}" for k, a, b in diffs)
             problems.append(f"cached {kind} do not match this run ({fields}); rebuild them with "
                             f"`{rebuild} --only {kind}`")

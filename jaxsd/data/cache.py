@@ -6,7 +6,8 @@ encodes only its own files), validate them, then encode
   latents: images grouped by target size (bucket), batches of `cache.batch_size`,
            loaded/preprocessed by a thread pool ahead of the device, encoded by the
            jitted encoder sharded over this process's devices;
-  text:    captions in batches, tokenized on the host, encoded the same way;
+  text:    captions in batches, tokenized on the host, encoded the same way (or, for a
+           token-id cache, the token ids themselves);
 
 skipping every item whose sidecar header says it is already current (resume).
 Then the per-root manifest and the validation report are written (process 0
@@ -81,7 +82,10 @@ class ShardedEncoder:
 
 
 def _store(x: np.ndarray, dtype: str) -> np.ndarray:
-    return np.asarray(x, np.float32).astype(STORAGE_DTYPES[dtype])
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.integer):  # token ids / masks: exact, as they are
+        return x
+    return x.astype(np.float32).astype(STORAGE_DTYPES[dtype])
 
 
 class _Run:
@@ -147,8 +151,8 @@ class _Run:
 
     # ---- text ----------------------------------------------------------------------------
     def text(self, enc: Encoder, todo: list[tuple[str, str, str]]) -> None:
-        """todo: (root, key, caption)."""
-        encode = ShardedEncoder(enc, self.cfg.cache.batch_size)
+        """todo: (root, key, caption). An encoder without `apply` caches `prepare`'s output (token ids)."""
+        encode = ShardedEncoder(enc, self.cfg.cache.batch_size) if enc.apply is not None else dict
         bs = self.cfg.cache.batch_size
         with tqdm(total=len(todo), unit="caption", desc="text", disable=not self.progress) as bar:
             for i in range(0, len(todo), bs):

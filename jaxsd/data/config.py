@@ -89,7 +89,13 @@ class CacheConfig:
     text_encoder: pipeline folder with `text_encoder/` + `tokenizer/` (and `text_encoder_2/` +
       `tokenizer_2/` for SDXL, `text_projection/` for a projected T5), or a single component folder.
     text: which conditioning: "clip" (SD1/SD2), "sdxl" (two CLIPs + pooled), "t5" (raw T5
-      hidden states), "t5_projected" (T5 through the hybrid's projection).
+      hidden states), "t5_projected" (T5 through the hybrid's projection); or "tokens", short for
+      `text_mode: tokens` with the family read from the `text_encoder` folder's layout
+      (text_encoder_2/ → sdxl, text_projection/ → t5_projected, a T5 encoder → t5, else clip).
+    text_mode: what is cached per caption: "embeddings" (the text encoders' output; training reads
+      it) or "tokens" (each tokenizer's input_ids + attention_mask, int32; training runs the text
+      encoders itself — needed for text-encoder LoRA or fine-tuning). A tokens cache records only
+      the tokenizers' fingerprints: any encoder weights that share those tokenizers may use it.
     max_length: tokens per caption; 0 = the encoder's default (77 for CLIP).
     variant: weights variant of both folders (e.g. "fp16"); empty = the default weights.
     latents: "distribution" stores the VAE posterior mean + logvar (training draws fresh
@@ -108,6 +114,7 @@ class CacheConfig:
     vae: str = ""
     text_encoder: str = ""
     text: str = "clip"
+    text_mode: str = "embeddings"
     max_length: int = 0
     variant: str = ""
     latents: str = "distribution"
@@ -120,6 +127,11 @@ class CacheConfig:
     caption_regex: str = ""
     image_check: str = ""
     seed: int = 0
+
+    @property
+    def tokens(self) -> bool:
+        """True when captions are cached as token ids (`text_mode: tokens`, or `text: tokens`)."""
+        return self.text_mode == "tokens" or self.text == "tokens"
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,8 @@ def check_data_config(cfg: DataConfig) -> None:
         "data.image.crop": (cfg.image.crop, ("center", "random")),
         "data.cache.latents": (cfg.cache.latents, ("distribution", "sample")),
         "data.cache.dtype": (cfg.cache.dtype, ("float32", "bfloat16", "float16")),
-        "data.cache.text": (cfg.cache.text, ("clip", "sdxl", "t5", "t5_projected")),
+        "data.cache.text": (cfg.cache.text, ("clip", "sdxl", "t5", "t5_projected", "tokens")),
+        "data.cache.text_mode": (cfg.cache.text_mode, ("embeddings", "tokens")),
         "data.cache.compute_dtype": (cfg.cache.compute_dtype, ("float32", "bfloat16")),
     }
     for key, (value, allowed) in choices.items():

@@ -8,7 +8,8 @@ never needs to know whether it runs a VAE, CLIP or T5. The concrete encoders
 `jaxsd/data/model_encoders.py`.
 
 Spec dicts are also what a trainer passes to `verify_manifest`:
-`latent_spec(...)` / `text_spec(...)` build them from the model it trains with.
+`latent_spec(...)` / `text_spec(...)` / `token_spec(...)` build them from the model it
+trains with.
 """
 
 from __future__ import annotations
@@ -31,19 +32,21 @@ class Encoder:
 
     spec: JSON-able description of the producer; must contain "suffix" (sidecar suffix
       without the dot). Stored in the manifest and checked on resume and by trainers.
-    apply: pure, jittable `apply(params, inputs) -> outputs`, batch-leading arrays.
+    apply: pure, jittable `apply(params, inputs) -> outputs`, batch-leading arrays; None for a
+      host-only encoder whose `prepare` output is what is cached (token ids).
       For latents: inputs {"pixels": [B,H,W,3] in [-1,1]} -> {"latent_mean", "latent_logvar"}
       [B,h,w,C], ALREADY in diffusion-model space (`VAEConfig.scale_latents` / `scale_logvar`):
       mean = (mu - shift) * scale, logvar = log(sigma^2) + 2 log(scale) — with latents_mean/std
       mean = (mu - m) * scale / s, logvar = log(sigma^2) + 2 log(scale / s) per channel.
       For text: inputs from `prepare` -> {"encoder_hidden_states": [B,L,D], optional "pooled": [B,P]}.
     prepare: host-side `prepare(batch_of_raw_inputs) -> inputs` (e.g. tokenization);
-      None for latents (pixels go in as they are).
+      None for latents (pixels go in as they are). Integer arrays are cached as they are, floating
+      ones in `data.cache.dtype`.
     """
 
     spec: Mapping[str, Any]
     params: Any
-    apply: ApplyFn
+    apply: ApplyFn | None
     prepare: Callable[[Sequence[Any]], Mapping[str, np.ndarray]] | None = None
     summary: Callable[[], str | None] | None = None  # one line logged after a caching run (e.g. truncation)
 
@@ -95,3 +98,12 @@ def text_spec(*, producer: str, fingerprint: str, max_length: int, cfg: DataConf
     return {"suffix": cfg.cache.text_suffix or producer, "producer": producer, "encoder_fingerprint": fingerprint,
             "max_length": int(max_length), "dtype": cfg.cache.dtype, "compute_dtype": cfg.cache.compute_dtype,
             **details}
+
+
+def token_spec(*, producer: str, tokenizers: Mapping[str, str], max_length: int, cfg: DataConfig) -> dict:
+    """The manifest's "text" section of a token-id cache. tokenizers: folder name ("tokenizer",
+    "tokenizer_2") -> fingerprint. The ids depend on the tokenizers and the length only, so neither
+    the encoder weights nor data.cache.dtype / compute_dtype are part of it."""
+    return {"suffix": cfg.cache.text_suffix or producer, "producer": producer, "mode": "tokens",
+            "tokenizers": {name: {"fingerprint": fp, "max_length": int(max_length)} for name, fp in tokenizers.items()},
+            "max_length": int(max_length), "dtype": "int32"}

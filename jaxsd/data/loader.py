@@ -15,8 +15,8 @@ restoring it yields exactly the batches that would have come next.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
 import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import grain
@@ -116,7 +116,9 @@ class Loader:
     latents / text: expected cache specs of the model being trained (see `verify_manifest`);
       a cache made by anything else is refused.
     Each batch: {"latents" | "latent_mean"+"latent_logvar": [b,h,w,C], "time_ids": [b,6],
-    "encoder_hidden_states": [b,L,D], "pooled": [b,P] (when cached), "index": [b] sample ids}.
+    "index": [b] sample ids} and the text — embeddings: "encoder_hidden_states" [b,L,D], "pooled"
+    [b,P] (SDXL); token ids (data.cache.text_mode=tokens): "input_ids", "attention_mask" [b,L]
+    int32, and "input_ids_2", "attention_mask_2" [b,L] int32 for SDXL (jaxsd/text/encode.py).
     """
 
     def __init__(self, cfg: DataConfig, *, mesh: Mesh | None = None, latents: Mapping | None = None,
@@ -147,9 +149,16 @@ class Loader:
         self.iterator = iter(self.dataset)
 
     def empty_prompt(self) -> dict[str, np.ndarray] | None:
-        """The empty caption's cached embedding {"encoder_hidden_states": [L,D], "pooled"?: [P]}, for
-        conditioning dropout (the trainer's empty_cond); None without a text cache."""
+        """The empty caption's cached text, unbatched, for conditioning dropout; None without a text cache.
+        Embeddings: {"encoder_hidden_states": [L,D], "pooled"?: [P]} (the trainer's empty_cond).
+        Token ids: {"input_ids": [L], "attention_mask": [L], "input_ids_2"?, "attention_mask_2"?} int32,
+        the same keys as a batch's (encode them with `jaxsd.text.encode.encode_token_ids`)."""
         return self.store.empty_text()
+
+    @property
+    def text_mode(self) -> str | None:
+        """What the cache holds per caption: "embeddings", "tokens" (token ids), or None (no text cache)."""
+        return None if self.store.text is None else self.store.text.get("mode", "embeddings")
 
     @property
     def steps_per_epoch(self) -> int:

@@ -7,7 +7,9 @@ another scale; here the metadata travels with the data. Each dataset root has a
     {"format": "jaxsd-cache", "version": 1,
      "latents": {"suffix", "vae_fingerprint", "scaling_factor", "shift_factor", "latent_channels",
                  "latents_mean", "latents_std", "mode", "dtype", "resolution", "buckets", "crop", "flip"},
-     "text":    {"suffix", "encoder_fingerprint", "max_length", "dtype", ...producer details},
+     "text":    {"suffix", "encoder_fingerprint", "max_length", "dtype", ...producer details}
+                or, for token ids, {"suffix", "mode": "tokens", "tokenizers": {name: {"fingerprint",
+                "max_length"}}, "max_length", "dtype": "int32"},
      "entries": {key: {"bucket": [h, w], "image": sig, "caption": sig}}}
 
 `verify_manifest` compares a root's manifest with the spec of the model being
@@ -182,6 +184,14 @@ def _short(v) -> str:
     return json.dumps(v)
 
 
+_MODE_NAMES = {"embeddings": "embeddings", "tokens": "token ids"}
+
+
+def _text_mode(spec: Mapping) -> str:
+    """"tokens" for a token-id cache's text spec, else "embeddings" (specs before token ids had no mode)."""
+    return "tokens" if spec.get("mode") == "tokens" else "embeddings"
+
+
 def verify_manifest(root: str | os.PathLike, *, latents: Mapping | None = None, text: Mapping | None = None,
                     rebuild: str = "jaxsd cache CONFIG") -> dict:
     """Check that `root`'s cache was made by what this run expects; return the manifest.
@@ -202,7 +212,12 @@ def verify_manifest(root: str | os.PathLike, *, latents: Mapping | None = None, 
             problems.append(f"no cached {kind}; build them with `{rebuild} --only {kind}`")
             continue
         diffs = spec_differences(stored, expected)
-        if diffs:
+        held, wanted = _text_mode(stored), _text_mode(expected)
+        if kind == "text" and held != wanted:  # one sentence, not every field the two layouts do not share
+            problems.append(f"the cache holds text {_MODE_NAMES[held]} but this run expects {_MODE_NAMES[wanted]} "
+                            f"(data.cache.text_mode={wanted}); rebuild them with `{rebuild} --only text`, or set "
+                            f"data.cache.text_mode={held}")
+        elif diffs:
             fields = "; ".join(f"{k}: cache has {_short(a)}, this run expects {_short(b)}" for k, a, b in diffs)
             problems.append(f"cached {kind} do not match this run ({fields}); rebuild them with "
                             f"`{rebuild} --only {kind}`")

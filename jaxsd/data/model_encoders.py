@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxsd.convert.folder import read_config
 from jaxsd.data.config import DataConfig
-from jaxsd.data.encoders import Encoder, latent_spec, text_spec
+from jaxsd.data.encoders import Encoder, latent_spec, text_spec, token_spec
 from jaxsd.data.manifest import combine_fingerprints, fingerprint_folder
 from jaxsd.errors import ConfigError, InputError, InputNotFoundError
 
@@ -26,6 +26,9 @@ TEXT_COMPONENTS = {
     "t5": ("text_encoder", "tokenizer"),
     "t5_projected": ("text_encoder", "tokenizer", "text_projection"),
 }
+# The tokenizer folders of each family: what a token-id cache (data.cache.text_mode=tokens) is made with.
+TOKENIZERS = {"clip": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2"), "t5": ("tokenizer",),
+              "t5_projected": ("tokenizer",)}
 
 
 def vae_folder(path: str | os.PathLike) -> Path:
@@ -72,14 +75,29 @@ def vae_encoder(cfg: DataConfig) -> Encoder:
     return Encoder(vae_spec(cfg), params, apply)
 
 
+def text_family(cfg: DataConfig) -> str:
+    """The conditioning family ("clip", "sdxl", "t5", "t5_projected") of `cfg`'s text cache:
+    `data.cache.text`, or for `text: tokens` the family of the `text_encoder` folder's layout."""
+    if cfg.cache.text != "tokens":
+        return cfg.cache.text
+    from jaxsd.text.prompts import guess_kind
+
+    if not cfg.cache.text_encoder:
+        raise ConfigError("data.cache.text=tokens reads the model family from data.cache.text_encoder, which is "
+                          "not set (or name the family: data.cache.text=clip|sdxl|t5|t5_projected with "
+                          "data.cache.text_mode=tokens)")
+    return guess_kind(cfg.cache.text_encoder)
+
+
 def _text_components(cfg: DataConfig) -> list[Path]:
     root = Path(cfg.cache.text_encoder)
-    names = TEXT_COMPONENTS[cfg.cache.text]
+    family = text_family(cfg)
+    names = TEXT_COMPONENTS[family]
     if (root / names[0]).is_dir():
         missing = [n for n in names if not (root / n).is_dir()]
         if missing:
             raise InputNotFoundError(f"data.cache.text_encoder={str(root)!r} lacks {', '.join(missing)} "
-                                     f"(needed for data.cache.text={cfg.cache.text!r})")
+                                     f"(needed for data.cache.text={family!r})")
         return [root / n for n in names]
     if (root / "config.json").is_file() and len(names) == 2:
         return [root]  # a single text-encoder folder holding its tokenizer files too
@@ -87,9 +105,24 @@ def _text_components(cfg: DataConfig) -> list[Path]:
                              f"{', '.join(names)}")
 
 
+def _tokenizer_folders(cfg: DataConfig) -> list[Path]:
+    """The tokenizer folders a token-id cache is made with (tokenizer/, and tokenizer_2/ for SDXL)."""
+    root = Path(cfg.cache.text_encoder)
+    names = TOKENIZERS[text_family(cfg)]
+    missing = [n for n in names if not (root / n).is_dir()]
+    if missing:
+        raise InputNotFoundError(f"data.cache.text_encoder={str(root)!r} lacks {', '.join(missing)}: a token-id "
+                                 "cache (data.cache.text_mode=tokens) needs the pipeline folder's tokenizer "
+                                 "folders")
+    return [root / n for n in names]
+
+
 def text_producer(cfg: DataConfig, encoder_config: dict) -> str:
-    """Sidecar suffix naming the text conditioning: clip_l / clip_h / clip_g, sdxl_te, t5xxl, ..."""
-    kind = cfg.cache.text
+    """Sidecar suffix naming the text conditioning: clip_l / clip_h / clip_g, sdxl_te, t5xxl, ...;
+    for token ids: clip_ids, sdxl_ids, t5_ids."""
+    kind = text_family(cfg)
+    if cfg.cache.tokens:
+        return ("t5" if kind.startswith("t5") else kind) + "_ids"
     if kind == "sdxl":
         return "sdxl_te"
     width = encoder_config.get("hidden_size") or encoder_config.get("d_model") or 0
@@ -103,18 +136,22 @@ DEFAULT_MAX_LENGTH = {"clip": 77, "sdxl": 77, "t5": 256, "t5_projected": 256}
 
 
 def max_length(cfg: DataConfig) -> int:
-    return cfg.cache.max_length or DEFAULT_MAX_LENGTH[cfg.cache.text]
+    return cfg.cache.max_length or DEFAULT_MAX_LENGTH[text_family(cfg)]
 
 
 def text_encoder_spec(cfg: DataConfig) -> dict:
-    """The "text" manifest section for `cfg.cache.text_encoder` / `cfg.cache.text`."""
+    """The "text" manifest section for `cfg.cache.text_encoder` / `cfg.cache.text` (/ `text_mode`)."""
     if not cfg.cache.text_encoder:
         raise ConfigError("data.cache.text_encoder is not set: the pipeline folder whose text encoder(s) "
                           "make (or made) the cached text embeddings")
+    if cfg.cache.tokens:
+        folders = _tokenizer_folders(cfg)
+        return token_spec(producer=text_producer(cfg, {}), max_length=max_length(cfg), cfg=cfg,
+                          tokenizers={f.name: fingerprint_folder(f) for f in folders})
     comps = _text_components(cfg)
     producer = text_producer(cfg, read_config(comps[0]))
     return text_spec(producer=producer, fingerprint=combine_fingerprints([fingerprint_folder(c) for c in comps]),
-                     max_length=max_length(cfg), cfg=cfg, conditioning=cfg.cache.text)
+                     max_length=max_length(cfg), cfg=cfg, conditioning=text_family(cfg))
 
 
 def expected_specs(cfg: DataConfig) -> tuple[dict | None, dict | None]:
@@ -123,59 +160,53 @@ def expected_specs(cfg: DataConfig) -> tuple[dict | None, dict | None]:
             text_encoder_spec(cfg) if cfg.cache.text_encoder else None)
 
 
-def text_encoder(cfg: DataConfig) -> Encoder:
-    """The configured text conditioning (jaxsd/text/prompts.py's components) as a caching `Encoder`.
+def _check_lengths(tokenizers, length: int, where: str) -> None:
+    for tok in tokenizers:  # one truncation summary at the end of the run, not a warning per batch
+        tok.warn_each_call = False
+        if tok.max_length != length:
+            raise InputError(f"{where}: tokenizer length {tok.max_length} != data.cache.max_length {length}")
 
-    The same computation as `PromptEncoder.encode(captions)` (no clip-skip), but as one pure
-    function of (params, token ids) so the caching engine can jit and shard it:
-    clip: last hidden state; sdxl: both encoders' penultimate hidden states concatenated +
-    encoder 2's projected embeds as "pooled"; t5: last hidden state (t5_projected: through
-    the projection).
+
+def _truncation_summary(tokenizer, length: int):
+    def summary():
+        stats = tokenizer.truncation
+        return stats.summary(length) if stats.truncated else None
+    return summary
+
+
+def text_encoder(cfg: DataConfig) -> Encoder:
+    """The configured text conditioning as a caching `Encoder`: embeddings, or (data.cache.text_mode=tokens)
+    token ids.
+
+    Embeddings are `jaxsd.text.encode.encode_token_ids` over `tokenize(captions)` with the pipeline's
+    text encoders — the computation of `PromptEncoder.encode(captions)` (no clip-skip).
     """
-    from jaxsd.models.clip import CLIPTextModel
+    if cfg.cache.tokens:
+        return token_encoder(cfg)
+    from functools import partial
+
+    from jaxsd.text.encode import encode_token_ids, tokenize
     from jaxsd.text.prompts import PromptEncoder
 
-    kind = cfg.cache.text
+    kind = text_family(cfg)
     length = max_length(cfg)
     pe = PromptEncoder.from_pipeline(cfg.cache.text_encoder, kind, max_length=length if kind.startswith("t5") else None,
                                      variant=cfg.cache.variant or None, dtype=jnp.dtype(cfg.cache.compute_dtype))
-    comps = pe.components
-    for c in comps:  # one truncation summary at the end of the run, not a warning per batch
-        c.tokenizer.warn_each_call = False
-    for c in comps:
-        if c.tokenizer.max_length != length:
-            raise InputError(f"{cfg.cache.text_encoder}: tokenizer length {c.tokenizer.max_length} != "
-                             f"data.cache.max_length {length}")
-    # diffusers gives CLIP a padding mask only when its config asks for it (`use_attention_mask`)
-    use_mask = [not isinstance(c.model, CLIPTextModel) or bool(dict(c.model.config.extra).get("use_attention_mask"))
-                for c in comps]
-    params = {"components": [c.params for c in comps], "projection": pe.projection[1] if pe.projection else None}
+    _check_lengths(pe.tokenizers, length, cfg.cache.text_encoder)
+    return Encoder(text_encoder_spec(cfg), pe.params, partial(encode_token_ids, pe.encoders),
+                   lambda captions: tokenize(pe.tokenizers, list(captions)),
+                   _truncation_summary(pe.tokenizers[0], length))
 
-    def prepare(captions):
-        out = {}
-        for i, c in enumerate(comps):
-            batch = c.tokenizer(list(captions))
-            out[f"ids{i}"], out[f"mask{i}"] = batch.input_ids, batch.attention_mask
-        return out
 
-    def run(p, inputs, i):
-        mask = inputs[f"mask{i}"] if use_mask[i] else None
-        return comps[i].model.apply({"params": p["components"][i]}, inputs[f"ids{i}"], mask)
+def token_encoder(cfg: DataConfig) -> Encoder:
+    """The configured tokenizers as a host-only caching `Encoder` (no apply): each caption's token dict
+    of `jaxsd.text.encode.tokenize` — input_ids / attention_mask [L] int32 (+ "_2" keys for SDXL)."""
+    from jaxsd.text.encode import tokenize
+    from jaxsd.text.tokenizers import load_tokenizer
 
-    def apply(p, inputs):
-        if kind == "clip":
-            return {"encoder_hidden_states": run(p, inputs, 0).last_hidden_state}
-        if kind == "sdxl":
-            a, b = run(p, inputs, 0), run(p, inputs, 1)
-            h = jnp.concatenate([a.hidden_states[-2], b.hidden_states[-2].astype(a.hidden_states[-2].dtype)], -1)
-            return {"encoder_hidden_states": h, "pooled": b.text_embeds}
-        h = run(p, inputs, 0).last_hidden_state
-        if kind == "t5_projected":
-            h = pe.projection[0].apply({"params": p["projection"]}, h)
-        return {"encoder_hidden_states": h}
-
-    def summary():
-        stats = comps[0].tokenizer.truncation
-        return stats.summary(length) if stats.truncated else None
-
-    return Encoder(text_encoder_spec(cfg), params, apply, prepare, summary)
+    length = max_length(cfg)
+    t5 = text_family(cfg).startswith("t5")
+    tokenizers = [load_tokenizer(f, max_length=length if t5 else None) for f in _tokenizer_folders(cfg)]
+    _check_lengths(tokenizers, length, cfg.cache.text_encoder)
+    return Encoder(text_encoder_spec(cfg), None, None, lambda captions: tokenize(tokenizers, list(captions)),
+                   _truncation_summary(tokenizers[0], length))

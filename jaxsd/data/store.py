@@ -2,7 +2,9 @@
 
 Both stores read the same manifest format, verify it against what the run
 expects, and return one sample as a dict of numpy arrays:
-{"latents" | "latent_mean", "latent_logvar", "time_ids", "encoder_hidden_states", "pooled"?}.
+{"latents" | "latent_mean", "latent_logvar", "time_ids"} plus the text: embeddings
+{"encoder_hidden_states", "pooled"?}, or token ids (data.cache.text_mode=tokens)
+{"input_ids", "attention_mask", "input_ids_2"?, "attention_mask_2"?} as int32.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from jaxsd.data.sources import tfds_cache_root
 from jaxsd.errors import ConfigError, InputError
 
 FLIPPED = "_flipped"
-EMPTY_CAPTION_KEY = "jaxsd_empty_caption"  # per-root embedding of "" (written by the cache, for CFG dropout)
+EMPTY_CAPTION_KEY = "jaxsd_empty_caption"  # per-root sidecar of "" (written by the cache, for CFG dropout)
 
 
 def _pick_flip(arrays: dict[str, np.ndarray], flip: bool) -> dict[str, np.ndarray]:
@@ -62,12 +64,13 @@ class CacheStore:
         raise NotImplementedError  # abstract: SidecarStore / PackedStore
 
     def empty_text(self) -> dict[str, np.ndarray] | None:
-        """The cached embedding of the empty caption (for conditioning dropout), or None."""
+        """The empty caption's cached text (embeddings or token ids, unbatched; for conditioning dropout),
+        or None without a text cache."""
         if self.text is None:
             return None
         path = sidecar_path(self.empty_dir, EMPTY_CAPTION_KEY, self.text["suffix"])
         if not path.is_file():
-            raise CacheMismatch(f"{path} is missing: the empty caption's embedding is written by `jaxsd cache`; "
+            raise CacheMismatch(f"{path} is missing: the empty caption's sidecar is written by `jaxsd cache`; "
                                 "re-run it (with --only text)")
         return read_sidecar(path, self.text)
 

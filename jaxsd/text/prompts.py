@@ -20,8 +20,9 @@ Negative prompts follow diffusers exactly, including its quirks (they matter
 for matching diffusers' images): a negative prompt is padded to the prompt's
 length and encoded WITHOUT clip-skip (SD: last hidden state; SDXL: penultimate).
 
-Every encoder runs through one jitted function per component, compiled once
-per batch shape.
+The computation itself is `jaxsd.text.encode.encode_token_ids` — the one
+function caching, sampling and a train step that runs the text encoders share —
+jitted once per batch shape and clip_skip.
 """
 
 from __future__ import annotations
@@ -39,12 +40,18 @@ import jax.numpy as jnp
 from jaxsd.convert.text_encoders import load_clip, load_t5, load_text_projection
 from jaxsd.errors import InputError, InputNotFoundError
 from jaxsd.models.clip import CLIPTextModel
-from jaxsd.models.layers import LayerNorm
 from jaxsd.models.t5 import T5EncoderModel
 from jaxsd.models.text_projection import TextProjection
+from jaxsd.text.encode import (
+    ENCODER_NAMES,
+    KINDS,
+    PROJECTION_NAME,
+    TextEncoders,
+    check_family,
+    encode_token_ids,
+    tokenize,
+)
 from jaxsd.text.tokenizers import TextTokenizer, load_tokenizer
-
-KINDS = ("clip", "sdxl", "t5", "t5_projected")
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,10 @@ class PromptEmbeddings:
 
 @dataclass
 class TextComponent:
-    """One tokenizer + encoder pair with its params and a jitted forward.
+    """One tokenizer + encoder pair with its params.
 
     lora: None, or the encoder's "lora" variables (`jaxsd.models.lora`), applied unmerged. They are
-    an argument of the jitted forward, so new values (another scale, another file of the same
+    an argument of the jitted encoding, so new values (another scale, another file of the same
     shapes) reuse the compiled program.
     """
 
@@ -79,27 +86,19 @@ class TextComponent:
     params: dict
     lora: dict | None = None
 
-    def __post_init__(self):
-        model = self.model
-        # diffusers passes CLIP a padding mask only when the config asks (`use_attention_mask`).
-        use_mask = not isinstance(model, CLIPTextModel) or bool(
-            dict(model.config.extra).get("use_attention_mask", False))
 
-        def forward(params, lora, ids, mask):
-            variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-            return model.apply(variables, ids, mask if use_mask else None)
-
-        self._forward = jax.jit(forward)
-
-    def __call__(self, prompts: Sequence[str], max_length: int | None = None):
-        batch = self.tokenizer(prompts, max_length)
-        return self._forward(self.params, self.lora, batch.input_ids, batch.attention_mask), batch.attention_mask
-
-
-@partial(jax.jit, static_argnums=0)
-def _final_norm(eps: float, params: dict, h: jax.Array) -> jax.Array:
-    """CLIP's final layer norm on an intermediate hidden state (clip-skip)."""
-    return LayerNorm(eps, dtype=h.dtype).apply({"params": params["text_model"]["final_layer_norm"]}, h)
+def guess_kind(folder: str | os.PathLike) -> str:
+    """A pipeline folder's conditioning kind: text_encoder_2/ → "sdxl", text_projection/ →
+    "t5_projected", a T5 text_encoder/ → "t5", else "clip"."""
+    root = Path(folder)
+    if not (root / "text_encoder").is_dir() and not (root / "text_encoder_2").is_dir():
+        raise InputNotFoundError(f"{root}: not a pipeline folder (no text_encoder/ or text_encoder_2/)")
+    if (root / "text_encoder_2").is_dir():
+        return "sdxl"
+    if (root / "text_projection").is_dir():
+        return "t5_projected"
+    config = root / "text_encoder" / "config.json"
+    return "t5" if config.is_file() and json.loads(config.read_text()).get("model_type") == "t5" else "clip"
 
 
 def _as_list(prompts: str | Sequence[str], name: str) -> list[str]:
@@ -113,7 +112,10 @@ def _as_list(prompts: str | Sequence[str], name: str) -> list[str]:
 
 @dataclass
 class PromptEncoder:
-    """Encodes prompts for one model family. Build with `PromptEncoder.from_pipeline(folder, kind)`."""
+    """Encodes prompts for one model family. Build with `PromptEncoder.from_pipeline(folder, kind)`.
+
+    `encoders` / `params` are what `jaxsd.text.encode.encode_token_ids` takes: a train step that
+    runs the text encoders uses them directly on cached token ids."""
 
     kind: str
     components: list[TextComponent]
@@ -122,16 +124,18 @@ class PromptEncoder:
     max_length: int | None = None  # T5 only; CLIP uses its tokenizer's 77
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise InputError(f"prompt encoder kind {self.kind!r} unknown; choose one of {KINDS}")
-        want = {"clip": 1, "sdxl": 2, "t5": 1, "t5_projected": 1}[self.kind]
-        if len(self.components) != want:
-            raise InputError(f"kind {self.kind!r} needs {want} text encoder(s), got {len(self.components)}")
-        if (self.kind == "t5_projected") != (self.projection is not None):
-            raise InputError("a text projection goes with kind 't5_projected' and only with it")
+        check_family(self.kind, len(self.components), self.projection is not None)
+        self.encoders = TextEncoders(self.kind, tuple(c.model for c in self.components),
+                                     self.projection[0] if self.projection is not None else None)
+        self.params = {ENCODER_NAMES[i]: c.params for i, c in enumerate(self.components)}
         if self.projection is not None:
-            proj = self.projection[0]
-            self._project = jax.jit(lambda p, h: proj.apply({"params": p}, h))
+            self.params[PROJECTION_NAME] = self.projection[1]
+        # one compiled function per (batch shape, clip_skip)
+        self._encode = jax.jit(partial(encode_token_ids, self.encoders), static_argnames="clip_skip")
+
+    @property
+    def tokenizers(self) -> list[TextTokenizer]:
+        return [c.tokenizer for c in self.components]
 
     @property
     def text_length(self) -> int:
@@ -140,26 +144,26 @@ class PromptEncoder:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, prompts: str | Sequence[str], *, prompts_2: str | Sequence[str] | None = None,
-               clip_skip: int | None = None, num_images_per_prompt: int = 1) -> PromptEmbeddings:
-        """Conditioning for `prompts` (SDXL: `prompts_2` for encoder 2, default the same)."""
+    def tokenize(self, prompts: str | Sequence[str], prompts_2: str | Sequence[str] | None = None) -> dict:
+        """The token dict `encode_token_ids` takes (jaxsd/text/encode.py), as `encode` builds it."""
         prompts = _as_list(prompts, "prompts")
         if prompts_2 is not None and self.kind != "sdxl":
             raise InputError(f"prompts_2 is for SDXL's second text encoder; kind {self.kind!r} has one encoder")
+        if prompts_2 is not None:
+            prompts_2 = _as_list(prompts_2, "prompts_2")
+            if len(prompts_2) != len(prompts):
+                raise InputError(f"{len(prompts_2)} prompts_2 for {len(prompts)} prompts")
+        return tokenize(self.tokenizers, prompts, prompts_2, self.max_length if self.kind.startswith("t5") else None)
+
+    def encode(self, prompts: str | Sequence[str], *, prompts_2: str | Sequence[str] | None = None,
+               clip_skip: int | None = None, num_images_per_prompt: int = 1) -> PromptEmbeddings:
+        """Conditioning for `prompts` (SDXL: `prompts_2` for encoder 2, default the same)."""
         if clip_skip is not None and (self.kind not in ("clip", "sdxl") or clip_skip < 0):
             raise InputError(f"clip_skip={clip_skip} applies to CLIP encoders only, as a non-negative int")
-        if self.kind == "clip":
-            comp = self.components[0]
-            out, mask = comp(prompts)
-            if clip_skip is None:
-                h = out.last_hidden_state
-            else:
-                h = _final_norm(comp.model.config.layer_norm_eps, comp.params, out.hidden_states[-(clip_skip + 1)])
-            emb = PromptEmbeddings(h, None, mask)
-        elif self.kind == "sdxl":
-            emb = self._encode_sdxl(prompts, _as_list(prompts_2 or prompts, "prompts_2"), -((clip_skip or 0) + 2))
-        else:
-            emb = self._encode_t5(prompts)
+        tokens = self.tokenize(prompts, prompts_2)
+        lora = {ENCODER_NAMES[i]: c.lora for i, c in enumerate(self.components) if c.lora is not None}
+        out = self._encode(self.params, tokens, clip_skip=clip_skip, variables={"lora": lora} if lora else None)
+        emb = PromptEmbeddings(out["encoder_hidden_states"], out.get("pooled"), jnp.asarray(tokens["attention_mask"]))
         return emb.repeat(num_images_per_prompt)
 
     def encode_with_negative(
@@ -185,30 +189,13 @@ class PromptEncoder:
             neg = neg * n if len(neg) == 1 and n > 1 else neg
             if len(neg) != n:
                 raise InputError(f"{len(neg)} negative prompts for {n} prompts; give one, or one per prompt")
+            neg2 = None
             if self.kind == "sdxl":
                 neg2 = _as_list(negative_prompts_2 or neg, "negative_prompts_2")
                 neg2 = neg2 * n if len(neg2) == 1 and n > 1 else neg2
-                uncond = self._encode_sdxl(neg, neg2, -2)  # diffusers ignores clip_skip here
-            else:
-                uncond = self.encode(neg)  # likewise: last hidden state, no clip_skip
+            # diffusers ignores clip_skip for the negative: SD last hidden state, SDXL penultimate
+            uncond = self.encode(neg, prompts_2=neg2)
         return cond.repeat(num_images_per_prompt), uncond.repeat(num_images_per_prompt)
-
-    def _encode_sdxl(self, prompts: list[str], prompts_2: list[str], layer: int) -> PromptEmbeddings:
-        if len(prompts_2) != len(prompts):
-            raise InputError(f"{len(prompts_2)} prompts_2 for {len(prompts)} prompts")
-        (out1, mask1), (out2, _) = self.components[0](prompts), self.components[1](prompts_2)
-        if out2.text_embeds is None:
-            raise InputError("SDXL's second text encoder must be a CLIPTextModelWithProjection (text_embeds)")
-        h1, h2 = out1.hidden_states[layer], out2.hidden_states[layer]
-        h = jnp.concatenate([h1, h2.astype(h1.dtype)], axis=-1)
-        return PromptEmbeddings(h, out2.text_embeds, mask1)
-
-    def _encode_t5(self, prompts: list[str]) -> PromptEmbeddings:
-        out, mask = self.components[0](prompts, self.max_length)
-        h = out.last_hidden_state
-        if self.projection is not None:
-            h = self._project(self.projection[1], h)
-        return PromptEmbeddings(h, None, mask)
 
     # ------------------------------------------------------------------ loading
 
@@ -218,26 +205,15 @@ class PromptEncoder:
                       attention_impl: str = "auto") -> PromptEncoder:
         """Load the text side of a diffusers pipeline folder.
 
-        kind: one of KINDS; None guesses it: tokenizer_2/ + text_encoder_2/ → "sdxl",
-          text_projection/ → "t5_projected", a T5 text_encoder → "t5", else "clip".
+        kind: one of KINDS; None guesses it from the folder (`guess_kind`).
         dtype: compute dtype; param_dtype: storage dtype of the loaded weights (default = dtype,
           so a bf16 encoder never holds an fp32 copy).
         max_length: T5 token length (e.g. 77/256/512); default the tokenizer's `model_max_length` (where a
           pipeline folder records the length its UNet was trained with, see jaxsd/pipelines/text_length.py).
         """
         root = Path(folder)
-        if not (root / "text_encoder").is_dir() and not (root / "text_encoder_2").is_dir():
-            raise InputNotFoundError(f"{root}: not a pipeline folder (no text_encoder/ or text_encoder_2/)")
+        kind = kind or guess_kind(root)
         index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
-        te_config = json.loads((root / "text_encoder" / "config.json").read_text()) \
-            if (root / "text_encoder" / "config.json").is_file() else {}
-        if kind is None:
-            if (root / "text_encoder_2").is_dir():
-                kind = "sdxl"
-            elif (root / "text_projection").is_dir():
-                kind = "t5_projected"
-            else:
-                kind = "t5" if te_config.get("model_type") == "t5" else "clip"
         if kind not in KINDS:
             raise InputError(f"prompt encoder kind {kind!r} unknown; choose one of {KINDS}")
         store = param_dtype or dtype
@@ -262,4 +238,4 @@ class PromptEncoder:
         return cls(kind, comps, projection, bool(index.get("force_zeros_for_empty_prompt", True)), max_length)
 
 
-__all__ = ["KINDS", "PromptEmbeddings", "PromptEncoder", "TextComponent"]
+__all__ = ["KINDS", "PromptEmbeddings", "PromptEncoder", "TextComponent", "guess_kind"]

@@ -72,10 +72,10 @@ def training_text_length(cfg: Config) -> int | None:
     """The token length the UNet is trained with when it is not the components' own: a T5 text cache's
     `data.cache.max_length` (default 256; checked against every root's manifest by the loader).
     None (the components' length) for CLIP caches (fixed 77) and synthetic data."""
-    if cfg.train.data_source != "cache" or not cfg.data.cache.text.startswith("t5"):
+    if cfg.train.data_source != "cache":
         return None
-    from jaxsd.data.model_encoders import max_length
-    return max_length(cfg.data)
+    from jaxsd.data.model_encoders import max_length, text_family
+    return max_length(cfg.data) if text_family(cfg.data).startswith("t5") else None
 
 
 def check_compatible(pipe: StableDiffusion, cond: PromptEmbeddings, height: int, width: int) -> None:

@@ -11,9 +11,9 @@ from PIL import Image
 from jaxsd.convert.text_encoders import save_clip
 from jaxsd.data.cache import EMPTY_CAPTION_KEY, build_cache
 from jaxsd.data.config import CacheConfig, DataConfig, ImageConfig
+from jaxsd.data.loader import training_loader
 from jaxsd.data.manifest import CacheMismatch, verify_manifest
 from jaxsd.data.model_encoders import expected_specs, text_encoder
-from jaxsd.data.loader import training_loader
 from jaxsd.data.records import read_sidecar
 from jaxsd.models.clip import CLIPTextConfig, CLIPTextModel, example_inputs
 from jaxsd.models.params import abstract_params
@@ -24,11 +24,13 @@ from tests.text.tiny import BOS, EOS, clip_vocab_and_merges, write_clip_tokenize
 CAPTIONS = ["a photo of a cat", "an oil painting of a castle at sunset", "dog", " ".join(["cat"] * 100)]
 
 
-def _save_tiny_clip(folder, seed, hidden, projection):
+def _save_tiny_clip(folder, seed, hidden, projection, extra=()):
+    """extra: other config.json keys, e.g. (("use_attention_mask", True),)."""
     vocab, _ = clip_vocab_and_merges()
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                             num_hidden_layers=2, num_attention_heads=2, projection_dim=24, bos_token_id=vocab[BOS],
-                            eos_token_id=vocab[EOS], pad_token_id=vocab[EOS], with_projection=projection)
+                            eos_token_id=vocab[EOS], pad_token_id=vocab[EOS], with_projection=projection,
+                            extra=tuple(extra))
     shapes, _ = abstract_params(CLIPTextModel(config), *example_inputs(config))
     rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
@@ -92,19 +94,18 @@ def test_text_cache_refused_for_another_text_encoder(cached, tmp_path):
         training_loader(cfg_train, config_path="run.yaml")
 
 
-def test_t5_projected_text_cache_equals_prompt_encoder(tmp_path):
-    """The hybrid's conditioning: T5 hidden states (padding masked) through the text projection."""
+def tiny_t5_text_pipeline(pipe, seed=0):
+    """The text side of the SD + T5 hybrid: a 2-layer 16-wide T5, its sentencepiece tokenizer (16 tokens)
+    and a `text_projection/` (16 -> 24)."""
     from jaxsd.convert.text_encoders import save_t5, save_text_projection
     from jaxsd.models.t5 import T5Config, T5EncoderModel
     from jaxsd.models.t5 import example_inputs as t5_inputs
     from jaxsd.models.text_projection import TextProjection, TextProjectionConfig
     from jaxsd.models.text_projection import example_inputs as projection_inputs
-    from jaxsd.text.prompts import PromptEncoder
     from tests.text.tiny import write_t5_tokenizer
 
-    pipe = tmp_path / "pipe"
     write_t5_tokenizer(pipe / "tokenizer", max_length=16)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def random(module, inputs):
         shapes, _ = abstract_params(module, *inputs)
@@ -115,6 +116,14 @@ def test_t5_projected_text_cache_equals_prompt_encoder(tmp_path):
     save_t5(pipe / "text_encoder", t5, random(T5EncoderModel(t5), t5_inputs(t5)))
     proj = TextProjectionConfig(in_features=16, out_features=24)
     save_text_projection(pipe / "text_projection", proj, random(TextProjection(proj), projection_inputs(proj)))
+    return pipe
+
+
+def test_t5_projected_text_cache_equals_prompt_encoder(tmp_path):
+    """The hybrid's conditioning: T5 hidden states (padding masked) through the text projection."""
+    from jaxsd.text.prompts import PromptEncoder
+
+    pipe = tiny_t5_text_pipeline(tmp_path / "pipe")
     root = tmp_path / "imgs"
     root.mkdir()
     for i, c in enumerate(CAPTIONS):

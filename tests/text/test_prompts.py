@@ -206,7 +206,7 @@ def test_hybrid_t5_projection_matches_torch_and_round_trips(tmp_path):
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
-    from jaxsd.text.prompts import PromptEmbeddings, PromptEncoder
+    from jaxsd.text.prompts import PromptEmbeddings, PromptEncoder, TextComponent
 
     with pytest.raises(ValueError, match="kind 'sd3' unknown"):
         PromptEncoder("sd3", [])
@@ -215,6 +215,6 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
         PromptEncoder.from_pipeline(tmp_path)
     with pytest.raises(ValueError, match="prompts_2 is for SDXL"):
-        PromptEncoder("clip", [None]).encode("a cat", prompts_2="a dog")
+        PromptEncoder("clip", [TextComponent(None, None, None)]).encode("a cat", prompts_2="a dog")
     with pytest.raises(ValueError, match="num_images_per_prompt"):
         PromptEmbeddings(np.zeros((1, 2, 3)), None, np.ones((1, 2))).repeat(0)

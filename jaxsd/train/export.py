@@ -13,8 +13,10 @@ before any weights are read (`convert/pipeline_copy.py`). Its scheduler is kept,
 noise schedule (betas, prediction type) other than the run's `diffusion` section is replaced by
 the run's — that is what the UNet learned to invert.
 
-From the checkpoint only the params (or their EMA) and the frozen params are read, as host
-arrays (`partial_restore.py`): never the optimizer state. The run's config is the one stored in
+From the checkpoint only the params (or their EMA) are read, as host arrays
+(`partial_restore.py`): never the optimizer state. The frozen params are not in a checkpoint:
+they come from the run's base (`model.pretrained` or the seed), whose fingerprint must match the
+checkpoint's (`jaxsd/train/base.py`). The run's config is the one stored in
 that checkpoint (`meta["config"]`), so a run resumed with other settings exports each step with
 its own. Without a step, the newest checkpoint that restores is used; a damaged one is skipped
 with a warning.
@@ -47,6 +49,7 @@ from jaxsd.diffusion.schedule import make_betas
 from jaxsd.errors import InputError
 from jaxsd.models.unet import UNetConfig
 from jaxsd.pipelines.text_length import set_text_max_length
+from jaxsd.train.base import base_fingerprint, load_frozen
 from jaxsd.train.checkpoint import RESTORE_ERRORS
 from jaxsd.train.partial_restore import CheckpointReader
 from jaxsd.train.plan import plan_state
@@ -129,12 +132,16 @@ def load_trained_unet(run_dir: str | Path, *, ema: bool = False, step: int | Non
                 before_restore(cfg, plan.module.config)
             which = "ema" if ema else "params"
             try:
-                fields = reader.restore_fields(s, {which: getattr(plan.abstract, which),
-                                                   "frozen": plan.abstract.frozen})
+                fields = reader.restore_fields(s, {which: getattr(plan.abstract, which)})
             except RESTORE_ERRORS as e:
                 _warn_skip(where, e, failures)
                 continue
-            return TrainedUNet(cfg, plan.module.config, merge_params(fields[which], fields["frozen"]), s, ema)
+            if meta.get("base", base_fingerprint(cfg)) != base_fingerprint(cfg):
+                raise InputError(f"{where}: the run's base model changed since this checkpoint was written "
+                                 f"(fingerprint {meta['base']}, now {base_fingerprint(cfg)}); its frozen params "
+                                 f"come from model.pretrained={cfg.model.pretrained!r}, which must be that model")
+            frozen = jax.device_get(load_frozen(cfg, plan))
+            return TrainedUNet(cfg, plan.module.config, merge_params(fields[which], frozen), s, ema)
         raise InputError("no checkpoint restores: " + "; ".join(failures) +
                          (". Pick another with --step" if step is not None else ""))
     finally:

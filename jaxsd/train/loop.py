@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsd.config import Config, to_yaml
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.errors import InputError
+from jaxsd.train.base import base_fingerprint, checkpointed
 from jaxsd.train.checkpoint import Checkpointer
 from jaxsd.train.compile import CompiledSteps, use_compilation_cache
 from jaxsd.train.logging import RunLogger
@@ -271,8 +272,10 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
     data_state = source.get_state()
     in_flight: _InFlight | None = None
 
+    base = base_fingerprint(cfg)
+
     def meta() -> dict:
-        return {"step": step, "data": data_state, "config": to_yaml(cfg)}
+        return {"step": step, "data": data_state, "config": to_yaml(cfg), "base": base}
 
     # the host never waits for the device by accident: on GPU/TPU, reading a device value without an
     # explicit jax.device_get (float(x), np.asarray(x), int(state.step)) raises here (JAX does not check
@@ -301,7 +304,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
                 break
             if not skipped and (periodic or signalled or triggered):
                 with jax.transfer_guard_device_to_host("allow"):  # a checkpoint copies the state to host
-                    ckpt.save(step, state, meta())
+                    ckpt.save(step, checkpointed(state), meta())  # the frozen base is not saved
             if signalled:
                 logger.message(f"signal received: saved step {step}, stopping")
                 stopped = "signal"

@@ -12,6 +12,8 @@ changed are named, old → new:
   `train.resume: params_only`, which takes the params from the checkpoint and starts the
   optimizer state (and EMA) fresh, logged.
 
+A checkpoint does not hold the frozen params (`jaxsd.train.base`): they are loaded again from the
+run's base, whose fingerprint must equal the one the checkpoint recorded.
 Whether a change alters the structure is not guessed from key names: the checkpoint's config
 is planned (`plan_state`, abstract shapes only) and its state tree compared with this run's.
 A checkpoint whose files do not read is damaged, not "changed": `Checkpointer.metas` and the
@@ -30,9 +32,11 @@ from omegaconf import OmegaConf
 
 from jaxsd.config import Config, from_yaml_text, to_yaml
 from jaxsd.errors import InputError
+from jaxsd.train.base import base_fingerprint, checkpointed, from_checkpoint, load_frozen
 from jaxsd.train.checkpoint import RESTORE_ERRORS, Checkpointer, DamagedCheckpoints
+from jaxsd.train.model import initial_params
 from jaxsd.train.plan import StatePlan, fresh_state, plan_state
-from jaxsd.train.trainable import flatten, merge_params
+from jaxsd.train.trainable import flatten, merge_params, split_params
 
 log = logging.getLogger("jaxsd.train")
 
@@ -88,8 +92,10 @@ def _old_plan(meta: dict[str, Any], step: int, mesh) -> StatePlan:
                              f"({type(e).__name__}: {e}); start a new train.run_dir") from e
 
 
-def _params_only(cfg: Config, plan: StatePlan, old: StatePlan, ckpt: Checkpointer, step: int) -> Any:
-    """This run's fresh state from the checkpoint's params (trainable and frozen, re-split for this config)."""
+def _params_only(cfg: Config, plan: StatePlan, old_cfg: Config, old: StatePlan, ckpt: Checkpointer,
+                 step: int) -> Any:
+    """This run's fresh state from the checkpoint's trained params and the base's frozen ones (as the
+    checkpoint's config split them), re-split for this config."""
     old_shapes = {k: v.shape for k, v in flatten(old.param_shapes).items()}
     new_shapes = {k: v.shape for k, v in flatten(plan.param_shapes).items()}
     if old_shapes != new_shapes:
@@ -97,9 +103,10 @@ def _params_only(cfg: Config, plan: StatePlan, old: StatePlan, ckpt: Checkpointe
         raise ResumeMismatch(f"train.resume=params_only: the model's params differ from the checkpoint's "
                              f"({len(diff)} differ, first: {', '.join(diff[:3])}); the checkpoint cannot seed this "
                              "model. Use a new train.run_dir (export this run and set model.pretrained to it)")
-    wanted = {k: getattr(old.abstract, k) for k in ("params", "frozen") if jax.tree.leaves(getattr(old.abstract, k))}
-    restored = ckpt.restore(step, wanted, partial=True)
-    params = merge_params(restored.get("params", {}), restored.get("frozen", {}))
+    trained = ckpt.restore(step, {"params": old.abstract.params}, partial=True)["params"]
+    base, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings)
+    _, old_frozen = split_params(base, old_cfg.train.trainable, old_cfg.train.frozen)
+    params = merge_params(trained, old_frozen)
     params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, plan.param_shapes)
     state = fresh_state(cfg, plan, params)
     return state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding))
@@ -111,17 +118,27 @@ def resume(cfg: Config, plan: StatePlan, ckpt: Checkpointer, mesh) -> Resumed | 
     Raises ResumeMismatch for a config change that alters the state (without params_only), and
     DamagedCheckpoints when checkpoints exist but none of them reads.
     """
-    this_yaml = to_yaml(cfg)
+    this_yaml, base = to_yaml(cfg), base_fingerprint(cfg)
     for step, meta in ckpt.metas():
         changes = config_changes(meta["config"], this_yaml)
         where = f"checkpoint step {step} in {ckpt.directory}"
+        if meta.get("base", base) != base:
+            pretrained = {k: v for k, v in changes.items() if k.startswith(("model.pretrained", "model.variant",
+                                                                            "model.unet", "train.seed"))}
+            raise ResumeMismatch(
+                f"{where} was trained on another base model (fingerprint {meta['base']}, now {base}"
+                + (f"; changed: {describe_changes(pretrained)}" if pretrained else
+                   ": the files of model.pretrained changed") + "). Its frozen params are not in the checkpoint "
+                "and must be the same as when it was written: point model.pretrained at that model, or start "
+                "a new train.run_dir")
         if changes and not same_structure(_old_plan(meta, step, mesh).abstract, plan.abstract):
             if cfg.train.resume != "params_only":
                 raise ResumeMismatch(
                     f"{where} was made with a config whose train state differs from this one's; changed: "
                     f"{describe_changes(changes)}. Undo those changes to resume, or set train.resume=params_only "
                     "to start a fresh optimizer (and EMA) from the checkpoint's params")
-            state = _params_only(cfg, plan, _old_plan(meta, step, mesh), ckpt, step)
+            old_cfg = from_yaml_text(meta["config"])
+            state = _params_only(cfg, plan, old_cfg, _old_plan(meta, step, mesh), ckpt, step)
             how = f"params only from {where} (train.resume=params_only; fresh optimizer state and EMA)"
             log.warning("%s; config changed: %s", how, describe_changes(changes))
             return Resumed(state, step, meta, changes, how)
@@ -129,10 +146,11 @@ def resume(cfg: Config, plan: StatePlan, ckpt: Checkpointer, mesh) -> Resumed | 
             log.warning("resuming %s with a changed config (the train state is unchanged): %s", where,
                         describe_changes(changes))
         try:
-            state = ckpt.restore(step, plan.abstract)
+            restored = ckpt.restore(step, checkpointed(plan.abstract), partial=True)
         except RESTORE_ERRORS as e:
             ckpt.set_aside(step, e)
             continue
+        state = from_checkpoint(restored, load_frozen(cfg, plan), plan.abstract)
         return Resumed(state, step, meta, changes, f"resumed from {where}")
     if ckpt.damaged:
         raise DamagedCheckpoints("no checkpoint in the run directory restores: " + "; ".join(ckpt.damaged) +

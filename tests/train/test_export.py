@@ -140,7 +140,7 @@ def _drop_optimizer_state(run_dir: Path) -> None:
 
     kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{run_dir}/checkpoints/{STEP}/state/"}).result()
     before = [k.decode() for k in kv.list().result()]
-    assert any(k.startswith("opt_state.") for k in before) and any(k.startswith("frozen.") for k in before)
+    assert any(k.startswith("opt_state.") for k in before) and any(k.startswith("ema.") for k in before)
     kv.delete_range(ts.KvStore.KeyRange(b"opt_state.", b"opt_state/")).result()  # "/" sorts right after "."
     after = [k.decode() for k in kv.list().result()]
     assert not any(k.startswith("opt_state") for k in after)
@@ -151,6 +151,7 @@ def test_export_never_reads_the_optimizer_state(run, tmp_path, capsys):
     import jax
 
     from jaxsd.config import ShardingConfig, from_yaml_text
+    from jaxsd.train.base import checkpointed
     from jaxsd.train.checkpoint import RESTORE_ERRORS, Checkpointer
     from jaxsd.train.loop import plan_state
     from jaxsd.train.sharding import make_mesh
@@ -161,9 +162,10 @@ def test_export_never_reads_the_optimizer_state(run, tmp_path, capsys):
     _drop_optimizer_state(damaged)
     cfg = from_yaml_text((run_dir / "config.yaml").read_text())
     plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
-    Checkpointer(run_dir / "checkpoints", cfg.checkpoint).restore(STEP, plan.abstract)  # intact: restores
+    saved = checkpointed(plan.abstract)  # everything a checkpoint holds
+    Checkpointer(run_dir / "checkpoints", cfg.checkpoint).restore(STEP, saved, partial=True)  # intact: restores
     with pytest.raises(RESTORE_ERRORS, match="opt_state"):  # damaged: a full restore cannot
-        Checkpointer(damaged / "checkpoints", cfg.checkpoint).restore(STEP, plan.abstract)
+        Checkpointer(damaged / "checkpoints", cfg.checkpoint).restore(STEP, saved, partial=True)
 
     jaxsd_command("export", damaged, "--out", tmp_path / "from_damaged", "--ema", "--unet-only")
     assert _run(capsys, run_dir, "--out", tmp_path / "from_intact", "--ema", "--unet-only")[0] == 0
@@ -287,3 +289,25 @@ def test_sdxl_components_must_give_the_pooled_width_the_unet_expects(tmp_path):
         check_unet_fits(base, {**unet, "projection_class_embeddings_input_dim": 64})
     with pytest.raises(InputError, match="SDXL pipeline .* no text_time"):
         check_unet_fits(base, {**unet, "addition_embed_type": None})
+
+
+def test_checkpoints_hold_no_frozen_params_and_a_changed_base_is_refused(run, tmp_path, capsys):
+    from jaxsd.config import CheckpointConfig
+    from jaxsd.convert.unet import load_unet, save_unet
+    from jaxsd.train.checkpoint import Checkpointer
+
+    base, pipe, run_dir = run
+    ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig())
+    stored = ckpt.manager.item_metadata(STEP)["state"]
+    ckpt.close()
+    assert "params" in stored and "opt_state" in stored and "frozen" not in stored  # conv_in is reloaded
+    # the same architecture with other weights: resuming on it is refused before anything is read
+    other = shutil.copytree(pipe, tmp_path / "other")
+    config, params = load_unet(other / "unet")
+    save_unet(other / "unet", config, {**params, "conv_in": {k: np.asarray(v) + 1 for k, v in params["conv_in"].items()}})
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    rc = main(["train", str(base / "run.yaml"), f"train.run_dir={copy}", f"model.pretrained={other}",
+               f"data.cache.vae={pipe}", f"data.cache.text_encoder={pipe}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ResumeMismatch" in err and "another base model" in err, err
+    assert f"model.pretrained: '{pipe}' → '{other}'" in err

@@ -17,7 +17,7 @@ def _exception_classes() -> dict[str, type]:
     for info in pkgutil.walk_packages(jaxsd.__path__, "jaxsd."):
         module = importlib.import_module(info.name)
         for name, obj in inspect.getmembers(module, inspect.isclass):
-            if issubclass(obj, BaseException) and obj.__module__ == info.name:
+            if issubclass(obj, Exception) and not issubclass(obj, Warning) and obj.__module__ == info.name:
                 found[f"{info.name}.{name}"] = obj
     return found
 

@@ -96,7 +96,7 @@ def _scale_and_file_changes(pipe, lora_files):
         warnings.simplefilter("error")  # the second file records no base: no warning
         pipe.load_loras([lora_files[1]], [0.7])
     first = run()
-    encoder = pipe.text.components[0]._forward
+    encoder = pipe.text._encode  # the jitted text encoding (LoRA variables are its arguments)
     programs = encoder._cache_size()
     images = [first]
     for change in (lambda: pipe.set_lora_scales([1.0]), lambda: pipe.set_lora_scales([0.0]),

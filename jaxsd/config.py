@@ -278,6 +278,10 @@ class LoRAConfig:
     init_from: str | None = None
     """an existing LoRA file (PEFT/diffusers or kohya) to continue training from."""
 
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 or self.conv_rank > 0
+
 
 @dataclass(frozen=True)
 class Config:
@@ -374,11 +378,32 @@ def _check_choices(cfg: Config) -> None:
     if not 256 <= cfg.optimizer.block_size <= 4096:
         raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
     _check_sampling(cfg)
+    _check_lora(cfg)
     if cfg.train.data_source == "cache":
         check_data_config(cfg.data)
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by "
                           f"train.grad_accum_steps = {cfg.train.grad_accum_steps}")
+
+
+def _check_lora(cfg: Config) -> None:
+    """What a LoRA run needs, checked when the config loads (the parts not built yet are refused by name)."""
+    lc = cfg.lora
+    if lc.rank < 0 or lc.conv_rank < 0:
+        raise ConfigError(f"lora.rank = {lc.rank} and lora.conv_rank = {lc.conv_rank} must be >= 0")
+    if not lc.enabled:
+        return
+    if not cfg.model.pretrained:
+        raise ConfigError("lora.rank > 0 trains adapters on a pretrained UNet: set model.pretrained")
+    if lc.text_encoder:
+        raise ConfigError("lora.text_encoder: adapters on the text encoders need the captions encoded in the train "
+                          "step, which jaxsd train does not do yet; set lora.text_encoder=false")
+    if lc.dropout:
+        raise ConfigError("lora.dropout > 0 is not supported by jaxsd train yet; set lora.dropout=0")
+    if lc.init_from:
+        raise ConfigError("lora.init_from is not supported by jaxsd train yet; start the adapters fresh")
+    if lc.base_dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"lora.base_dtype = {lc.base_dtype!r}: use float32, bfloat16, float16 or null")
 
 
 def sample_components_folder(cfg: Config) -> str | None:

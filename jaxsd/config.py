@@ -250,6 +250,40 @@ class SyntheticDataConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA / LoCon adapters: with rank > 0 only the adapters train; the base model is frozen.
+
+    The names follow kohya-ss and PEFT: scale = alpha / rank."""
+
+    rank: int = 0
+    """adapter rank of the targeted Dense layers; 0 = no adapters (full fine-tuning)."""
+    alpha: float = 0.0
+    """scale = alpha / rank; 0 = rank (scale 1)."""
+    targets: Any = "attn"
+    """a preset or a list of regexes over module paths (diffusers names, e.g. 'attn1.to_q'):
+    attn = to_q, to_k, to_v, to_out.0 of attn1/attn2 (kohya's and diffusers' default);
+    attn_ff = attn + ff.net.0.proj, ff.net.2, proj_in, proj_out; all_linear = every Dense of the UNet."""
+    conv_rank: int = 0
+    """> 0 = LoCon: also adapt resnet 3x3 convs, conv shortcuts and up/downsamplers with this rank."""
+    conv_alpha: float = 0.0
+    """conv adapters' scale = conv_alpha / conv_rank; 0 = conv_rank (scale 1)."""
+    dropout: float = 0.0
+    """dropout on the adapter input during training, as PEFT's lora_dropout."""
+    init: str = "peft"
+    """peft: down kaiming-uniform, up zeros; gaussian: down ~ N(0, 1/rank), up zeros."""
+    text_encoder: bool = False
+    """also adapt the text encoder(s)' q/k/v/out_proj and MLP (fc1/fc2); needs the text encoded in the step."""
+    base_dtype: str | None = None
+    """dtype the frozen base weights are stored in (bfloat16 halves their memory); null = model.param_dtype."""
+    init_from: str | None = None
+    """an existing LoRA file (PEFT/diffusers or kohya) to continue training from."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 or self.conv_rank > 0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `jaxsd train` needs."""
 
@@ -264,6 +298,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """images, caching and the loader: jaxsd/data/config.py (the data engineer's schema)."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # Values checked beyond their type: field path -> allowed values.
@@ -279,6 +314,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "sharding.distributed": ("auto", "on", "off"),
     "train.data_source": ("cache", "synthetic"),
     "train.resume": ("auto", "params_only"),
+    "lora.init": ("peft", "gaussian"),
 }
 
 
@@ -342,11 +378,32 @@ def _check_choices(cfg: Config) -> None:
     if not 256 <= cfg.optimizer.block_size <= 4096:
         raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
     _check_sampling(cfg)
+    _check_lora(cfg)
     if cfg.train.data_source == "cache":
         check_data_config(cfg.data)
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by "
                           f"train.grad_accum_steps = {cfg.train.grad_accum_steps}")
+
+
+def _check_lora(cfg: Config) -> None:
+    """What a LoRA run needs, checked when the config loads (the parts not built yet are refused by name)."""
+    lc = cfg.lora
+    if lc.rank < 0 or lc.conv_rank < 0:
+        raise ConfigError(f"lora.rank = {lc.rank} and lora.conv_rank = {lc.conv_rank} must be >= 0")
+    if not lc.enabled:
+        return
+    if not cfg.model.pretrained:
+        raise ConfigError("lora.rank > 0 trains adapters on a pretrained UNet: set model.pretrained")
+    if lc.text_encoder:
+        raise ConfigError("lora.text_encoder: adapters on the text encoders need the captions encoded in the train "
+                          "step, which jaxsd train does not do yet; set lora.text_encoder=false")
+    if lc.dropout:
+        raise ConfigError("lora.dropout > 0 is not supported by jaxsd train yet; set lora.dropout=0")
+    if lc.init_from:
+        raise ConfigError("lora.init_from is not supported by jaxsd train yet; start the adapters fresh")
+    if lc.base_dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"lora.base_dtype = {lc.base_dtype!r}: use float32, bfloat16, float16 or null")
 
 
 def sample_components_folder(cfg: Config) -> str | None:

@@ -1,6 +1,8 @@
 """Write a training checkpoint as a diffusers pipeline folder (or a UNet folder).
 
     jaxsd export RUN_DIR --out DIR [--pipeline BASE | --unet-only] [--ema] [--step N]
+    jaxsd export RUN_DIR --lora --out FILE.safetensors [--format peft|kohya] [--ema] [--step N]   # LoRA runs
+    jaxsd export RUN_DIR --merge-lora --out DIR [--pipeline BASE | --unet-only]                   # LoRA runs
 
 Reads the latest (or --step N) checkpoint in RUN_DIR/checkpoints — only the trained params
 (with --ema: their EMA) and the frozen ones, never the optimizer state — and writes:
@@ -17,6 +19,11 @@ BASE's components must fit the trained UNet (VAE latent channels, text embedding
 pooled width), else nothing is written. If BASE's scheduler has another noise schedule
 (betas, prediction type) than the run trained with, DIR gets the run's.
 
+A LoRA run (lora.rank > 0) exports its adapters as a LoRA file with --lora: the PEFT/diffusers
+layout (`pipe.load_lora_weights`) or kohya's (`--format kohya`: kohya-ss, A1111, ComfyUI), with
+rank/alpha, targets, steps and the base UNet's fingerprint in the metadata. --merge-lora writes the
+base UNet with the adapters folded in, as a folder like any other export.
+
 DIR must not exist, be empty, or be a previous export (it holds jaxsd_export.json, which records
 run, step, EMA and BASE); a previous export is replaced as a whole, once the new one is complete.
 """
@@ -25,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+
+from jaxsd.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="pipeline folder whose other components go beside the trained UNet "
                             "(default: the run's model.pretrained when it is a pipeline folder)")
     which.add_argument("--unet-only", action="store_true", help="write the UNet folder alone")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--lora", action="store_true", help="LoRA runs: write the adapters as a LoRA file (--out FILE.safetensors)")
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="LoRA runs: write the base UNet with the adapters merged in, as a diffusers folder")
+    parser.add_argument("--format", choices=("peft", "kohya"), default="peft",
+                        help="with --lora: peft = diffusers/PEFT keys (default), kohya = lora_unet_... keys")
     parser.add_argument("--ema", action="store_true", help="export the EMA params (train.ema.enabled runs)")
     parser.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
 
@@ -43,8 +58,19 @@ def run(args: argparse.Namespace) -> int:
     from jaxsd.train.export import export
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.lora:
+        from jaxsd.train.export_lora import export_lora
+
+        if args.unet_only:
+            raise InputError("--lora writes one LoRA file; --unet-only is for folders")
+        f = export_lora(args.run_dir, args.out, layout=args.format, pipeline=args.pipeline, ema=args.ema,
+                        step=args.step)
+        print(f"jaxsd export: step {f.step}{' (EMA)' if args.ema else ''} → {f.out}: {args.format} LoRA file, "
+              f"{f.layers} adapted layers, for {f.family} (load it with `jaxsd sample --lora` or diffusers' "
+              "load_lora_weights)")
+        return 0
     r = export(args.run_dir, args.out, pipeline=args.pipeline, unet_only=args.unet_only, ema=args.ema,
-               step=args.step)
+               step=args.step, merge_lora=args.merge_lora)
     what = f"jaxsd export: step {r.step}{' (EMA)' if args.ema else ''} → {r.out}"
     if r.pipeline is not None:
         how = f"{r.links.linked} files hard-linked" + (f", {r.links.copied} copied" if r.links.copied else "")

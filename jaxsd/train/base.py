@@ -57,7 +57,9 @@ def load_frozen(cfg: Config, plan: StatePlan) -> Any:
     """The run's frozen params, loaded as at the start of the run and placed with their shardings."""
     if not jax.tree.leaves(plan.abstract.frozen):
         return plan.abstract.frozen  # nothing frozen: an empty tree
-    params, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings)
+    params, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings, dtype=plan.base_dtype)
+    if plan.adapters is not None:
+        return params  # LoRA: the whole UNet is the frozen base
     return split_params(params, cfg.train.trainable, cfg.train.frozen)[1]
 
 

@@ -47,6 +47,7 @@ from jaxsd.convert.pipeline_copy import (
 )
 from jaxsd.diffusion.schedule import make_betas
 from jaxsd.errors import InputError
+from jaxsd.models.params import fingerprint_params
 from jaxsd.models.unet import UNetConfig
 from jaxsd.pipelines.text_length import set_text_max_length
 from jaxsd.train.base import base_fingerprint, load_frozen
@@ -70,6 +71,9 @@ class TrainedUNet:
     params: Any
     step: int
     ema: bool
+    adapters: Any = None  # LoRA runs: the trained down/up tree (params holds them folded in)
+    adapter_plan: Any = None  # its jaxsd.train.adapters.AdapterPlan
+    base_hash: str | None = None  # LoRA runs: fingerprint_params of the frozen base UNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +145,11 @@ def load_trained_unet(run_dir: str | Path, *, ema: bool = False, step: int | Non
                                  f"(fingerprint {meta['base']}, now {base_fingerprint(cfg)}); its frozen params "
                                  f"come from model.pretrained={cfg.model.pretrained!r}, which must be that model")
             frozen = jax.device_get(load_frozen(cfg, plan))
-            return TrainedUNet(cfg, plan.module.config, merge_params(fields[which], frozen), s, ema)
+            if plan.adapters is None:
+                return TrainedUNet(cfg, plan.module.config, merge_params(fields[which], frozen), s, ema)
+            merged = jax.device_get(jax.jit(plan.merged)(fields[which], frozen))
+            return TrainedUNet(cfg, plan.module.config, merged, s, ema, fields[which], plan.adapters,
+                               fingerprint_params(frozen))
         raise InputError("no checkpoint restores: " + "; ".join(failures) +
                          (". Pick another with --step" if step is not None else ""))
     finally:
@@ -177,8 +185,11 @@ def use_run_schedule(folder: Path, diffusion: DiffusionConfig) -> bool:
 
 
 def export(run_dir: str | Path, out: str | Path, *, pipeline: str | Path | None = None, unet_only: bool = False,
-           ema: bool = False, step: int | None = None) -> ExportResult:
-    """Write checkpoint `step` (default: the newest) of `run_dir` to `out` as a pipeline or UNet folder."""
+           ema: bool = False, step: int | None = None, merge_lora: bool = False) -> ExportResult:
+    """Write checkpoint `step` (default: the newest) of `run_dir` to `out` as a pipeline or UNet folder.
+
+    merge_lora: a LoRA run's adapters folded into the base UNet (required for LoRA runs: a folder
+    holds whole weights; `jaxsd.train.export_lora` writes the adapters alone as a LoRA file)."""
     from jaxsd.convert.unet import save_unet
 
     if pipeline is not None and unet_only:
@@ -191,6 +202,11 @@ def export(run_dir: str | Path, out: str | Path, *, pipeline: str | Path | None 
     chosen: dict[str, Path | None] = {}
 
     def choose_base(cfg: Config, unet: UNetConfig) -> None:
+        if cfg.lora.enabled and not merge_lora:
+            raise InputError(f"{run_dir} trained LoRA adapters: export them as a LoRA file (--lora --out "
+                             "FILE.safetensors) or merged into the UNet as a diffusers folder (--merge-lora)")
+        if merge_lora and not cfg.lora.enabled:
+            raise InputError(f"--merge-lora: {run_dir} is not a LoRA run (lora.rank is 0)")
         base = None if unet_only else Path(pipeline) if pipeline is not None else default_pipeline(cfg)
         if base is not None:
             flag = "--pipeline" if pipeline is not None else "the run's model.pretrained (default --pipeline)"

@@ -231,9 +231,10 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
     log.info("XLA compilation cache: %s", cache_dir or "off")
     plan = plan_state(cfg, mesh)
     replicated = NamedSharding(mesh, P())
-    log.info("trainable: %s of %s", describe(plan.abstract.params), describe(plan.param_shapes))
+    log.info("trainable: %s of %s%s", describe(plan.abstract.params), describe(plan.param_shapes),
+             f" (LoRA adapters on {len(plan.adapters.specs)} layers; the UNet is frozen)" if plan.adapters else "")
     # before data and compilation, so unusable sample components fail at start-up, not at step sample_every
-    sampler = TrainingSampler.from_config(cfg, plan.module.config, run_dir, mesh)
+    sampler = TrainingSampler.from_config(cfg, plan.module.config, run_dir, mesh, merge=plan.merged)
 
     source = source if source is not None else make_source(cfg, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
@@ -243,7 +244,8 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
         restore_data_position(source, resumed.meta, resumed.changes)
     else:
         start = 0
-        params, init_from = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings)
+        params, init_from = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings,
+                                           dtype=plan.base_dtype)
         state = fresh_state(cfg, plan, params)
         del params
     log.info("init: %s (order: resume → model.pretrained → from scratch)", init_from)
@@ -252,7 +254,8 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
 
     empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
-    step_fn = make_train_step(make_apply_fn(plan.module), schedule, cfg.loss, plan.tx, plan.lr_fn,
+    step_fn = make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,
+                              plan.tx, plan.lr_fn, combine=plan.variables,
                               ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,
                               empty_cond=None if empty is None else jax.tree.map(jnp.asarray, empty),
                               micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,

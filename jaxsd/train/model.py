@@ -52,10 +52,13 @@ def build_unet(cfg: ModelConfig, config: UNetConfig) -> UNet2DConditionModel:
                                 attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy)
 
 
-def make_apply_fn(module: UNet2DConditionModel):
-    """apply_fn(params, noisy, t, encoder_hidden_states, added_cond) -> prediction (fp32)."""
+def make_apply_fn(module: UNet2DConditionModel, *, variables: bool = False):
+    """apply_fn(params, noisy, t, encoder_hidden_states, added_cond) -> prediction (fp32).
+
+    variables=True: the first argument is the full variables dict (e.g. {"params": base, "lora": adapters})."""
     def apply_fn(params, noisy, t, ehs, added):
-        out = module.apply({"params": params}, noisy.astype(module.dtype), t, ehs.astype(module.dtype), added)
+        out = module.apply(params if variables else {"params": params}, noisy.astype(module.dtype), t,
+                           ehs.astype(module.dtype), added)
         return out.astype(jnp.float32)
     return apply_fn
 
@@ -66,13 +69,13 @@ def param_shapes(module: UNet2DConditionModel) -> tuple[dict, dict]:
 
 
 def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int,
-                   shardings: Any = None) -> tuple[dict, str]:
-    """(params, where from): from `model.pretrained`, else a random init. Params in param_dtype,
-    placed with `shardings` (a random init is created sharded, never as a full replica first)."""
+                   shardings: Any = None, dtype: Any = None) -> tuple[dict, str]:
+    """(params, where from): from `model.pretrained`, else a random init. Params in `dtype` (default
+    param_dtype), placed with `shardings` (a random init is created sharded, never as a full replica first)."""
     if cfg.pretrained:
         from jaxsd.convert.unet import load_unet
         folder = unet_folder(cfg.pretrained)
-        _, params = load_unet(folder, dtype=jnp.dtype(cfg.param_dtype), variant=cfg.variant)
+        _, params = load_unet(folder, dtype=jnp.dtype(dtype or cfg.param_dtype), variant=cfg.variant)
         if shardings is not None:
             params = jax.device_put(params, shardings)
         return params, f"pretrained diffusers folder {folder}"

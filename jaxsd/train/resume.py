@@ -96,6 +96,10 @@ def _params_only(cfg: Config, plan: StatePlan, old_cfg: Config, old: StatePlan, 
                  step: int) -> Any:
     """This run's fresh state from the checkpoint's trained params and the base's frozen ones (as the
     checkpoint's config split them), re-split for this config."""
+    if plan.adapters is not None or old.adapters is not None:
+        raise ResumeMismatch("train.resume=params_only: a LoRA run's adapters cannot seed a different train state "
+                             "(rank, targets or optimizer changed); export them (jaxsd export RUN --lora) and start a "
+                             "new train.run_dir")
     old_shapes = {k: v.shape for k, v in flatten(old.param_shapes).items()}
     new_shapes = {k: v.shape for k, v in flatten(plan.param_shapes).items()}
     if old_shapes != new_shapes:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def _label(prompt: str) -> str:
 class TrainingSampler:
     """Writes a sample grid when `due(step)`; build with `TrainingSampler.from_config` (None when off)."""
 
-    def __init__(self, cfg: LoggingConfig, pipe: StableDiffusion, run_dir: Path, *, ema: bool, mesh: Any):
+    def __init__(self, cfg: LoggingConfig, pipe: StableDiffusion, run_dir: Path, *, ema: bool, mesh: Any,
+                 merge: Callable[[Any, Any], Any] = merge_params):
         """Encodes the sample prompts once, then unloads `pipe`'s text encoders (they are not needed again)."""
         self.cfg, self.pipe, self.ema = cfg, pipe, ema
         negative = cfg.sample_negative_prompt or None
@@ -119,11 +121,13 @@ class TrainingSampler:
         self.which = "EMA params" if ema else "current params (train.ema is off)"
         dh, dw = pipe.default_size
         self.height, self.width = cfg.sample_height or dh, cfg.sample_width or dw
-        # One reshard program for the whole run: (trainable, frozen) → the full UNet tree, replicated.
-        self._gather = jax.jit(merge_params, out_shardings=NamedSharding(mesh, P()))
+        # One reshard program for the whole run: (trainable, frozen) → the full UNet tree (LoRA: the
+        # adapters folded in), replicated.
+        self._gather = jax.jit(merge, out_shardings=NamedSharding(mesh, P()))
 
     @classmethod
-    def from_config(cls, cfg: Config, unet_config: UNetConfig, run_dir: str | Path, mesh: Any) -> TrainingSampler | None:
+    def from_config(cls, cfg: Config, unet_config: UNetConfig, run_dir: str | Path, mesh: Any,
+                    merge: Callable[[Any, Any], Any] = merge_params) -> TrainingSampler | None:
         """Load and check the components (before training starts); None when logging.sample_every is 0."""
         if not cfg.logging.sample_every:
             return None
@@ -136,7 +140,7 @@ class TrainingSampler:
                                      attention_impl=cfg.model.attention_impl,
                                      text_max_length=training_text_length(cfg))
         sampler = cls(cfg.logging, StableDiffusion(components, dtype=dtype, attention_impl=cfg.model.attention_impl),
-                      Path(run_dir), ema=cfg.train.ema.enabled, mesh=mesh)
+                      Path(run_dir), ema=cfg.train.ema.enabled, mesh=mesh, merge=merge)
         check_compatible(sampler.pipe, sampler.embeddings[0], sampler.height, sampler.width)
         log.info("sample grids every %d steps from %s with the %s: %d prompts × %d (padded to %d tokens), %dx%d px, "
                  "%d %s steps, CFG %g, seed %d", cfg.logging.sample_every, folder, sampler.which,

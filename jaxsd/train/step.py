@@ -131,10 +131,11 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
                     tx: optax.GradientTransformationExtraArgs, lr_fn: optax.Schedule, *, ema_cfg: EMAConfig | None = None,
                     grad_accum_steps: int = 1, empty_cond: dict[str, jax.Array] | None = None,
                     micro_batch_sharding: Any = None, loss_fn: Callable | None = None,
-                    streamed: bool = False) -> Callable:
+                    streamed: bool = False, combine: Callable[[Any, Any], Any] = merge_params) -> Callable:
     """The pure step function `(state, batch) -> (state, metrics)`.
 
-    apply_fn(params, noisy, t, encoder_hidden_states, added_cond) runs the model on full (merged) params.
+    apply_fn(params, noisy, t, encoder_hidden_states, added_cond) runs the model on what `combine(trainable,
+      frozen)` makes: by default the merged full params; LoRA: {"params": base, "lora": adapters}.
     tx: from `jaxsd.train.optimizers.make_optimizer` (or `guarded(any_optax_tx)`): its update takes
       `grad_norm=` (clipping) and `apply=` (the NaN skip).
     loss_fn: replaces `diffusion_loss` (same signature) — the "what the loss is" seam.
@@ -151,8 +152,7 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
                          "the data source did not provide one")
 
     def loss_of(trainable, frozen, batch, draws):
-        params = merge_params(trainable, frozen)
-        return objective(apply_fn, params, batch, draws, schedule, loss_cfg, empty_cond)
+        return objective(apply_fn, combine(trainable, frozen), batch, draws, schedule, loss_cfg, empty_cond)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 

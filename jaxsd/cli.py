@@ -26,7 +26,7 @@ COMMANDS: dict[str, str] = {
     "cache": "encode images and captions into cached latents and text embeddings",
     "train": "train (fine-tune or from scratch) a UNet over cached latents",
     "sample": "generate images from a diffusers pipeline folder",
-    "export": "write a training checkpoint's UNet as a diffusers folder",
+    "export": "write a training checkpoint as a diffusers folder, or a LoRA run's adapters as a LoRA file",
     "bench": "side-by-side benchmarks against diffusers PyTorch",
 }
 TRACEBACK_HINT = "(add --traceback to see where this was raised)"

@@ -22,9 +22,12 @@ venv-test: $(BIN)/python
 demo: venv
 	$(BIN)/jaxsd demo --out demo_out
 
-# Test suite (default: excludes @slow). Extra pytest args: make test ARGS="-k unet".
+# Test suite (default: excludes @slow), on two pytest-xdist workers: XLA compiles mostly on one
+# core, so two workers keep both busy. --dist loadfile keeps each file's module fixtures (a shared
+# tiny run, a compiled step) on one worker. Extra pytest args: make test ARGS="-k unet".
+XDIST := -n 2 --dist loadfile
 test: venv-test
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(ARGS)
 
 test-all: venv-test
-	$(BIN)/python -m pytest -m "" $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "" $(ARGS)

@@ -127,6 +127,7 @@ def test_kill_9_during_an_async_save_then_resume_is_bitwise_identical(straight):
     assert during_save, "the kill did not land during an asynchronous save (the run saves every step)"
 
 
+@pytest.mark.slow  # 2 processes compiling 3 bucket shapes; the default run proves buckets through the CLI above
 def test_two_processes_agree_on_every_steps_bucket(straight):
     # 2 processes x 1 device each read their own rows of each global batch; had they disagreed on a
     # step's bucket, the global batch could not be assembled. Their losses equal the straight run's

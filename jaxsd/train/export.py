@@ -140,9 +140,10 @@ def load_trained_unet(run_dir: str | Path, *, ema: bool = False, step: int | Non
             except RESTORE_ERRORS as e:
                 _warn_skip(where, e, failures)
                 continue
-            if meta.get("base", base_fingerprint(cfg)) != base_fingerprint(cfg):
+            base = base_fingerprint(cfg)
+            if meta.get("base", base) != base:
                 raise InputError(f"{where}: the run's base model changed since this checkpoint was written "
-                                 f"(fingerprint {meta['base']}, now {base_fingerprint(cfg)}); its frozen params "
+                                 f"(fingerprint {meta['base']}, now {base}); its frozen params "
                                  f"come from model.pretrained={cfg.model.pretrained!r}, which must be that model")
             frozen = jax.device_get(load_frozen(cfg, plan))
             if plan.adapters is None:

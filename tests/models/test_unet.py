@@ -141,6 +141,7 @@ def random_params(config: UNetConfig, seed: int = 0) -> dict:
     return jax.tree.map(lambda a: jnp.asarray(0.2 * rng.standard_normal(a.shape), jnp.float32), abstract)
 
 
+@pytest.mark.slow  # a UNet's backward twice (~20 s); parity tests run the same blocks
 def test_remat_gives_same_gradients():
     config = _tiny_config()
     rng = np.random.default_rng(1)

@@ -150,6 +150,7 @@ def test_lengths_that_cannot_be_recorded_are_refused(cached, tmp_path, caplog):
     assert "records no model_max_length; prompts are padded to 512 tokens" in caplog.text
 
 
+@pytest.mark.slow  # a train run and an export; the default run covers cache and sample lengths through the CLI
 def test_train_grid_equals_the_exported_folder_sampled_at_the_recorded_length(cached, tmp_path):
     """`jaxsd train`'s sample grid (EMA params, cache length) is what `jaxsd export` writes: the trained
     UNet beside the hybrid's components, its tokenizer recording the cache's length."""

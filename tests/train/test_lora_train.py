@@ -118,6 +118,7 @@ def test_exported_files_load_in_diffusers_and_merge_lora_is_the_same_unet(run):
     assert rel_err(trained, theirs(base / "merged")) <= 1e-4  # base + adapters at scale 1, merged
 
 
+@pytest.mark.slow  # two more runs; resume itself is proven in the default run by test_loop / test_buckets_cli
 def test_stopped_and_resumed_equals_straight(run):
     # stopping at step 20 and resuming reloads the frozen base and the adapters' state exactly
     base, pipe, images, run_dir = run

@@ -10,8 +10,10 @@ component configs (config.json files only, no weights are read):
   SDXL         text_encoder_2 projection_dim + n_time_ids × addition_time_embed_dim
                                            = UNet projection_class_embeddings_input_dim (text_time UNets)
 
-`link_components` then places every component model_index.json lists (except the ones named in
-`skip`, i.e. BASE's own unet) plus model_index.json itself: each file hard-linked to the real
+BASE's own unet/ is never read and may be missing (a folder of components for a UNet trained
+from scratch is "a pipeline minus unet"), but its model_index.json must list a unet: that file
+becomes the export's. `link_components` then places every component model_index.json lists
+(except the ones named in `skip`, i.e. BASE's own unet) plus model_index.json itself: each file hard-linked to the real
 file behind it (symlinks — e.g. a Hugging Face cache snapshot — are resolved first), or copied
 when BASE is on another filesystem. Never symlinks: the result must outlive BASE moving.
 """
@@ -27,10 +29,15 @@ from pathlib import Path
 from jaxsd.errors import InputError
 
 MODEL_INDEX = "model_index.json"
+REPLACED = ("unet",)
+"""the components an export writes itself: BASE need not have their folders."""
 
 
-def pipeline_components(base: str | os.PathLike, *, flag: str = "--pipeline") -> list[str]:
-    """Names of the components BASE's model_index.json lists (entries [library, class], not null)."""
+def pipeline_components(base: str | os.PathLike, *, flag: str = "--pipeline",
+                        may_lack: tuple[str, ...] = ()) -> list[str]:
+    """Names of the components BASE's model_index.json lists (entries [library, class], not null).
+
+    Each must have its folder in BASE, except those in `may_lack`."""
     base = Path(base)
     if not (base / MODEL_INDEX).is_file():
         what = "no such directory" if not base.is_dir() else f"no {MODEL_INDEX}, so not a diffusers pipeline folder"
@@ -39,7 +46,7 @@ def pipeline_components(base: str | os.PathLike, *, flag: str = "--pipeline") ->
     index = json.loads((base / MODEL_INDEX).read_text())
     names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple))
              and len(v) == 2 and v[0] is not None and v[1] is not None]
-    missing = [n for n in names if not (base / n).is_dir()]
+    missing = [n for n in names if n not in may_lack and not (base / n).is_dir()]
     if missing:
         raise InputError(f"{flag} {base}: {MODEL_INDEX} lists {', '.join(missing)} but there is no "
                          f"{'/, '.join(missing)}/ folder; use a complete pipeline folder")
@@ -74,8 +81,11 @@ def check_unet_fits(base: str | os.PathLike, unet: dict, *, flag: str = "--pipel
     cross_attention_dim, addition_embed_type, ...).
     """
     base = Path(base)
-    names = pipeline_components(base, flag=flag)
+    names = pipeline_components(base, flag=flag, may_lack=REPLACED)
     problems = []
+    if "unet" not in names:
+        problems.append(f"its {MODEL_INDEX} lists no unet (the export's {MODEL_INDEX} is BASE's, so diffusers "
+                        "would find no UNet in it)")
     if "vae" not in names:
         problems.append("it has no vae")
     else:
@@ -130,12 +140,12 @@ def _place(src: Path, dst: Path, report: LinkReport) -> None:
         report.copied += 1
 
 
-def link_components(base: str | os.PathLike, dest: str | os.PathLike, *, skip: tuple[str, ...] = ("unet",),
+def link_components(base: str | os.PathLike, dest: str | os.PathLike, *, skip: tuple[str, ...] = REPLACED,
                     flag: str = "--pipeline") -> LinkReport:
     """Place BASE's model_index.json and every listed component except `skip` into `dest`."""
     base, dest = Path(base), Path(dest)
     report = LinkReport()
-    for name in pipeline_components(base, flag=flag):
+    for name in pipeline_components(base, flag=flag, may_lack=skip):
         if name in skip:
             continue
         for root, _, files in os.walk(base / name, followlinks=True):

@@ -3,10 +3,11 @@
 OUT/
   data/train/      generated images + captions (+ the cache's sidecars and manifest)
   data/heldout/    real images never trained on: classifier check and VAE PSNR
-  components/      tokenizer/, text_encoder/ (random, frozen), vae/ (phase 1), scheduler/
+  components/      tokenizer/, text_encoder/ (random, frozen), vae/ (phase 1), scheduler/,
+                   model_index.json: the pipeline minus its unet
   demo.yaml        the jaxsd config `jaxsd cache` and `jaxsd train` read
   run/             `jaxsd train`'s run dir (checkpoints, metrics.jsonl, train.log)
-  pipeline/        the exported diffusers folder
+  pipeline/        `jaxsd export --pipeline components`: the trained unet/ + components' files (hard links)
   samples/         grid.png (labelled) and one PNG per sample
   metrics.json     colour_accuracy, shape_accuracy, vae_psnr, seconds_total
   metrics_detail.json  per-phase seconds, classifier accuracy on real images, diffusers check
@@ -111,11 +112,12 @@ def make_text_encoder(st: DemoState) -> None:
     from jaxsd.convert.text_encoders import save_clip
     from jaxsd.models.clip import CLIPTextConfig, CLIPTextModel, example_inputs
     from jaxsd.models.params import init_params
+    from jaxsd.train.compile import run_once
 
     vocab = build_tokenizer(st.components / "tokenizer", [e.caption for e in shapes.all_prompts()])
     config = CLIPTextConfig.from_transformers(tiny_text_encoder_config(vocab))
     model = CLIPTextModel(config)
-    params = jax.jit(lambda k: init_params(model, k, *example_inputs(config)))(jax.random.key(st.settings.seed + 7))
+    params = run_once(lambda k: init_params(model, k, *example_inputs(config)), jax.random.key(st.settings.seed + 7))
     save_clip(st.components / "text_encoder", config, params)
     st.log(f"   CLIP BPE tokenizer over the captions' words ({len(vocab)} tokens) and a tiny CLIP text "
            f"encoder ({config.num_hidden_layers} layers, width {config.hidden_size}): RANDOM and FROZEN — "
@@ -141,11 +143,12 @@ def train_autoencoder(st: DemoState) -> None:
     from jaxsd.demo.vae_training import evaluate, latent_scaling_factor, train_vae
     from jaxsd.models.params import count_params, init_params
     from jaxsd.models.vae import AutoencoderKL, example_inputs
+    from jaxsd.train.compile import run_once
 
     s = st.settings
     config = vae_config(s)
     model = AutoencoderKL(config)
-    params = jax.jit(lambda k: init_params(model, k, *example_inputs(config)))(jax.random.key(s.seed + 11))
+    params = run_once(lambda k: init_params(model, k, *example_inputs(config)), jax.random.key(s.seed + 11))
     st.log(f"   AutoencoderKL {s.vae_block_out_channels}, {count_params(params):,} params, "
            f"{s.resolution} px → {s.resolution // config.downscale}x{s.resolution // config.downscale}"
            f"x{config.latent_channels} latents")
@@ -212,12 +215,23 @@ def demo_config(st: DemoState) -> dict:
     }
 
 
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
+    "image_encoder": [None, None], "requires_safety_checker": False,
+}
+"""components/ is this pipeline minus its unet: `jaxsd export --pipeline` places the trained one beside the rest."""
+
+
 def write_components(st: DemoState) -> None:
-    """scheduler/ and demo.yaml (the tokenizer, text encoder and VAE are written by their phases)."""
+    """scheduler/, model_index.json and demo.yaml (the tokenizer, text encoder and VAE are written by their phases)."""
     from omegaconf import OmegaConf
 
     (st.components / "scheduler").mkdir(parents=True, exist_ok=True)
     (st.components / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2))
+    (st.components / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     st.config_path.write_text(OmegaConf.to_yaml(OmegaConf.create(demo_config(st))))
 
 
@@ -230,25 +244,9 @@ def train_unet(st: DemoState) -> None:
     run_cli(["train", str(st.config_path)])
 
 
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
-    "image_encoder": [None, None], "requires_safety_checker": False,
-}
-
-
 def export(st: DemoState) -> None:
-    """The trained UNet (EMA params) via `jaxsd export`, next to the other components, as one diffusers folder."""
-    import shutil
-
-    shutil.rmtree(st.pipeline_dir, ignore_errors=True)
-    run_cli(["export", str(st.run_dir), "--out", str(st.pipeline_dir / "unet"), "--ema"])
-    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
-        shutil.copytree(st.components / name, st.pipeline_dir / name)
-    (st.pipeline_dir / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
-    st.log(f"   diffusers StableDiffusionPipeline folder: {st.pipeline_dir}")
+    """The trained UNet (EMA params) and the other components as one diffusers folder, via `jaxsd export`."""
+    run_cli(["export", str(st.run_dir), "--out", str(st.pipeline_dir), "--ema", "--pipeline", str(st.components)])
 
 
 # ---- sampling and evaluation --------------------------------------------------------------
@@ -362,8 +360,11 @@ def prepare_out(out: Path) -> None:
 
 def run_demo(out: str | Path, settings: DemoSettings, log: Callable[[str], None] = print) -> dict:
     """Run every phase; write OUT/metrics.json. Returns {"metrics", "details"}."""
+    from jaxsd.train.compile import warm_cpu_heap
+
     out = Path(out)
     prepare_out(out)
+    warm_cpu_heap()  # before JAX's CPU threads first allocate (jaxsd/train/compile.py)
     st = DemoState(out, settings, log)
     start = time.perf_counter()
     for name, fn in PHASES:

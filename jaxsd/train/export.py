@@ -40,6 +40,7 @@ import numpy as np
 from jaxsd.config import Config, DiffusionConfig, ShardingConfig, from_yaml_text
 from jaxsd.convert.output_folder import check_replaceable, replacing_folder
 from jaxsd.convert.pipeline_copy import (
+    REPLACED,
     LinkReport,
     check_unet_fits,
     link_components,
@@ -199,7 +200,7 @@ def export(run_dir: str | Path, out: str | Path, *, pipeline: str | Path | None 
     keep = [run_dir, *([pipeline] if pipeline is not None else [])]
     check_replaceable(out, MARKER, keep)  # before the checkpoint is read: a refused --out costs nothing
     if pipeline is not None:
-        pipeline_components(pipeline)
+        pipeline_components(pipeline, may_lack=REPLACED)
     chosen: dict[str, Path | None] = {}
 
     def choose_base(cfg: Config, unet: UNetConfig) -> None:

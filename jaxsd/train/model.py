@@ -21,6 +21,7 @@ from jaxsd.config import ModelConfig
 from jaxsd.errors import ConfigError, InputNotFoundError
 from jaxsd.models.params import abstract_params, init_params
 from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
+from jaxsd.train.compile import run_once
 
 log = logging.getLogger("jaxsd.train")
 
@@ -79,8 +80,8 @@ def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int,
         if shardings is not None:
             params = jax.device_put(params, shardings)
         return params, f"pretrained diffusers folder {folder}"
-    params = jax.jit(lambda k: init_params(module, k, *example_inputs(module.config)),
-                     out_shardings=shardings)(jax.random.key(seed))
+    params = run_once(lambda k: init_params(module, k, *example_inputs(module.config)), jax.random.key(seed),
+                      out_shardings=shardings)
     return params, f"from scratch (model.unet, seed {seed})"
 
 

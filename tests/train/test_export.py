@@ -197,13 +197,16 @@ def test_without_a_pipeline_the_unet_folder_and_how_to_get_one(run, exported, tm
     trained = (exported[0] / "unet" / UNET_FILE).read_bytes()
     assert (tmp_path / "unet" / UNET_FILE).read_bytes() == trained
 
-    # --pipeline elsewhere: that folder's components (its own files), the same trained UNet
+    # --pipeline elsewhere: that folder's components (its own files), the same trained UNet. Its unet/ is
+    # never read, so a pipeline minus its unet (the components of a from-scratch UNet) will do
     other = shutil.copytree(pipe, tmp_path / "other")
+    shutil.rmtree(other / "unet")
     rc, out, _ = _run(capsys, copy, "--out", tmp_path / "full", "--pipeline", other)
     assert rc == 0 and f"other components from {other}" in out
     assert _same_file(tmp_path / "full" / "vae" / UNET_FILE, other / "vae" / UNET_FILE)
     assert _same_file(tmp_path / "full" / "model_index.json", other / "model_index.json")
     assert (tmp_path / "full" / "unet" / UNET_FILE).read_bytes() == trained
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == sorted(p.name for p in exported[0].iterdir())
 
 
 def _edit_config(folder: Path, **changes) -> None:
@@ -221,6 +224,10 @@ def test_components_that_do_not_fit_are_refused(run, tmp_path, capsys):
     _edit_config(wide / "vae", latent_channels=8)
     rc, _, err = _run(capsys, run_dir, "--out", tmp_path / "a", "--pipeline", wide)
     assert rc == 2 and "vae latent_channels=8 but the UNet has in_channels=4, out_channels=4" in err
+    index = json.loads((wide / "model_index.json").read_text())
+    (wide / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "unet"}))
+    rc, _, err = _run(capsys, run_dir, "--out", tmp_path / "a", "--pipeline", wide)
+    assert rc == 2 and "its model_index.json lists no unet" in err
     (wide / "model_index.json").unlink()
     rc, _, err = _run(capsys, run_dir, "--out", tmp_path / "a", "--pipeline", wide)
     assert rc == 2 and f"--pipeline {wide}: no model_index.json" in err
@@ -279,7 +286,7 @@ def test_sdxl_components_must_give_the_pooled_width_the_unet_expects(tmp_path):
     for name, config in configs.items():
         (base / name).mkdir(parents=True)
         (base / name / "config.json").write_text(json.dumps(config))
-    index = {name: ["x", "y"] for name in configs}
+    index = {name: ["x", "y"] for name in [*configs, "unet"]}
     (base / "model_index.json").write_text(json.dumps(index))
     unet = {"in_channels": 4, "out_channels": 4, "cross_attention_dim": [96, 96], "addition_embed_type": "text_time",
             "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8}

@@ -6,10 +6,25 @@ imported, and this process has already imported it.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
+# One persistent XLA compilation cache for the whole run: this process, every pytest-xdist
+# worker (they inherit the variable) and every `jaxsd` subprocess a test starts. Many tests
+# compile the same tiny train step or pipeline; with the cache only the first one pays.
+# A cache the user configured wins; the one made here is removed when the run ends.
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsd-tests-xla-")
+
+import pytest
+
+
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE is not None:
+        shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

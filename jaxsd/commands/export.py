@@ -4,8 +4,9 @@
     jaxsd export RUN_DIR --lora --out FILE.safetensors [--format peft|kohya] [--ema] [--step N]   # LoRA runs
     jaxsd export RUN_DIR --merge-lora --out DIR [--pipeline BASE | --unet-only]                   # LoRA runs
 
-Reads the latest (or --step N) checkpoint in RUN_DIR/checkpoints — only the trained params
-(with --ema: their EMA) and the frozen ones, never the optimizer state — and writes:
+Reads the latest (or --step N) checkpoint in RUN_DIR/checkpoints (RUN_DIR: local or gs://...) —
+only the trained params (with --ema: their EMA) and the frozen ones, never the optimizer state —
+and writes:
 
   a pipeline folder  DIR/unet/ (the trained UNet) + every other component of BASE (vae/,
                      text_encoder/, tokenizer/, scheduler/, ...) and its model_index.json,
@@ -37,7 +38,7 @@ from jaxsd.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a `jaxsd train` run directory")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a `jaxsd train` run directory (local or gs://...)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (pipeline or UNet)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--pipeline", default=None, metavar="BASE",

@@ -4,8 +4,8 @@
 
 CONFIG is a YAML file or the name of a preset in configs/. Overrides use dotted
 keys of the schema in jaxsd/config.py, e.g. `train.steps=200 optimizer.name=adamw8bit`.
-Everything lands in `train.run_dir`: config.yaml (the resolved config), checkpoints/,
-tensorboard/, metrics.jsonl, train.log. Running the same command again resumes.
+Everything lands in `train.run_dir` (a local path or gs://BUCKET/PATH): config.yaml (the resolved
+config), checkpoints/, tensorboard/, metrics.jsonl, train.log. Running the same command again resumes.
 Init order: resume from run_dir → model.pretrained (diffusers folder) → from scratch.
 See docs/training.md.
 """

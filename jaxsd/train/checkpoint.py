@@ -11,6 +11,9 @@ steps newest first and yields each one's meta; `restore(step, abstract)` then re
 the state — or, with `partial=True`, only the subtrees `abstract` names (what
 `jaxsd export` and `train.resume=params_only` need; the optimizer state is never read).
 
+The directory may be local or gs:// (an epath.Path, see `jaxsd.train.run_dir`); every process
+writes its own shards of the state, process 0 the rest.
+
 A checkpoint that fails to read (files missing or corrupt) is reported with a warning
 naming it and the error, moved aside to <run_dir>/checkpoints.damaged/<step> (process 0),
 and the previous one is tried; reaching that step again writes a fresh checkpoint. If
@@ -20,9 +23,8 @@ checkpoints exist but none restores, that is an error — never a silent fresh s
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from jaxsd.config import CheckpointConfig
 from jaxsd.errors import InputError
+from jaxsd.train.run_dir import move_tree, run_path
 
 log = logging.getLogger("jaxsd.train")
 
@@ -55,8 +58,8 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 class Checkpointer:
     """Save / restore the train state of one run directory."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig):
+        self.directory = run_path(directory, "checkpoint directory")
         self.cfg = cfg
         self.damaged: list[str] = []  # "<path>: <error type>" of the checkpoints set aside
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
@@ -98,15 +101,14 @@ class Checkpointer:
     def set_aside(self, step: int, error: Exception) -> None:
         """Report a damaged checkpoint and move it out of the way (so the step can be saved again)."""
         where = self.directory / str(step)
-        aside = self.directory.with_name(self.directory.name + ".damaged") / str(step)
+        aside = self.directory.parent / (self.directory.name + ".damaged") / str(step)
         log.warning("checkpoint %s is incomplete or corrupt (%s: %s); moved to %s, falling back to the previous one",
                     where, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "", aside)
         self.damaged.append(f"{where}: {type(error).__name__}")
         if jax.process_index() == 0 and where.exists():
-            aside.parent.mkdir(parents=True, exist_ok=True)
             if aside.exists():
-                shutil.rmtree(aside)
-            shutil.move(str(where), str(aside))
+                aside.rmtree()
+            move_tree(where, aside)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"jaxsd set aside checkpoint {step}")

@@ -30,12 +30,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from jaxsd.config import Config, DiffusionConfig, ShardingConfig, from_yaml_text
 from jaxsd.convert.output_folder import check_replaceable, replacing_folder
@@ -55,6 +57,7 @@ from jaxsd.train.base import base_fingerprint, load_frozen
 from jaxsd.train.checkpoint import RESTORE_ERRORS
 from jaxsd.train.partial_restore import CheckpointReader
 from jaxsd.train.plan import plan_state
+from jaxsd.train.run_dir import is_remote, require_run_dir, run_path
 from jaxsd.train.sampling import training_text_length
 from jaxsd.train.sharding import make_mesh
 from jaxsd.train.trainable import merge_params
@@ -86,7 +89,7 @@ class ExportResult:
     scheduler_from_run: bool  # the base's scheduler config got the run's noise schedule
 
 
-def _run_config(meta: dict, where: Path, ema: bool) -> Config:
+def _run_config(meta: dict, where: epath.Path, ema: bool) -> Config:
     cfg = from_yaml_text(meta["config"])
     if ema and not cfg.train.ema.enabled:
         raise InputError(f"--ema: the run in {where} was trained without EMA (train.ema.enabled=false); "
@@ -98,23 +101,21 @@ def _run_config(meta: dict, where: Path, ema: bool) -> Config:
     return cfg
 
 
-def _warn_skip(where: Path, e: Exception, failures: list[str]) -> None:
+def _warn_skip(where: epath.Path, e: Exception, failures: list[str]) -> None:
     log.warning("checkpoint %s does not restore (%s: %s); trying the previous one",
                 where, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
     failures.append(f"{where}: {type(e).__name__}")
 
 
-def load_trained_unet(run_dir: str | Path, *, ema: bool = False, step: int | None = None,
+def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: int | None = None,
                       before_restore: Callable[[Config, UNetConfig], None] | None = None) -> TrainedUNet:
-    """The UNet of checkpoint `step` (default: the newest that restores) of a `jaxsd train` run dir.
+    """The UNet of checkpoint `step` (default: the newest that restores) of a `jaxsd train` run dir
+    (a local path or gs://...).
 
     before_restore(run config, UNet config) runs before the params are read (checks that should
     fail fast); its errors propagate.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints").is_dir():
-        raise InputError(f"{run_dir}: no checkpoints/ folder — not a `jaxsd train` run directory, or a run that "
-                         "has not saved a checkpoint yet")
+    run_dir = require_run_dir(run_dir)
     reader = CheckpointReader(run_dir / "checkpoints")
     try:
         steps = reader.steps()
@@ -186,7 +187,7 @@ def use_run_schedule(folder: Path, diffusion: DiffusionConfig) -> bool:
     return True
 
 
-def export(run_dir: str | Path, out: str | Path, *, pipeline: str | Path | None = None, unet_only: bool = False,
+def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path | None = None, unet_only: bool = False,
            ema: bool = False, step: int | None = None, merge_lora: bool = False) -> ExportResult:
     """Write checkpoint `step` (default: the newest) of `run_dir` to `out` as a pipeline or UNet folder.
 
@@ -196,8 +197,8 @@ def export(run_dir: str | Path, out: str | Path, *, pipeline: str | Path | None 
 
     if pipeline is not None and unet_only:
         raise InputError("--pipeline and --unet-only exclude each other: a UNet folder has no other components")
-    run_dir, out = Path(run_dir), Path(out)
-    keep = [run_dir, *([pipeline] if pipeline is not None else [])]
+    run_dir, out = run_path(run_dir, "RUN_DIR"), Path(out)  # RUN_DIR may be gs://...; out is a local folder
+    keep = [*([] if is_remote(run_dir) else [run_dir]), *([pipeline] if pipeline is not None else [])]
     check_replaceable(out, MARKER, keep)  # before the checkpoint is read: a refused --out costs nothing
     if pipeline is not None:
         pipeline_components(pipeline, may_lack=REPLACED)
@@ -227,14 +228,14 @@ def export(run_dir: str | Path, out: str | Path, *, pipeline: str | Path | None 
             if text_length is not None:  # the T5 length the run's text cache was encoded at
                 set_text_max_length(staging, text_length)
         save_unet(staging / "unet" if base is not None else staging, trained.config, trained.params)
-        record = {"written_by": "jaxsd export", "run_dir": str(run_dir.absolute()), "step": trained.step,
+        record = {"written_by": "jaxsd export", "run_dir": str(run_dir), "step": trained.step,
                   "ema": ema, "pipeline": str(base.absolute()) if base else None,
                   "scheduler": "the run's noise schedule" if from_run else ("the pipeline's" if base else None)}
         (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
     return ExportResult(out.absolute(), trained.step, base, links, from_run)
 
 
-def export_unet(run_dir: str | Path, out: str | Path, *, ema: bool = False, step: int | None = None) -> tuple[Path, int]:
+def export_unet(run_dir: str | os.PathLike, out: str | Path, *, ema: bool = False, step: int | None = None) -> tuple[Path, int]:
     """Write the UNet of checkpoint `step` (default latest) of `run_dir` as a diffusers UNet folder `out`."""
     result = export(run_dir, out, unet_only=True, ema=ema, step=step)
     return result.out, result.step

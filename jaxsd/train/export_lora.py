@@ -11,6 +11,7 @@ run's `model.pretrained`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from jaxsd.convert.lora import LoraInfo, LoraModel, LoraWeights, write_lora
@@ -27,7 +28,7 @@ class LoraExport:
     family: str
 
 
-def export_lora(run_dir: str | Path, out: str | Path, *, layout: str = "peft", pipeline: str | Path | None = None,
+def export_lora(run_dir: str | os.PathLike, out: str | Path, *, layout: str = "peft", pipeline: str | Path | None = None,
                 ema: bool = False, step: int | None = None) -> LoraExport:
     """Write the adapters of checkpoint `step` (default: the newest) of a LoRA run to the file `out`."""
     out = Path(out)

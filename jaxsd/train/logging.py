@@ -6,10 +6,12 @@ mfu = (XLA cost-analysis FLOPs of one compiled step / step time) / (peak FLOP/s
 per device × devices). Every step's metrics also go to <run_dir>/metrics.jsonl
 (one JSON object per line) — the exact per-step record the resume test compares.
 Sample grids (jaxsd/train/sampling.py) are TensorBoard images under "samples/".
-Only process 0 writes. A resumed run replays the steps after its checkpoint: their old
-metrics.jsonl lines are dropped, and TensorBoard is told to purge its old points from
-that step on (a SessionLog START at the resume step, which TensorBoard honours), so a
-plot shows one curve.
+Only process 0 writes. In a remote run dir (gs://) both are written locally and uploaded
+(`jaxsd.train.run_dir.RunDir`); tensorboardX's own gs:// writer is not used: it re-uploads the
+whole event file at every flush, through google-cloud-storage rather than epath.
+A resumed run replays the steps after its checkpoint: their old metrics.jsonl lines are
+dropped, and TensorBoard is told to purge its old points from that step on (a SessionLog
+START at the resume step, which TensorBoard honours), so a plot shows one curve.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from jaxsd.train.run_dir import RunDir
 
 
 def compiled_flops(compiled: Any) -> float | None:
@@ -41,22 +45,23 @@ def compiled_flops(compiled: Any) -> float | None:
 class RunLogger:
     """Writes scalars to TensorBoard + metrics.jsonl and drives the tqdm bar (process 0 only)."""
 
-    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool,
+    def __init__(self, run: RunDir, *, total_steps: int, start_step: int, tensorboard: bool, progress_bar: bool,
                  every: int):
         self.active = jax.process_index() == 0
+        self.run = run
         self.every = max(every, 1)
         self.writer = None
         self.bar = None
         self.jsonl = None
         if not self.active:
             return
-        jsonl = Path(run_dir) / "metrics.jsonl"
+        jsonl = run.local_file("metrics.jsonl")
         if jsonl.exists():
             _drop_records_after(jsonl, start_step)
         self.jsonl = open(jsonl, "a")  # noqa: SIM115  open for the whole run
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+            self.writer = SummaryWriter(str(run.local_dir("tensorboard")), purge_step=start_step + 1)
         if progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -74,6 +79,7 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        self.run.maybe_sync()
 
     def log_image(self, tag: str, image: np.ndarray, step: int) -> None:
         """One uint8 [H, W, 3] image as a TensorBoard image summary (PNG-encoded by tensorboardX)."""

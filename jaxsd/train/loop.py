@@ -17,7 +17,6 @@ import logging
 import math
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,6 +36,7 @@ from jaxsd.train.model import describe, initial_params, make_apply_fn
 from jaxsd.train.optimizers import streams_updates
 from jaxsd.train.plan import fresh_state, plan_state
 from jaxsd.train.resume import restore_data_position, resume
+from jaxsd.train.run_dir import RunDir, TriggerFile
 from jaxsd.train.sampling import TrainingSampler
 from jaxsd.train.sharding import (
     global_batch,
@@ -87,7 +87,7 @@ class _StopPolls:
     stops at the same step — a SIGTERM is acted on within `poll_every` steps.
     """
 
-    def __init__(self, trigger: Path, poll_every: int):
+    def __init__(self, trigger: TriggerFile, poll_every: int):
         self.trigger = trigger
         self.every = 1 if jax.process_count() == 1 else max(1, poll_every)
 
@@ -209,22 +209,18 @@ class _CacheBatches:
         return empty
 
 
-def _setup_file_logging(run_dir: Path) -> None:
-    if jax.process_index() == 0 and not any(getattr(h, "_jaxsd", False) for h in log.handlers):
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handler._jaxsd = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-
 def train(cfg: Config, source: Any = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; returns the final state and why it stopped."""
     maybe_initialize_distributed(cfg.sharding)
+    # train.run_dir: a local path or gs://... (jaxsd.train.run_dir); process 0 logs to its train.log, and
+    # leaving the block (also by an exception) uploads what it staged
+    with RunDir(cfg.train.run_dir, writer=jax.process_index() == 0, logger=log) as run:
+        return _train(cfg, source, run)
+
+
+def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     cache_dir = use_compilation_cache(cfg.train.compilation_cache)
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_file_logging(run_dir)
+    run_dir = run.path  # an epath.Path: joined with "/", never through pathlib (gs:// would become gs:/)
 
     mesh = make_mesh(cfg.sharding)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
@@ -264,11 +260,11 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
     steps = CompiledSteps(jax.jit(step_fn, in_shardings=(plan.state_shardings, None),
                                   out_shardings=(plan.state_shardings, replicated), donate_argnums=(0,)))
 
-    logger = RunLogger(run_dir, total_steps=cfg.train.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
+    logger = RunLogger(run, total_steps=cfg.train.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
                        progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)
     logger.message(f"jaxsd train: {init_from}")
     monitor = _Monitor(cfg, logger, ckpt, mesh.size)
-    stops = _StopPolls(run_dir / cfg.checkpoint.trigger_file, cfg.checkpoint.poll_every)
+    stops = _StopPolls(TriggerFile(run_dir / cfg.checkpoint.trigger_file), cfg.checkpoint.poll_every)
     stopped = "done"
     step = start
     batch = _on_mesh(next(source), mesh) if step < cfg.train.steps else None
@@ -308,6 +304,7 @@ def train(cfg: Config, source: Any = None) -> TrainResult:
             if not skipped and (periodic or signalled or triggered):
                 with jax.transfer_guard_device_to_host("allow"):  # a checkpoint copies the state to host
                     ckpt.save(step, checkpointed(state), meta())  # the frozen base is not saved
+                run.sync()  # a remote run dir gets the logs up to this checkpoint (what a resume goes on from)
             if signalled:
                 logger.message(f"signal received: saved step {step}, stopping")
                 stopped = "signal"

@@ -15,12 +15,14 @@ cleans up anything in its checkpoint directory.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxsd.train.run_dir import run_path
 
 
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
@@ -30,8 +32,8 @@ def _not_read_only_notice(record: logging.LogRecord) -> bool:
 class CheckpointReader:
     """Read-only access to `<run_dir>/checkpoints` as `jaxsd.train.checkpoint.Checkpointer` writes it."""
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = run_path(directory, "checkpoint directory")  # local or gs:// (an epath.Path)
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         absl = logging.getLogger("absl")
         absl.addFilter(_not_read_only_notice)  # orbax warns that read_only is read-only: that is the point

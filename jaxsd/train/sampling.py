@@ -3,7 +3,7 @@
 Every `sample_every` steps (never at step 0) the UNet being trained — its EMA params when
 `train.ema.enabled`, else the current params — generates `logging.sample_prompts` through
 `StableDiffusion.generate` with `sample_seed`, so the grids of a run differ only by training.
-Process 0 writes <run_dir>/samples/step_000123.png (one labelled row per prompt,
+Process 0 writes <run_dir>/samples/step_000123.png (local or gs://, through epath) (one labelled row per prompt,
 `sample_images_per_prompt` columns) and the TensorBoard image `samples/ema` or `samples/params`.
 
 Components: VAE, text encoder(s), tokenizer(s) and scheduler come from the pipeline folder
@@ -30,6 +30,7 @@ generation program is compiled at the first sampling step and then reused from g
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -48,6 +50,7 @@ from jaxsd.pipelines.grids import label_grid
 from jaxsd.pipelines.loading import LoadedPipeline, load_pipeline
 from jaxsd.pipelines.pipeline import StableDiffusion
 from jaxsd.text.prompts import PromptEmbeddings
+from jaxsd.train.run_dir import run_path
 from jaxsd.train.trainable import merge_params
 
 log = logging.getLogger("jaxsd.train")
@@ -109,14 +112,14 @@ def _label(prompt: str) -> str:
 class TrainingSampler:
     """Writes a sample grid when `due(step)`; build with `TrainingSampler.from_config` (None when off)."""
 
-    def __init__(self, cfg: LoggingConfig, pipe: StableDiffusion, run_dir: Path, *, ema: bool, mesh: Any,
+    def __init__(self, cfg: LoggingConfig, pipe: StableDiffusion, run_dir: str | os.PathLike, *, ema: bool, mesh: Any,
                  merge: Callable[[Any, Any], Any] = merge_params):
         """Encodes the sample prompts once, then unloads `pipe`'s text encoders (they are not needed again)."""
         self.cfg, self.pipe, self.ema = cfg, pipe, ema
         negative = cfg.sample_negative_prompt or None
         self.embeddings = pipe.text.encode_with_negative(list(cfg.sample_prompts), negative)
         pipe.text = pipe.pipe.text = None
-        self.out_dir = Path(run_dir) / "samples"
+        self.out_dir = run_path(run_dir) / "samples"
         self.tag = "samples/ema" if ema else "samples/params"
         self.which = "EMA params" if ema else "current params (train.ema is off)"
         dh, dw = pipe.default_size
@@ -126,7 +129,7 @@ class TrainingSampler:
         self._gather = jax.jit(merge, out_shardings=NamedSharding(mesh, P()))
 
     @classmethod
-    def from_config(cls, cfg: Config, unet_config: UNetConfig, run_dir: str | Path, mesh: Any,
+    def from_config(cls, cfg: Config, unet_config: UNetConfig, run_dir: str | os.PathLike, mesh: Any,
                     merge: Callable[[Any, Any], Any] = merge_params) -> TrainingSampler | None:
         """Load and check the components (before training starts); None when logging.sample_every is 0."""
         if not cfg.logging.sample_every:
@@ -140,7 +143,7 @@ class TrainingSampler:
                                      attention_impl=cfg.model.attention_impl,
                                      text_max_length=training_text_length(cfg))
         sampler = cls(cfg.logging, StableDiffusion(components, dtype=dtype, attention_impl=cfg.model.attention_impl),
-                      Path(run_dir), ema=cfg.train.ema.enabled, mesh=mesh, merge=merge)
+                      run_dir, ema=cfg.train.ema.enabled, mesh=mesh, merge=merge)
         check_compatible(sampler.pipe, sampler.embeddings[0], sampler.height, sampler.width)
         log.info("sample grids every %d steps from %s with the %s: %d prompts × %d (padded to %d tokens), %dx%d px, "
                  "%d %s steps, CFG %g, seed %d", cfg.logging.sample_every, folder, sampler.which,
@@ -153,7 +156,7 @@ class TrainingSampler:
     def due(self, step: int) -> bool:
         return step > 0 and step % self.cfg.sample_every == 0
 
-    def path(self, step: int) -> Path:
+    def path(self, step: int) -> epath.Path:
         return self.out_dir / f"step_{step:06d}.png"
 
     def generate(self, params: Any) -> np.ndarray:
@@ -168,7 +171,7 @@ class TrainingSampler:
         finally:
             self.pipe.pipe.unet_params = None  # never keep a reference to buffers the next step donates
 
-    def __call__(self, step: int, state: Any, logger: Any) -> Path | None:
+    def __call__(self, step: int, state: Any, logger: Any) -> epath.Path | None:
         """Sample at `step` (call on every process); returns the grid's path on process 0, else None."""
         t0 = time.perf_counter()
         params = self._gather(state.ema if self.ema else state.params, state.frozen)
@@ -181,7 +184,8 @@ class TrainingSampler:
         grid = label_grid(rows, scale=max(1, GRID_CELL_PIXELS // max(self.height, self.width)))
         path = self.path(step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        with path.open("wb") as f:  # PIL given the path itself would write gs://... to the local disk
+            grid.save(f, format="PNG")
         logger.log_image(self.tag, np.asarray(grid), step)
         logger.message(f"step {step}: sample grid of the {self.which} → {path} ({time.perf_counter() - t0:.1f} s, "
                        f"of which compile {self.pipe.last_compile_seconds:.1f} s)")

@@ -45,7 +45,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     """dtype of the trained (master) params and optimizer moments."""
     attention_impl: str = "auto"
-    """auto | einsum | xla | cudnn (see jaxsd/models/attention.py)."""
+    """auto | einsum | xla | cudnn | splash; auto picks per platform and shape (the table in
+    jaxsd/models/attention_select.py). Also used by the text encoders of sample grids."""
     remat_policy: str | None = None
     """activation checkpointing of UNet blocks: None | "full" | "dots" (names understood by the UNet)."""
 
@@ -305,7 +306,7 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("auto", "einsum", "xla", "cudnn"),
+    "model.attention_impl": ("auto", "einsum", "xla", "cudnn", "splash"),
     "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
     "loss.timestep_sampling": ("uniform", "logit_normal"),
     "loss.loss_type": ("l2", "l1", "huber"),

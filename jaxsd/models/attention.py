@@ -1,45 +1,67 @@
 """The one attention function every jaxsd model calls.
 
-Logits and softmax are computed in fp32 whatever the input dtype. The implementation
-is chosen per platform:
+Logits and softmax are computed in fp32 whatever the input dtype, by every implementation.
+Which implementation runs is decided per call, while tracing, by
+`jaxsd.models.attention_select.select_implementation` (its docstring holds the decision table and
+the arithmetic behind it):
 
-* ``"auto"``  — cuDNN flash attention on GPU when the dtype is fp16/bf16 and the
-  head dim is a multiple of 8 up to 128 (cuDNN's constraints); ``"einsum"`` on CPU;
-  ``"xla"`` otherwise (TPU, GPU fp32). On TPU XLA's fused attention is what pays for
-  SD's short sequences; ``"splash"`` is left for long sequences once measured.
+* ``"auto"``  — ``"einsum"`` on CPU; on GPU cuDNN flash attention for fp16/bf16 within cuDNN's
+  limits, else ``"xla"``; on TPU ``"splash"`` for long sequences (Lq and Lk ≥ 1024), else ``"xla"``.
 * ``"einsum"`` — our own two matmuls and softmax with the heads axis moved in front
   ([B, H, L, D]). The same math as `jax.nn.dot_product_attention`'s XLA path, whose
   [B, L, H, D] → [B, H, Lq, Lk] einsums cost XLA:CPU transposes around the softmax
   passes: the `small` preset's train step is 3 % faster with it (wall; 5 % CPU time;
   interleaved A/B in one process, docs/benchmarks.md).
-* ``"xla"`` (`jax.nn.dot_product_attention`) / ``"cudnn"`` — forced.
+* ``"xla"`` (`jax.nn.dot_product_attention`), ``"cudnn"`` (its cuDNN flash attention) and
+  ``"splash"`` (JAX's Pallas TPU kernel, jaxsd/models/splash.py) — forced; refused with an
+  `InputError` where the kernel cannot run the attention.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-Implementation = Literal["auto", "einsum", "xla", "cudnn"]
-IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+from jaxsd.models.attention_select import IMPLEMENTATIONS, MaskKind, select_implementation
+
+__all__ = ["IMPLEMENTATIONS", "Attention", "attention", "choose_implementation", "mask_kind"]
 
 
-def choose_implementation(implementation: str, dtype, head_dim: int) -> str:
-    """Resolve ``"auto"`` for the current default backend; validate explicit choices."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r} unknown; choose one of {IMPLEMENTATIONS}")
-    if implementation != "auto":
-        return implementation
-    backend = jax.default_backend()
-    cudnn_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-    if backend == "gpu" and cudnn_ok:
-        return "cudnn"
-    return "einsum" if backend == "cpu" else "xla"
+def mask_kind(mask: jax.Array | None) -> MaskKind:
+    """"none", "keys" (one row of keys per example, broadcast over heads and queries: [B|1, 1, 1, Lk])
+    or "full" (anything else broadcastable to [B, H, Lq, Lk])."""
+    if mask is None:
+        return "none"
+    shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    return "keys" if shape[1] == 1 and shape[2] == 1 else "full"
+
+
+def choose_implementation(implementation: str, q: jax.Array, k: jax.Array, *, bias: jax.Array | None = None,
+                          mask: jax.Array | None = None) -> str:
+    """`select_implementation` for q [B, Lq, H, D] and k [B, Lk, H, D] on this process's platform."""
+    platform, cudnn_max_head_dim = jax.default_backend(), 128
+    if platform == "gpu":
+        platform, cudnn_max_head_dim = _gpu_facts()
+    return select_implementation(
+        implementation, platform=platform, dtype=q.dtype, head_dim=q.shape[-1], q_len=q.shape[1],
+        kv_len=k.shape[1], has_bias=bias is not None, mask=mask_kind(mask), cudnn_max_head_dim=cudnn_max_head_dim,
+        # several devices and no mesh to shard_map over: XLA would have to partition the Pallas kernel
+        splash_placeable=jax.device_count() == 1 or not jax.sharding.get_abstract_mesh().empty)
+
+
+def _gpu_facts() -> tuple[str, int]:
+    """("gpu", cuDNN flash attention's largest head dim) on NVIDIA GPUs — 256 from compute capability
+    9.0 (Hopper), 128 before; ("rocm", 0) on AMD GPUs, where there is no cuDNN (JAX tells them apart
+    by the client's platform version, as here)."""
+    device = jax.devices()[0]
+    if "cuda" not in device.client.platform_version.lower():
+        return "rocm", 0
+    major_minor = tuple(int(x) for x in device.compute_capability.split(".")[:2])
+    return "gpu", 256 if major_minor >= (9, 0) else 128
 
 
 def attention(
@@ -51,7 +73,6 @@ def attention(
     bias: jax.Array | None = None,
     scale: float | None = None,
     is_causal: bool = False,
-    upcast: bool = False,
     implementation: str = "auto",
     query_chunk_size: int | None = None,
 ) -> jax.Array:
@@ -62,29 +83,40 @@ def attention(
       mask: boolean, broadcastable to [B, H, Lq, Lk]; True = attend.
       bias: additive logits bias broadcastable to [B, H, Lq, Lk] (T5 relative positions).
       scale: logits scale; default 1/sqrt(D). T5 passes 1.0.
-      upcast: compute q/k/v in fp32 (diffusers' `upcast_attention`, SD2.1).
       query_chunk_size: when Lq is larger, queries run in chunks of this size (one
         after another), so the [Lq, Lk] logits never exist at once — the same result
         with bounded memory (the VAE's single-head attention over 128×128 latents
-        would otherwise hold 1 GiB of logits per image). Not with mask/bias/is_causal.
+        would otherwise hold 1 GiB of logits per image). Not with mask/bias/is_causal. The
+        splash kernel needs no chunks (it never holds the logits): ignored there.
     Returns: [B, Lq, H, D] in q's dtype.
+
+    There is no `upcast` (diffusers' `upcast_attention`, SD2.1): the logits are always fp32; see
+    `select_implementation`.
     """
-    out_dtype = q.dtype
-    if upcast:
-        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    impl = choose_implementation(implementation, q.dtype, q.shape[-1])
+    impl = choose_implementation(implementation, q, k, bias=bias, mask=mask)
     if bias is not None:
         bias = bias.astype(q.dtype)
     if query_chunk_size is not None and q.shape[1] > query_chunk_size:
         if mask is not None or bias is not None or is_causal:
             raise ValueError("attention: query_chunk_size works only without mask, bias and is_causal")
-        return _query_chunked(q, k, v, scale, impl, query_chunk_size).astype(out_dtype)
-    return _attend(q, k, v, bias, mask, scale, is_causal, impl).astype(out_dtype)
+        if impl != "splash":
+            return _query_chunked(q, k, v, scale, impl, query_chunk_size)
+    return _attend(q, k, v, bias, mask, scale, is_causal, impl)
 
 
 def _attend(q, k, v, bias, mask, scale, is_causal, impl: str) -> jax.Array:
     if impl == "einsum":
         return _heads_first_attention(q, k, v, bias, mask, scale, is_causal)
+    if impl == "splash":  # the selection refused bias and per-query masks
+        from jaxsd.models.splash import splash_attention  # Pallas imports only where it runs
+
+        key_mask = None if mask is None else jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)[:, 0, 0, :]
+        return splash_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+                                key_mask=key_mask, is_causal=is_causal)
+    if impl == "cudnn":  # cuDNN takes a bias/mask only with full [.., Lq, Lk] trailing dims
+        full = (q.shape[1], k.shape[1])
+        bias = None if bias is None else jnp.broadcast_to(bias, (*bias.shape[:-2], *full))
+        mask = None if mask is None else jnp.broadcast_to(mask, (*mask.shape[:-2], *full))
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
                                         implementation=impl)
 
@@ -138,7 +170,6 @@ class Attention(nn.Module):
     out_dim: int | None = None
     qkv_bias: bool = False
     out_bias: bool = True
-    upcast: bool = False
     norm_num_groups: int | None = None
     norm_eps: float = 1e-5
     residual_connection: bool = False
@@ -160,11 +191,11 @@ class Attention(nn.Module):
             x = GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype, name="group_norm")(x)
         ctx = x if context is None else context
         inner = self.heads * self.dim_head
-        dense = lambda n, name, bias, axes=("embed", "heads"): Dense(  # noqa: E731
+        dense = lambda n, name, bias, axes=("embed", "heads"): Dense(
             n, use_bias=bias, axes=axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         q, k, v = (rearrange(dense(inner, name, self.qkv_bias)(src), "b l (h d) -> b l h d", h=self.heads)
                    for name, src in (("to_q", x), ("to_k", ctx), ("to_v", ctx)))
-        o = attention(q, k, v, upcast=self.upcast, implementation=self.implementation,
+        o = attention(q, k, v, implementation=self.implementation,
                       query_chunk_size=self.query_chunk_size)
         o = dense(self.out_dim or shape[-1], "to_out_0", self.out_bias, ("heads", "embed"))(
             rearrange(o, "b l h d -> b l (h d)"))

@@ -82,16 +82,14 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     dim_head: int
     only_cross_attention: bool = False
-    upcast_attention: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast_attention,
-                                      implementation=self.attention_impl, name=name, **kw)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        attn = lambda name: Attention(self.heads, self.dim_head, implementation=self.attention_impl, name=name, **kw)
         h = LayerNorm(1e-5, name="norm1", **kw)(x)
         x = x + attn("attn1")(h, context if self.only_cross_attention else None)
         h = LayerNorm(1e-5, name="norm2", **kw)(x)
@@ -114,7 +112,6 @@ class Transformer2DModel(nn.Module):
     norm_num_groups: int = 32
     use_linear_projection: bool = False
     only_cross_attention: bool = False
-    upcast_attention: bool = False
     attention_impl: str = "auto"
     remat_policy: str | None = None
     dtype: jnp.dtype = jnp.float32
@@ -122,7 +119,7 @@ class Transformer2DModel(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         height, channels = x.shape[1], x.shape[-1]
         inner = self.heads * self.dim_head
         residual = x
@@ -135,8 +132,8 @@ class Transformer2DModel(nn.Module):
                                "b height width c -> b (height width) c")
         block_cls = maybe_remat(BasicTransformerBlock, self.remat_policy)
         for i in range(self.num_layers):
-            tokens = block_cls(self.heads, self.dim_head, self.only_cross_attention, self.upcast_attention,
-                               self.attention_impl, name=f"transformer_blocks_{i}", **kw)(tokens, context)
+            tokens = block_cls(self.heads, self.dim_head, self.only_cross_attention, self.attention_impl,
+                               name=f"transformer_blocks_{i}", **kw)(tokens, context)
         if self.use_linear_projection:
             h = rearrange(Dense(channels, axes=("conv_in", "conv_out"), name="proj_out", **kw)(tokens),
                           "b (height width) c -> b height width c", height=height)

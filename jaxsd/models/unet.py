@@ -87,6 +87,8 @@ class UNetConfig:
     transformer_layers_per_block: IntOrTuple = 1
     attention_head_dim: IntOrTuple = 8  # diffusers: the number of heads (historical name)
     use_linear_projection: bool = False
+    # SD2.1's flag, read and written; changes nothing: logits and softmax are always fp32 (see
+    # jaxsd/models/attention_select.py), and diffusers' default SDPA processor ignores it too
     upcast_attention: bool = False
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
@@ -218,7 +220,7 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = Dense(self.features, axes=("embed", "mlp"), name="linear_1", **kw)(x)
         return Dense(self.features, axes=("mlp", "embed"), name="linear_2", **kw)(activation(self.act_fn)(h))
 
@@ -230,7 +232,7 @@ class UNet2DConditionModel(nn.Module):
     added_cond None | {"text_embeds": [B,P], "time_ids": [B,T]}) -> [B,H,W,out_channels] in `dtype`.
 
     dtype: compute dtype (params stay `param_dtype`; norms and softmax run in fp32).
-    attention_impl: "auto" | "xla" | "cudnn" (see `jaxsd.models.attention`).
+    attention_impl: "auto" | "einsum" | "xla" | "cudnn" | "splash" (see `jaxsd.models.attention`).
     remat_policy: None, or a `jax.checkpoint_policies` name applied per ResNet and transformer block.
     """
 
@@ -244,7 +246,7 @@ class UNet2DConditionModel(nn.Module):
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  added_cond: Mapping[str, jax.Array] | None = None) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         b = sample.shape[0]
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be [B, H, W, {cfg.in_channels}] (NHWC), got {sample.shape}")
@@ -297,9 +299,9 @@ class UNet2DConditionModel(nn.Module):
 
     def _block_kw(self) -> dict:
         cfg = self.config
-        return dict(norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps, act_fn=cfg.act_fn,
-                    attention_impl=self.attention_impl, remat_policy=self.remat_policy,
-                    dtype=self.dtype, param_dtype=self.param_dtype)
+        return {"norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps, "act_fn": cfg.act_fn,
+                "attention_impl": self.attention_impl, "remat_policy": self.remat_policy,
+                "dtype": self.dtype, "param_dtype": self.param_dtype}
 
     def _attn(self, block_type: str, i: int) -> AttnSettings | None:
         """Attention settings for down block i (or the up block mirroring it); None without attention.
@@ -315,8 +317,7 @@ class UNet2DConditionModel(nn.Module):
             transformer_layers=cfg.per_block("transformer_layers_per_block")[i],
             use_linear_projection=cfg.use_linear_projection,
             # the mid block (UNetMidBlock2DCrossAttn) ignores only_cross_attention in diffusers
-            only_cross_attention=bool(cfg.per_block("only_cross_attention")[i]) and block_type != "CrossAttn",
-            upcast_attention=cfg.upcast_attention)
+            only_cross_attention=bool(cfg.per_block("only_cross_attention")[i]) and block_type != "CrossAttn")
 
     def _text_time_embedding(self, added_cond: Mapping[str, jax.Array] | None, batch: int) -> jax.Array:
         """SDXL: concat(pooled text embeds, sinusoidal(time ids)) → add_embedding (a TimestepEmbedding)."""

@@ -27,7 +27,6 @@ class AttnSettings:
     transformer_layers: int = 1
     use_linear_projection: bool = False
     only_cross_attention: bool = False
-    upcast_attention: bool = False
 
 
 class _BlockBase(nn.Module):
@@ -56,7 +55,7 @@ class _BlockBase(nn.Module):
                              "(config key attention_head_dim, which diffusers uses as the number of heads)")
         return Transformer2DModel(
             a.heads, self.out_channels // a.heads, a.transformer_layers, self.norm_num_groups,
-            a.use_linear_projection, a.only_cross_attention, a.upcast_attention, self.attention_impl,
+            a.use_linear_projection, a.only_cross_attention, self.attention_impl,
             self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}")
 
 

@@ -33,6 +33,7 @@ repeated run loads the compiled step from disk instead of compiling it again.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -155,8 +156,8 @@ class CompiledSteps:
     run loads them from disk instead of compiling again.
     """
 
-    def __init__(self, jitted: Any):
-        self.jitted = jitted
+    def __init__(self, jitted: Any, mesh: Any = None):
+        self.jitted, self.mesh = jitted, mesh
         self.compiled: dict[tuple, tuple[Any, float | None]] = {}
 
     def __call__(self, state: Any, batch: dict[str, Any]) -> tuple[Any, Any, float | None]:
@@ -164,7 +165,10 @@ class CompiledSteps:
         key = batch_signature(batch)
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = compile_train_step(self.jitted.lower(state, batch))
+            # traced under the mesh: a kernel that must run per device (TPU splash attention) finds it
+            with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+                lowered = self.jitted.lower(state, batch)
+            self.compiled[key] = compile_train_step(lowered)
             shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s, _ in key)
             log.info("train step compiled for batch shapes {%s} in %.1f s (%d shape%s so far)", shapes,
                      time.perf_counter() - t0, len(self.compiled), "s" if len(self.compiled) > 1 else "")

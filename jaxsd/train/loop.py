@@ -258,7 +258,8 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
                               streamed=streams_updates(cfg.optimizer))
     # batches arrive as global arrays with their sharding; one executable per batch shape
     steps = CompiledSteps(jax.jit(step_fn, in_shardings=(plan.state_shardings, None),
-                                  out_shardings=(plan.state_shardings, replicated), donate_argnums=(0,)))
+                                  out_shardings=(plan.state_shardings, replicated), donate_argnums=(0,)),
+                          mesh=mesh)
 
     logger = RunLogger(run, total_steps=cfg.train.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
                        progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)

@@ -75,6 +75,8 @@ if [[ $DRY_RUN == 1 ]]; then
   exit 0
 fi
 
+# wait -n -p (which process ended) needs bash 5.1
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) || die "needs bash >= 5.1, this is $BASH_VERSION"
 [[ -z $log_dir ]] || mkdir -p "$log_dir"
 pids=()
 for ((i = 0; i < n; i++)); do

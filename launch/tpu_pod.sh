@@ -10,8 +10,8 @@
 #   create                   create the pod slice (--queued: as a queued resource, which waits for
 #                            capacity; --spot: spot capacity)
 #   install                  copy this checkout (tracked and untracked files, not git-ignored ones) to
-#                            ~/jaxsd on every worker and install it with jax[tpu] into ~/jaxsd/.venv
-#                            (Python 3.12 through uv)
+#                            ~/jaxsd on every worker and install it with jax[tpu] and the gcs extra
+#                            (run dirs in gs://) into ~/jaxsd/.venv (Python 3.12 through uv)
 #   start CONFIG [k=v ...]   start `jaxsd train CONFIG [k=v ...]` on every worker, in the background
 #                            (in ~/jaxsd: CONFIG is a preset name or a path in the checkout; output
 #                            appended to ~/jaxsd_train.log). With --bucket, the run dir is
@@ -111,7 +111,7 @@ case $command in
       'export PATH="$HOME/.local/bin:$PATH"' \
       'command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh' \
       'cd ~/jaxsd && { [ -x .venv/bin/python ] || uv venv --python 3.12 .venv; }' \
-      'uv pip install --python .venv/bin/python -e . "jax[tpu]"' \
+      'uv pip install --python .venv/bin/python -e ".[gcs]" "jax[tpu]"' \
       '.venv/bin/jaxsd --help >/dev/null && echo "$(hostname): jaxsd installed in ~/jaxsd/.venv"')"
     ;;
   start)

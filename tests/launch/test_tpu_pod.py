@@ -130,7 +130,7 @@ def test_install_packs_the_checkout_without_ignored_files_and_installs_jax_tpu_o
     workers, command = _remote(ssh)
     assert workers == "all"
     for step in ("tar -xzf ~/jaxsd.tar.gz -C ~/jaxsd", "uv venv --python 3.12 .venv",
-                 'uv pip install --python .venv/bin/python -e . "jax[tpu]"'):
+                 'uv pip install --python .venv/bin/python -e ".[gcs]" "jax[tpu]"'):
         assert step in command
 
 

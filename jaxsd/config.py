@@ -211,6 +211,9 @@ class LoggingConfig:
     progress_bar: bool = True
     peak_flops: float = 0.0
     """peak FLOP/s of one device for the MFU estimate; 0 = do not report MFU."""
+    debug: list[str] = field(default_factory=list)
+    """Python loggers shown at DEBUG level on every process's console, e.g. [jaxsd.data.loader]: each
+    process logs the sample ids it reads for every global batch (how a multi-host run splits its data)."""
     sample_every: int = 0
     """write a sample grid of `sample_prompts` every N steps (<run_dir>/samples/step_<N>.png and
     TensorBoard image `samples/...`); 0 = off. Generated with the EMA params when train.ema is on."""

@@ -31,11 +31,19 @@ def run_python(code: str, *, devices: int = 8, timeout: float = 600, env: dict |
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                 "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=False,
                           timeout=timeout, env=full_env, cwd=REPO)
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
     return proc.stdout
+
+
+JAXSD = Path(sys.executable).parent / "jaxsd"  # the console script of this venv
+
+
+def _jaxsd_env(env: dict | None) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
 
 
 def jaxsd_command(*args: str, env: dict | None = None, timeout: float = 900, check: bool = True,
@@ -45,14 +53,31 @@ def jaxsd_command(*args: str, env: dict | None = None, timeout: float = 900, che
     PYTHONPATH points at this checkout so a worktree tests its own code. `devices` sets fake CPU
     devices. check=True fails the test with the command's output when it exits non-zero.
     """
-    exe = Path(sys.executable).parent / "jaxsd"
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu",
-                "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    full_env = _jaxsd_env(env)
     if devices is not None:
         full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run([str(JAXSD), *map(str, args)], capture_output=True, text=True, check=False, timeout=timeout,
                           env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"`jaxsd {' '.join(map(str, args))}` exited {proc.returncode}:\n"
                              f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
     return proc
+
+
+def local_processes(n: int, *args: str, devices: int, log_dir: Path, env: dict | None = None,
+                    wait: bool = True, timeout: float = 900) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`launch/local_processes.sh --devices DEVICES --log-dir LOG_DIR N ARGS` with this venv's jaxsd:
+    N processes over loopback, process i's output in LOG_DIR/process_<i>.log.
+
+    wait=False returns the running script (its stderr, a pipe, names each process's pid first);
+    wait=True its finished run, without checking the exit status (a run may stop on purpose).
+    """
+    argv = [str(REPO / "launch" / "local_processes.sh"), "--devices", str(devices), "--log-dir", str(log_dir),
+            "--jaxsd", str(JAXSD), str(n), *map(str, args)]
+    full_env = _jaxsd_env(env)
+    full_env.pop("XLA_FLAGS", None)  # the script sets the device count
+    if not wait:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                                cwd=REPO)
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout, env=full_env,
+                          cwd=REPO)

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    for name in cfg.logging.debug:
+        logging.getLogger(name).setLevel(logging.DEBUG)
     from jaxsd.train.loop import train
     result = train(cfg)
     print(f"jaxsd train: {result.stopped} at step {result.step} ({result.init_from}); run dir {cfg.train.run_dir}")

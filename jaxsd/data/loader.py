@@ -16,6 +16,7 @@ restoring it yields exactly the batches that would have come next.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from jaxsd.data.config import DataConfig
 from jaxsd.data.store import CacheStore, open_store
 from jaxsd.errors import ConfigError, InputError
 
+log = logging.getLogger(__name__)
 BATCH_AXES = ("data", "fsdp")
 _EPOCHS = 1_000_000  # the sequence of batches is "endless": long enough for any run
 
@@ -77,6 +79,7 @@ class _Batches:
 
     def __init__(self, store: CacheStore, cfg: DataConfig, rows: np.ndarray):
         self.store, self.cfg, self.rows = store, cfg, rows
+        self.process = (jax.process_index(), jax.process_count())
         self.buckets = store.bucket_ids()
         self._plans: dict[int, EpochPlan] = {}
         self.steps_per_epoch = len(self._plan(0).batches)
@@ -105,6 +108,9 @@ class _Batches:
             samples.append(self.store.read(int(idx), flip=flip))
         batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
         batch["index"] = self.indices(i).astype(np.int32)
+        if log.isEnabledFor(logging.DEBUG):  # how a multi-host run splits its data (`logging.debug` in jaxsd train)
+            log.debug("global batch %d: process %d of %d reads samples %s", i, *self.process,
+                      batch["index"].tolist())
         return batch
 
 

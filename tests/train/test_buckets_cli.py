@@ -8,74 +8,35 @@ order is part of the data position). Two processes over loopback (gloo) agree on
 their losses equal the one-process, one-device run within 1e-5.
 """
 
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.helpers import REPO, jaxsd_command
-from tests.train.tiny_pipeline import tiny_pipeline
+from tests.helpers import REPO, jaxsd_command, local_processes
+from tests.train.cli_runs import ENV, cached_dataset, records
 
 # (height, width) of the images: four per aspect ratio, one ratio per bucket
 SIZES = [(10, 40), (20, 20), (40, 10)] * 4
 STEPS = 8
-ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-def _yaml(base: Path, pipe: Path, images: Path) -> str:
-    return f"""
-model:
-  pretrained: {pipe}
-train:
-  run_dir: {base / 'straight'}
-  steps: {STEPS}
-  batch_size: 2
-  data_source: cache
-  compilation_cache: {base / 'xla_cache'}
-checkpoint: {{every: 2, keep: 10}}
-logging: {{every: 1, progress_bar: false}}
-data:
-  roots: [{images}]
-  image:
-    resolution: 16
-    buckets: {{enabled: true, min_side: 8, max_side: 32, step: 8}}
-  cache: {{vae: {pipe}, text_encoder: {pipe}, text: clip, dtype: float32, batch_size: 4}}
-  loader: {{batch_size: 2, threads: 1, prefetch: 1}}
-"""
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+BUCKETS = "{resolution: 16, buckets: {enabled: true, min_side: 8, max_side: 32, step: 8}}"
 
 
 def _losses(run_dir: Path) -> list[float]:
-    records = _records(run_dir)
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    return [r["loss"] for r in records]
+    logged = records(run_dir)
+    assert [r["step"] for r in logged] == list(range(1, STEPS + 1))
+    return [r["loss"] for r in logged]
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     base = tmp_path_factory.mktemp("buckets")
-    pipe = tiny_pipeline(base / "pipe")
-    images = base / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate(SIZES):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a picture number {i}")
-    yaml = base / "run.yaml"
-    yaml.write_text(_yaml(base, pipe, images))
-    jaxsd_command("cache", yaml, "--no-progress")
+    yaml = cached_dataset(base, SIZES, steps=STEPS, batch_size=2, image=BUCKETS)
     jaxsd_command("train", yaml, env=ENV)
     return base, yaml
 
@@ -133,24 +94,13 @@ def test_two_processes_agree_on_every_steps_bucket(straight):
     # step's bucket, the global batch could not be assembled. Their losses equal the straight run's
     # (1 process, 1 device, the same batches) within 1e-5: the same math on another mesh.
     base, yaml = straight
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).parent / "jaxsd"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **ENV,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [subprocess.Popen([str(exe), "train", str(yaml), "train.steps=4", "checkpoint.every=100",
-                               "checkpoint.async_save=false", f"train.run_dir={base / 'two'}",
-                               "sharding.distributed=on", f"sharding.coordinator_address=localhost:{port}",
-                               "sharding.num_processes=2", f"sharding.process_id={i}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-             for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-5000:]
+    run = local_processes(2, yaml, "train.steps=4", "checkpoint.every=100",
+                          "checkpoint.async_save=false", f"train.run_dir={base / 'two'}", devices=1,
+                          log_dir=base / "two_logs", env=ENV)
+    assert run.returncode == 0, run.stderr + "".join(f.read_text()[-3000:] for f in (base / "two_logs").iterdir())
     shapes = (base / "two" / "train.log").read_text().count("train step compiled for batch shapes")
     assert shapes >= 2, "the 4 steps saw one bucket only: nothing to agree on"
-    two, one = _records(base / "two"), _records(base / "straight")[:4]
+    two, one = records(base / "two"), records(base / "straight")[:4]
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
     for a, b in zip(two, one):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)

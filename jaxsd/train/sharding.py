@@ -39,8 +39,9 @@ BATCH_AXES = ("data", "fsdp")
 def maybe_initialize_distributed(cfg: ShardingConfig) -> bool:
     """`jax.distributed.initialize` when configured ("on", or a coordinator address) or detected.
 
-    Detection ("auto"): an explicit coordinator address, or the cluster environments JAX
-    itself recognises (TPU pod metadata, SLURM, Open MPI) — signalled by their env vars.
+    Detection ("auto"): an explicit coordinator address, or the environment variables of a GKE TPU
+    pod, SLURM or Open MPI. A TPU VM pod may lack them (JAX reads its metadata server instead):
+    there, use "on" (launch/tpu_pod.sh does).
     Must run before any other JAX call touches the backend. Returns whether it initialised.
     """
     if cfg.distributed == "off":

@@ -29,6 +29,7 @@ import optax
 
 from jaxsd.config import EMAConfig, LossConfig
 from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.train.compile import shared_reduction_below
 from jaxsd.train.ema import update_ema
 from jaxsd.train.loss import ApplyFn, diffusion_loss, draw_randomness
 from jaxsd.train.optimizers import applied_updates
@@ -72,17 +73,13 @@ def qk_grads_average(grads: Any) -> jax.Array:
     return sum(parts) / count if count else jnp.zeros([], jnp.float32)
 
 
-# Params below this many values share one Σ g² reduction (their gradients concatenated,
-# SD1.5: ~460 params, 30 MB): XLA:CPU compiles each reduction into a kernel of its own,
-# and one per param cost ~3 s of the SD1.5 step's compile.
-_SHARED_REDUCTION_BELOW = 1 << 18
-
-
 def squared_norm_parts(grads: Any) -> list[jax.Array]:
-    """Σ g² (f32 scalars) of each param with ≥ 2^18 values, then one of all smaller params."""
+    """Σ g² (f32 scalars) per param; on CPU the params below `shared_reduction_below()` values
+    share one (jaxsd/train/compile.py: a compile-time choice of XLA:CPU's)."""
+    below = shared_reduction_below()
     leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grads)]
-    parts = [jnp.sum(jnp.square(g)) for g in leaves if g.size >= _SHARED_REDUCTION_BELOW]
-    small = [g.reshape(-1) for g in leaves if g.size < _SHARED_REDUCTION_BELOW]
+    parts = [jnp.sum(jnp.square(g)) for g in leaves if g.size >= below]
+    small = [g.reshape(-1) for g in leaves if g.size < below]
     if small:
         parts.append(jnp.sum(jnp.square(jnp.concatenate(small))))
     return parts

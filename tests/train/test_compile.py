@@ -5,15 +5,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsd.train.compile import run_once, train_step_compiler_options, warm_cpu_heap
+from jaxsd.train.compile import (
+    run_once,
+    shared_reduction_below,
+    train_step_compiler_options,
+    warm_cpu_heap,
+)
 from tests.helpers import run_python
 
 
 def test_only_the_cpu_gets_tuned_compile_options():
     cpu = train_step_compiler_options("cpu")
     assert cpu == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", "xla_backend_optimization_level": 1}
+    assert shared_reduction_below("cpu") == 1 << 18  # small params' Σ g² in one reduction
     for accelerator in ("gpu", "cuda", "rocm", "tpu"):
         assert train_step_compiler_options(accelerator) == {}, accelerator
+        assert shared_reduction_below(accelerator) == 0, accelerator
 
 
 def test_run_once_computes_what_jit_does():

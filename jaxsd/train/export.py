@@ -21,6 +21,10 @@ that checkpoint (`meta["config"]`), so a run resumed with other settings exports
 its own. Without a step, the newest checkpoint that restores is used; a damaged one is skipped
 with a warning.
 
+A LoRA run is exported with `merge_lora`: the base UNet with the adapters folded in; when the text
+encoders trained adapters too (`lora.text_encoder`), the run's text encoders (those of
+`data.cache.text_encoder`) with theirs folded in replace BASE's `text_encoder/` (`text_encoder_2/`).
+
 The output is written whole or not at all and replaces only a previous export (see
 `convert/output_folder.py`); `jaxsd_export.json` in it records what was exported.
 """

@@ -28,6 +28,7 @@ from jaxsd.train.sharding import param_shardings, train_state_shardings
 from jaxsd.train.step import TrainState, init_state
 from jaxsd.train.text import (
     StepText,
+    check_fits_unet,
     frozen_shapes,
     initial_text_adapters,
     load_text_params,
@@ -95,6 +96,7 @@ def plan_state(cfg: Config, mesh) -> StatePlan:
         t_shard, f_shard = split_params(shardings, cfg.train.trainable, cfg.train.frozen)
     text = step_text(cfg)
     if text is not None:
+        check_fits_unet(text, module.config)
         te_shard, adapter_shard = text_shardings(text, mesh, rules, jnp.dtype(cfg.model.param_dtype))
         f_shapes, f_shard = {"unet": f_shapes, **frozen_shapes(text, base_dtype)}, {"unet": f_shard, **te_shard}
         if text.adapters:

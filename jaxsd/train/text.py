@@ -94,6 +94,23 @@ class StepText:
                                            variant=self.variant, attention_impl=model.implementation, weights=False)
 
 
+def check_fits_unet(text: StepText, unet: Any) -> None:
+    """Refuse (ConfigError) text encoders whose conditioning the UNet (a `UNetConfig`) cannot take: another
+    embedding width than its cross_attention_dim, or no pooled embedding for an SDXL (text_time) UNet."""
+    encoders = text.encoders
+    width = (encoders.projection.config.out_features if encoders.projection is not None else
+             sum(getattr(m.config, "hidden_size", None) or m.config.d_model for m in encoders.encoders))
+    where = f"data.cache.text_encoder={str(text.folder)!r} read as text family {text.kind!r}"
+    if width != unet.context_dim:
+        raise ConfigError(f"{where} gives {width}-wide text embeddings, but the UNet has cross_attention_dim="
+                          f"{unet.context_dim}: use the pipeline folder of this UNet, and its family "
+                          "(data.cache.text: tokens reads it from the folder; sdxl needs text_encoder_2/)")
+    if unet.addition_embed_type == "text_time" and text.kind != "sdxl":
+        raise ConfigError(f"{where}: the UNet is an SDXL one (addition_embed_type text_time) and needs the pooled "
+                          "embedding of SDXL's second text encoder: set data.cache.text: sdxl (or tokens, to read "
+                          "the family from the folder)")
+
+
 def _example_inputs(model) -> tuple:
     return clip_inputs(model.config) if isinstance(model, CLIPTextModel) else t5_inputs(model.config)
 
@@ -241,5 +258,5 @@ def text_folders(cfg: Config) -> list[Path]:
     return [root / name for name in TEXT_COMPONENTS[text_family(cfg.data)] if not name.startswith("tokenizer")]
 
 
-__all__ = ["StepText", "frozen_shapes", "initial_text_adapters", "load_text_params", "step_text", "text_conditioning",
+__all__ = ["StepText", "check_fits_unet", "frozen_shapes", "initial_text_adapters", "load_text_params", "step_text", "text_conditioning",
            "text_folders", "text_shardings", "text_variables"]

@@ -1,19 +1,15 @@
-"""Text encoders in the train step (token-id caches, jaxsd/train/text.py).
+"""The train step's conditioning from token ids (jaxsd/train/text.py) equals `PromptEncoder.encode`
+(itself checked against diffusers in tests/text/test_prompts.py) for SD1, SD2 (padding mask), SDXL (both
+encoders' penultimate states and the pooled embedding) — with text-encoder adapters — and the hybrid's
+T5 + projection; a sample dropped by loss.cond_dropout is the empty caption's encoding.
 
-* The step's conditioning equals `PromptEncoder.encode` (itself checked against diffusers in
-  tests/text/test_prompts.py) for SD1, SD2 (padding mask), SDXL (both encoders' penultimate states and
-  the pooled embedding) with text-encoder adapters, and the hybrid's T5 + projection; a dropped sample
-  is the empty caption's encoding.
-* A run on a token cache equals a run on the embedding cache of the same data (frozen encoders,
-  conditioning dropout on), loss for loss within 1e-5: the two cache modes agree end to end.
-* The text encoders are part of the frozen base: a resume with another text encoder is refused.
+Whole runs (a token cache against an embedding cache, text-encoder LoRA through the CLI) are in
+tests/train/test_text_training.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from functools import partial
 
 import jax
@@ -21,17 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsd.config import Config, LoRAConfig, TrainConfig, load_config
+from jaxsd.config import Config, LoRAConfig, TrainConfig
 from jaxsd.data.config import CacheConfig, DataConfig
 from jaxsd.models.lora import scale_adapters
 from jaxsd.text.prompts import PromptEncoder
 from jaxsd.train.sharding import make_mesh
-from jaxsd.train.text import load_text_params, step_text, text_conditioning, text_shardings, text_variables
-from tests.data.fakes import make_images
-from tests.data.test_cache_text import _save_tiny_clip
+from jaxsd.train.text import (
+    load_text_params,
+    step_text,
+    text_conditioning,
+    text_shardings,
+    text_variables,
+)
 from tests.data.test_cache_tokens import FAMILIES
 from tests.helpers import rel_err
-from tests.train.tiny_pipeline import IMAGE_SIZE, tiny_pipeline
 
 CAPTIONS = ["a photo of a cat", "an oil painting of a castle at sunset", "dog"]
 DROP = np.array([False, True, False])  # the second sample is dropped: encoded as ""
@@ -79,70 +78,28 @@ def test_step_conditioning_equals_prompt_encoder(name, tmp_path):
         assert rel_err(out["encoder_hidden_states"], pe.encode(prompts).encoder_hidden_states) > 1e-3
 
 
-def _yaml(base, pipe, images, mode: str) -> str:
-    return f"""
-model: {{pretrained: {pipe}}}
-optimizer: {{learning_rate: 0.01}}
-loss: {{cond_dropout: 0.5}}
-train: {{run_dir: {base / ('run_' + mode)}, steps: 6, batch_size: 4, data_source: cache}}
-checkpoint: {{every: 6, async_save: false}}
-logging: {{every: 1, progress_bar: false, tensorboard: false}}
-data:
-  roots: [{images}]
-  image: {{resolution: {IMAGE_SIZE}}}
-  cache: {{vae: {pipe}, text_encoder: {pipe}, text: clip, text_mode: {mode}, dtype: float32, batch_size: 4}}
-  loader: {{batch_size: 4, threads: 1, prefetch: 1}}
-"""
+def test_what_the_step_cannot_encode_is_refused_by_name(tmp_path):
+    from jaxsd.config import ModelConfig, load_config
+    from jaxsd.errors import ConfigError
+    from jaxsd.train.plan import plan_state
+    from tests.data.test_cache_text import tiny_sdxl_pipeline, tiny_t5_text_pipeline
+    from tests.train.tiny_pipeline import UNET
 
+    with pytest.raises(ConfigError, match="lora.text_encoder: .* set data.cache.text_mode: tokens"):
+        load_config("tiny", ["model.pretrained=/x", "lora.rank=4", "lora.text_encoder=true"])
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """The same data cached as embeddings and as token ids (two roots: a root's manifest holds one text
-    cache), each trained 6 steps with the same settings."""
-    from jaxsd.cli import main
+    def config(pipe, family, **lora):
+        return Config(model=ModelConfig(unet=UNET.to_diffusers()), train=TrainConfig(data_source="cache"),
+                      data=DataConfig(cache=CacheConfig(text_encoder=str(pipe), text=family, text_mode="tokens",
+                                                        max_length=16 if family.startswith("t5") else 0)),
+                      lora=LoRAConfig(**lora))
 
-    base = tmp_path_factory.mktemp("text_step")
-    pipe = tiny_pipeline(base / "pipe")
-    images = make_images(base / "images_tokens", 4)
-    configs = {mode: base / f"{mode}.yaml" for mode in ("tokens", "embeddings")}
-    configs["tokens"].write_text(_yaml(base, pipe, images, "tokens"))
-    assert main(["cache", str(configs["tokens"]), "--no-progress"]) == 0
-    # the same latents, the text cached again as embeddings
-    shutil.copytree(images, base / "images_embeddings")
-    configs["embeddings"].write_text(_yaml(base, pipe, base / "images_embeddings", "embeddings"))
-    assert main(["cache", str(configs["embeddings"]), "--only", "text", "--no-progress"]) == 0
-    for yaml in configs.values():
-        assert main(["train", str(yaml)]) == 0
-    return base, pipe, configs
-
-
-def _losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_token_cache_run_equals_embedding_cache_run(two_runs):
-    base = two_runs[0]
-    emb, tok = _losses(base / "run_embeddings"), _losses(base / "run_tokens")
-    assert len(emb) == len(tok) == 6
-    np.testing.assert_allclose(tok, emb, rtol=1e-5, atol=0)
-    # the dropout draws did drop samples (p = 0.5 over 24 samples), so the empty caption's tokens were used
-    assert len(set(emb)) == 6
-
-
-def test_a_resume_with_another_text_encoder_is_refused(two_runs, tmp_path):
-    from jaxsd.train.loop import train
-    from jaxsd.train.resume import ResumeMismatch
-
-    base, pipe, configs = two_runs
-    other = tmp_path / "other"  # the same tokenizer (the cache still fits), another text encoder
-    shutil.copytree(pipe, other, ignore=shutil.ignore_patterns("text_encoder"))
-    _save_tiny_clip(other / "text_encoder", 1, 32, False)
-    cfg = load_config(configs["tokens"], ["train.steps=7", f"data.cache.text_encoder={other}"])
-    with pytest.raises(ResumeMismatch, match="was trained on another base model"):
-        train(cfg)
-    # the base fingerprint covers the text encoder of token runs only: embedding runs keep theirs
-    from jaxsd.train.base import base_fingerprint
-    tok = load_config(configs["tokens"])
-    assert base_fingerprint(tok).startswith(base_fingerprint(load_config(configs["embeddings"])) + "+text:")
-    assert base_fingerprint(tok) != base_fingerprint(dataclasses.replace(
-        tok, data=dataclasses.replace(tok.data, cache=dataclasses.replace(tok.data.cache, text_encoder=str(other)))))
+    t5 = tiny_t5_text_pipeline(tmp_path / "t5")
+    with pytest.raises(ConfigError, match="lora.text_encoder: the t5_projected text encoder is a T5"):
+        step_text(config(t5, "t5_projected", rank=4, text_encoder=True))
+    sdxl = tiny_sdxl_pipeline(tmp_path / "sdxl")  # 16 + 32-wide encoders; the UNet takes 32
+    with pytest.raises(ConfigError, match="gives 48-wide text embeddings, but the UNet has cross_attention_dim=32"):
+        plan_state(config(sdxl, "tokens"), make_mesh(Config().sharding))
+    with pytest.raises(ConfigError, match="leave none of the text encoders' 24 adapters to train"):
+        step_text(dataclasses.replace(config(sdxl, "sdxl", rank=4, text_encoder=True),
+                                      train=TrainConfig(data_source="cache", trainable=["up_blocks"])))

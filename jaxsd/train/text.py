@@ -115,9 +115,14 @@ def _example_inputs(model) -> tuple:
     return clip_inputs(model.config) if isinstance(model, CLIPTextModel) else t5_inputs(model.config)
 
 
+def encodes_text(cfg: Config) -> bool:
+    """Whether `cfg`'s train step encodes the text: its batches come from a token-id cache."""
+    return cfg.train.data_source == "cache" and cfg.data.cache.tokens
+
+
 def step_text(cfg: Config) -> StepText | None:
     """The text encoders `cfg`'s train step runs; None when its batches hold cached embeddings (or are synthetic)."""
-    if cfg.train.data_source != "cache" or not cfg.data.cache.tokens:
+    if not encodes_text(cfg):
         return None
     from jaxsd.data.model_encoders import max_length, text_family
 
@@ -250,7 +255,7 @@ def text_conditioning(text: StepText, parts: Callable[[Any, Any], tuple[dict, di
 def text_folders(cfg: Config) -> list[Path]:
     """The component folders whose weights the step's frozen text side is made of ([] without text in the
     step): what the base fingerprint covers besides the UNet."""
-    if cfg.train.data_source != "cache" or not cfg.data.cache.tokens or not cfg.data.cache.text_encoder:
+    if not encodes_text(cfg) or not cfg.data.cache.text_encoder:
         return []
     from jaxsd.data.model_encoders import TEXT_COMPONENTS, text_family
 
@@ -258,5 +263,5 @@ def text_folders(cfg: Config) -> list[Path]:
     return [root / name for name in TEXT_COMPONENTS[text_family(cfg.data)] if not name.startswith("tokenizer")]
 
 
-__all__ = ["StepText", "check_fits_unet", "frozen_shapes", "initial_text_adapters", "load_text_params", "step_text", "text_conditioning",
+__all__ = ["StepText", "check_fits_unet", "encodes_text", "frozen_shapes", "initial_text_adapters", "load_text_params", "step_text", "text_conditioning",
            "text_folders", "text_shardings", "text_variables"]

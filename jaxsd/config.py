@@ -276,7 +276,8 @@ class LoRAConfig:
     init: str = "peft"
     """peft: down kaiming-uniform, up zeros; gaussian: down ~ N(0, 1/rank), up zeros."""
     text_encoder: bool = False
-    """also adapt the text encoder(s)' q/k/v/out_proj and MLP (fc1/fc2); needs the text encoded in the step."""
+    """also adapt the CLIP text encoder(s)' q/k/v/out_proj and MLP (fc1/fc2), with `rank`/`alpha`; needs the
+    text encoded in the step: a token-id cache (data.cache.text_mode: tokens)."""
     base_dtype: str | None = None
     """dtype the frozen base weights are stored in (bfloat16 halves their memory); null = model.param_dtype."""
     init_from: str | None = None
@@ -399,9 +400,10 @@ def _check_lora(cfg: Config) -> None:
         return
     if not cfg.model.pretrained:
         raise ConfigError("lora.rank > 0 trains adapters on a pretrained UNet: set model.pretrained")
-    if lc.text_encoder:
-        raise ConfigError("lora.text_encoder: adapters on the text encoders need the captions encoded in the train "
-                          "step, which jaxsd train does not do yet; set lora.text_encoder=false")
+    if lc.text_encoder and not (cfg.train.data_source == "cache" and cfg.data.cache.tokens):
+        raise ConfigError("lora.text_encoder: adapters on the text encoders train with the captions encoded in the "
+                          "train step, from a cache of token ids: set data.cache.text_mode: tokens (and run jaxsd "
+                          "cache again), or lora.text_encoder=false")
     if lc.dropout:
         raise ConfigError("lora.dropout > 0 is not supported by jaxsd train yet; set lora.dropout=0")
     if lc.init_from:

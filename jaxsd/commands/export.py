@@ -22,8 +22,9 @@ pooled width), else nothing is written. If BASE's scheduler has another noise sc
 
 A LoRA run (lora.rank > 0) exports its adapters as a LoRA file with --lora: the PEFT/diffusers
 layout (`pipe.load_lora_weights`) or kohya's (`--format kohya`: kohya-ss, A1111, ComfyUI), with
-rank/alpha, targets, steps and the base UNet's fingerprint in the metadata. --merge-lora writes the
-base UNet with the adapters folded in, as a folder like any other export.
+rank/alpha, targets, steps and the base UNet's fingerprint in the metadata; text-encoder adapters
+(lora.text_encoder) go in the same file. --merge-lora writes the base UNet (and the run's text
+encoders) with the adapters folded in, as a folder like any other export.
 
 DIR must not exist, be empty, or be a previous export (it holds jaxsd_export.json, which records
 run, step, EMA and BASE); a previous export is replaced as a whole, once the new one is complete.

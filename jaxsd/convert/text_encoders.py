@@ -45,9 +45,10 @@ T5_SPEC = ConversionSpec(tied={"encoder.embed_tokens.weight": "shared.weight"})
 PROJECTION_SPEC = ConversionSpec()
 
 
-def load_clip(folder: str | os.PathLike, *, dtype=None, variant: str | None = None, allow_pickle: bool = False,
-              with_projection: bool | None = None, to_device: Callable | None = None) -> tuple[CLIPTextConfig, dict]:
-    """A transformers CLIPTextModel[WithProjection] folder -> (config, Flax params).
+def clip_config(folder: str | os.PathLike, *, variant: str | None = None, allow_pickle: bool = False,
+                with_projection: bool | None = None) -> CLIPTextConfig:
+    """The config of a transformers CLIPTextModel[WithProjection] folder (no weights are read, except the
+    safetensors header when config.json names no architecture).
 
     with_projection: None reads the architecture from config.json (and, when it
     names none, from whether the weights hold `text_projection.weight`).
@@ -59,6 +60,14 @@ def load_clip(folder: str | os.PathLike, *, dtype=None, variant: str | None = No
         with_projection = "text_projection.weight" in state
     if with_projection is not None and with_projection != config.with_projection:
         config = dataclasses.replace(config, with_projection=with_projection)
+    return config
+
+
+def load_clip(folder: str | os.PathLike, *, dtype=None, variant: str | None = None, allow_pickle: bool = False,
+              with_projection: bool | None = None, to_device: Callable | None = None) -> tuple[CLIPTextConfig, dict]:
+    """A transformers CLIPTextModel[WithProjection] folder -> (config, Flax params); `with_projection`
+    as `clip_config`."""
+    config = clip_config(folder, variant=variant, allow_pickle=allow_pickle, with_projection=with_projection)
     params = load_params(folder, CLIPTextModel(config), clip_inputs(config), weights_name=TRANSFORMERS_WEIGHTS,
                          spec=CLIP_SPEC, dtype=dtype, variant=variant, allow_pickle=allow_pickle, to_device=to_device)
     return config, params
@@ -133,6 +142,7 @@ def _load_state(folder, state, module, inputs, spec, dtype, to_device) -> dict:
 __all__ = [
     "CLIP_SPEC",
     "T5_SPEC",
+    "clip_config",
     "load_clip",
     "load_t5",
     "load_text_projection",

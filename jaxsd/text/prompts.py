@@ -37,11 +37,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxsd.convert.text_encoders import load_clip, load_t5, load_text_projection
+from jaxsd.convert.folder import read_config
+from jaxsd.convert.text_encoders import clip_config, load_clip, load_t5, load_text_projection
 from jaxsd.errors import InputError, InputNotFoundError
 from jaxsd.models.clip import CLIPTextModel
-from jaxsd.models.t5 import T5EncoderModel
-from jaxsd.models.text_projection import TextProjection
+from jaxsd.models.t5 import T5Config, T5EncoderModel
+from jaxsd.models.text_projection import TextProjection, TextProjectionConfig
 from jaxsd.text.encode import (
     ENCODER_NAMES,
     KINDS,
@@ -202,7 +203,7 @@ class PromptEncoder:
     @classmethod
     def from_pipeline(cls, folder: str | os.PathLike, kind: str | None = None, *, dtype=jnp.float32,
                       param_dtype=None, max_length: int | None = None, variant: str | None = None,
-                      attention_impl: str = "auto") -> PromptEncoder:
+                      attention_impl: str = "auto", weights: bool = True) -> PromptEncoder:
         """Load the text side of a diffusers pipeline folder.
 
         kind: one of KINDS; None guesses it from the folder (`guess_kind`).
@@ -210,6 +211,8 @@ class PromptEncoder:
           so a bf16 encoder never holds an fp32 copy).
         max_length: T5 token length (e.g. 77/256/512); default the tokenizer's `model_max_length` (where a
           pipeline folder records the length its UNet was trained with, see jaxsd/pipelines/text_length.py).
+        weights: False reads configs and tokenizers only (every params None): the modules and shapes, for a
+          caller that places the weights itself (the train step's text encoders, jaxsd/train/text.py).
         """
         root = Path(folder)
         kind = kind or guess_kind(root)
@@ -225,15 +228,18 @@ class PromptEncoder:
                     raise InputNotFoundError(f"{root}: kind {kind!r} needs a {n}/ folder")
             tok = load_tokenizer(root / tok_name, max_length=max_length if kind.startswith("t5") else None)
             if kind.startswith("t5"):
-                config, params = load_t5(root / enc_name, dtype=store, variant=variant)
+                config, params = (load_t5(root / enc_name, dtype=store, variant=variant) if weights else
+                                  (T5Config.from_transformers(read_config(root / enc_name)), None))
                 model = T5EncoderModel(config, implementation=attention_impl, dtype=dtype)
             else:
-                config, params = load_clip(root / enc_name, dtype=store, variant=variant)
+                config, params = (load_clip(root / enc_name, dtype=store, variant=variant) if weights else
+                                  (clip_config(root / enc_name, variant=variant), None))
                 model = CLIPTextModel(config, implementation=attention_impl, dtype=dtype)
             comps.append(TextComponent(tok, model, params))
         projection = None
         if kind == "t5_projected":
-            pconfig, pparams = load_text_projection(root / "text_projection", dtype=store)
+            pconfig, pparams = (load_text_projection(root / "text_projection", dtype=store) if weights else
+                                (TextProjectionConfig.from_dict(read_config(root / "text_projection")), None))
             projection = (TextProjection(pconfig, dtype=dtype), pparams)
         return cls(kind, comps, projection, bool(index.get("force_zeros_for_empty_prompt", True)), max_length)
 

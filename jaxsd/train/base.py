@@ -6,7 +6,11 @@ where the run got them — `model.pretrained`, or the random init of `train.seed
 fingerprint stored in each checkpoint's meta makes sure it is the same base: a different one is
 refused with one message instead of silently training adapters on the wrong weights.
 
-The fingerprint is cheap (no full read of a multi-GB file): the UNet's config.json, and per
+A run that encodes its text in the step (token-id cache, `jaxsd.train.text`) has the text encoders
+as frozen params too: they are reloaded from `data.cache.text_encoder` the same way, and their folders
+are part of the fingerprint (a resume with another text encoder is refused like one with another UNet).
+
+The fingerprint is cheap (no full read of a multi-GB file): each component's config.json, and per
 weights file its name, size and a SHA-256 of its first and last MiB — safetensors files begin
 with a header listing every tensor's name, dtype, shape and offset.
 """
@@ -25,6 +29,7 @@ from jaxsd.config import Config
 from jaxsd.train.model import initial_params, unet_folder
 from jaxsd.train.plan import StatePlan
 from jaxsd.train.step import TrainState
+from jaxsd.train.text import load_text_params, text_folders
 from jaxsd.train.trainable import split_params
 
 _EDGE = 1 << 20
@@ -41,26 +46,42 @@ def _file_digest(path: Path) -> str:
     return f"{path.name}:{size}:{h.hexdigest()}"
 
 
+def _folder_parts(folder: Path, variant: str | None) -> list[str]:
+    """A component folder's config.json and the digests of its weights files (of `variant`)."""
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")
+                     and (variant is None or f".{variant}." in p.name))
+    return [(folder / "config.json").read_text(), *(_file_digest(p) for p in weights)]
+
+
 def base_fingerprint(cfg: Config) -> str:
     """What the frozen params of `cfg` are made from, as a short stable string."""
     if not cfg.model.pretrained:
         unet = json.dumps(dict(cfg.model.unet), sort_keys=True)
-        return "scratch:" + hashlib.sha256(f"{unet}|seed={cfg.train.seed}".encode()).hexdigest()[:16]
-    folder = unet_folder(cfg.model.pretrained)
-    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")
-                     and (cfg.model.variant is None or f".{cfg.model.variant}." in p.name))
-    parts = [(folder / "config.json").read_text(), *(_file_digest(p) for p in weights)]
-    return "pretrained:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+        base = "scratch:" + hashlib.sha256(f"{unet}|seed={cfg.train.seed}".encode()).hexdigest()[:16]
+    else:
+        parts = _folder_parts(unet_folder(cfg.model.pretrained), cfg.model.variant)
+        base = "pretrained:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    folders = text_folders(cfg)
+    if not folders:
+        return base
+    parts = [f"{f.name}\n" + "\n".join(_folder_parts(f, cfg.data.cache.variant or None)) for f in folders]
+    return f"{base}+text:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def load_frozen(cfg: Config, plan: StatePlan) -> Any:
-    """The run's frozen params, loaded as at the start of the run and placed with their shardings."""
-    if not jax.tree.leaves(plan.abstract.frozen):
-        return plan.abstract.frozen  # nothing frozen: an empty tree
-    params, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings, dtype=plan.base_dtype)
-    if plan.adapters is not None:
-        return params  # LoRA: the whole UNet is the frozen base
-    return split_params(params, cfg.train.trainable, cfg.train.frozen)[1]
+def load_frozen(cfg: Config, plan: StatePlan, *, text: bool = True) -> Any:
+    """The run's frozen params, loaded as at the start of the run and placed with their shardings.
+
+    text=False: without the text encoders of a text-in-the-step run ({"unet": ...} only), for
+    callers that need the UNet alone (exporting it)."""
+    unet = plan.unet_parts(plan.abstract.params, plan.abstract.frozen)[1]
+    if jax.tree.leaves(unet):
+        params, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings, dtype=plan.base_dtype)
+        # LoRA: the whole UNet is the frozen base
+        unet = params if plan.adapters is not None else split_params(params, cfg.train.trainable, cfg.train.frozen)[1]
+    if plan.text is None:
+        return unet  # (nothing frozen: the empty tree)
+    shardings = plan.state_shardings.frozen
+    return {"unet": unet, **(load_text_params(plan.text, plan.base_dtype, shardings) if text else {})}
 
 
 def checkpointed(state: TrainState) -> dict[str, Any]:

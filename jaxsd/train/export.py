@@ -21,6 +21,10 @@ that checkpoint (`meta["config"]`), so a run resumed with other settings exports
 its own. Without a step, the newest checkpoint that restores is used; a damaged one is skipped
 with a warning.
 
+A LoRA run is exported with `merge_lora`: the base UNet with the adapters folded in; when the text
+encoders trained adapters too (`lora.text_encoder`), the run's text encoders (those of
+`data.cache.text_encoder`) with theirs folded in replace BASE's `text_encoder/` (`text_encoder_2/`).
+
 The output is written whole or not at all and replaces only a previous export (see
 `convert/output_folder.py`); `jaxsd_export.json` in it records what was exported.
 """
@@ -60,10 +64,24 @@ from jaxsd.train.plan import plan_state
 from jaxsd.train.run_dir import is_remote, require_run_dir, run_path
 from jaxsd.train.sampling import training_text_length
 from jaxsd.train.sharding import make_mesh
-from jaxsd.train.trainable import merge_params
 
 log = logging.getLogger("jaxsd.export")
 MARKER = "jaxsd_export.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedText:
+    """The text encoders' side of a `lora.text_encoder` checkpoint (numpy arrays), per component
+    ("text_encoder", "text_encoder_2"): base params, trained down/up trees and their plans, configs."""
+
+    params: dict[str, Any]
+    adapters: dict[str, Any]
+    plans: dict[str, Any]  # jaxsd.train.adapters.AdapterPlan
+    configs: dict[str, Any]  # CLIPTextConfig
+
+    def merged(self, component: str) -> Any:
+        """The component's params with its adapters folded into the kernels (scale alpha / rank)."""
+        return jax.device_get(jax.jit(self.plans[component].merged)(self.adapters[component], self.params[component]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +96,7 @@ class TrainedUNet:
     adapters: Any = None  # LoRA runs: the trained down/up tree (params holds them folded in)
     adapter_plan: Any = None  # its jaxsd.train.adapters.AdapterPlan
     base_hash: str | None = None  # LoRA runs: fingerprint_params of the frozen base UNet
+    text: TrainedText | None = None  # lora.text_encoder runs: the text encoders' adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,12 +166,20 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
                 raise InputError(f"{where}: the run's base model changed since this checkpoint was written "
                                  f"(fingerprint {meta['base']}, now {base}); its frozen params "
                                  f"come from model.pretrained={cfg.model.pretrained!r}, which must be that model")
-            frozen = jax.device_get(load_frozen(cfg, plan))
+            text_trains = plan.text is not None and bool(plan.text.adapters)
+            frozen = jax.device_get(load_frozen(cfg, plan, text=text_trains))  # the UNet alone needs no encoders
+            trained = fields[which]
             if plan.adapters is None:
-                return TrainedUNet(cfg, plan.module.config, merge_params(fields[which], frozen), s, ema)
-            merged = jax.device_get(jax.jit(plan.merged)(fields[which], frozen))
-            return TrainedUNet(cfg, plan.module.config, merged, s, ema, fields[which], plan.adapters,
-                               fingerprint_params(frozen))
+                return TrainedUNet(cfg, plan.module.config, plan.merged(trained, frozen), s, ema)
+            merged = jax.device_get(jax.jit(plan.merged)(trained, frozen))
+            unet_adapters, unet_base = plan.unet_parts(trained, frozen)
+            text = None
+            if text_trains:
+                names = tuple(plan.text.adapters)
+                text = TrainedText({c: frozen[c] for c in names}, {c: trained[c] for c in names},
+                                   dict(plan.text.adapters), plan.text.configs())
+            return TrainedUNet(cfg, plan.module.config, merged, s, ema, unet_adapters, plan.adapters,
+                               fingerprint_params(unet_base), text)
         raise InputError("no checkpoint restores: " + "; ".join(failures) +
                          (". Pick another with --step" if step is not None else ""))
     finally:
@@ -192,7 +219,9 @@ def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path 
     """Write checkpoint `step` (default: the newest) of `run_dir` to `out` as a pipeline or UNet folder.
 
     merge_lora: a LoRA run's adapters folded into the base UNet (required for LoRA runs: a folder
-    holds whole weights; `jaxsd.train.export_lora` writes the adapters alone as a LoRA file)."""
+    holds whole weights; `jaxsd.train.export_lora` writes the adapters alone as a LoRA file), and
+    text-encoder adapters (lora.text_encoder) into the run's text encoders, which replace the base's."""
+    from jaxsd.convert.text_encoders import save_clip
     from jaxsd.convert.unet import save_unet
 
     if pipeline is not None and unet_only:
@@ -211,6 +240,10 @@ def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path 
         if merge_lora and not cfg.lora.enabled:
             raise InputError(f"--merge-lora: {run_dir} is not a LoRA run (lora.rank is 0)")
         base = None if unet_only else Path(pipeline) if pipeline is not None else default_pipeline(cfg)
+        if base is None and cfg.lora.text_encoder:
+            raise InputError(f"--merge-lora: {run_dir} trained text-encoder adapters too (lora.text_encoder), and a "
+                             "UNet folder has no text encoder to merge them into: give --pipeline BASE (a pipeline "
+                             "folder) instead of --unet-only, or write the adapters as a LoRA file (--lora)")
         if base is not None:
             flag = "--pipeline" if pipeline is not None else "the run's model.pretrained (default --pipeline)"
             check_replaceable(out, MARKER, [*keep, base])
@@ -219,17 +252,25 @@ def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path 
 
     trained = load_trained_unet(run_dir, ema=ema, step=step, before_restore=choose_base)
     base = chosen["base"]
+    text = sorted(trained.text.adapters) if trained.text is not None else []  # text encoders merged too
+    if base is not None:
+        missing = [c for c in text if c not in pipeline_components(base)]
+        if missing:
+            raise InputError(f"--merge-lora: the run trained adapters on {', '.join(missing)}, which the base "
+                             f"pipeline {base} does not have; use --pipeline with the pipeline the run trained on")
     links, from_run = None, False
     with replacing_folder(out, MARKER, [*keep, *([base] if base else [])]) as staging:
         if base is not None:
-            links = link_components(base, staging)
+            links = link_components(base, staging, skip=("unet", *text))
             from_run = use_run_schedule(staging, trained.run_config.diffusion)
             text_length = training_text_length(trained.run_config)
             if text_length is not None:  # the T5 length the run's text cache was encoded at
                 set_text_max_length(staging, text_length)
         save_unet(staging / "unet" if base is not None else staging, trained.config, trained.params)
+        for component in text:  # the run's own text encoders (data.cache.text_encoder's), adapters folded in
+            save_clip(staging / component, trained.text.configs[component], trained.text.merged(component))
         record = {"written_by": "jaxsd export", "run_dir": str(run_dir), "step": trained.step,
-                  "ema": ema, "pipeline": str(base.absolute()) if base else None,
+                  "ema": ema, "pipeline": str(base.absolute()) if base else None, "merged_text_encoders": text,
                   "scheduler": "the run's noise schedule" if from_run else ("the pipeline's" if base else None)}
         (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
     return ExportResult(out.absolute(), trained.step, base, links, from_run)

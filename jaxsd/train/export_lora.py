@@ -4,8 +4,9 @@ The trained `down` / `up` matrices (or their EMA) of one checkpoint, in the PEFT
 (what `pipe.save_lora_weights` writes and `pipe.load_lora_weights` reads) or kohya's
 (`lora_unet_...`, what kohya-ss, A1111 and ComfyUI load), with rank/alpha as those tools read them
 and metadata: base model family, rank, alpha, targets, steps and a fingerprint of the base UNet
-(`jaxsd.convert.lora`). The family comes from the base pipeline folder (`--pipeline`, default the
-run's `model.pretrained`).
+(`jaxsd.convert.lora`). A `lora.text_encoder` run's text-encoder adapters go in the same file
+(`text_encoder.` / `text_encoder_2.`; kohya `lora_te_`, SDXL `lora_te1_` / `lora_te2_`). The family
+comes from the base pipeline folder (`--pipeline`, default the run's `model.pretrained`).
 """
 
 from __future__ import annotations
@@ -49,11 +50,16 @@ def export_lora(run_dir: str | os.PathLike, out: str | Path, *, layout: str = "p
     trained = load_trained_unet(run_dir, ema=ema, step=step, before_restore=family_of)
     lc = trained.run_config.lora
     family = found["family"]
-    weights = LoraWeights.from_adapters({"unet": trained.adapters}, {"unet": trained.adapter_plan.specs})
+    adapters, plans, text_configs = {"unet": trained.adapters}, {"unet": trained.adapter_plan.specs}, {}
+    if trained.text is not None:  # lora.text_encoder: text_encoder. / lora_te_ (SDXL: lora_te1_, lora_te2_) keys
+        for component, tree in trained.text.adapters.items():
+            adapters[component], plans[component] = tree, trained.text.plans[component].specs
+            text_configs[component] = trained.text.configs[component]
+    weights = LoraWeights.from_adapters(adapters, plans)
     targets = lc.targets if isinstance(lc.targets, str) else tuple(lc.targets)
     info = LoraInfo(family=family, rank=lc.rank, alpha=float(lc.alpha or lc.rank), conv_rank=lc.conv_rank,
-                    conv_alpha=float(lc.conv_alpha or lc.conv_rank), targets=targets, text_encoder=False,
-                    steps=trained.step, base_unet_hash=trained.base_hash)
+                    conv_alpha=float(lc.conv_alpha or lc.conv_rank), targets=targets,
+                    text_encoder=trained.text is not None, steps=trained.step, base_unet_hash=trained.base_hash)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_lora(out, weights, LoraModel(family, trained.config), layout=layout, info=info)
+    write_lora(out, weights, LoraModel(family, trained.config, text_configs), layout=layout, info=info)
     return LoraExport(out, trained.step, weights.count(), family)

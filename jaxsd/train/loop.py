@@ -37,7 +37,7 @@ from jaxsd.train.optimizers import streams_updates
 from jaxsd.train.plan import fresh_state, plan_state
 from jaxsd.train.resume import restore_data_position, resume
 from jaxsd.train.run_dir import RunDir, TriggerFile
-from jaxsd.train.sampling import TrainingSampler
+from jaxsd.train.sampling import StateText, TrainingSampler
 from jaxsd.train.sharding import (
     global_batch,
     make_mesh,
@@ -46,6 +46,7 @@ from jaxsd.train.sharding import (
 )
 from jaxsd.train.step import TrainState, make_train_step, reduce_metrics
 from jaxsd.train.synthetic import SyntheticSource
+from jaxsd.train.text import text_conditioning
 
 log = logging.getLogger("jaxsd.train")
 
@@ -204,8 +205,8 @@ class _CacheBatches:
     def empty_prompt(self):
         empty = self.loader.empty_prompt()
         if empty is None:
-            raise InputError("loss.cond_dropout > 0 needs the empty prompt's cached embedding; the text cache "
-                             "has none (re-run jaxsd cache)")
+            raise InputError("loss.cond_dropout > 0 needs the empty caption's cached text (embedding or token ids); "
+                             "the text cache has none (re-run jaxsd cache)")
         return empty
 
 
@@ -229,8 +230,13 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     replicated = NamedSharding(mesh, P())
     log.info("trainable: %s of %s%s", describe(plan.abstract.params), describe(plan.param_shapes),
              f" (LoRA adapters on {len(plan.adapters.specs)} layers; the UNet is frozen)" if plan.adapters else "")
+    if plan.text is not None:
+        adapted = sum(len(p.specs) for p in plan.text.adapters.values())
+        log.info("text encoders of %s run in the step (%s): %s%s", plan.text.folder, ", ".join(plan.text.components),
+                 describe(plan.text.shapes), f", LoRA adapters on {adapted} of their layers" if adapted else ", frozen")
     # before data and compilation, so unusable sample components fail at start-up, not at step sample_every
-    sampler = TrainingSampler.from_config(cfg, plan.module.config, run_dir, mesh, merge=plan.merged)
+    trained_text = StateText(plan.text, plan.text_parts) if plan.text and plan.text.adapters else None
+    sampler = TrainingSampler.from_config(cfg, plan.module.config, run_dir, mesh, merge=plan.merged, text=trained_text)
 
     source = source if source is not None else make_source(cfg, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
@@ -248,12 +254,14 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     if jax.process_index() == 0:  # after the resume check: it compares against the checkpoint's own copy
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
+    # the empty caption's cached text: its embedding, or (text in the step) its token ids
     empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None
+    encode_text = None if plan.text is None else text_conditioning(plan.text, plan.text_parts, empty)
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
     step_fn = make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,
-                              plan.tx, plan.lr_fn, combine=plan.variables,
+                              plan.tx, plan.lr_fn, combine=plan.variables, encode_text=encode_text,
                               ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,
-                              empty_cond=None if empty is None else jax.tree.map(jnp.asarray, empty),
+                              empty_cond=None if empty is None or encode_text else jax.tree.map(jnp.asarray, empty),
                               micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,
                               streamed=streams_updates(cfg.optimizer))
     # batches arrive as global arrays with their sharding; one executable per batch shape

@@ -4,6 +4,11 @@
 `TrainState` (ShapeDtypeStructs carrying their shardings): what the loop initialises or
 restores into, what a resume compares against the checkpoint's own config, and what
 `jaxsd export` restores from.
+
+With a token-id cache the text encoders run in the step (`jaxsd.train.text`): the state's frozen
+tree is keyed by component, {"unet": ..., "text_encoder": ..., ...}, and so is its trainable tree
+when the text encoders train adapters (`lora.text_encoder`). `unet_parts` / `text_parts` take
+those trees apart; everything that needs the UNet alone goes through them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,16 @@ from jaxsd.train.model import build_unet, param_shapes, unet_config
 from jaxsd.train.optimizers import make_optimizer
 from jaxsd.train.sharding import param_shardings, train_state_shardings
 from jaxsd.train.step import TrainState, init_state
+from jaxsd.train.text import (
+    StepText,
+    check_fits_unet,
+    frozen_shapes,
+    initial_text_adapters,
+    load_text_params,
+    step_text,
+    text_shardings,
+    text_variables,
+)
 from jaxsd.train.trainable import merge_params, split_params
 
 
@@ -37,15 +52,28 @@ class StatePlan:
     state_shardings: TrainState
     adapters: AdapterPlan | None = None  # LoRA runs: the adapters train, the whole UNet is frozen
     base_dtype: Any = None  # dtype of the frozen params as loaded
+    text: StepText | None = None  # token-id caches: the text encoders the step runs
+
+    def unet_parts(self, trainable: Any, frozen: Any) -> tuple[Any, Any]:
+        """The UNet's (trainable, frozen) trees within the state's (or their shardings / abstract values)."""
+        if self.text is None:
+            return trainable, frozen
+        return (trainable["unet"] if self.text.adapters else trainable), frozen["unet"]
+
+    def text_parts(self, trainable: Any, frozen: Any) -> tuple[dict, dict | None]:
+        """The text side's (params, {"lora": ...} or None) within the state's trees (`encode_token_ids`' arguments)."""
+        return text_variables(self.text, trainable, frozen)
 
     def variables(self, trainable: Any, frozen: Any) -> Any:
         """What the step's apply_fn takes: the full params, or (LoRA) {"params": base, "lora": adapters}."""
+        trainable, frozen = self.unet_parts(trainable, frozen)
         if self.adapters is None:
             return merge_params(trainable, frozen)
         return {"params": frozen, "lora": self.adapters.variables(trainable)}
 
     def merged(self, trainable: Any, frozen: Any) -> Any:
         """The full UNet params (LoRA: adapters folded in): what sample grids and exports use."""
+        trainable, frozen = self.unet_parts(trainable, frozen)
         return merge_params(trainable, frozen) if self.adapters is None else self.adapters.merged(trainable, frozen)
 
 
@@ -66,25 +94,40 @@ def plan_state(cfg: Config, mesh) -> StatePlan:
     else:
         t_shapes, f_shapes = split_params(shapes, cfg.train.trainable, cfg.train.frozen)
         t_shard, f_shard = split_params(shardings, cfg.train.trainable, cfg.train.frozen)
+    text = step_text(cfg)
+    if text is not None:
+        check_fits_unet(text, module.config)
+        te_shard, adapter_shard = text_shardings(text, mesh, rules, jnp.dtype(cfg.model.param_dtype))
+        f_shapes, f_shard = {"unet": f_shapes, **frozen_shapes(text, base_dtype)}, {"unet": f_shard, **te_shard}
+        if text.adapters:
+            t_shapes = {"unet": t_shapes, **{c: p.shapes(jnp.dtype(cfg.model.param_dtype))
+                                             for c, p in text.adapters.items()}}
+            t_shard = {"unet": t_shard, **adapter_shard}
     tx, lr_fn = make_optimizer(cfg.optimizer, cfg.train.steps)
     ema = cfg.train.ema.enabled
     abstract = jax.eval_shape(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema), t_shapes, f_shapes)
     state_sharding = train_state_shardings(abstract, t_shard, f_shard, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    return StatePlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding, adapters, base_dtype)
+    return StatePlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding, adapters, base_dtype, text)
 
 
 def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
     """A new train state (fresh optimizer state, EMA = params) from full `params`, sharded as planned.
     LoRA: `params` are the frozen base; the adapters start fresh (up = 0: step 0 is the base).
+    Text in the step: the text encoders are read from their folder (`jaxsd.train.text`).
 
     `params` are donated: the state takes over their buffers instead of holding a second copy.
     """
+    t_shard, _ = plan.unet_parts(plan.state_shardings.params, plan.state_shardings.frozen)
     if plan.adapters is not None:
-        t_params = initial_adapters(cfg, plan.adapters, plan.param_shapes, plan.state_shardings.params)
+        t_params = initial_adapters(cfg, plan.adapters, plan.param_shapes, t_shard)
         f_params = params
     else:
         t_params, f_params = split_params(params, cfg.train.trainable, cfg.train.frozen)
+    if plan.text is not None:
+        f_params = {"unet": f_params, **load_text_params(plan.text, plan.base_dtype, plan.state_shardings.frozen)}
+        if plan.text.adapters:
+            t_params = {"unet": t_params, **initial_text_adapters(cfg, plan.text, plan.state_shardings.params)}
     init = jax.jit(lambda t, f: init_state(t, f, plan.tx, cfg.train.seed, cfg.train.ema.enabled),
                    out_shardings=plan.state_shardings, donate_argnums=(0, 1))
     return init(t_params, f_params)

@@ -16,6 +16,11 @@ everywhere instead of at step `sample_every` on one process. The prompts are enc
 the text encoders unloaded before the train state exists: they would otherwise stay resident for the
 whole run (SDXL's two CLIPs: 3.3 GB fp32; a T5-XXL hybrid: 19 GB).
 
+When the text encoders train adapters (`lora.text_encoder`), the prompts are encoded again at every
+grid by the train state's text encoders with their adapters (EMA or current, as the UNet), through the
+same `PromptEncoder.encode_with_negative`; the components' own text encoders only check at start-up
+that the embeddings fit the UNet.
+
 Multi-process / sharded params: one jitted reshard gathers the params to a replicated layout; it is a
 collective, so every process calls `TrainingSampler.__call__`. Process 0 then generates on its first
 local device; the others go on and wait for it in the next step's collectives. Cost: one full copy of
@@ -29,6 +34,7 @@ generation program is compiled at the first sampling step and then reused from g
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -49,8 +55,10 @@ from jaxsd.models.unet import UNetConfig
 from jaxsd.pipelines.grids import label_grid
 from jaxsd.pipelines.loading import LoadedPipeline, load_pipeline
 from jaxsd.pipelines.pipeline import StableDiffusion
+from jaxsd.text.encode import ENCODER_NAMES
 from jaxsd.text.prompts import PromptEmbeddings
 from jaxsd.train.run_dir import run_path
+from jaxsd.train.text import StepText
 from jaxsd.train.trainable import merge_params
 
 log = logging.getLogger("jaxsd.train")
@@ -109,12 +117,24 @@ def _label(prompt: str) -> str:
     return prompt if len(prompt) <= LABEL_CHARS else prompt[:LABEL_CHARS - 1] + "…"
 
 
+@dataclasses.dataclass(frozen=True)
+class StateText:
+    """Text encoders whose adapters train: what the train state holds of them.
+
+    step_text: the step's encoders and tokenizers (`jaxsd.train.text.StepText`); parts(trainable, frozen)
+    -> (params, {"lora": ...}) within the state's trees (`StatePlan.text_parts`)."""
+
+    step_text: StepText
+    parts: Callable[[Any, Any], tuple[dict, dict | None]]
+
+
 class TrainingSampler:
     """Writes a sample grid when `due(step)`; build with `TrainingSampler.from_config` (None when off)."""
 
     def __init__(self, cfg: LoggingConfig, pipe: StableDiffusion, run_dir: str | os.PathLike, *, ema: bool, mesh: Any,
-                 merge: Callable[[Any, Any], Any] = merge_params):
-        """Encodes the sample prompts once, then unloads `pipe`'s text encoders (they are not needed again)."""
+                 merge: Callable[[Any, Any], Any] = merge_params, text: StateText | None = None):
+        """Encodes the sample prompts once, then unloads `pipe`'s text encoders (they are not needed again).
+        text: the prompts are encoded again at each grid by the state's text encoders (see module doc)."""
         self.cfg, self.pipe, self.ema = cfg, pipe, ema
         negative = cfg.sample_negative_prompt or None
         self.embeddings = pipe.text.encode_with_negative(list(cfg.sample_prompts), negative)
@@ -127,10 +147,13 @@ class TrainingSampler:
         # One reshard program for the whole run: (trainable, frozen) → the full UNet tree (LoRA: the
         # adapters folded in), replicated.
         self._gather = jax.jit(merge, out_shardings=NamedSharding(mesh, P()))
+        self._text = None if text is None else (text.step_text.prompt_encoder(),
+                                                jax.jit(text.parts, out_shardings=NamedSharding(mesh, P())))
 
     @classmethod
     def from_config(cls, cfg: Config, unet_config: UNetConfig, run_dir: str | os.PathLike, mesh: Any,
-                    merge: Callable[[Any, Any], Any] = merge_params) -> TrainingSampler | None:
+                    merge: Callable[[Any, Any], Any] = merge_params,
+                    text: StateText | None = None) -> TrainingSampler | None:
         """Load and check the components (before training starts); None when logging.sample_every is 0."""
         if not cfg.logging.sample_every:
             return None
@@ -143,7 +166,7 @@ class TrainingSampler:
                                      attention_impl=cfg.model.attention_impl,
                                      text_max_length=training_text_length(cfg))
         sampler = cls(cfg.logging, StableDiffusion(components, dtype=dtype, attention_impl=cfg.model.attention_impl),
-                      run_dir, ema=cfg.train.ema.enabled, mesh=mesh, merge=merge)
+                      run_dir, ema=cfg.train.ema.enabled, mesh=mesh, merge=merge, text=text)
         check_compatible(sampler.pipe, sampler.embeddings[0], sampler.height, sampler.width)
         log.info("sample grids every %d steps from %s with the %s: %d prompts × %d (padded to %d tokens), %dx%d px, "
                  "%d %s steps, CFG %g, seed %d", cfg.logging.sample_every, folder, sampler.which,
@@ -171,13 +194,31 @@ class TrainingSampler:
         finally:
             self.pipe.pipe.unet_params = None  # never keep a reference to buffers the next step donates
 
+    def _encode_prompts(self, params: dict, variables: dict | None) -> tuple[PromptEmbeddings, PromptEmbeddings]:
+        """(cond, uncond) of the sample prompts by the state's text encoders `params` with their adapters."""
+        encoder = self._text[0]
+        lora = (variables or {}).get("lora", {})
+        encoder.params = params
+        for name, comp in zip(ENCODER_NAMES, encoder.components):
+            comp.lora = lora.get(name)
+        try:
+            return encoder.encode_with_negative(list(self.cfg.sample_prompts), self.cfg.sample_negative_prompt or None)
+        finally:  # no reference to buffers the next step donates
+            encoder.params = {}
+            for comp in encoder.components:
+                comp.lora = None
+
     def __call__(self, step: int, state: Any, logger: Any) -> epath.Path | None:
         """Sample at `step` (call on every process); returns the grid's path on process 0, else None."""
         t0 = time.perf_counter()
-        params = self._gather(state.ema if self.ema else state.params, state.frozen)
+        trained = state.ema if self.ema else state.params
+        params = self._gather(trained, state.frozen)
+        text = None if self._text is None else self._text[1](trained, state.frozen)
         if jax.process_index() != 0:
             return None
         local = jax.tree.map(lambda x: x.addressable_data(0), params)
+        if text is not None:
+            self.embeddings = self._encode_prompts(*jax.tree.map(lambda x: x.addressable_data(0), text))
         images = self.generate(local)
         k = self.cfg.sample_images_per_prompt
         rows = [(_label(p), list(images[i * k:(i + 1) * k])) for i, p in enumerate(self.cfg.sample_prompts)]

@@ -128,11 +128,16 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
                     tx: optax.GradientTransformationExtraArgs, lr_fn: optax.Schedule, *, ema_cfg: EMAConfig | None = None,
                     grad_accum_steps: int = 1, empty_cond: dict[str, jax.Array] | None = None,
                     micro_batch_sharding: Any = None, loss_fn: Callable | None = None,
-                    streamed: bool = False, combine: Callable[[Any, Any], Any] = merge_params) -> Callable:
+                    streamed: bool = False, combine: Callable[[Any, Any], Any] = merge_params,
+                    encode_text: Callable | None = None) -> Callable:
     """The pure step function `(state, batch) -> (state, metrics)`.
 
     apply_fn(params, noisy, t, encoder_hidden_states, added_cond) runs the model on what `combine(trainable,
       frozen)` makes: by default the merged full params; LoRA: {"params": base, "lora": adapters}.
+    encode_text(trainable, frozen, batch, drop [B] bool) -> batch: for batches of token ids, the batch with
+      its text encoded ("encoder_hidden_states", "pooled"), dropped samples from the empty caption
+      (`jaxsd.train.text.text_conditioning`); None: the batch holds cached embeddings, and dropped samples
+      take `empty_cond`.
     tx: from `jaxsd.train.optimizers.make_optimizer` (or `guarded(any_optax_tx)`): its update takes
       `grad_norm=` (clipping) and `apply=` (the NaN skip).
     loss_fn: replaces `diffusion_loss` (same signature) — the "what the loss is" seam.
@@ -144,11 +149,13 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
     """
     k = grad_accum_steps
     objective = loss_fn or diffusion_loss
-    if loss_cfg.cond_dropout > 0 and empty_cond is None:
+    if loss_cfg.cond_dropout > 0 and empty_cond is None and encode_text is None:
         raise ValueError("loss.cond_dropout > 0 needs the empty-prompt embedding (empty_cond); "
                          "the data source did not provide one")
 
     def loss_of(trainable, frozen, batch, draws):
+        if encode_text is not None:  # token ids → what the UNet is conditioned on (inside the gradient)
+            batch = encode_text(trainable, frozen, batch, draws["drop"])
         return objective(apply_fn, combine(trainable, frozen), batch, draws, schedule, loss_cfg, empty_cond)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)

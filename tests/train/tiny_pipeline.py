@@ -40,11 +40,12 @@ def save_tiny_unet(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def tiny_pipeline(folder: Path) -> Path:
+def tiny_pipeline(folder: Path, *, text_sensitive: bool = False) -> Path:
+    """text_sensitive: the UNet of `save_text_sensitive_unet` (images that show what the text encoder gives)."""
     folder = Path(folder)
     write_clip_tokenizer(folder / "tokenizer")
     _save_tiny_clip(folder / "text_encoder", 0, UNET.cross_attention_dim, False)
-    return _save_image_side(folder, save_tiny_unet, MODEL_INDEX)
+    return _save_image_side(folder, save_text_sensitive_unet if text_sensitive else save_tiny_unet, MODEL_INDEX)
 
 
 def _save_image_side(folder: Path, save_unet_fn, index: dict) -> Path:

@@ -36,6 +36,7 @@ from jaxsd.errors import InputError
 
 LABELS = ("preset", "step", "clip", "lora", "base_dtype", "latent", "batch", "dtype", "optimizer")
 MEMORY_LABELS = ("preset", "lora", "base_dtype", "latent", "batch", "dtype", "remat", "optimizer")
+MEMORY_HEADERS = ("args GB", "temp GB", "total GB", "trained M", "compile s")
 BASE_DTYPES = ("float32", "bfloat16")
 
 
@@ -195,9 +196,6 @@ def format_table(records: list[dict]) -> str:
         rows = [[*(str(r["config"].get(k)) for k in MEMORY_LABELS), *memory_cells(r["jaxsd"])] for r in memory]
         parts.append(table([*MEMORY_LABELS, *MEMORY_HEADERS], rows))
     return "\n\n".join(parts)
-
-
-MEMORY_HEADERS = ("args GB", "temp GB", "total GB", "trained M", "compile s")
 
 
 def memory_cells(figures: dict) -> list[str]:

@@ -199,6 +199,16 @@ def make_record(suite: str, config: Mapping, results: Mapping, *, note: str | No
     return rec
 
 
+def compiled_memory_figures(out: Mapping) -> dict:
+    """A memory-analysis child's result (`bench.jaxsd_unet.memory_figures` + compile and lowering
+    time) as record figures: GB as numbers, times and peak RSS as stats of the one child."""
+    figures = {k: out[k] for k in ("argument_gb", "output_gb", "alias_gb", "temp_gb", "per_device_gb")}
+    for key in ("compile_s", "lower_s", "peak_rss_gb"):
+        if out.get(key) is not None:
+            figures[key] = stats([out[key]])
+    return figures
+
+
 def append_jsonl(path: str | os.PathLike, records: Sequence[Mapping]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +264,7 @@ __all__ = [
     "BenchError",
     "append_jsonl",
     "comparison_table",
+    "compiled_memory_figures",
     "machine",
     "make_record",
     "ratio",

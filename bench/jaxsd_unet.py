@@ -121,3 +121,16 @@ def flops_of(compiled) -> float | None:
     if not ca or "flops" not in ca:
         return None
     return float(ca["flops"])
+
+
+def memory_figures(compiled) -> dict:
+    """XLA's memory analysis of a compiled step, GB per device: arguments, outputs, the outputs that
+    reuse donated argument buffers (alias), temporaries, and the total a device holds while it runs
+    (arguments + outputs − alias + temporaries)."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        raise RuntimeError("this backend gives no memory analysis of the compiled step")
+    gb = {name: getattr(mem, f"{attr}_size_in_bytes") / 1e9 for name, attr in
+          (("argument_gb", "argument"), ("output_gb", "output"), ("alias_gb", "alias"), ("temp_gb", "temp"))}
+    gb["per_device_gb"] = gb["argument_gb"] + gb["output_gb"] - gb["alias_gb"] + gb["temp_gb"]
+    return gb

@@ -38,6 +38,19 @@ def load_unet(folder: str | None, cfg: dict, seed: int = 0):
     return UNet2DConditionModel(**cfg)
 
 
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # PEFT's names of jaxsd's `attn` preset
+
+
+def add_lora(model, rank: int) -> None:
+    """diffusers + PEFT LoRA as diffusers' train_text_to_image_lora does it: the UNet frozen, then
+    adapters of rank `rank` (alpha = rank; PEFT's default init: A kaiming-uniform, B zeros) on
+    every attention's to_q/to_k/to_v/to_out.0 — the only params left with requires_grad."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS))
+
+
 def make_optimizer(name: str, params) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY)
@@ -73,7 +86,7 @@ def make_train_step(model, opt: torch.optim.Optimizer, dtype: str, kind: str = "
     kind "grad": as "simple" but forward + backward only (no optimizer step).
     kind "train": what diffusers' train_text_to_image does per step — fresh noise and
     timesteps, DDPMScheduler.add_noise on the latents, epsilon target, grad-norm clip at
-    `clip` (0 = none).
+    `clip` (0 = none) over the params that train (all, or a LoRA's adapters).
     """
     from diffusers import DDPMScheduler
 
@@ -83,6 +96,7 @@ def make_train_step(model, opt: torch.optim.Optimizer, dtype: str, kind: str = "
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear")
     gen = torch.Generator().manual_seed(0)
+    trained = [p for p in model.parameters() if p.requires_grad]
 
     def step(batch: dict) -> float:
         if kind == "train":
@@ -98,7 +112,7 @@ def make_train_step(model, opt: torch.optim.Optimizer, dtype: str, kind: str = "
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
         if kind == "train" and clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(trained, clip)
         if kind != "grad":
             opt.step()
         opt.zero_grad(set_to_none=True)

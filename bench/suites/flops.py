@@ -92,7 +92,7 @@ def child_jaxsd(config: dict) -> dict:
 
     model = J.build_model(config["unet"], config["dtype"])
     kit = make_kit(config["step"], model, config["optimizer"])
-    state = kit.abstract_state(J.abstract_params(model))
+    state = kit.abstract_state()
     batch = kit.to_batch(J.abstract_batch(config["unet"], config["batch"], config["latent"]))
     t0 = time.perf_counter()
     lowered = jax.jit(kit.step, donate_argnums=kit.donate).lower(*state, batch)

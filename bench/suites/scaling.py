@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.harness import comparison_table, make_record, run_child, stats, table
+from bench.harness import comparison_table, compiled_memory_figures, make_record, run_child, table
 from bench.presets import DEFAULT_LATENT, unet_preset
 from bench.suites import train_step
 from jaxsd.errors import InputError
@@ -75,9 +75,7 @@ def device_point(args: argparse.Namespace, devices: int, latent: int) -> dict:
               "sharding": "jaxsd.train.sharding (fsdp)" if args.step == "train" else "largest dim over fsdp"}
     out = run_child("scaling", "fsdp", {**config, "unet": unet_preset(args.preset)}, timeout=args.timeout,
                     env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"})
-    figures = {k: out[k] for k in ("argument_gb", "output_gb", "alias_gb", "temp_gb", "per_device_gb")}
-    figures["compile_s"] = stats([out["compile_s"]])
-    figures["peak_rss_gb"] = stats([out["peak_rss_gb"]])
+    figures = {**compiled_memory_figures(out), "info": out["info"]}
     return make_record("scaling", config, {"jaxsd": figures}, note=args.note)
 
 
@@ -88,11 +86,9 @@ def format_table(records: list[dict]) -> str:
         parts.append(comparison_table(steps, ("sweep", "preset", "latent", "batch", "dtype")))
     devs = [r for r in records if r["config"]["sweep"] == "devices"]
     if devs:
-        rows = [[r["config"]["devices"], r["config"]["batch"], f"{r['jaxsd']['argument_gb']:.3g}",
-                 f"{r['jaxsd']['temp_gb']:.3g}", f"{r['jaxsd']['per_device_gb']:.3g}",
-                 f"{r['jaxsd']['compile_s']['median']:.0f}"] for r in devs]
-        parts.append(table(["devices", "global batch", "args GB/dev", "temp GB/dev", "total GB/dev",
-                            "compile s"], rows))
+        rows = [[r["config"]["devices"], r["config"]["batch"], *train_step.memory_cells(r["jaxsd"])] for r in devs]
+        parts.append(table(["devices", "global batch", *(f"{h}/dev" if "GB" in h else h
+                                                          for h in train_step.MEMORY_HEADERS)], rows))
     return "\n\n".join(parts)
 
 
@@ -116,28 +112,6 @@ def _fsdp_sharding(mesh, n: int):
     return lambda tree: jax.tree.map(for_shape, tree)
 
 
-def _trainer_shardings(model, state: tuple, batch: dict, n: int):
-    """(mesh, state shardings, batch shardings) exactly as `jaxsd train` builds them for sharding.fsdp=n."""
-    import jax
-
-    from jaxsd.config import ShardingConfig
-    from jaxsd.train.model import param_shapes
-    from jaxsd.train.sharding import (
-        batch_sharding,
-        make_mesh,
-        param_shardings,
-        train_state_shardings,
-    )
-    from jaxsd.train.trainable import split_params
-
-    cfg = ShardingConfig(data=1, fsdp=n)
-    mesh = make_mesh(cfg)
-    shapes, logical = param_shapes(model)
-    trainable, frozen = split_params(param_shardings(shapes, logical, mesh, dict(cfg.rules)))
-    state_sh = (train_state_shardings(state[0], trainable, frozen, mesh),)
-    return mesh, state_sh, jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch)
-
-
 def child_fsdp(config: dict) -> dict:
     import time
 
@@ -151,11 +125,15 @@ def child_fsdp(config: dict) -> dict:
     if jax.device_count() != n:
         raise RuntimeError(f"expected {n} devices, JAX sees {jax.device_count()} (XLA_FLAGS not applied?)")
     model = J.build_model(config["unet"], config["dtype"], remat_policy=config.get("remat"))
-    kit = make_kit(config["step"], model, config["optimizer"])
-    state = kit.abstract_state(J.abstract_params(model))
+    train = config["step"] == "train"
+    kit = make_kit(config["step"], model, config["optimizer"], fsdp=n if train else 1)
+    state = kit.abstract_state()
     batch = kit.to_batch(J.abstract_batch(config["unet"], config["batch"], config["latent"]))
-    if kit.kind == "train":  # the trainer's own shardings: logical-axis rules, mesh (data=1, fsdp=n, tensor=1)
-        mesh, state_sh, batch_sh = _trainer_shardings(model, state, batch, n)
+    if train:  # the trainer's own shardings: logical-axis rules, mesh (data=1, fsdp=n, tensor=1)
+        from jaxsd.train.sharding import batch_sharding
+
+        mesh, state_sh = kit.mesh, kit.state_shardings
+        batch_sh = jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch)
     else:
         mesh = Mesh(jax.devices(), ("fsdp",))
         state_sh = _fsdp_sharding(mesh, n)(state)
@@ -168,12 +146,6 @@ def child_fsdp(config: dict) -> dict:
     compiled = jax.jit(kit.step, in_shardings=(*state_sh, batch_sh), out_shardings=out_sh,
                        donate_argnums=kit.donate).lower(*state, batch).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    if mem is None:
-        raise RuntimeError("this backend gives no memory analysis of the compiled step")
-    gb = lambda name: getattr(mem, name) / 1e9
-    per_device = gb("argument_size_in_bytes") + gb("output_size_in_bytes") - gb("alias_size_in_bytes") \
-        + gb("temp_size_in_bytes")
-    return {"argument_gb": gb("argument_size_in_bytes"), "output_gb": gb("output_size_in_bytes"),
-            "alias_gb": gb("alias_size_in_bytes"), "temp_gb": gb("temp_size_in_bytes"),
-            "per_device_gb": per_device, "compile_s": compile_s}
+    num_params, num_trainable = kit.param_counts(state)
+    return {**J.memory_figures(compiled), "compile_s": compile_s,
+            "info": {"num_params": num_params, "num_trainable": num_trainable}}

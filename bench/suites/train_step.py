@@ -4,6 +4,14 @@ Both frameworks run the same network with the same weights (a random diffusers
 UNet folder written once by a `prepare` child and loaded by both) on the same
 batch, each in its own process. jaxsd's step is AOT-compiled first so compile time
 is measured apart from step time.
+
+--lora RANK: a LoRA run's step instead of full fine-tuning. jaxsd: `jaxsd train`'s step for
+`lora: {rank: RANK, alpha: RANK, targets: attn, base_dtype: B}`, one record per
+--base-dtype B; torch: diffusers + PEFT (`unet.add_adapter(LoraConfig(r=RANK,
+lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))`, the base frozen,
+AdamW over the adapters only), fp32, measured once and compared with each jaxsd record.
+--memory-only: compile jaxsd's step from shapes (nothing allocated, nothing run) and
+report XLA's memory analysis of it: arguments, outputs, aliased (donated), temporaries.
 """
 
 from __future__ import annotations
@@ -15,10 +23,21 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from bench.harness import comparison_table, make_record, repeat_children, run_child
+from bench.harness import (
+    comparison_table,
+    compiled_memory_figures,
+    make_record,
+    repeat_children,
+    run_child,
+    table,
+)
 from bench.presets import DEFAULT_LATENT, UNET_PRESETS, numpy_batch, unet_preset
+from jaxsd.errors import InputError
 
-LABELS = ("preset", "step", "clip", "latent", "batch", "dtype", "optimizer")
+LABELS = ("preset", "step", "clip", "lora", "base_dtype", "latent", "batch", "dtype", "optimizer")
+MEMORY_LABELS = ("preset", "lora", "base_dtype", "latent", "batch", "dtype", "remat", "optimizer")
+MEMORY_HEADERS = ("args GB", "temp GB", "total GB", "trained M", "compile s")
+BASE_DTYPES = ("float32", "bfloat16")
 
 
 def add_unet_arguments(p: argparse.ArgumentParser, *, preset: str = "tiny") -> None:
@@ -44,12 +63,41 @@ def add_unet_arguments(p: argparse.ArgumentParser, *, preset: str = "tiny") -> N
                    help="keep the shared random UNet weights here between runs (default: a temp dir)")
 
 
+def _rank(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a LoRA rank is ≥ 1 (0 = full fine-tuning)")
+    return value
+
+
+def _base_dtypes(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(n not in BASE_DTYPES for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated subset of {','.join(BASE_DTYPES)}")
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_unet_arguments(p)
     p.add_argument("--latent", type=int, default=None,
                    help="latent height = width (default per preset: " +
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_LATENT.items()) + ")")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lora", type=_rank, default=0, metavar="RANK",
+                   help="measure a LoRA run's step (adapters of rank RANK, alpha RANK, on attn1/attn2 "
+                        "to_q/to_k/to_v/to_out.0; the UNet frozen) vs diffusers + PEFT; 0 = full fine-tuning "
+                        "(default)")
+    p.add_argument("--base-dtype", type=_base_dtypes, default=None, metavar="DTYPES",
+                   help="--lora: dtype(s) jaxsd stores the frozen base in (lora.base_dtype), comma-separated, "
+                        "one record each against one torch measurement (torch: fp32); default float32")
+    p.add_argument("--memory-only", action="store_true",
+                   help="jaxsd only: compile the step from shapes (no weights allocated, nothing run) and "
+                        "report XLA's memory analysis (arguments, outputs, temporaries)")
+
+
+def frameworks(args: argparse.Namespace) -> list[str]:
+    """The frameworks this run measures: --memory-only compiles jaxsd's step alone."""
+    return ["jaxsd"] if args.memory_only else list(args.frameworks)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -89,12 +137,43 @@ def measure(args: argparse.Namespace, config: dict, folder: str | None, framewor
             for fw in frameworks}
 
 
+def _variants(args: argparse.Namespace, config: dict) -> list[dict]:
+    """The jaxsd configurations of this run: one, or one per --base-dtype of a LoRA run."""
+    if args.lora and args.step != "train":
+        raise InputError(f"--lora {args.lora} measures jaxsd train's LoRA step: use --step train, not --step "
+                         f"{args.step}")
+    if args.base_dtype and not args.lora:
+        raise InputError("--base-dtype is the dtype of a LoRA run's frozen base: add --lora RANK")
+    if args.memory_only and "jaxsd" not in args.frameworks:
+        raise InputError("--memory-only compiles jaxsd's step: include jaxsd in --frameworks")
+    if not args.lora:
+        return [config]
+    return [{**config, "lora": args.lora, "base_dtype": d} for d in args.base_dtype or ["float32"]]
+
+
 def run(args: argparse.Namespace) -> list[dict]:
-    frameworks = tuple(args.frameworks)
     config = {**base_config(args), "latent": args.latent or DEFAULT_LATENT[args.preset], "batch": args.batch}
-    with shared_weights(args, frameworks) as folder:
-        results = measure(args, config, folder, frameworks)
-    return [make_record("train-step", config, results, note=args.note)]
+    variants = _variants(args, config)
+    if args.memory_only:
+        return [memory_record(args, c) for c in variants]
+    fws = tuple(args.frameworks)
+    with shared_weights(args, fws) as folder:
+        ours = [measure(args, c, folder, ("jaxsd",)) if "jaxsd" in fws else {} for c in variants]
+        # torch has no base dtype: one fp32 measurement, compared with every jaxsd variant
+        theirs = measure(args, {k: v for k, v in variants[0].items() if k != "base_dtype"}, folder, ("torch",)) \
+            if "torch" in fws else {}
+    return [make_record("train-step", c, {**o, **theirs}, note=args.note) for c, o in zip(variants, ours)]
+
+
+def memory_record(args: argparse.Namespace, config: dict) -> dict:
+    """XLA's memory analysis of jaxsd's step compiled from shapes."""
+    config = {**config, "memory_only": True}
+    for key in ("warmup", "repeats", "processes"):  # nothing runs
+        config.pop(key)
+    out = run_child("train_step", "memory", {**config, "unet": unet_preset(config["preset"])},
+                    timeout=args.timeout)
+    return make_record("train-step", config, {"jaxsd": {**compiled_memory_figures(out), "info": out["info"]}},
+                       note=args.note)
 
 
 def normalize_config(config: dict) -> dict:
@@ -108,8 +187,22 @@ def normalize_config(config: dict) -> dict:
 
 
 def format_table(records: list[dict]) -> str:
-    shown = [{**r, "config": {"clip": "—", **normalize_config(r["config"])}} for r in records]
-    return comparison_table(shown, LABELS)
+    shown = [{**r, "config": {"clip": "—", "lora": "—", "base_dtype": "—", **normalize_config(r["config"])}}
+             for r in records]
+    steps = [r for r in shown if not r["config"].get("memory_only")]
+    memory = [r for r in shown if r["config"].get("memory_only")]
+    parts = [comparison_table(steps, LABELS)] if steps else []
+    if memory:
+        rows = [[*(str(r["config"].get(k)) for k in MEMORY_LABELS), *memory_cells(r["jaxsd"])] for r in memory]
+        parts.append(table([*MEMORY_LABELS, *MEMORY_HEADERS], rows))
+    return "\n\n".join(parts)
+
+
+def memory_cells(figures: dict) -> list[str]:
+    """XLA memory analysis columns of a compiled step (`MEMORY_HEADERS`)."""
+    trained = figures.get("info", {}).get("num_trainable")  # records from before it was recorded have none
+    return [f"{figures['argument_gb']:.3g}", f"{figures['temp_gb']:.3g}", f"{figures['per_device_gb']:.3g}",
+            "—" if trained is None else f"{trained / 1e6:.3g}", f"{figures['compile_s']['median']:.0f}"]
 
 
 # ----------------------------------------------------------------------------- children
@@ -129,31 +222,36 @@ def child_prepare(config: dict) -> dict:
     return {"num_params": save_random_unet(config["unet"], config["folder"], seed=0)}
 
 
+def _jaxsd_kit(config: dict):
+    """The StepKit of a child's configuration (model, step kind, optimizer, LoRA, shared weights)."""
+    from bench import jaxsd_unet as J
+    from bench.jaxsd_steps import LoRABench, make_kit
+
+    model = J.build_model(config["unet"], config["dtype"], config["attention"], config.get("remat"))
+    lora = LoRABench(config["lora"], config["base_dtype"]) if config.get("lora") else None
+    return make_kit(config["step"], model, config["optimizer"], clip=config.get("clip", 1.0),
+                    folder=config.get("folder"), lora=lora)
+
+
+def _param_info(kit, state: tuple) -> dict:
+    num_params, num_trainable = kit.param_counts(state)
+    return {"num_params": num_params, "num_trainable": num_trainable}
+
+
 def child_jaxsd(config: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
     from bench import jaxsd_unet as J
-    from bench.jaxsd_steps import make_kit
 
     baseline = _rss_gb()
-    cfg = config["unet"]
-    model = J.build_model(cfg, config["dtype"], config["attention"], config.get("remat"))
-    kit = make_kit(config["step"], model, config["optimizer"], clip=config.get("clip", 1.0))
-    batch = kit.to_batch({k: jnp.asarray(v) for k, v in numpy_batch(cfg, config["batch"], config["latent"],
-                                                                        seed=1).items()})
-    if config.get("folder"):
-        from jaxsd.convert.unet import load_unet
-
-        _, params = load_unet(config["folder"])
-    else:
-        params = J.init_params(model)
-    num_params = int(sum(x.size for x in jax.tree.leaves(params)))
-    state = jax.jit(kit.init, donate_argnums=0)(params)  # donated: the state takes over the params' buffers
-    del params
+    kit = _jaxsd_kit(config)
+    batch = kit.to_batch({k: jnp.asarray(v) for k, v in numpy_batch(config["unet"], config["batch"],
+                                                                        config["latent"], seed=1).items()})
+    state = kit.start()
     compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate,
                                                    compiler_options=kit.compiler_options)
-    mem = compiled.memory_analysis()
+    mem = J.memory_figures(compiled)
     flops = J.flops_of(compiled)
     if kit.kind == "train":  # as the trainer does after compiling (jaxsd.train.compile.compile_train_step)
         from jaxsd.train.compile import release_freed_host_memory
@@ -161,6 +259,7 @@ def child_jaxsd(config: dict) -> dict:
         release_freed_host_memory()
     # where the peak comes from: the high-water mark once compiled vs. the child's final peak
     peak_after_compile = _rss_gb("VmHWM")
+    info = _param_info(kit, state)
     n = len(state)
     first_loss, times = None, []
     for i in range(config["warmup"] + config["repeats"]):
@@ -179,8 +278,22 @@ def child_jaxsd(config: dict) -> dict:
             "info": {"backend": jax.default_backend(), "devices": jax.device_count(), "first_loss": first_loss,
                      "flops": flops, "baseline_rss_gb": baseline,
                      "peak_rss_after_compile_gb": peak_after_compile,
-                     "xla_temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 1e9 if mem else None,
-                     "num_params": num_params}}
+                     "xla_temp_gb": mem["temp_gb"], "xla_memory": mem, **info}}
+
+
+def child_memory(config: dict) -> dict:
+    """jaxsd's step compiled from ShapeDtypeStructs (no weights exist): XLA's memory analysis."""
+    import jax
+
+    from bench import jaxsd_unet as J
+
+    kit = _jaxsd_kit(config)
+    state = kit.abstract_state()
+    batch = kit.to_batch(J.abstract_batch(config["unet"], config["batch"], config["latent"]))
+    compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate,
+                                                   compiler_options=kit.compiler_options)
+    return {**J.memory_figures(compiled), "compile_s": lower_s + compile_s, "lower_s": lower_s,
+            "info": {"backend": jax.default_backend(), **_param_info(kit, state)}}
 
 
 def child_torch(config: dict) -> dict:
@@ -191,7 +304,10 @@ def child_torch(config: dict) -> dict:
     baseline = _rss_gb()
     cfg = config["unet"]
     model = T.load_unet(config.get("folder"), cfg)
-    opt = T.make_optimizer(config["optimizer"], model.parameters())
+    if config.get("lora"):
+        T.add_lora(model, config["lora"])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = T.make_optimizer(config["optimizer"], trained)
     step = T.make_train_step(model, opt, config["dtype"], config["step"], clip=config.get("clip", 1.0))
     batch = T.torch_batch(numpy_batch(cfg, config["batch"], config["latent"], seed=1))
     first_loss, times = None, []
@@ -204,5 +320,6 @@ def child_torch(config: dict) -> dict:
             first_loss = loss
     return {"step_s": times,
             "info": {"threads": torch.get_num_threads(), "first_loss": first_loss, "baseline_rss_gb": baseline,
-                     "num_params": sum(p.numel() for p in model.parameters())}}
+                     "num_params": sum(p.numel() for p in model.parameters()),
+                     "num_trainable": sum(p.numel() for p in trained)}}
 

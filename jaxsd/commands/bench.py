@@ -2,7 +2,9 @@
 
 Suites:
   train-step       UNet forward+backward+optimizer step: jaxsd vs diffusers + torch AdamW
-                   (same weights, same batch; compile time, step time, peak RSS, ratios)
+                   (same weights, same batch; compile time, step time, peak RSS, ratios);
+                   --lora RANK: a LoRA run's step vs diffusers + PEFT; --memory-only: XLA's
+                   memory analysis of jaxsd's step compiled from shapes
   scaling          step time vs batch size and latent size (`small`); per-device memory vs
                    number of (fake) devices with FSDP
   sample           20-step DPM++ 2M with classifier-free guidance, jaxsd vs diffusers pipeline
@@ -21,6 +23,7 @@ ratios of one run, not absolute times across runs.
 Runs from a source checkout (bench/ is not part of the installed package); the
 torch side needs the [torch] extra. Examples:
   jaxsd bench train-step --preset small --batch 2
+  jaxsd bench train-step --preset small --lora 4 --base-dtype float32,bfloat16
   jaxsd bench scaling --sweep batch --frameworks jaxsd
   jaxsd bench flops
 """
@@ -124,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
         if e.name != f"bench.suites.{SUITES[args.suite]}":
             raise
         raise InputError(f"suite {args.suite!r}: bench/suites/{SUITES[args.suite]}.py is not in this checkout") from e
-    if args.suite in TORCH_SUITES and "torch" in args.frameworks:
+    # a suite may run fewer frameworks than --frameworks names (e.g. train-step --memory-only)
+    frameworks = getattr(module, "frameworks", lambda a: a.frameworks)(args)
+    if args.suite in TORCH_SUITES and "torch" in frameworks:
         missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
         if missing:
             raise InputError(f"--frameworks {','.join(args.frameworks)} needs {', '.join(missing)}, not installed: "

@@ -20,21 +20,18 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config, to_yaml
-from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.errors import InputError
 from jaxsd.train.base import base_fingerprint, checkpointed
 from jaxsd.train.checkpoint import Checkpointer
 from jaxsd.train.compile import CompiledSteps, use_compilation_cache
 from jaxsd.train.logging import RunLogger
-from jaxsd.train.model import describe, initial_params, make_apply_fn
-from jaxsd.train.optimizers import streams_updates
-from jaxsd.train.plan import fresh_state, plan_state
+from jaxsd.train.model import describe, initial_params
+from jaxsd.train.plan import fresh_state, plan_state, plan_train_step
 from jaxsd.train.resume import restore_data_position, resume
 from jaxsd.train.run_dir import RunDir, TriggerFile
 from jaxsd.train.sampling import StateText, TrainingSampler
@@ -42,11 +39,9 @@ from jaxsd.train.sharding import (
     global_batch,
     make_mesh,
     maybe_initialize_distributed,
-    micro_batch_sharding,
 )
-from jaxsd.train.step import TrainState, make_train_step, reduce_metrics
+from jaxsd.train.step import TrainState, reduce_metrics
 from jaxsd.train.synthetic import SyntheticSource
-from jaxsd.train.text import text_conditioning
 
 log = logging.getLogger("jaxsd.train")
 
@@ -256,14 +251,7 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
 
     # the empty caption's cached text: its embedding, or (text in the step) its token ids
     empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None
-    encode_text = None if plan.text is None else text_conditioning(plan.text, plan.text_parts, empty)
-    schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
-    step_fn = make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,
-                              plan.tx, plan.lr_fn, combine=plan.variables, encode_text=encode_text,
-                              ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,
-                              empty_cond=None if empty is None or encode_text else jax.tree.map(jnp.asarray, empty),
-                              micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,
-                              streamed=streams_updates(cfg.optimizer))
+    step_fn = plan_train_step(cfg, plan, mesh, empty)
     # batches arrive as global arrays with their sharding; one executable per batch shape
     steps = CompiledSteps(jax.jit(step_fn, in_shardings=(plan.state_shardings, None),
                                   out_shardings=(plan.state_shardings, replicated), donate_argnums=(0,)),

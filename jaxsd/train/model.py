@@ -73,15 +73,19 @@ def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int,
                    shardings: Any = None, dtype: Any = None) -> tuple[dict, str]:
     """(params, where from): from `model.pretrained`, else a random init. Params in `dtype` (default
     param_dtype), placed with `shardings` (a random init is created sharded, never as a full replica first)."""
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
     if cfg.pretrained:
         from jaxsd.convert.unet import load_unet
         folder = unet_folder(cfg.pretrained)
-        _, params = load_unet(folder, dtype=jnp.dtype(dtype or cfg.param_dtype), variant=cfg.variant)
+        _, params = load_unet(folder, dtype=dtype, variant=cfg.variant)
         if shardings is not None:
             params = jax.device_put(params, shardings)
         return params, f"pretrained diffusers folder {folder}"
-    params = run_once(lambda k: init_params(module, k, *example_inputs(module.config)), jax.random.key(seed),
-                      out_shardings=shardings)
+
+    def init(key):  # cast inside the program: e.g. a bf16 base never exists as an fp32 tree outside it
+        return jax.tree.map(lambda x: x.astype(dtype), init_params(module, key, *example_inputs(module.config)))
+
+    params = run_once(init, jax.random.key(seed), out_shardings=shardings)
     return params, f"from scratch (model.unet, seed {seed})"
 
 

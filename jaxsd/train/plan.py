@@ -3,7 +3,8 @@
 `plan_state(cfg, mesh)` builds the model and optimizer of `cfg` and the sharded abstract
 `TrainState` (ShapeDtypeStructs carrying their shardings): what the loop initialises or
 restores into, what a resume compares against the checkpoint's own config, and what
-`jaxsd export` restores from.
+`jaxsd export` restores from. `plan_train_step(cfg, plan, mesh)` is the pure step function
+`jaxsd train` jits over that state (also what `jaxsd bench train-step` measures).
 
 With a token-id cache the text encoders run in the step (`jaxsd.train.text`): the state's frozen
 tree is keyed by component, {"unet": ..., "text_encoder": ..., ...}, and so is its trainable tree
@@ -14,18 +15,20 @@ those trees apart; everything that needs the UNet alone goes through them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxsd.config import Config
+from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.models.lora import adapter_logical_axes
 from jaxsd.train.adapters import AdapterPlan, adapter_plan, initial_adapters
-from jaxsd.train.model import build_unet, param_shapes, unet_config
-from jaxsd.train.optimizers import make_optimizer
-from jaxsd.train.sharding import param_shardings, train_state_shardings
-from jaxsd.train.step import TrainState, init_state
+from jaxsd.train.model import build_unet, make_apply_fn, param_shapes, unet_config
+from jaxsd.train.optimizers import make_optimizer, streams_updates
+from jaxsd.train.sharding import micro_batch_sharding, param_shardings, train_state_shardings
+from jaxsd.train.step import TrainState, init_state, make_train_step
 from jaxsd.train.text import (
     StepText,
     check_fits_unet,
@@ -33,6 +36,7 @@ from jaxsd.train.text import (
     initial_text_adapters,
     load_text_params,
     step_text,
+    text_conditioning,
     text_shardings,
     text_variables,
 )
@@ -131,3 +135,17 @@ def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
     init = jax.jit(lambda t, f: init_state(t, f, plan.tx, cfg.train.seed, cfg.train.ema.enabled),
                    out_shardings=plan.state_shardings, donate_argnums=(0, 1))
     return init(t_params, f_params)
+
+
+def plan_train_step(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> Callable:
+    """The pure step `(state, batch) -> (state, metrics)` of `cfg` over `plan`'s state, as `jaxsd train`
+    runs it. empty: the empty caption as the cache holds it — its embedding, or (text encoded in the
+    step) its token ids; needed when loss.cond_dropout > 0."""
+    schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
+    encode_text = None if plan.text is None else text_conditioning(plan.text, plan.text_parts, empty)
+    return make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,
+                           plan.tx, plan.lr_fn, combine=plan.variables, encode_text=encode_text,
+                           ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,
+                           empty_cond=None if empty is None or encode_text else jax.tree.map(jnp.asarray, empty),
+                           micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,
+                           streamed=streams_updates(cfg.optimizer))

@@ -15,6 +15,7 @@ import pytest
 
 from bench import harness, report
 from jaxsd import cli
+from tests.helpers import jaxsd_command
 
 STAT_KEYS = {"min", "median", "max", "n"}
 
@@ -31,6 +32,13 @@ def bench_env(tmp_path_factory):
 def _run(out_dir, *argv) -> list[dict]:
     path = out_dir / f"{argv[0]}-{len(list(out_dir.iterdir()))}.jsonl"  # one results file per run
     assert cli.main(["bench", *argv, "--json", str(path)]) == 0
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _command(out_dir, *argv) -> list[dict]:
+    """As `_run`, through the `jaxsd` console script a user types."""
+    path = out_dir / f"{argv[0]}-{len(list(out_dir.iterdir()))}.jsonl"
+    jaxsd_command("bench", *argv, "--json", path)
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -160,3 +168,58 @@ def test_train_step_grad_micro(bench_env):
     assert _is_stats(rec["jaxsd"]["step_s"]) and _is_stats(rec["torch"]["step_s"])
     j, t = rec["jaxsd"]["info"]["first_loss"], rec["torch"]["info"]["first_loss"]
     assert abs(j - t) <= 1e-4 * abs(t), (j, t)
+
+
+# micro's attention: 4 transformer blocks (down, mid, 2 up) × attn1/attn2 × to_q/to_k/to_v/to_out.0,
+# every one 32 -> 32 (cross_attention_dim 32): a rank-r adapter pair holds r·(32 + 32) values each
+MICRO_LORA_VALUES_PER_RANK = 4 * 2 * 4 * (32 + 32)
+
+
+def test_train_step_lora_micro(bench_env):
+    """`--lora` on jaxsd's side with a bf16 base: the measured step, then `--memory-only`, the same
+    step compiled from shapes (a compilation-cache hit) for its memory analysis."""
+    lora = ("train-step", "--preset", "micro", "--lora", "4", "--base-dtype", "bfloat16", "--frameworks", "jaxsd")
+    (rec,) = _command(bench_env, *lora, "--repeats", "1", "--warmup", "0")
+    assert rec["config"]["lora"] == 4 and rec["config"]["base_dtype"] == "bfloat16"
+    j = rec["jaxsd"]
+    assert all(_is_stats(j[k]) for k in ("step_s", "peak_rss_gb", "compile_s"))
+    trained = j["info"]["num_trainable"]
+    assert trained == 4 * MICRO_LORA_VALUES_PER_RANK
+    assert 0.1 < j["info"]["first_loss"] < 10  # an epsilon-prediction MSE of a random UNet is O(1)
+    # the step's arguments: the base in bf16 (2 bytes a value), the fp32 adapters and their two AdamW
+    # moments (12 bytes), the batch (latents 8×8×4 and text 77×32, fp32) and a few scalars — nothing else
+    base = j["info"]["num_params"] - trained
+    extra = j["info"]["xla_memory"]["argument_gb"] * 1e9 - (2 * base + 12 * trained + 4 * (8 * 8 * 4 + 77 * 32))
+    assert 0 <= extra <= 64, extra
+
+    (mem,) = _command(bench_env, *lora, "--memory-only")
+    assert mem["config"]["memory_only"] and "torch" not in mem
+    m = mem["jaxsd"]
+    # compiled from shapes, nothing allocated: the same program as the measured one
+    assert m["info"]["num_params"] == j["info"]["num_params"] and m["info"]["num_trainable"] == trained
+    for key, value in j["info"]["xla_memory"].items():
+        assert m[key] == pytest.approx(value, rel=1e-9), key
+    assert m["temp_gb"] > 0 and m["per_device_gb"] >= m["argument_gb"]
+    assert "trained M" in report.render([rec, mem])
+
+
+def test_lora_option_errors(capsys):
+    for argv, message in ((("--lora", "4", "--step", "simple"), "use --step train"),
+                          (("--base-dtype", "bfloat16"), "add --lora RANK"),
+                          (("--memory-only", "--frameworks", "torch"), "include jaxsd")):
+        assert cli.main(["bench", "train-step", "--preset", "micro", *argv, "--no-record"]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+@pytest.mark.slow  # ~50 s: the torch child imports diffusers + PEFT
+@pytest.mark.torch
+def test_train_step_lora_micro_vs_peft(bench_env):
+    (rec,) = _run(bench_env, "train-step", "--preset", "micro", "--lora", "4", "--repeats", "1", "--warmup", "0")
+    j, t = rec["jaxsd"]["info"], rec["torch"]["info"]
+    # the same adapters on the same layers: PEFT's LoRA params = jaxsd's, over the same UNet
+    assert j["num_trainable"] == t["num_trainable"] == 4 * MICRO_LORA_VALUES_PER_RANK
+    assert j["num_params"] == t["num_params"]
+    # adapters start with up/B = 0: both steps' first losses are the base UNet's (own noise draws)
+    for loss in (j["first_loss"], t["first_loss"]):
+        assert 0.1 < loss < 10, loss
+    assert set(rec["ratio"]) >= {"step_s", "peak_rss_gb"}

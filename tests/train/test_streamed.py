@@ -91,7 +91,7 @@ def test_sd15_streamed_step_holds_fewer_gradients():
     temps = {}
     for clip in (0.0, 1.0):
         kit = make_kit("train", model, "adamw", clip=clip)
-        state = kit.abstract_state(params)
+        state = kit.abstract_state()
         batch = kit.to_batch(J.abstract_batch(cfg, 1, 32))
         compiled, _, _ = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate,
                                          compiler_options=kit.compiler_options)

@@ -74,7 +74,7 @@ h = hashlib.sha256()
 for leaf in jax.tree.leaves(result.state.params):
     h.update(np.asarray(leaf).tobytes())
 print("RESULT" + json.dumps({"stopped": result.stopped, "step": result.step, "init_from": result.init_from,
-                             "params_sha256": h.hexdigest(), "events": EVENTS}))
+                             "params_sha256": h.hexdigest(), "events": EVENTS, "torch": "torch" in sys.modules}))
 """
 
 # a one-level UNet (down: resnet+attention, mid, up) — half the ops of tiny.yaml's, so half the compile
@@ -86,7 +86,6 @@ COMMON = ["model.unet.block_out_channels=[32]", "model.unet.down_block_types=[Cr
 def _command(tmp: Path, mode: str, run_dir: Path, extra=()) -> tuple[list[str], dict]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    env.pop("XLA_FLAGS", None)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the runs use train.compilation_cache
     cache = f"train.compilation_cache={tmp / 'xla_cache'}"
     return [sys.executable, "-c", RUNNER, mode, f"train.run_dir={run_dir}", cache, *COMMON, *extra], env
@@ -147,6 +146,7 @@ def test_straight_run_learns_and_writes_tensorboard(runs):
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([losses[s] for s in range(1, 21)], rel=1e-6)
     assert scalars["train/qk_grads_av"][0][1] > 0 and 0 < scalars["train/mfu"][-1][1]
     assert (run_dir / "config.yaml").read_text().count("steps: 20") == 1
+    assert not straight["torch"], "the TensorBoard writer imported PyTorch (2 s of start-up)"
 
 
 def test_kill_9_and_resume_is_bitwise_identical(runs):

@@ -19,6 +19,15 @@ _OWN_XLA_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsd-tests-xla-")
 
+# Tests compile hundreds of small programs and run each a few times: XLA:CPU's LLVM at -O0 compiles them
+# 2-3x faster (a toy train step: 6.2 -> 2.0 CPU-s), and their slower kernels cost little at these sizes.
+# It changes some results in the last bit only (every tolerance holds), the same in every process of the
+# run: xdist workers, `jaxsd` and Python subprocesses inherit XLA_FLAGS (tests/helpers.py adds device
+# counts to them). Programs compiled with explicit options keep their level (`jaxsd train`'s step: -O1).
+# A level the user set wins.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
 import pytest
 
 

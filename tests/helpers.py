@@ -21,6 +21,12 @@ def rel_err(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
+def xla_flags(devices: int) -> str:
+    """This run's XLA_FLAGS (tests/conftest.py sets the compile level) with `devices` fake CPU devices."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count=")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def run_python(code: str, *, devices: int = 8, timeout: float = 600, env: dict | None = None) -> str:
     """Run `code` in a fresh interpreter with `devices` fake CPU devices; return its stdout.
 
@@ -28,7 +34,7 @@ def run_python(code: str, *, devices: int = 8, timeout: float = 600, env: dict |
     test process. Fails the test with the child's stderr if it exits non-zero.
     """
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                "XLA_FLAGS": xla_flags(devices),
                 "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 **(env or {})}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=False,
@@ -55,7 +61,7 @@ def jaxsd_command(*args: str, env: dict | None = None, timeout: float = 900, che
     """
     full_env = _jaxsd_env(env)
     if devices is not None:
-        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        full_env["XLA_FLAGS"] = xla_flags(devices)
     proc = subprocess.run([str(JAXSD), *map(str, args)], capture_output=True, text=True, check=False, timeout=timeout,
                           env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
@@ -74,8 +80,7 @@ def local_processes(n: int, *args: str, devices: int, log_dir: Path, env: dict |
     """
     argv = [str(REPO / "launch" / "local_processes.sh"), "--devices", str(devices), "--log-dir", str(log_dir),
             "--jaxsd", str(JAXSD), str(n), *map(str, args)]
-    full_env = _jaxsd_env(env)
-    full_env.pop("XLA_FLAGS", None)  # the script sets the device count
+    full_env = _jaxsd_env(env)  # the script keeps XLA_FLAGS but for the device count, which it sets
     if not wait:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                                 cwd=REPO)

@@ -60,7 +60,7 @@ class RunLogger:
             _drop_records_after(jsonl, start_step)
         self.jsonl = open(jsonl, "a")  # noqa: SIM115  open for the whole run
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _summary_writer_class()
             self.writer = SummaryWriter(str(run.local_dir("tensorboard")), purge_step=start_step + 1)
         if progress_bar:
             from tqdm import tqdm
@@ -99,6 +99,24 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch: its writer module imports torch when it
+    is installed (2 CPU-s of start-up for every `jaxsd train`) only to accept torch tensors, and jaxsd
+    hands it floats and numpy arrays. torch is hidden for that one import (it then takes the numpy path),
+    unless something already imported it."""
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _drop_records_after(path: Path, step: int) -> None:

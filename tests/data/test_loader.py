@@ -14,7 +14,7 @@ import pytest
 
 from jaxsd.data.loader import Loader, plan_epoch
 from tests.data.fakes import make_cached
-from tests.helpers import REPO
+from tests.helpers import REPO, xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_two_processes_cache_and_read_disjoint_shards_of_the_same_batches(tmp_pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2),
            "PYTHONPATH": str(REPO)}
     code = [textwrap.dedent(WORKER.format(port=port, pid=i, roots=roots, base=tmp_path)) for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

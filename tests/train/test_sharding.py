@@ -179,12 +179,12 @@ def test_two_processes_over_loopback_match_one_process(eight_devices):
     import subprocess
     import sys
 
-    from tests.helpers import REPO
+    from tests.helpers import REPO, xla_flags
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": xla_flags(1)}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER_HEADER + WORKER_BODY, str(port), str(i)],
                               stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for i in range(2)]

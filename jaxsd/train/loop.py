@@ -260,6 +260,7 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
     step_fn = make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,
                               plan.tx, plan.lr_fn, combine=plan.variables, encode_text=encode_text,
+                              model_draws=plan.model_draws,
                               ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,
                               empty_cond=None if empty is None or encode_text else jax.tree.map(jnp.asarray, empty),
                               micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,

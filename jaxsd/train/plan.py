@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxsd.config import Config
 from jaxsd.models.lora import adapter_logical_axes
 from jaxsd.train.adapters import AdapterPlan, adapter_plan, initial_adapters
+from jaxsd.train.lora_init import adapters_from_file
 from jaxsd.train.model import build_unet, param_shapes, unet_config
 from jaxsd.train.optimizers import make_optimizer
 from jaxsd.train.sharding import param_shardings, train_state_shardings
@@ -64,12 +65,21 @@ class StatePlan:
         """The text side's (params, {"lora": ...} or None) within the state's trees (`encode_token_ids`' arguments)."""
         return text_variables(self.text, trainable, frozen)
 
-    def variables(self, trainable: Any, frozen: Any) -> Any:
-        """What the step's apply_fn takes: the full params, or (LoRA) {"params": base, "lora": adapters}."""
+    def variables(self, trainable: Any, frozen: Any, draws: Any = None) -> Any:
+        """What the step's apply_fn takes: the full params, or (LoRA) {"params": base, "lora": adapters}
+        (+ "lora_dropout" from the step's `model_draws`)."""
         trainable, frozen = self.unet_parts(trainable, frozen)
         if self.adapters is None:
             return merge_params(trainable, frozen)
-        return {"params": frozen, "lora": self.adapters.variables(trainable)}
+        variables = {"params": frozen, "lora": self.adapters.variables(trainable)}
+        if draws is not None:
+            variables["lora_dropout"] = self.adapters.dropout_variables(draws)
+        return variables
+
+    @property
+    def model_draws(self) -> Any:
+        """The step's per-sample model randomness (`make_train_step(model_draws=)`): LoRA dropout, or None."""
+        return self.adapters.draw_dropout if self.adapters is not None and self.adapters.dropout > 0 else None
 
     def merged(self, trainable: Any, frozen: Any) -> Any:
         """The full UNet params (LoRA: adapters folded in): what sample grids and exports use."""
@@ -113,13 +123,17 @@ def plan_state(cfg: Config, mesh) -> StatePlan:
 
 def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
     """A new train state (fresh optimizer state, EMA = params) from full `params`, sharded as planned.
-    LoRA: `params` are the frozen base; the adapters start fresh (up = 0: step 0 is the base).
+    LoRA: `params` are the frozen base; the adapters start fresh (up = 0: step 0 is the base), or
+    from the file `lora.init_from` (step 0 is the base with that file applied).
     Text in the step: the text encoders are read from their folder (`jaxsd.train.text`).
 
     `params` are donated: the state takes over their buffers instead of holding a second copy.
     """
     t_shard, _ = plan.unet_parts(plan.state_shardings.params, plan.state_shardings.frozen)
-    if plan.adapters is not None:
+    if plan.adapters is not None and cfg.lora.init_from:
+        t_params = adapters_from_file(cfg, plan.adapters, plan.module.config, t_shard, params)
+        f_params = params
+    elif plan.adapters is not None:
         t_params = initial_adapters(cfg, plan.adapters, plan.param_shapes, t_shard)
         f_params = params
     else:

@@ -99,7 +99,7 @@ adapters = traverse_util.unflatten_dict({  # up random too, so dropout acts on e
     for p, v in traverse_util.flatten_dict(init_adapters(params, "all_linear", 4, 8, jax.random.key(1))).items()
     if p[-1] != "scale"})
 
-def run_lora(shape, devices, k=1, dropout=0.25):
+def run_lora(shape, devices, k=1, dropout=0.25, draws=True):
     lora_plan = AdapterPlan(plan_adapters(params, "all_linear", 4, 8), dropout)
     mesh = make_mesh(ShardingConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), devices)
     f_sh = param_shardings(params, specs, mesh, rules)
@@ -115,7 +115,7 @@ def run_lora(shape, devices, k=1, dropout=0.25):
 
     step = make_train_step(lambda v, *a: toy_module.apply(v, *a), sched, LossConfig(), tx, lr, grad_accum_steps=k,
                            micro_batch_sharding=micro_batch_sharding(mesh), combine=combine,
-                           model_draws=lora_plan.draw_dropout if dropout else None)
+                           model_draws=lora_plan.draw_dropout if draws else None)
     jitted = jax.jit(step, in_shardings=(st_sh, jax.tree.map(lambda x: x.sharding, b)),
                      out_shardings=(st_sh, None), donate_argnums=(0,))
     losses = []
@@ -124,8 +124,10 @@ def run_lora(shape, devices, k=1, dropout=0.25):
         losses.append(float(m["loss"]))
     return [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)], losses
 
-lora = {"ref": run_lora((1, 1, 1), jax.devices()[:1]), "no_dropout": run_lora((1, 1, 1), jax.devices()[:1], dropout=0),
-        "meshed": run_lora((2, 4, 1), jax.devices(), k=2)}
+one = jax.devices()[:1]
+lora = {"ref": run_lora((1, 1, 1), one), "meshed": run_lora((2, 4, 1), jax.devices(), k=2),
+        "off": run_lora((1, 1, 1), one, dropout=0, draws=False),  # lora.dropout=0: the step as without dropout
+        "rate_0": run_lora((1, 1, 1), one, dropout=0)}  # the dropout keys drawn, at rate 0
 print("LORA" + json.dumps(lora))
 """
 
@@ -174,7 +176,9 @@ def test_lora_with_dropout_on_8_devices_and_accumulation_matches_one_device(eigh
     for a, b in zip(meshed_params, ref_params):
         a, b = np.asarray(a), np.asarray(b)
         assert np.max(np.abs(a - b)) / np.max(np.abs(b)) <= 1e-5
-    assert lora["no_dropout"][1][0] != ref_losses[0]  # the dropout masks reach the layers in the step
+    assert lora["off"][1][0] != ref_losses[0]  # the dropout masks reach the layers in the step
+    # drawing the keys leaves the loss's own draws (noise, timesteps) as they are, and rate 0 is no dropout
+    assert lora["rate_0"] == lora["off"]
 
 
 WORKER_HEADER = r"""

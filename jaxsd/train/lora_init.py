@@ -61,6 +61,8 @@ def _family(cfg: Config) -> str:
 def read_init_from(cfg: Config, model: LoraModel) -> LoraWeights:
     """The file of `lora.init_from`, read against `model`; text-encoder adapters need lora.text_encoder."""
     path = cfg.lora.init_from
+    if not Path(path).is_file():
+        raise ConfigError(f"lora.init_from={path}: no such file (a LoRA .safetensors file to continue from)")
     text = {c: keys for c, keys in lora_file_components(path).items() if c != "unet"}
     if text and not cfg.lora.text_encoder:
         found = ", ".join(f"{c} ({len(keys)} tensors, e.g. {keys[0]})" for c, keys in sorted(text.items()))

@@ -188,18 +188,22 @@ def test_init_from_that_does_not_fit_is_one_error_naming_what_differs(run):
     from jaxsd.errors import ConfigError
 
     base, pipe = run[:2]
-    with pytest.raises(ConfigError, match=r"rank differs on 19 layers: .*resnets.0.time_emb_proj \(file 4, run 8\)"
-                       r"(.|\n)*the file has linear and 1x1 layers: rank 4, alpha 2 .* LoCon convs: rank 2, alpha 4"):
-        _fresh_start(run, "lora.rank=8")
-    with pytest.raises(ConfigError, match=r"alpha differs on \d+ layers: .*conv1 \(file 4, run 1\)"):
-        _fresh_start(run, "lora.conv_alpha=1")
-    with pytest.raises(ConfigError, match=r"in the file, not adapted by this run on 14 layers: mid_block.attentions"):
-        _fresh_start(run, "lora.targets=[time_emb_proj$]")
-    with pytest.raises(ConfigError, match=r"adapted by this run, not in the file on \d+ layers: .*resnets.0.conv1"):
-        _fresh_start(run, f"lora.init_from={_start_file(base / 'linear.safetensors', pipe, linear_only=True)}")
-    with pytest.raises(ConfigError, match=r"holds text-encoder adapters: text_encoder \(2 tensors, e.g. text_encoder\."
-                       r"text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight\).*lora.text_encoder=false"):
-        _fresh_start(run, f"lora.init_from={_start_file(base / 'text.safetensors', pipe, text=True)}")
+    linear_only = _start_file(base / "linear.safetensors", pipe, linear_only=True)
+    text = _start_file(base / "text.safetensors", pipe, text=True)
+    cases = [  # (overrides of the run's config, what the one error says)
+        ("lora.dropout=1", r"lora.dropout = 1.0 must be in \[0, 1\)"),
+        (f"lora.init_from={base / 'nothing.safetensors'}", r"lora.init_from=.*nothing.safetensors: no such file"),
+        ("lora.rank=8", (r"rank differs on 19 layers: .*resnets.0.time_emb_proj \(file 4, run 8\)(.|\n)*the file "
+                         r"has linear and 1x1 layers: rank 4, alpha 2 .* LoCon convs: rank 2, alpha 4")),
+        ("lora.conv_alpha=1", r"alpha differs on \d+ layers: .*conv1 \(file 4, run 1\)"),
+        ("lora.targets=[time_emb_proj$]", r"in the file, not adapted by this run on 14 layers: mid_block.attentions"),
+        (f"lora.init_from={linear_only}", r"adapted by this run, not in the file on \d+ layers: .*resnets.0.conv1"),
+        (f"lora.init_from={text}", (r"holds text-encoder adapters: text_encoder \(2 tensors, e.g. text_encoder\."
+                                    r"text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight\).*text_encoder=false")),
+    ]
+    for override, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            _fresh_start(run, override)
 
 
 def _exported(run_dir: Path, out: Path) -> dict[str, np.ndarray]:

@@ -99,7 +99,7 @@ adapters = traverse_util.unflatten_dict({  # up random too, so dropout acts on e
     for p, v in traverse_util.flatten_dict(init_adapters(params, "all_linear", 4, 8, jax.random.key(1))).items()
     if p[-1] != "scale"})
 
-def run_lora(shape, devices, k=1, dropout=0.25, draws=True):
+def run_lora(shape, devices, k=1, dropout=0.25, keys=True):
     lora_plan = AdapterPlan(plan_adapters(params, "all_linear", 4, 8), dropout)
     mesh = make_mesh(ShardingConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), devices)
     f_sh = param_shardings(params, specs, mesh, rules)
@@ -115,7 +115,7 @@ def run_lora(shape, devices, k=1, dropout=0.25, draws=True):
 
     step = make_train_step(lambda v, *a: toy_module.apply(v, *a), sched, LossConfig(), tx, lr, grad_accum_steps=k,
                            micro_batch_sharding=micro_batch_sharding(mesh), combine=combine,
-                           model_draws=lora_plan.draw_dropout if draws else None)
+                           model_draws=lora_plan.draw_dropout if keys else None)
     jitted = jax.jit(step, in_shardings=(st_sh, jax.tree.map(lambda x: x.sharding, b)),
                      out_shardings=(st_sh, None), donate_argnums=(0,))
     losses = []
@@ -126,7 +126,7 @@ def run_lora(shape, devices, k=1, dropout=0.25, draws=True):
 
 one = jax.devices()[:1]
 lora = {"ref": run_lora((1, 1, 1), one), "meshed": run_lora((2, 4, 1), jax.devices(), k=2),
-        "off": run_lora((1, 1, 1), one, dropout=0, draws=False),  # lora.dropout=0: the step as without dropout
+        "off": run_lora((1, 1, 1), one, dropout=0, keys=False),  # lora.dropout=0: the step as without dropout
         "rate_0": run_lora((1, 1, 1), one, dropout=0)}  # the dropout keys drawn, at rate 0
 print("LORA" + json.dumps(lora))
 """

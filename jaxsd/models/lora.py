@@ -234,6 +234,12 @@ def dropout_keys(key: jax.Array, batch: int) -> jax.Array:
     return jax.random.key_data(jax.random.split(key, batch))
 
 
+def fold_dropout_keys(keys: jax.Array, data: int) -> jax.Array:
+    """`dropout_keys` folded with `data`: per-sample keys of another model (its layers may be named as
+    another's: SDXL's two text encoders)."""
+    return jax.random.key_data(jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), data))(keys))
+
+
 def dropout_variables(modules: Sequence[ModulePath], keys: jax.Array, rate: float) -> dict:
     """The "lora_dropout" collection: dropout `rate` on the input of the adapters of `modules`, with
     per-sample masks drawn from `keys` (`dropout_keys`) folded with each layer's path."""
@@ -249,4 +255,4 @@ def adapted_modules(adapters: Mapping) -> list[ModulePath]:
 
 __all__ = ["CONV_TARGETS", "INITS", "PRESETS", "TRAINED_LEAVES", "AdapterSpec", "adapted_modules",
            "adapter_logical_axes", "concat_adapters", "dropout_keys", "dropout_mask", "dropout_variables",
-           "fold_adapters", "init_adapters", "plan_adapters", "resolve_targets", "scale_adapters"]
+           "fold_adapters", "fold_dropout_keys", "init_adapters", "plan_adapters", "resolve_targets", "scale_adapters"]

@@ -27,6 +27,7 @@ from jaxsd.models.lora import (
     dropout_keys,
     dropout_variables,
     fold_adapters,
+    fold_dropout_keys,
     init_adapters,
     plan_adapters,
 )
@@ -68,9 +69,11 @@ class AdapterPlan:
         batch) get exactly the masks the whole batch would: the accumulated step stays exact."""
         return {"lora_dropout": dropout_keys(key, batch_size)}
 
-    def dropout_variables(self, draws: dict) -> dict:
-        """The "lora_dropout" collection of one (micro-)batch's `draw_dropout` draws."""
-        return dropout_variables(list(self.specs), draws["lora_dropout"], self.dropout)
+    def dropout_variables(self, draws: dict, model: int = 0) -> dict:
+        """The "lora_dropout" collection of one (micro-)batch's `draw_dropout` draws; model > 0: the keys
+        folded with it (each text encoder its own masks: `jaxsd.train.text`)."""
+        keys = draws["lora_dropout"]
+        return dropout_variables(list(self.specs), fold_dropout_keys(keys, model) if model else keys, self.dropout)
 
     def merged(self, trained: Any, base: Any) -> dict:
         """The base UNet params with the adapters folded into their kernels (W + down · scale · up)."""

@@ -7,10 +7,9 @@ run trains: the same layers (`lora.targets` and LoCon's convs, narrowed by `trai
 computes what `jaxsd sample --lora FILE` computes (scale 1.0) and training continues that function.
 Anything else is one ConfigError naming what differs and the first layers concerned.
 
-Text-encoder adapters in the file need `lora.text_encoder: true`; without it they are refused
-(`read_init_from`), never dropped. Training them reads them the same way: the file's text-encoder
-layers (`LoraWeights.layers["text_encoder"...]`, read against a `LoraModel` with the CLIP configs)
-are checked with `fit_problems` against the text encoders' adapter specs.
+With `lora.text_encoder: true` the text encoders' adapters (`jaxsd.train.text`) come from the same
+file (PEFT `text_encoder.` / `text_encoder_2.`, kohya `lora_te_` / `lora_te1_` / `lora_te2_` keys) and
+must fit the same way; without it a file holding text-encoder adapters is refused, never half-read.
 
 Read on a fresh start only; a resumed run continues from its checkpoint (`jaxsd.train.resume` logs
 that the file is not read).
@@ -90,6 +89,13 @@ def _file_summary(layers: Mapping[ModulePath, LoraLayer]) -> str:
     return "; ".join(parts) or "no layers"
 
 
+def _components_summary(weights: LoraWeights) -> str:
+    """`_file_summary` of each component of the file (named when it is not the UNet alone)."""
+    if set(weights.layers) <= {"unet"}:
+        return _file_summary(weights.layers.get("unet", {}))
+    return "; ".join(f"{c}: {_file_summary(layers)}" for c, layers in weights.layers.items())
+
+
 def _is_locon(module: ModulePath, layer: LoraLayer) -> bool:
     """Whether `plan_adapters` would give this layer the conv rank (a conv among `CONV_TARGETS`)."""
     return layer.down.ndim == 4 and any(re.search(p, torch_module_name(module)) for p in CONV_TARGETS)
@@ -119,34 +125,42 @@ def fit_problems(layers: Mapping[ModulePath, LoraLayer], specs: Mapping[ModulePa
     return out
 
 
-def adapters_from_file(cfg: Config, plan: AdapterPlan, unet_config: UNetConfig, shardings: Any,
-                       base: Any = None) -> Any:
-    """The trainable adapters {module...: {"down", "up"}} of `lora.init_from`, in model.param_dtype,
-    placed with `shardings` (the plan's trainable shardings).
+def adapters_from_file(cfg: Config, plans: Mapping[str, AdapterPlan], unet_config: UNetConfig,
+                       text_configs: Mapping[str, Any], shardings: Mapping[str, Any], base: Any = None) -> dict[str, Any]:
+    """{component: trainable adapters {module...: {"down", "up"}}} of `lora.init_from`, in model.param_dtype,
+    placed with `shardings` ({component: the plan's trainable shardings}).
 
+    plans: {"unet": AdapterPlan[, "text_encoder": ..., "text_encoder_2": ...]}: the run's adapters.
+    text_configs: {component: CLIPTextConfig} of the CLIP text encoders ({} without lora.text_encoder).
     base: the frozen UNet params, for the file's base-UNet fingerprint (a different base warns).
     Raises ConfigError when the file does not fit the run's `lora:` settings.
     """
     lc = cfg.lora
-    weights = read_init_from(cfg, LoraModel(_family(cfg), unet_config))
-    layers = weights.layers.get("unet", {})
-    problems = fit_problems(layers, plan.specs)
+    weights = read_init_from(cfg, LoraModel(_family(cfg), unet_config, text_configs))
+    problems = []
+    for component in dict.fromkeys([*plans, *weights.layers]):
+        found = fit_problems(weights.layers.get(component, {}), plans[component].specs if component in plans else {})
+        problems += [f"{component}: {p}" if len(plans) > 1 or component != "unet" else p for p in found]
     if problems:
         targets = lc.targets if isinstance(lc.targets, str) else list(lc.targets)
+        summary = _components_summary(weights)
         raise ConfigError(
             f"lora.init_from={lc.init_from} does not fit this run's adapters (lora.rank={lc.rank}, "
             f"alpha={_fmt(lc.alpha)}, conv_rank={lc.conv_rank}, conv_alpha={_fmt(lc.conv_alpha)}, "
-            f"targets={targets!r}, with train.trainable/train.frozen; alpha 0 = rank):\n  "
-            + "\n  ".join(problems)
-            + f"\n  the file has {_file_summary(layers)}: set lora.rank/alpha/conv_rank/conv_alpha/targets to match "
-            "it, or start the adapters fresh (lora.init_from=null)")
+            f"targets={targets!r}, text_encoder={lc.text_encoder}, with train.trainable/train.frozen; "
+            "alpha 0 = rank):\n  " + "\n  ".join(problems)
+            + f"\n  the file has {summary}: set lora.rank/alpha/conv_rank/conv_alpha/targets to "
+            "match it, or start the adapters fresh (lora.init_from=null)")
     if base is not None and weights.metadata.get(BASE_HASH_KEY):
         warn_if_other_base(weights, fingerprint_params(base))
     dtype = jnp.dtype(cfg.model.param_dtype)
-    flat = {}
-    for module, layer in layers.items():
-        flat[module + ("down",)] = np.asarray(layer.down, dtype)
-        flat[module + ("up",)] = np.asarray(layer.up, dtype)
-    log.info("LoRA adapters: from lora.init_from=%s (%s layout, %d layers; %s)", lc.init_from, weights.layout,
-             len(layers), _file_summary(layers))
-    return jax.device_put(traverse_util.unflatten_dict(flat), shardings)
+    out = {}
+    for component in plans:
+        flat = {}
+        for module, layer in weights.layers[component].items():
+            flat[module + ("down",)] = np.asarray(layer.down, dtype)
+            flat[module + ("up",)] = np.asarray(layer.up, dtype)
+        out[component] = jax.device_put(traverse_util.unflatten_dict(flat), shardings[component])
+    log.info("LoRA adapters: from lora.init_from=%s (%s layout; %s)", lc.init_from, weights.layout,
+             _components_summary(weights))
+    return out

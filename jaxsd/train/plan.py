@@ -61,9 +61,10 @@ class StatePlan:
             return trainable, frozen
         return (trainable["unet"] if self.text.adapters else trainable), frozen["unet"]
 
-    def text_parts(self, trainable: Any, frozen: Any) -> tuple[dict, dict | None]:
-        """The text side's (params, {"lora": ...} or None) within the state's trees (`encode_token_ids`' arguments)."""
-        return text_variables(self.text, trainable, frozen)
+    def text_parts(self, trainable: Any, frozen: Any, draws: Any = None) -> tuple[dict, dict | None]:
+        """The text side's (params, {"lora": ...} or None) within the state's trees (`encode_token_ids`' arguments);
+        draws: the step's `model_draws` (LoRA dropout)."""
+        return text_variables(self.text, trainable, frozen, draws)
 
     def variables(self, trainable: Any, frozen: Any, draws: Any = None) -> Any:
         """What the step's apply_fn takes: the full params, or (LoRA) {"params": base, "lora": adapters}
@@ -79,6 +80,7 @@ class StatePlan:
     @property
     def model_draws(self) -> Any:
         """The step's per-sample model randomness (`make_train_step(model_draws=)`): LoRA dropout, or None."""
+        # the text encoders' adapters (lora.text_encoder) use the same draws: lora.dropout is one setting
         return self.adapters.draw_dropout if self.adapters is not None and self.adapters.dropout > 0 else None
 
     def merged(self, trainable: Any, frozen: Any) -> Any:
@@ -130,18 +132,24 @@ def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
     `params` are donated: the state takes over their buffers instead of holding a second copy.
     """
     t_shard, _ = plan.unet_parts(plan.state_shardings.params, plan.state_shardings.frozen)
+    text_plans = plan.text.adapters if plan.text is not None else {}
+    from_file = None
     if plan.adapters is not None and cfg.lora.init_from:
-        t_params = adapters_from_file(cfg, plan.adapters, plan.module.config, t_shard, params)
-        f_params = params
-    elif plan.adapters is not None:
-        t_params = initial_adapters(cfg, plan.adapters, plan.param_shapes, t_shard)
+        from_file = adapters_from_file(cfg, {"unet": plan.adapters, **text_plans}, plan.module.config,
+                                       plan.text.configs() if text_plans else {},
+                                       {"unet": t_shard, **{c: plan.state_shardings.params[c] for c in text_plans}},
+                                       base=params)
+    if plan.adapters is not None:
+        t_params = from_file["unet"] if from_file else initial_adapters(cfg, plan.adapters, plan.param_shapes, t_shard)
         f_params = params
     else:
         t_params, f_params = split_params(params, cfg.train.trainable, cfg.train.frozen)
     if plan.text is not None:
         f_params = {"unet": f_params, **load_text_params(plan.text, plan.base_dtype, plan.state_shardings.frozen)}
-        if plan.text.adapters:
-            t_params = {"unet": t_params, **initial_text_adapters(cfg, plan.text, plan.state_shardings.params)}
+        if text_plans:
+            text_adapters = ({c: from_file[c] for c in text_plans} if from_file else
+                             initial_text_adapters(cfg, plan.text, plan.state_shardings.params))
+            t_params = {"unet": t_params, **text_adapters}
     init = jax.jit(lambda t, f: init_state(t, f, plan.tx, cfg.train.seed, cfg.train.ema.enabled),
                    out_shardings=plan.state_shardings, donate_argnums=(0, 1))
     return init(t_params, f_params)

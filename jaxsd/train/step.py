@@ -140,10 +140,10 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
 
     apply_fn(params, noisy, t, encoder_hidden_states, added_cond) runs the model on what `combine(trainable,
       frozen)` makes: by default the merged full params; LoRA: {"params": base, "lora": adapters}.
-    encode_text(trainable, frozen, batch, drop [B] bool) -> batch: for batches of token ids, the batch with
-      its text encoded ("encoder_hidden_states", "pooled"), dropped samples from the empty caption
-      (`jaxsd.train.text.text_conditioning`); None: the batch holds cached embeddings, and dropped samples
-      take `empty_cond`.
+    encode_text(trainable, frozen, batch, drop [B] bool, model_draws) -> batch: for batches of token ids, the
+      batch with its text encoded ("encoder_hidden_states", "pooled"), dropped samples from the empty caption
+      (`jaxsd.train.text.text_conditioning`); model_draws: those of `model_draws` or None. None: the batch
+      holds cached embeddings, and dropped samples take `empty_cond`.
     tx: from `jaxsd.train.optimizers.make_optimizer` (or `guarded(any_optax_tx)`): its update takes
       `grad_norm=` (clipping) and `apply=` (the NaN skip).
     loss_fn: replaces `diffusion_loss` (same signature) — the "what the loss is" seam.
@@ -164,7 +164,7 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
 
     def loss_of(trainable, frozen, batch, draws):
         if encode_text is not None:  # token ids → what the UNet is conditioned on (inside the gradient)
-            batch = encode_text(trainable, frozen, batch, draws["drop"])
+            batch = encode_text(trainable, frozen, batch, draws["drop"], draws.get("model"))
         variables = combine(trainable, frozen) if model_draws is None else combine(trainable, frozen, draws["model"])
         return objective(apply_fn, variables, batch, draws, schedule, loss_cfg, empty_cond)
 

@@ -25,7 +25,8 @@ from jaxsd.config import CheckpointConfig
 from jaxsd.train.checkpoint import Checkpointer
 from tests.data.fakes import make_images
 from tests.helpers import JAXSD, jaxsd_command, jaxsd_env, kill_9_once_logged, rel_err
-from tests.train.tiny_pipeline import IMAGE_SIZE, UNET, tiny_pipeline
+from tests.train.tiny_lora import random_lora_file
+from tests.train.tiny_pipeline import IMAGE_SIZE, tiny_pipeline
 
 STEPS = 40  # the per-step loss is noisy (fresh noise and timesteps): compare 8-step means
 LORA = {"rank": 4, "alpha": 2, "targets": "all_linear", "conv_rank": 2, "conv_alpha": 4}
@@ -34,27 +35,9 @@ LORA = {"rank": 4, "alpha": 2, "targets": "all_linear", "conv_rank": 2, "conv_al
 def _start_file(path: Path, pipe: Path, *, linear_only: bool = False, text: bool = False) -> Path:
     """A kohya LoRA file with random down/up for LORA's layers of the tiny UNet (what lora.init_from continues):
     rank 4 alpha 2 on the linear layers, rank 2 alpha 4 on the LoCon convs. linear_only: without the convs;
-    text: plus one adapter on the text encoder's q_proj (PEFT layout)."""
-    from jaxsd.convert.load import load_config as folder_config
-    from jaxsd.convert.lora import LoraLayer, LoraModel, LoraWeights, write_lora
-    from jaxsd.convert.unet import abstract_unet_params
-    from jaxsd.models.clip import CLIPTextConfig
-    from jaxsd.models.lora import plan_adapters
-
-    rng = np.random.default_rng(1)
-    plan = plan_adapters(abstract_unet_params(UNET), **LORA)
-    layers = {m: LoraLayer((0.3 * rng.standard_normal(s.down_shape())).astype(np.float32),
-                           (0.3 * rng.standard_normal(s.up_shape())).astype(np.float32), s.alpha)
-              for m, s in plan.items() if not (linear_only and s.is_conv)}
-    weights = {"unet": layers}
-    clip = CLIPTextConfig.from_transformers(folder_config(pipe / "text_encoder"))
-    model = LoraModel("sd1", UNET, {"text_encoder": clip} if text else {})
-    if text:
-        q = ("text_model", "encoder", "layers_0", "self_attn", "q_proj")
-        width = model.tables["text_encoder"].layers[q][0]
-        weights["text_encoder"] = {q: LoraLayer(np.ones((width, 2), np.float32), np.ones((2, width), np.float32), 2.0)}
-    write_lora(path, LoraWeights(weights), model, layout="peft" if text else "kohya")
-    return path
+    text: with adapters on the text encoder too (PEFT layout)."""
+    return random_lora_file(path, pipe, LORA, text={"rank": 4, "alpha": 2} if text else None,
+                            layout="peft" if text else "kohya", skip_convs=linear_only)
 
 
 def _yaml(base: Path, pipe: Path, images: Path, run: str, steps: int) -> Path:
@@ -198,8 +181,8 @@ def test_init_from_that_does_not_fit_is_one_error_naming_what_differs(run):
         ("lora.conv_alpha=1", r"alpha differs on \d+ layers: .*conv1 \(file 4, run 1\)"),
         ("lora.targets=[time_emb_proj$]", r"in the file, not adapted by this run on 14 layers: mid_block.attentions"),
         (f"lora.init_from={linear_only}", r"adapted by this run, not in the file on \d+ layers: .*resnets.0.conv1"),
-        (f"lora.init_from={text}", (r"holds text-encoder adapters: text_encoder \(2 tensors, e.g. text_encoder\."
-                                    r"text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight\).*text_encoder=false")),
+        (f"lora.init_from={text}", (r"holds text-encoder adapters: text_encoder \(24 tensors, e.g. text_encoder\."
+                                    r"text_model.encoder.layers.0.mlp.fc1.lora_A.weight\).*text_encoder=false")),
     ]
     for override, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -272,7 +272,7 @@ class LoRAConfig:
     conv_alpha: float = 0.0
     """conv adapters' scale = conv_alpha / conv_rank; 0 = conv_rank (scale 1)."""
     dropout: float = 0.0
-    """dropout on the adapter input during training, as PEFT's lora_dropout."""
+    """dropout on the adapter input during training, as PEFT's lora_dropout (0 = off); never when sampling."""
     init: str = "peft"
     """peft: down kaiming-uniform, up zeros; gaussian: down ~ N(0, 1/rank), up zeros."""
     text_encoder: bool = False
@@ -281,7 +281,8 @@ class LoRAConfig:
     base_dtype: str | None = None
     """dtype the frozen base weights are stored in (bfloat16 halves their memory); null = model.param_dtype."""
     init_from: str | None = None
-    """an existing LoRA file (PEFT/diffusers or kohya) to continue training from."""
+    """an existing LoRA file (PEFT/diffusers or kohya) to continue training from: its rank, alpha and layers
+    must be this section's; read on a fresh start only (on resume the checkpoint's adapters continue)."""
 
     @property
     def enabled(self) -> bool:
@@ -404,10 +405,9 @@ def _check_lora(cfg: Config) -> None:
         raise ConfigError("lora.text_encoder: adapters on the text encoders train with the captions encoded in the "
                           "train step, from a cache of token ids: set data.cache.text_mode: tokens (and run jaxsd "
                           "cache again), or lora.text_encoder=false")
-    if lc.dropout:
-        raise ConfigError("lora.dropout > 0 is not supported by jaxsd train yet; set lora.dropout=0")
-    if lc.init_from:
-        raise ConfigError("lora.init_from is not supported by jaxsd train yet; start the adapters fresh")
+    if not 0 <= lc.dropout < 1:
+        raise ConfigError(f"lora.dropout = {lc.dropout} must be in [0, 1) (the probability of zeroing an adapter "
+                          "input value; 0 = off)")
     if lc.base_dtype not in (None, "float32", "bfloat16", "float16"):
         raise ConfigError(f"lora.base_dtype = {lc.base_dtype!r}: use float32, bfloat16, float16 or null")
 

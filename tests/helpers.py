@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +50,8 @@ def run_python(code: str, *, devices: int = 8, timeout: float = 600, env: dict |
 JAXSD = Path(sys.executable).parent / "jaxsd"  # the console script of this venv
 
 
-def _jaxsd_env(env: dict | None) -> dict:
+def jaxsd_env(env: dict | None = None) -> dict:
+    """The environment `jaxsd_command` runs the console script in (CPU, PYTHONPATH on this checkout)."""
     return {**os.environ, "JAX_PLATFORMS": "cpu",
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
 
@@ -59,7 +63,7 @@ def jaxsd_command(*args: str, env: dict | None = None, timeout: float = 900, che
     PYTHONPATH points at this checkout so a worktree tests its own code. `devices` sets fake CPU
     devices. check=True fails the test with the command's output when it exits non-zero.
     """
-    full_env = _jaxsd_env(env)
+    full_env = jaxsd_env(env)
     if devices is not None:
         full_env["XLA_FLAGS"] = xla_flags(devices)
     proc = subprocess.run([str(JAXSD), *map(str, args)], capture_output=True, text=True, check=False, timeout=timeout,
@@ -80,9 +84,25 @@ def local_processes(n: int, *args: str, devices: int, log_dir: Path, env: dict |
     """
     argv = [str(REPO / "launch" / "local_processes.sh"), "--devices", str(devices), "--log-dir", str(log_dir),
             "--jaxsd", str(JAXSD), str(n), *map(str, args)]
-    full_env = _jaxsd_env(env)  # the script keeps XLA_FLAGS but for the device count, which it sets
+    full_env = jaxsd_env(env)  # the script keeps XLA_FLAGS but for the device count, which it sets
     if not wait:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                                 cwd=REPO)
     return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout, env=full_env,
                           cwd=REPO)
+
+
+def kill_9_once_logged(argv: list, metrics: Path, step: int, env: dict, timeout: float = 600) -> None:
+    """Start the training run `argv` and `kill -9` it from outside as soon as `metrics` (its metrics.jsonl)
+    records `step`; fails the test if the run ends before that. A `jaxsd` command: `[JAXSD, *args]`,
+    env `jaxsd_env()`."""
+    proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, cwd=REPO)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
+                                    if line.endswith("}")):
+            break
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"

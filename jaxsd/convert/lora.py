@@ -40,7 +40,7 @@ from jaxsd.convert.lora_metadata import (
     peft_alpha,
     peft_component_config,
 )
-from jaxsd.convert.lora_names import COMPONENTS, NameTable
+from jaxsd.convert.lora_names import COMPONENTS, KOHYA_PREFIXES, NameTable
 from jaxsd.convert.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from jaxsd.convert.unet import abstract_unet_params
 from jaxsd.errors import InputError
@@ -159,6 +159,30 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _open(path: str | os.PathLike) -> SafetensorsFile:
+    if not os.path.isfile(path):
+        raise InputError(f"LoRA file {path}: no such file")
+    try:
+        return SafetensorsFile(path)
+    except SafetensorsError as e:
+        raise InputError(f"LoRA file {e}") from None
+
+
+def lora_file_components(path: str | os.PathLike) -> dict[str, list[str]]:
+    """{component: its tensor keys} of a LoRA file, by key prefix (PEFT `unet.` / `text_encoder.` /
+    `text_encoder_2.`, kohya `lora_unet_` / `lora_te_`, `lora_te1_` / `lora_te2_`), read from the
+    header only — which models a file adapts, before reading it against them. Other keys are left out
+    (`read_lora` names them)."""
+    keys = list(_open(path))
+    prefixes = [(c, f"{c}.") for c in COMPONENTS] + [(c, p) for c, ps in KOHYA_PREFIXES.items() for p in ps]
+    found: dict[str, list[str]] = {}
+    for key in keys:
+        component = next((c for c, prefix in prefixes if key.startswith(prefix)), None)
+        if component is not None:
+            found.setdefault(component, []).append(key)
+    return found
+
+
 def _refuse_unsupported(keys: Sequence[str], source: str) -> None:
     found: dict[str, list[str]] = {}
     for key in keys:
@@ -213,12 +237,7 @@ def read_lora(path: str | os.PathLike, model: LoraModel) -> LoraWeights:
     one InputError naming the first keys that do not fit. Tensors keep the file's dtype.
     """
     source = str(path)
-    if not os.path.isfile(path):
-        raise InputError(f"LoRA file {source}: no such file")
-    try:
-        f = SafetensorsFile(path)
-    except SafetensorsError as e:
-        raise InputError(f"LoRA file {e}") from None
+    f = _open(path)
     keys = list(f)
     if not keys:
         raise InputError(f"{source}: holds no tensors, so no LoRA")
@@ -357,4 +376,4 @@ def warn_if_other_base(weights: LoraWeights, unet_fingerprint: str) -> bool:
 
 
 __all__ = ["LAYOUTS", "LoraBaseWarning", "LoraInfo", "LoraLayer", "LoraModel", "LoraWeights", "combine_loras",
-           "lora_variables", "read_lora", "warn_if_other_base", "write_lora"]
+           "lora_file_components", "lora_variables", "read_lora", "warn_if_other_base", "write_lora"]

@@ -18,7 +18,8 @@ LoRA / LoCon adapters are a second variable collection, "lora", whose paths mirr
 "params" (see `jaxsd.models.lora`): when `module.apply({"params": p, "lora": a}, ...)`
 gives a Dense or Conv a `down`/`up`/`scale` entry, the layer adds the low-rank term
 unmerged. Without the collection the layers compute exactly what they compute
-without adapters (no extra op is traced).
+without adapters (no extra op is traced). In training, a third collection,
+"lora_dropout", turns on dropout of the adapter input (`_adapter_input`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.errors import InputError
+from jaxsd.models.lora import dropout_mask
 
 Dtype = jnp.dtype
 _zeros = nn.initializers.zeros_init()
@@ -68,7 +70,7 @@ class Dense(nn.Module):
             y = y + _param(self, "bias", _zeros, (self.axes[1],), (self.features,), self.param_dtype).astype(self.dtype)
         if self.has_variable("lora", "down"):
             down, up, scale = _adapter(self)
-            h = matmul_last_axis(x.astype(self.dtype), down) * scale
+            h = matmul_last_axis(_adapter_input(self, x.astype(self.dtype)), down) * scale
             y = y + matmul_last_axis(h, up)
         return y
 
@@ -81,6 +83,23 @@ def _adapter(module: nn.Module) -> tuple[jax.Array, jax.Array, jax.Array]:
     along the rank axis and a new scale is new values, not a new program.
     """
     return tuple(module.get_variable("lora", name).astype(module.dtype) for name in ("down", "up", "scale"))
+
+
+def _adapter_input(module: nn.Module, x: jax.Array) -> jax.Array:
+    """What the adapter's `down` sees: x, or in training with LoRA dropout (a "lora_dropout" entry
+    {"keys": uint32 [B, 2] per-sample key data, "rate": f32 []}) x with each value zeroed with
+    probability `rate` and the others scaled by 1 / (1 - rate) — PEFT's `lora_dropout`, a
+    `torch.nn.Dropout` on the adapter input; the base layer sees x unchanged. The masks:
+    `jaxsd.models.lora.dropout_mask`, per sample and per layer (this module's path).
+    """
+    if not module.has_variable("lora_dropout", "keys"):
+        return x
+    keys, rate = (module.get_variable("lora_dropout", name) for name in ("keys", "rate"))
+    if keys.shape[0] != x.shape[0]:
+        raise ValueError(f"{'/'.join(module.scope.path)}: LoRA dropout has keys for {keys.shape[0]} samples, "
+                         f"the adapter input {x.shape} has a batch of {x.shape[0]}")
+    keep = dropout_mask(keys, rate, "/".join(module.scope.path), x.shape[1:])
+    return jnp.where(keep, x * (1 / (1 - rate)).astype(x.dtype), jnp.zeros((), x.dtype))
 
 
 def matmul_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -120,7 +139,7 @@ class Conv(nn.Module):
         if self.has_variable("lora", "down"):
             # LoCon: the down conv has the base conv's kernel size, stride and padding; up is 1x1
             down, up, scale = _adapter(self)
-            y = y + matmul_last_axis(self._conv(x.astype(self.dtype), down) * scale, up[0, 0])
+            y = y + matmul_last_axis(self._conv(_adapter_input(self, x.astype(self.dtype)), down) * scale, up[0, 0])
         return y
 
     def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:

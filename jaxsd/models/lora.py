@@ -13,6 +13,10 @@ Keeping `scale` per rank column lets several LoRAs apply at once (concatenate al
 rank axis, `concat_adapters`) and makes a new scale new array values, never a new program.
 Only `down` and `up` are trained (`TRAINED_LEAVES`); `scale` is a constant.
 
+Training with dropout on the adapter input (PEFT's lora_dropout) adds a third collection,
+"lora_dropout", with the same module paths: {"keys": uint32 [B, 2] (one PRNG key per sample),
+"rate": f32 []} (`dropout_variables`; the masks: `dropout_mask`, applied in `jaxsd.models.layers`).
+
 Targets are regexes (`re.search`) over the diffusers/transformers dotted module names
 (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`), or a preset name:
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -206,11 +211,48 @@ def fold_adapters(params: Mapping, adapters: Mapping) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def dropout_mask(keys: jax.Array, rate: jax.Array, layer: str, shape: tuple[int, ...]) -> jax.Array:
+    """bool [B, *shape]: which adapter-input values of the layer named `layer` survive dropout `rate`.
+
+    keys: uint32 [B, 2], one PRNG key per sample (`dropout_keys`, from the train step's key).
+    Sample i's mask is drawn from keys[i] folded with the layer's name: independent per layer and
+    per sample, and not dependent on the other samples of the call, so gradient accumulation's
+    micro-batches (rows of the batch) and any sharding of the batch see exactly the whole batch's masks.
+    """
+    layer_id = zlib.crc32(layer.encode())
+
+    def uniform(key_data: jax.Array) -> jax.Array:
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), layer_id)
+        # drawn flat: XLA:CPU compiles a multi-dimensional threefry draw several times slower
+        return jax.random.uniform(key, (math.prod(shape),))
+
+    return (jax.vmap(uniform)(keys) >= rate).reshape((keys.shape[0], *shape))
+
+
+def dropout_keys(key: jax.Array, batch: int) -> jax.Array:
+    """uint32 [batch, 2]: one PRNG key (as its raw data) per sample, for `dropout_variables`."""
+    return jax.random.key_data(jax.random.split(key, batch))
+
+
+def fold_dropout_keys(keys: jax.Array, data: int) -> jax.Array:
+    """`dropout_keys` folded with `data`: per-sample keys of another model (its layers may be named as
+    another's: SDXL's two text encoders)."""
+    return jax.random.key_data(jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), data))(keys))
+
+
+def dropout_variables(modules: Sequence[ModulePath], keys: jax.Array, rate: float) -> dict:
+    """The "lora_dropout" collection: dropout `rate` on the input of the adapters of `modules`, with
+    per-sample masks drawn from `keys` (`dropout_keys`) folded with each layer's path."""
+    rate = jnp.asarray(rate, jnp.float32)
+    return traverse_util.unflatten_dict({m + (leaf,): value for m in modules
+                                         for leaf, value in (("keys", keys), ("rate", rate))})
+
+
 def adapted_modules(adapters: Mapping) -> list[ModulePath]:
     """The module paths a "lora" tree adapts, sorted."""
     return sorted(_by_module(adapters))
 
 
 __all__ = ["CONV_TARGETS", "INITS", "PRESETS", "TRAINED_LEAVES", "AdapterSpec", "adapted_modules",
-           "adapter_logical_axes", "concat_adapters", "fold_adapters", "init_adapters", "plan_adapters",
-           "resolve_targets", "scale_adapters"]
+           "adapter_logical_axes", "concat_adapters", "dropout_keys", "dropout_mask", "dropout_variables",
+           "fold_adapters", "fold_dropout_keys", "init_adapters", "plan_adapters", "resolve_targets", "scale_adapters"]

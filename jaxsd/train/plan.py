@@ -25,6 +25,7 @@ from jaxsd.config import Config
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.models.lora import adapter_logical_axes
 from jaxsd.train.adapters import AdapterPlan, adapter_plan, initial_adapters
+from jaxsd.train.lora_init import adapters_from_file
 from jaxsd.train.model import build_unet, make_apply_fn, param_shapes, unet_config
 from jaxsd.train.optimizers import make_optimizer, streams_updates
 from jaxsd.train.sharding import micro_batch_sharding, param_shardings, train_state_shardings
@@ -64,16 +65,27 @@ class StatePlan:
             return trainable, frozen
         return (trainable["unet"] if self.text.adapters else trainable), frozen["unet"]
 
-    def text_parts(self, trainable: Any, frozen: Any) -> tuple[dict, dict | None]:
-        """The text side's (params, {"lora": ...} or None) within the state's trees (`encode_token_ids`' arguments)."""
-        return text_variables(self.text, trainable, frozen)
+    def text_parts(self, trainable: Any, frozen: Any, draws: Any = None) -> tuple[dict, dict | None]:
+        """The text side's (params, {"lora": ...} or None) within the state's trees (`encode_token_ids`' arguments);
+        draws: the step's `model_draws` (LoRA dropout)."""
+        return text_variables(self.text, trainable, frozen, draws)
 
-    def variables(self, trainable: Any, frozen: Any) -> Any:
-        """What the step's apply_fn takes: the full params, or (LoRA) {"params": base, "lora": adapters}."""
+    def variables(self, trainable: Any, frozen: Any, draws: Any = None) -> Any:
+        """What the step's apply_fn takes: the full params, or (LoRA) {"params": base, "lora": adapters}
+        (+ "lora_dropout" from the step's `model_draws`)."""
         trainable, frozen = self.unet_parts(trainable, frozen)
         if self.adapters is None:
             return merge_params(trainable, frozen)
-        return {"params": frozen, "lora": self.adapters.variables(trainable)}
+        variables = {"params": frozen, "lora": self.adapters.variables(trainable)}
+        if draws is not None:
+            variables["lora_dropout"] = self.adapters.dropout_variables(draws)
+        return variables
+
+    @property
+    def model_draws(self) -> Any:
+        """The step's per-sample model randomness (`make_train_step(model_draws=)`): LoRA dropout, or None."""
+        # the text encoders' adapters (lora.text_encoder) use the same draws: lora.dropout is one setting
+        return self.adapters.draw_dropout if self.adapters is not None and self.adapters.dropout > 0 else None
 
     def merged(self, trainable: Any, frozen: Any) -> Any:
         """The full UNet params (LoRA: adapters folded in): what sample grids and exports use."""
@@ -117,21 +129,31 @@ def plan_state(cfg: Config, mesh) -> StatePlan:
 
 def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
     """A new train state (fresh optimizer state, EMA = params) from full `params`, sharded as planned.
-    LoRA: `params` are the frozen base; the adapters start fresh (up = 0: step 0 is the base).
+    LoRA: `params` are the frozen base; the adapters start fresh (up = 0: step 0 is the base), or
+    from the file `lora.init_from` (step 0 is the base with that file applied).
     Text in the step: the text encoders are read from their folder (`jaxsd.train.text`).
 
     `params` are donated: the state takes over their buffers instead of holding a second copy.
     """
     t_shard, _ = plan.unet_parts(plan.state_shardings.params, plan.state_shardings.frozen)
+    text_plans = plan.text.adapters if plan.text is not None else {}
+    from_file = None
+    if plan.adapters is not None and cfg.lora.init_from:
+        from_file = adapters_from_file(cfg, {"unet": plan.adapters, **text_plans}, plan.module.config,
+                                       plan.text.configs() if text_plans else {},
+                                       {"unet": t_shard, **{c: plan.state_shardings.params[c] for c in text_plans}},
+                                       base=params)
     if plan.adapters is not None:
-        t_params = initial_adapters(cfg, plan.adapters, plan.param_shapes, t_shard)
+        t_params = from_file["unet"] if from_file else initial_adapters(cfg, plan.adapters, plan.param_shapes, t_shard)
         f_params = params
     else:
         t_params, f_params = split_params(params, cfg.train.trainable, cfg.train.frozen)
     if plan.text is not None:
         f_params = {"unet": f_params, **load_text_params(plan.text, plan.base_dtype, plan.state_shardings.frozen)}
-        if plan.text.adapters:
-            t_params = {"unet": t_params, **initial_text_adapters(cfg, plan.text, plan.state_shardings.params)}
+        if text_plans:
+            text_adapters = ({c: from_file[c] for c in text_plans} if from_file else
+                             initial_text_adapters(cfg, plan.text, plan.state_shardings.params))
+            t_params = {"unet": t_params, **text_adapters}
     init = jax.jit(lambda t, f: init_state(t, f, plan.tx, cfg.train.seed, cfg.train.ema.enabled),
                    out_shardings=plan.state_shardings, donate_argnums=(0, 1))
     return init(t_params, f_params)
@@ -145,6 +167,7 @@ def plan_train_step(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> Ca
     encode_text = None if plan.text is None else text_conditioning(plan.text, plan.text_parts, empty)
     return make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,
                            plan.tx, plan.lr_fn, combine=plan.variables, encode_text=encode_text,
+                           model_draws=plan.model_draws,
                            ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,
                            empty_cond=None if empty is None or encode_text else jax.tree.map(jnp.asarray, empty),
                            micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,

@@ -155,7 +155,10 @@ def resume(cfg: Config, plan: StatePlan, ckpt: Checkpointer, mesh) -> Resumed | 
             ckpt.set_aside(step, e)
             continue
         state = from_checkpoint(restored, load_frozen(cfg, plan), plan.abstract)
-        return Resumed(state, step, meta, changes, f"resumed from {where}")
+        how = f"resumed from {where}"
+        if cfg.lora.enabled and cfg.lora.init_from:
+            how += f" (lora.init_from={cfg.lora.init_from} not read: the checkpoint's adapters continue)"
+        return Resumed(state, step, meta, changes, how)
     if ckpt.damaged:
         raise DamagedCheckpoints("no checkpoint in the run directory restores: " + "; ".join(ckpt.damaged) +
                                  f". They were moved to {ckpt.directory}.damaged; running again starts "

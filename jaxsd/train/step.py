@@ -112,6 +112,11 @@ def reduce_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+# fold_in data of `model_draws`' key: draw_randomness splits the step key in 6 (with partitionable
+# threefry, split i = fold_in i), so any constant above 5 is a stream of its own
+_MODEL_DRAWS_STREAM = 0x4C6F5241
+
+
 def _split_micro(x: jax.Array, k: int, spec: Any) -> jax.Array:
     """[k·b, ...] → [k, b, ...] with every micro-batch spread over all batch shards.
 
@@ -128,20 +133,24 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
                     tx: optax.GradientTransformationExtraArgs, lr_fn: optax.Schedule, *, ema_cfg: EMAConfig | None = None,
                     grad_accum_steps: int = 1, empty_cond: dict[str, jax.Array] | None = None,
                     micro_batch_sharding: Any = None, loss_fn: Callable | None = None,
-                    streamed: bool = False, combine: Callable[[Any, Any], Any] = merge_params,
-                    encode_text: Callable | None = None) -> Callable:
+                    streamed: bool = False, combine: Callable[..., Any] = merge_params,
+                    encode_text: Callable | None = None,
+                    model_draws: Callable[[jax.Array, int], dict] | None = None) -> Callable:
     """The pure step function `(state, batch) -> (state, metrics)`.
 
     apply_fn(params, noisy, t, encoder_hidden_states, added_cond) runs the model on what `combine(trainable,
       frozen)` makes: by default the merged full params; LoRA: {"params": base, "lora": adapters}.
-    encode_text(trainable, frozen, batch, drop [B] bool) -> batch: for batches of token ids, the batch with
-      its text encoded ("encoder_hidden_states", "pooled"), dropped samples from the empty caption
-      (`jaxsd.train.text.text_conditioning`); None: the batch holds cached embeddings, and dropped samples
-      take `empty_cond`.
+    encode_text(trainable, frozen, batch, drop [B] bool, model_draws) -> batch: for batches of token ids, the
+      batch with its text encoded ("encoder_hidden_states", "pooled"), dropped samples from the empty caption
+      (`jaxsd.train.text.text_conditioning`); model_draws: those of `model_draws` or None. None: the batch
+      holds cached embeddings, and dropped samples take `empty_cond`.
     tx: from `jaxsd.train.optimizers.make_optimizer` (or `guarded(any_optax_tx)`): its update takes
       `grad_norm=` (clipping) and `apply=` (the NaN skip).
     loss_fn: replaces `diffusion_loss` (same signature) — the "what the loss is" seam.
     micro_batch_sharding: sharding of a [k, b, ...] micro-batch stack (None on one device).
+    model_draws(key, batch_size) -> {name: [B, ...]}: per-sample randomness the model itself uses
+      (LoRA dropout's keys). Drawn from its own stream of the step's key, split into micro-batches
+      with the other draws, and given to `combine(trainable, frozen, model_draws_output)`.
     streamed: update each param as soon as its gradient exists (module docstring); the
       optimizer must not clip by the global norm. The skip then looks at the loss only.
     metrics: loss, loss_raw, grad_norm, lr, qk_grads_av, skipped (1 if this update was skipped);
@@ -155,14 +164,17 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
 
     def loss_of(trainable, frozen, batch, draws):
         if encode_text is not None:  # token ids → what the UNet is conditioned on (inside the gradient)
-            batch = encode_text(trainable, frozen, batch, draws["drop"])
-        return objective(apply_fn, combine(trainable, frozen), batch, draws, schedule, loss_cfg, empty_cond)
+            batch = encode_text(trainable, frozen, batch, draws["drop"], draws.get("model"))
+        variables = combine(trainable, frozen) if model_draws is None else combine(trainable, frozen, draws["model"])
+        return objective(apply_fn, variables, batch, draws, schedule, loss_cfg, empty_cond)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         draws = draw_randomness(rng, batch, loss_cfg, schedule.num_train_timesteps)
+        if model_draws is not None:  # a stream of its own: the loss's draws stay what they are without it
+            draws["model"] = model_draws(jax.random.fold_in(rng, _MODEL_DRAWS_STREAM), draws["t"].shape[0])
         if k == 1:
             (loss, raw), grads = grad_fn(state.params, state.frozen, batch, draws)
         else:

@@ -166,7 +166,7 @@ def _text_adapters(cfg: Config, kind: str, shapes: Mapping[str, Any]) -> dict[st
         kept = {m: s for m, s in specs.items()
                 if is_trainable("/".join((name, *m, "down")), cfg.train.trainable, cfg.train.frozen)}
         if kept:
-            plans[name] = AdapterPlan(kept)
+            plans[name] = AdapterPlan(kept, lc.dropout)
     if not plans:
         raise ConfigError(f"lora.text_encoder: train.trainable={list(cfg.train.trainable)} / train.frozen="
                           f"{list(cfg.train.frozen)} leave none of the text encoders' {total} adapters to train "
@@ -220,13 +220,21 @@ def initial_text_adapters(cfg: Config, text: StepText, shardings: Mapping[str, A
     return out
 
 
-def text_variables(text: StepText, trainable: Mapping[str, Any], frozen: Mapping[str, Any]
-                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def text_variables(text: StepText, trainable: Mapping[str, Any], frozen: Mapping[str, Any],
+                   draws: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(params, variables) `encode_token_ids` takes, from the train state's trees: the frozen text params,
-    and {"lora": {component: adapters with their scales}} when the text encoders train adapters (else None)."""
+    and {"lora": {component: adapters with their scales}} when the text encoders train adapters (else None).
+    draws: the step's `model_draws` (lora.dropout): adds {"lora_dropout": {component: ...}}, encoder i's
+    per-sample keys folded with i + 1 (the UNet's are not folded)."""
     params = {c: frozen[c] for c in text.components}
     lora = {c: plan.variables(trainable[c]) for c, plan in text.adapters.items()}
-    return params, ({"lora": lora} if lora else None)
+    if not lora:
+        return params, None
+    variables = {"lora": lora}
+    if draws is not None:
+        variables["lora_dropout"] = {c: plan.dropout_variables(draws, ENCODER_NAMES.index(c) + 1)
+                                     for c, plan in text.adapters.items()}
+    return params, variables
 
 
 def text_conditioning(text: StepText, parts: Callable[[Any, Any], tuple[dict, dict | None]],
@@ -234,18 +242,20 @@ def text_conditioning(text: StepText, parts: Callable[[Any, Any], tuple[dict, di
     """The step's batch → conditioning function: `encode(trainable, frozen, batch, drop)` returns the batch
     with its token ids replaced by "encoder_hidden_states" [B, L, D] (SDXL: and "pooled" [B, P]).
 
-    parts(trainable, frozen) -> (params, variables) of `encode_token_ids` (`StatePlan.text_parts`).
+    parts(trainable, frozen[, model_draws]) -> (params, variables) of `encode_token_ids` (`StatePlan.text_parts`);
+      `encode`'s model_draws: the step's (lora.dropout), passed on.
     empty: the empty caption's token ids {"input_ids": [L], ...} (the cache's); the rows where `drop` [B]
       is True are encoded from them. Needed when loss.cond_dropout > 0.
     """
     keys = [k for i in range(len(text.encoders.encoders)) for k in token_keys(i)]
     empty_ids = None if empty is None else {k: jnp.asarray(empty[k]) for k in keys if k in empty}
 
-    def encode(trainable: Any, frozen: Any, batch: Mapping[str, jax.Array], drop: jax.Array) -> dict[str, jax.Array]:
+    def encode(trainable: Any, frozen: Any, batch: Mapping[str, jax.Array], drop: jax.Array,
+               model_draws: Any = None) -> dict[str, jax.Array]:
         tokens = {k: batch[k] for k in keys if k in batch}
         if empty_ids is not None:
             tokens = {k: jnp.where(drop[:, None], empty_ids[k][None].astype(v.dtype), v) for k, v in tokens.items()}
-        params, variables = parts(trainable, frozen)
+        params, variables = parts(trainable, frozen) if model_draws is None else parts(trainable, frozen, model_draws)
         out = encode_token_ids(text.encoders, params, tokens, variables=variables)
         return {**{k: v for k, v in batch.items() if k not in tokens}, **out}
 

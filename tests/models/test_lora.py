@@ -19,10 +19,14 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec
 
 from jaxsd.errors import InputError
+from jaxsd.models.layers import Conv, Dense
 from jaxsd.models.lora import (
     adapted_modules,
     adapter_logical_axes,
     concat_adapters,
+    dropout_keys,
+    dropout_mask,
+    dropout_variables,
     fold_adapters,
     init_adapters,
     plan_adapters,
@@ -181,3 +185,70 @@ def test_step0_is_bitwise_the_base_and_trained_adapters_equal_their_merged_weigh
     both_merged = fold(fold(params, trained), other)
     np.testing.assert_allclose(apply({"params": fold(params, both)}), apply({"params": both_merged}),
                                atol=1e-5 * float(jnp.abs(out).max()))
+
+
+class _ThreeLayers(nn.Module):
+    """Two Dense layers and a 3x3 Conv reading the same input."""
+
+    @nn.compact
+    def __call__(self, x):
+        return Dense(8, name="a")(x), Dense(8, name="b")(x), Conv(8, name="c")(x)
+
+
+def _probe_variables(params, seed=None):
+    """Adapters on a, b, c: identity down/up, scale 1 (the term is then exactly the adapter's input),
+    or random ones for `seed`."""
+    rng = np.random.default_rng(seed)
+    eye = np.eye(8, dtype=np.float32)
+    center = np.zeros((3, 3, 8, 8), np.float32)
+    center[1, 1] = eye  # a 3x3 conv with padding 1 that copies its input
+    lora = {}
+    for name, down, up in (("a", eye, eye), ("b", eye, eye), ("c", center, eye[None, None])):
+        if seed is not None:
+            down, up = (rng.standard_normal(v.shape).astype(np.float32) for v in (down, up))
+        lora[name] = {"down": jnp.asarray(down), "up": jnp.asarray(up),
+                      "scale": jnp.full((8,), 0.5 if seed is not None else 1.0, jnp.float32)}
+    return {"params": params, "lora": lora}
+
+
+def test_adapter_dropout_masks_the_adapter_input_per_sample_and_layer():
+    module, p = _ThreeLayers(), 0.3
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 4, 4, 8)), jnp.float32)
+    shapes, _ = abstract_params(module, x)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # base layers output 0
+    keys = dropout_keys(jax.random.key(7), 4)
+    apply = jax.jit(module.apply)  # two programs: without and with the "lora_dropout" collection
+
+    def dropped(variables, rate=p):
+        return apply({**variables, "lora_dropout": dropout_variables([("a",), ("b",), ("c",)], keys, rate)}, x)
+
+    assert all(np.array_equal(o, x) for o in apply(_probe_variables(zero), x))  # each output = the adapter input
+    masks = []
+    for out in dropped(_probe_variables(zero)):
+        keep = np.asarray(out) != 0
+        # PEFT's lora_dropout (torch.nn.Dropout): zeros, the rest scaled by 1 / (1 - p)
+        np.testing.assert_array_equal(out, np.where(keep, x * np.float32(1 / (1 - p)), 0))
+        assert abs(1 - keep.mean() - p) < 0.06, keep.mean()
+        masks.append(keep)
+    assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[0], masks[2])  # per layer
+    assert not np.array_equal(masks[0][0], masks[0][1])  # per sample
+    # a sample's mask does not depend on the rest of the batch: micro-batches see the batch's masks
+    np.testing.assert_array_equal(dropout_mask(keys[1:3], p, "a", (4, 4, 8)), masks[0][1:3])
+
+    # real adapters on a real base: base(x) + (((mask · x / (1 - p)) @ down) · scale) @ up, by hand
+    params = jax.tree.map(lambda s: jnp.asarray(np.random.default_rng(1).standard_normal(s.shape), s.dtype), shapes)
+    variables = _probe_variables(params, seed=2)
+    no_up = {**variables, "lora": {n: {**ad, "up": jnp.zeros_like(ad["up"])} for n, ad in variables["lora"].items()}}
+    base = apply(no_up, x)  # up = 0: exactly the base layers
+    for out, b, keep, name in zip(dropped(variables), base, masks, "abc"):
+        ad = variables["lora"][name]
+        h = np.where(keep, np.asarray(x) / (1 - p), 0)
+        if name == "c":
+            h = jax.lax.conv_general_dilated(jnp.asarray(h, jnp.float32), ad["down"], (1, 1), ((1, 1),) * 2,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        else:
+            h = h @ np.asarray(ad["down"], np.float64)
+        expected = np.asarray(b, np.float64) + (np.asarray(h, np.float64) * 0.5) @ np.asarray(ad["up"]).reshape(8, 8)
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    # rate 0: bit for bit the layers without dropout
+    assert all(np.array_equal(a, b) for a, b in zip(dropped(variables, rate=0.0), apply(variables, x)))

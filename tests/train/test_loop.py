@@ -17,16 +17,14 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from jaxsd.train.logging import read_scalars
-from tests.helpers import REPO
+from tests.helpers import REPO, kill_9_once_logged
 
 RUNNER = r"""
 import hashlib, json, logging, sys
@@ -104,16 +102,7 @@ def _run(tmp: Path, mode: str, run_dir: Path, extra=(), expect_error=False):
 def _kill_once_logged(tmp: Path, run_dir: Path, step: int) -> None:
     """Start a run and `kill -9` it from outside as soon as metrics.jsonl records `step`."""
     argv, env = _command(tmp, "plain", run_dir)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
-                                    if line.endswith("}")):
-            break
-        time.sleep(0.01)
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_9_once_logged(argv, run_dir / "metrics.jsonl", step, env)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

@@ -1,30 +1,43 @@
 """LoRA / LoCon training through the commands a user types, on a tiny pipeline saved in the real format.
 
-`jaxsd cache` → `jaxsd train` with `lora.rank` / `lora.conv_rank` → the checkpoint holds only the
-adapters and their optimizer state (the base is reloaded and fingerprinted) → `jaxsd export --lora`
+`jaxsd cache` → `jaxsd train` with `lora.rank` / `lora.conv_rank`, dropout on the adapter input and
+the adapters started from a kohya file (`lora.init_from`, alpha ≠ rank) → the checkpoint holds only
+the adapters and their optimizer state (the base is reloaded and fingerprinted) → `jaxsd export --lora`
 in both layouts loads in diffusers (`load_lora_weights`) with the same UNet output as jaxsd's
-unmerged adapters, and `--merge-lora` writes that same UNet as a folder. A run stopped at step 20
-and resumed equals a straight run bit for bit.
+unmerged adapters, and `--merge-lora` writes that same UNet as a folder. Step 0 of an `init_from` run
+is the UNet `jaxsd sample --lora FILE` applies; a file that does not fit is one error naming what
+differs. A run `kill -9`ed and resumed equals the straight run bit for bit (slow).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from jaxsd.config import CheckpointConfig
 from jaxsd.train.checkpoint import Checkpointer
 from tests.data.fakes import make_images
-from tests.helpers import jaxsd_command, rel_err
+from tests.helpers import JAXSD, jaxsd_command, jaxsd_env, kill_9_once_logged, rel_err
+from tests.train.tiny_lora import random_lora_file
 from tests.train.tiny_pipeline import IMAGE_SIZE, tiny_pipeline
 
 STEPS = 40  # the per-step loss is noisy (fresh noise and timesteps): compare 8-step means
-LORA = "lora: {rank: 4, alpha: 2, targets: all_linear, conv_rank: 2, conv_alpha: 4}"
+LORA = {"rank": 4, "alpha": 2, "targets": "all_linear", "conv_rank": 2, "conv_alpha": 4}
+
+
+def _start_file(path: Path, pipe: Path, *, linear_only: bool = False, text: bool = False) -> Path:
+    """A kohya LoRA file with random down/up for LORA's layers of the tiny UNet (what lora.init_from continues):
+    rank 4 alpha 2 on the linear layers, rank 2 alpha 4 on the LoCon convs. linear_only: without the convs;
+    text: with adapters on the text encoder too (PEFT layout)."""
+    return random_lora_file(path, pipe, LORA, text={"rank": 4, "alpha": 2} if text else None,
+                            layout="peft" if text else "kohya", skip_convs=linear_only)
 
 
 def _yaml(base: Path, pipe: Path, images: Path, run: str, steps: int) -> Path:
@@ -32,7 +45,8 @@ def _yaml(base: Path, pipe: Path, images: Path, run: str, steps: int) -> Path:
     path.write_text(f"""
 model: {{pretrained: {pipe}}}
 optimizer: {{learning_rate: 0.05}}
-{LORA}
+lora: {{rank: 4, alpha: 2, targets: all_linear, conv_rank: 2, conv_alpha: 4, dropout: 0.1,
+        init_from: {base / 'start.safetensors'}}}
 train: {{run_dir: {base / run}, steps: {steps}, batch_size: 4, data_source: cache, compilation_cache: {base / 'xla'}}}
 checkpoint: {{every: 20, async_save: false}}
 logging: {{every: 1, progress_bar: false}}
@@ -54,6 +68,7 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("lora_train")
     pipe = tiny_pipeline(base / "pipe")
     images = make_images(base / "images", 4)
+    _start_file(base / "start.safetensors", pipe)
     yaml = _yaml(base, pipe, images, "run", STEPS)
     jaxsd_command("cache", yaml, "--no-progress")
     jaxsd_command("train", yaml, env={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
@@ -118,11 +133,81 @@ def test_exported_files_load_in_diffusers_and_merge_lora_is_the_same_unet(run):
     assert rel_err(trained, theirs(base / "merged")) <= 1e-4  # base + adapters at scale 1, merged
 
 
-@pytest.mark.slow  # two more runs; resume itself is proven in the default run by test_loop / test_buckets_cli
-def test_stopped_and_resumed_equals_straight(run):
-    # stopping at step 20 and resuming reloads the frozen base and the adapters' state exactly
+def _fresh_start(run, *overrides: str):
+    """The run's config (with `overrides`) planned on one device, and its fresh train state."""
+    from jaxsd.config import ShardingConfig, load_config
+    from jaxsd.train.model import initial_params
+    from jaxsd.train.plan import fresh_state, plan_state
+    from jaxsd.train.sharding import make_mesh
+
+    base, pipe, images, _ = run
+    cfg = load_config(_yaml(base, pipe, images, "inproc", STEPS), list(overrides))
+    plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
+    params, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings, dtype=plan.base_dtype)
+    return plan, fresh_state(cfg, plan, params)
+
+
+def test_init_from_step_0_is_the_unet_jaxsd_sample_lora_applies(run):
+    # the file has alpha 2 ≠ rank 4 (scale 0.5) and LoCon alpha 4 ≠ rank 2: the run continues that function
+    from jaxsd.pipelines.loading import load_pipeline
+    from jaxsd.pipelines.lora import apply_loras, read_loras
+
+    base, pipe = run[:2]
+    plan, state = _fresh_start(run)
+    sample = load_pipeline(pipe)  # what `jaxsd sample --model PIPE --lora FILE` runs, at scale 1.0
+    sample_lora = apply_loras(sample, read_loras(sample, [base / "start.safetensors"]), [1.0])
+    ours, theirs = traverse_util.flatten_dict(state.params), traverse_util.flatten_dict(sample_lora)
+    # the file's (random, nonzero) down/up on all 31 layers, as sampling reads them
+    assert len(ours) == 2 * 31 and all(np.array_equal(v, theirs[p]) for p, v in ours.items())
+    rng = np.random.default_rng(0)
+    x, t = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32), jnp.asarray([10, 700])
+    ctx = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+    unet = jax.jit(plan.module.apply)
+    assert np.array_equal(unet(plan.variables(state.params, state.frozen), x, t, ctx),
+                          unet({"params": sample.unet_params, "lora": sample_lora}, x, t, ctx))
+
+
+def test_init_from_that_does_not_fit_is_one_error_naming_what_differs(run):
+    from jaxsd.errors import ConfigError
+
+    base, pipe = run[:2]
+    linear_only = _start_file(base / "linear.safetensors", pipe, linear_only=True)
+    text = _start_file(base / "text.safetensors", pipe, text=True)
+    cases = [  # (overrides of the run's config, what the one error says)
+        ("lora.dropout=1", r"lora.dropout = 1.0 must be in \[0, 1\)"),
+        (f"lora.init_from={base / 'nothing.safetensors'}", r"lora.init_from=.*nothing.safetensors: no such file"),
+        ("lora.rank=8", (r"rank differs on 19 layers: .*resnets.0.time_emb_proj \(file 4, run 8\)(.|\n)*the file "
+                         r"has linear and 1x1 layers: rank 4, alpha 2 .* LoCon convs: rank 2, alpha 4")),
+        ("lora.conv_alpha=1", r"alpha differs on \d+ layers: .*conv1 \(file 4, run 1\)"),
+        ("lora.targets=[time_emb_proj$]", r"in the file, not adapted by this run on 14 layers: mid_block.attentions"),
+        (f"lora.init_from={linear_only}", r"adapted by this run, not in the file on \d+ layers: .*resnets.0.conv1"),
+        (f"lora.init_from={text}", (r"holds text-encoder adapters: text_encoder \(24 tensors, e.g. text_encoder\."
+                                    r"text_model.encoder.layers.0.mlp.fc1.lora_A.weight\).*text_encoder=false")),
+    ]
+    for override, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            _fresh_start(run, override)
+
+
+def _exported(run_dir: Path, out: Path) -> dict[str, np.ndarray]:
+    from jaxsd.convert.safetensors_io import SafetensorsFile
+
+    jaxsd_command("export", run_dir, "--lora", "--out", out)
+    f = SafetensorsFile(out)
+    return {k: np.array(f[k]) for k in f}
+
+
+@pytest.mark.slow  # a killed run and its resume, two more processes
+def test_kill_9_and_resume_equals_the_straight_run(run):
+    # killed from outside after step 12 (checkpoints every 5), resumed: dropout masks, noise and the
+    # data order continue exactly; lora.init_from is not read again (the checkpoint's adapters win)
     base, pipe, images, run_dir = run
-    short = _yaml(base, pipe, images, "resumed", 20)
-    jaxsd_command("train", short)
-    jaxsd_command("train", short, f"train.steps={STEPS}")
-    assert _losses(base / "resumed") == _losses(run_dir)
+    yaml = _yaml(base, pipe, images, "killed", STEPS)
+    args = ["train", yaml, "checkpoint.every=5"]
+    kill_9_once_logged([JAXSD, *args], base / "killed" / "metrics.jsonl", 12, jaxsd_env())
+    jaxsd_command(*args)
+    assert _losses(base / "killed") == _losses(run_dir)
+    log = (base / "killed" / "train.log").read_text()
+    assert re.search(r"resumed from checkpoint step (5|10) .*lora.init_from=.* not read", log), log[-2000:]
+    straight, killed = _exported(run_dir, base / "straight.safetensors"), _exported(base / "killed", base / "k.safetensors")
+    assert straight.keys() == killed.keys() and all(np.array_equal(straight[k], killed[k]) for k in straight)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxsd.config import ShardingConfig
@@ -18,7 +19,7 @@ from jaxsd.train.sharding import global_batch, make_mesh, micro_batch_sharding, 
 from jaxsd.train.step import init_state, make_train_step
 from tests.train.toy import batch, toy
 
-_, params, apply_fn, specs = toy(width=128)
+toy_module, params, apply_fn, specs = toy(width=128)
 rules = ShardingConfig().rules
 # SGD-momentum: params are then linear in the gradients, so the comparison measures the sharded
 # reductions, not Adam's m/√v amplifying last-bit differences of near-zero gradient entries.
@@ -85,6 +86,51 @@ out["adamw8bit_fsdp_spec"] = list(b8["w"].sharding.spec)
 print("RESULT" + json.dumps(out))
 """
 
+# LoRA (jaxsd.train.adapters) on the toy's Dense layers over its frozen base, with dropout on the adapter
+# input: 3 steps on 1 device, and on 8 devices with data parallelism + fsdp and 2 accumulation micro-batches
+LORA_CODE = r"""
+from flax import traverse_util
+from jaxsd.models.lora import adapter_logical_axes, init_adapters, plan_adapters
+from jaxsd.train.adapters import AdapterPlan
+
+rng = np.random.default_rng(1)
+adapters = traverse_util.unflatten_dict({  # up random too, so dropout acts on every gradient from step 1
+    p: v if p[-1] == "down" else jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype)
+    for p, v in traverse_util.flatten_dict(init_adapters(params, "all_linear", 4, 8, jax.random.key(1))).items()
+    if p[-1] != "scale"})
+
+def run_lora(shape, devices, k=1, dropout=0.25, keys=True):
+    lora_plan = AdapterPlan(plan_adapters(params, "all_linear", 4, 8), dropout)
+    mesh = make_mesh(ShardingConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]), devices)
+    f_sh = param_shardings(params, specs, mesh, rules)
+    t_sh = param_shardings(adapters, adapter_logical_axes(specs, adapters), mesh, rules)
+    init = lambda t, f: init_state(t, f, tx, 0, True)
+    st_sh = train_state_shardings(jax.eval_shape(init, adapters, params), t_sh, f_sh, mesh)
+    state = jax.jit(init, out_shardings=st_sh)(adapters, params)
+    b = global_batch(host_batch, mesh)
+
+    def combine(t, f, draws=None):
+        variables = {"params": f, "lora": lora_plan.variables(t)}
+        return variables if draws is None else {**variables, "lora_dropout": lora_plan.dropout_variables(draws)}
+
+    step = make_train_step(lambda v, *a: toy_module.apply(v, *a), sched, LossConfig(), tx, lr, grad_accum_steps=k,
+                           micro_batch_sharding=micro_batch_sharding(mesh), combine=combine,
+                           model_draws=lora_plan.draw_dropout if keys else None)
+    jitted = jax.jit(step, in_shardings=(st_sh, jax.tree.map(lambda x: x.sharding, b)),
+                     out_shardings=(st_sh, None), donate_argnums=(0,))
+    losses = []
+    for _ in range(3):
+        state, m = jitted(state, b)
+        losses.append(float(m["loss"]))
+    return [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)], losses
+
+one = jax.devices()[:1]
+lora = {"ref": run_lora((1, 1, 1), one), "meshed": run_lora((2, 4, 1), jax.devices(), k=2),
+        "off": run_lora((1, 1, 1), one, dropout=0, keys=False),  # lora.dropout=0: the step as without dropout
+        "rate_0": run_lora((1, 1, 1), one, dropout=0)}  # the dropout keys drawn, at rate 0
+print("LORA" + json.dumps(lora))
+"""
+
 
 
 def test_mesh_shape_fill_and_errors():
@@ -99,13 +145,12 @@ def test_mesh_shape_fill_and_errors():
 @pytest.fixture(scope="module")
 def eight_devices():
     """One 8-device subprocess: the mesh comparisons, then the 1-process reference of the 2-process test."""
-    stdout = run_python(MESHES_CODE + WORKER_BODY, devices=8)
-    return (json.loads(stdout.split("RESULT", 1)[1].split("\n", 1)[0]),
-            json.loads(stdout.split("WORKER", 1)[1].split("\n", 1)[0]))
+    stdout = run_python(MESHES_CODE + LORA_CODE + WORKER_BODY, devices=8)
+    return tuple(json.loads(stdout.split(tag, 1)[1].split("\n", 1)[0]) for tag in ("RESULT", "WORKER", "LORA"))
 
 
 def test_meshes_match_single_device_and_fsdp_shards_state(eight_devices):
-    res, _ = eight_devices
+    res = eight_devices[0]
     ref = res["ref_losses"]
     for shape in ["(8, 1, 1)", "(2, 4, 1)", "(1, 8, 1)"]:
         r = res[shape]
@@ -122,6 +167,18 @@ def test_meshes_match_single_device_and_fsdp_shards_state(eight_devices):
     assert res["(2, 4, 1)"]["arg_bytes"] < 0.3 * full, res
     # 8-bit AdamW's chunk loop over an fsdp-sharded param gives the unsharded numbers
     assert res["adamw8bit_fsdp_spec"] == ["fsdp", None] and res["adamw8bit_fsdp_err"] <= 1e-6, res
+
+
+def test_lora_with_dropout_on_8_devices_and_accumulation_matches_one_device(eight_devices):
+    lora = eight_devices[2]
+    (ref_params, ref_losses), (meshed_params, meshed_losses) = lora["ref"], lora["meshed"]
+    assert max(abs(a - b) / abs(b) for a, b in zip(meshed_losses, ref_losses)) <= 1e-5, (meshed_losses, ref_losses)
+    for a, b in zip(meshed_params, ref_params):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.max(np.abs(a - b)) / np.max(np.abs(b)) <= 1e-5
+    assert lora["off"][1][0] != ref_losses[0]  # the dropout masks reach the layers in the step
+    # drawing the keys leaves the loss's own draws (noise, timesteps) as they are, and rate 0 is no dropout
+    assert lora["rate_0"] == lora["off"]
 
 
 WORKER_HEADER = r"""

@@ -103,3 +103,34 @@ def test_what_the_step_cannot_encode_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="leave none of the text encoders' 24 adapters to train"):
         step_text(dataclasses.replace(config(sdxl, "sdxl", rank=4, text_encoder=True),
                                       train=TrainConfig(data_source="cache", trainable=["up_blocks"])))
+
+
+def test_lora_dropout_reaches_each_text_encoders_adapters_with_its_own_masks(tmp_path):
+    # lora.dropout applies to the text encoders' adapters too: the step's per-sample keys, folded per encoder
+    # (SDXL's two encoders name their layers alike), change the encoding
+    from jaxsd.models.lora import dropout_keys
+    from tests.data.test_cache_text import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(tmp_path / "pipe")
+    text = step_text(Config(train=TrainConfig(data_source="cache"),
+                            data=DataConfig(cache=CacheConfig(text_encoder=str(pipe), text="sdxl", text_mode="tokens")),
+                            lora=LoRAConfig(rank=4, alpha=2, text_encoder=True, dropout=0.5)))
+    frozen = load_text_params(text, jnp.float32, text_shardings(text, make_mesh(Config().sharding),
+                                                                Config().sharding.rules, jnp.float32)[0])
+    rng = np.random.default_rng(0)
+    trained = {c: jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
+                               plan.shapes(jnp.float32)) for c, plan in text.adapters.items()}
+    draws = {"lora_dropout": dropout_keys(jax.random.key(0), 3)}
+    _, variables = text_variables(text, trained, frozen, draws)
+    q = {c: variables["lora_dropout"][c]["text_model"]["encoder"]["layers_0"]["self_attn"]["q_proj"]
+         for c in ("text_encoder", "text_encoder_2")}
+    assert not np.array_equal(q["text_encoder"]["keys"], q["text_encoder_2"]["keys"])
+    assert float(q["text_encoder"]["rate"]) == 0.5
+
+    batch = {**PromptEncoder.from_pipeline(pipe, "sdxl").tokenize(CAPTIONS), "latents": np.zeros((3, 2, 2, 4))}
+    drop = jnp.zeros(3, bool)
+    encode = jax.jit(text_conditioning(text, partial(text_variables, text), None))
+    plain = encode(trained, frozen, batch, drop)
+    dropped = encode(trained, frozen, batch, drop, draws)
+    for k in ("encoder_hidden_states", "pooled"):  # both encoders' adapters see their inputs dropped
+        assert rel_err(dropped[k], plain[k]) > 1e-3, k

@@ -5,7 +5,8 @@ saved in the real format; its images cached once by `jaxsd cache` with `data.cac
   loss within 1e-5, conditioning dropout on (the two cache modes agree end to end); the text encoder is
   part of the frozen base, so a resume with another one is refused.
 * `jaxsd train` with `lora.text_encoder=true` (one optimizer over the UNet's and the text encoder's
-  adapters, a sample grid at the last step) → `jaxsd export --lora` in both layouts and `--merge-lora` →
+  adapters, both started from a kohya file (`lora.init_from`) and trained with `lora.dropout`, a sample
+  grid at the last step) → `jaxsd export --lora` in both layouts and `--merge-lora` →
   diffusers' `load_lora_weights(FILE)` (and the merged folder) give the same text-encoder and UNet outputs
   as jaxsd with the checkpoint's adapters; the grid is what `jaxsd sample --lora FILE` makes, and not what
   the UNet's adapters alone make.
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from jaxsd.cli import main
@@ -32,9 +34,11 @@ from jaxsd.train.checkpoint import Checkpointer
 from tests.data.fakes import make_images
 from tests.data.test_cache_text import _save_tiny_clip
 from tests.helpers import jaxsd_command, rel_err
+from tests.train.tiny_lora import random_lora_file
 from tests.train.tiny_pipeline import IMAGE_SIZE, tiny_pipeline
 
 STEPS = 24  # the per-step loss is noisy (fresh noise and timesteps): compare 6-step means
+UNET_LORA, TEXT_LORA = {"targets": "all_linear", "rank": 4, "alpha": 2}, {"rank": 4, "alpha": 2}
 PROMPT = "caption 1"
 SAMPLING = {"sample_steps": 2, "sample_guidance_scale": 7.5, "sample_sampler": "dpmpp_2m", "sample_seed": 0}
 
@@ -121,10 +125,11 @@ def run(cached):
     """`jaxsd train` with adapters on the UNet and the text encoder, then its exports."""
     base, pipe, images = cached
     sampling = ", ".join(f"{k}: {v}" for k, v in SAMPLING.items())
-    yaml = _yaml(base, pipe, images, "run", """optimizer: {learning_rate: 0.05}
-lora: {rank: 4, alpha: 2, targets: all_linear, text_encoder: true}
-loss: {cond_dropout: 0.2}""", logging=f'every: 1, progress_bar: false, sample_every: {STEPS}, '
-                              f'sample_prompts: ["{PROMPT}"], {sampling}')
+    start = random_lora_file(base / "start.safetensors", pipe, UNET_LORA, text=TEXT_LORA)  # kohya, lora_te_ keys
+    yaml = _yaml(base, pipe, images, "run", f"""optimizer: {{learning_rate: 0.05}}
+lora: {{rank: 4, alpha: 2, targets: all_linear, text_encoder: true, dropout: 0.1, init_from: {start}}}
+loss: {{cond_dropout: 0.2}}""", logging=f'every: 1, progress_bar: false, sample_every: {STEPS}, '
+                                f'sample_prompts: ["{PROMPT}"], {sampling}')
     before = _digest(pipe)
     train = jaxsd_command("train", yaml)
     jaxsd_command("export", base / "run", "--lora", "--out", base / "peft.safetensors")
@@ -138,6 +143,7 @@ loss: {cond_dropout: 0.2}""", logging=f'every: 1, progress_bar: false, sample_ev
 def test_text_encoder_adapters_train_with_the_unets_and_only_adapters_are_saved(run):
     _, pipe, run_dir, before, log = run
     assert "text encoders of" in log and "LoRA adapters on 12 of their layers" in log  # 2 layers × 6
+    assert "LoRA adapters: from lora.init_from=" in log and "text_encoder: linear and 1x1 layers: rank 4" in log
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == STEPS and np.mean(losses[-6:]) < 0.95 * np.mean(losses[:6]), losses
     ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig())
@@ -153,6 +159,35 @@ def test_text_encoder_adapters_train_with_the_unets_and_only_adapters_are_saved(
     nbytes = lambda tree: sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in jax.tree.leaves(tree))
     assert nbytes(stored["opt_state"]) == 2 * nbytes(stored["params"]) + 4  # one AdamW over all adapters
     assert _digest(pipe) == before  # the base (UNet and text encoder) is read, never written
+
+
+def test_init_from_starts_the_unets_and_the_text_encoders_adapters_from_the_file(run):
+    # lora.init_from with lora.text_encoder (and dropout, in the run above): both models' adapters are the file's
+    from jaxsd.config import ShardingConfig
+    from jaxsd.convert.lora import LoraModel, read_lora
+    from jaxsd.errors import ConfigError
+    from jaxsd.train.model import initial_params
+    from jaxsd.train.plan import fresh_state, plan_state
+    from jaxsd.train.sharding import make_mesh
+
+    base, pipe = run[:2]
+
+    def fresh(*overrides):
+        cfg = load_config(base / "run.yaml", list(overrides))
+        plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
+        params, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings, dtype=plan.base_dtype)
+        return plan, fresh_state(cfg, plan, params)
+
+    plan, state = fresh()
+    weights = read_lora(base / "start.safetensors", LoraModel("sd1", plan.module.config, plan.text.configs()))
+    for component in ("unet", "text_encoder"):
+        ours = traverse_util.flatten_dict(state.params[component])
+        file = {m + (leaf,): getattr(layer, leaf) for m, layer in weights.layers[component].items()
+                for leaf in ("down", "up")}
+        assert ours.keys() == file.keys() and all(np.array_equal(ours[k], file[k]) for k in ours), component
+    unet_only = random_lora_file(base / "unet_only.safetensors", pipe, UNET_LORA)
+    with pytest.raises(ConfigError, match=r"text_encoder: adapted by this run, not in the file on 12 layers"):
+        fresh(f"lora.init_from={unet_only}")
 
 
 def _inputs(config) -> dict:

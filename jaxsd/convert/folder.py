@@ -74,7 +74,7 @@ def _pickle_state(path: Path) -> dict[str, np.ndarray]:
 
 def open_weights(folder: str | os.PathLike, weights_name: str, *, variant: str | None = None,
                  allow_pickle: bool = False) -> Mapping[str, np.ndarray]:
-    """Open a component's weights lazily. Returns name -> (memory-mapped) array."""
+    """Open a component's weights lazily. Returns name -> array, each read from the file when indexed."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ComponentError(f"{folder}: component folder does not exist")

@@ -29,7 +29,7 @@ def load_params(
     """Read `folder`'s weights straight into `module`'s param tree (no random init).
 
     dtype: storage dtype of the loaded params (e.g. jnp.bfloat16); each tensor is
-    cast on its own from the memory-mapped file, so no fp32 copy of the model exists.
+    cast on its own as it is read from the file, so no fp32 copy of the model exists.
     """
     abstract, _ = abstract_params(module, *example_inputs)
     state = open_weights(folder, weights_name, variant=variant, allow_pickle=allow_pickle)

@@ -112,7 +112,7 @@ def torch_to_flax(
     """Map a PyTorch state dict onto the Flax param tree described by `abstract`.
 
     Args:
-      state: name -> array (may be lazy, memory-mapped; each is read once).
+      state: name -> array (may be lazy, read from the file when indexed; each is read once).
       abstract: unboxed param tree of `jax.ShapeDtypeStruct` from `jax.eval_shape`.
       dtype: dtype to store params in (None: the abstract tree's dtypes). Each
         tensor is cast on its own, so a bf16 load never holds an fp32 model.

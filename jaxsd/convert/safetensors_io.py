@@ -1,10 +1,16 @@
 """Torch-free safetensors reading and writing with numpy.
 
 Our own small reader instead of `safetensors.numpy.load_file` because we need
-(a) bfloat16 (numpy has no bf16; `ml_dtypes` does), (b) lazy, memory-mapped
-tensors so a loader can cast one tensor at a time to the target dtype without
-ever holding an fp32 copy of the whole model, and (c) a clear error for a
-truncated or corrupt file that names the file and what is wrong.
+(a) bfloat16 (numpy has no bf16; `ml_dtypes` does), (b) lazy tensors, each read
+from the file on its own when indexed, so a loader can cast one tensor at a time
+to the target dtype without ever holding the whole file or an fp32 copy of the
+model, and (c) a clear error for a truncated or corrupt file that names the
+file and what is wrong.
+
+Each tensor is its own memory map, released when the caller drops the array: one
+map of the whole file keeps every page read so far resident in the process (RSS
+counts mapped file pages until the map is closed), so loading SD1.5's fp32 UNet
+through one peaked at the file plus the params (7.1 GB instead of 3.7 GB).
 
 Format: 8-byte little-endian header length N, N bytes of JSON header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`,
@@ -46,10 +52,11 @@ class SafetensorsError(InputError):
 
 
 class SafetensorsFile(Mapping[str, np.ndarray]):
-    """A lazily read safetensors file: `f[name]` is a read-only memory-mapped array.
+    """A lazily read safetensors file: `f[name]` is a read-only memory map of that tensor alone.
 
     Nothing is read beyond the header until a tensor is indexed; casting the
-    returned view (`f[name].astype(dtype)`) touches only that tensor's bytes.
+    returned array (`f[name].astype(dtype)`) touches only that tensor's bytes, and
+    its pages stay mapped only while the array is referenced.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -85,19 +92,13 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                     f"{self.path}: tensor {name!r} ends at byte {self._data_start + end} but the file has {size} bytes; "
                     "the file is truncated. Re-download or re-export it.")
             self._entries[name] = (dtype, shape, begin, end)
-        self._mmap: np.memmap | None = None
-
-    def _buffer(self) -> np.memmap:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mmap
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]
         if end == begin:
             return np.zeros(shape, dtype)
-        start = self._data_start + begin
-        return self._buffer()[start:self._data_start + end].view(dtype).reshape(shape)
+        # a map of this tensor alone: unmapped when the caller drops the array
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]

@@ -13,7 +13,7 @@ T5    `encoder.embed_tokens.weight` is tied to `shared.weight`: on load it is
       on save both are written, as classic checkpoints have them.
 
 `dtype` is the storage dtype of the loaded params: each tensor is cast on its
-own from the memory-mapped file, so T5-XXL loads in bf16 (≈9.5 GB) without an
+own as it is read from the file, so T5-XXL loads in bf16 (≈9.5 GB) without an
 fp32 copy. `to_device(path, np_array)` places each tensor (e.g. a sharded
 `jax.device_put` from the logical specs of `jaxsd.models.params.abstract_params`).
 """

@@ -125,8 +125,8 @@ def test_bf16_load_keeps_peak_memory_near_bf16_size_and_sharded_load_places_tens
 
     * a ~31M-param T5 stored in fp32 (≈126 MB) loaded in bf16 never holds an fp32 copy — measured as
       the peak of anonymous resident memory (RssAnon, sampled every ms) above the level before the
-      load; the memory-mapped file's pages are file-backed and do not count, JAX CPU buffers and
-      numpy temporaries do;
+      load; JAX CPU buffers and numpy temporaries count, the file's mapped pages do not (that a
+      tensor's map goes once it is dropped is tests/convert/test_folder.py's);
     * logical axis names → mesh shardings: each tensor is placed sharded as it is read (how T5-XXL
       fits on devices that cannot hold it whole), holding exactly the unsharded values.
     """

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-import jaxsd.data.manifest as manifest
 from jaxsd.convert.folder import save_weights
+from jaxsd.data import manifest
 from jaxsd.data.manifest import fingerprint_folder
 
 

@@ -111,5 +111,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{what}: diffusers UNet folder only — the run has no pipeline folder to take the VAE, text "
               "encoders, tokenizers and scheduler from (model.pretrained is not one). For a complete pipeline "
               "that `jaxsd sample --model` and diffusers load, run again with --pipeline BASE (a pipeline "
-              "folder whose components fit this UNet, e.g. the one the data was cached with)")
+              "folder whose components fit this UNet, e.g. the one the data was cached with), or write one "
+              "single file with --single-file (the VAE and text encoders of model.pretrained when that is a "
+              "single file)")
     return 0

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from jaxsd.convert.pipeline_copy import check_unet_fits
 from jaxsd.convert.rules import flax_to_torch
+from jaxsd.convert.single_file.layout import folder_family
 from jaxsd.convert.single_file.to_folder import model_folder
-from jaxsd.convert.single_file.write import folder_family, write_single_file
+from jaxsd.convert.single_file.write import write_single_file
 from jaxsd.convert.unet import UNET_SPEC
 from jaxsd.errors import InputError
 from jaxsd.train.export import load_trained_unet

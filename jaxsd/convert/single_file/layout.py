@@ -15,9 +15,13 @@ other key is unknown, and an error.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
+from jaxsd.convert.folder import read_config
 from jaxsd.errors import InputError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -91,6 +95,21 @@ def detect_family(keys: Iterable[str], shapes: dict[str, tuple[int, ...]], sourc
                      "(A1111, ComfyUI); for a diffusers folder pass the folder")
 
 
+def folder_family(folder: str | os.PathLike) -> str:
+    """sd1 | sd2 | sdxl of a pipeline folder; other pipelines (T5 hybrids, ...) have no single-file layout."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise InputError(f"{folder}: no model_index.json — give a diffusers pipeline folder")
+    index = json.loads((folder / "model_index.json").read_text())
+    if "XL" in str(index.get("_class_name", "")) or index.get("text_encoder_2"):
+        return "sdxl"
+    te = read_config(folder / "text_encoder")
+    if te.get("model_type") == "t5" or "text_projection" in index:
+        raise InputError(f"{folder}: a T5 text encoder has no place in the SD1/SD2/SDXL single-file layout; "
+                         "keep this pipeline as a folder")
+    return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
+
+
 def vae_prefix(keys: Iterable[str]) -> str:
     """`first_stage_model.`, or "" for a VAE-only file in the LDM layout."""
     keys = list(keys)
@@ -98,4 +117,4 @@ def vae_prefix(keys: Iterable[str]) -> str:
 
 
 __all__ = ["EMA_PREFIX", "FAMILIES", "PIPELINE_CLASS", "TEXT_ENCODERS", "UNET_PREFIX", "VAE_PREFIX",
-           "detect_family", "ema_key", "is_extra", "vae_prefix"]
+           "detect_family", "ema_key", "folder_family", "is_extra", "vae_prefix"]

@@ -129,15 +129,6 @@ class ComponentState(Mapping[str, np.ndarray]):
         return len(self._sources)
 
 
-def _family_of_folder(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text())
-    if "XL" in str(index.get("_class_name", "")) or index.get("text_encoder_2"):
-        return "sdxl"
-    te = folder / "text_encoder" / "config.json"
-    te = json.loads(te.read_text()) if te.is_file() else {}
-    return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
-
-
 class SingleFile:
     """A single-file checkpoint seen as diffusers components (see the module doc).
 
@@ -176,11 +167,12 @@ class SingleFile:
         if found:
             self.notes.append(f"family {found}: {why}")
             return found
-        other = given or self.metadata.get("jaxsd.family") or (
-            _family_of_folder(self.config_dir) if self.config_dir else None)
-        if other:
-            self.notes.append(f"family {other}: from {'--family' if given else 'the metadata' if 'jaxsd.family' in self.metadata else '--config'} ({why})")
-        return other
+        for other, source in ((given, "--family"), (self.metadata.get("jaxsd.family"), "the file's metadata"),
+                              (self.config_dir and layout.folder_family(self.config_dir), "--config")):
+            if other:
+                self.notes.append(f"family {other}: from {source} ({why})")
+                return other
+        return None
 
     def _config(self, name: str, kind: str, shapes, prefix: str) -> dict:
         if self.config_dir is not None:

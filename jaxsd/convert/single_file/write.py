@@ -30,20 +30,6 @@ from jaxsd.convert.single_file.to_folder import EXTRAS
 Getter = Callable[[], np.ndarray]
 
 
-def folder_family(folder: Path) -> str:
-    """sd1 | sd2 | sdxl of a pipeline folder; other pipelines (T5 hybrids, ...) have no single-file layout."""
-    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else None
-    if index is None:
-        raise SingleFileError(f"{folder}: no model_index.json — give a diffusers pipeline folder")
-    if "XL" in str(index.get("_class_name", "")) or index.get("text_encoder_2"):
-        return "sdxl"
-    te = read_config(folder / "text_encoder")
-    if te.get("model_type") == "t5" or "text_projection" in index:
-        raise SingleFileError(f"{folder}: a T5 text encoder has no place in the SD1/SD2/SDXL single-file layout; "
-                              "keep this pipeline as a folder")
-    return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
-
-
 def _entries(kind: str, prefix: str, state: Mapping[str, np.ndarray], config: Mapping) -> dict[str, Getter]:
     """LDM key -> function making its tensor, for one component's diffusers state dict."""
     groups: dict[str, dict[str, str]] = {}
@@ -83,7 +69,7 @@ def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *, dtyp
     extras: write back the tensors of `single_file_extras.safetensors` when the folder has one.
     """
     folder = Path(folder)
-    family = folder_family(folder)
+    family = layout.folder_family(folder)
     entries: dict[str, Getter] = {}
     meta: dict[str, str] = {}
     extras_file = SafetensorsFile(folder / EXTRAS) if extras and (folder / EXTRAS).is_file() else None
@@ -130,4 +116,4 @@ def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *, dtyp
     return counts
 
 
-__all__ = ["folder_family", "write_single_file"]
+__all__ = ["write_single_file"]

@@ -231,3 +231,17 @@ def test_sample_from_the_file_draws_what_diffusers_draws(made, family, tmp_path)
     theirs = to_uint8(ref("a cat", num_inference_steps=3, guidance_scale=7.5, latents=torch.from_numpy(latents),
                           output_type="np").images)
     assert_images_close(ours, theirs)
+
+
+def test_what_a_single_file_cannot_give_is_asked_for(made, tmp_path, capsys):
+    """Tokenizers: `jaxsd sample --model FILE` without --config, and `data.cache.text_encoder=FILE`."""
+    from jaxsd.data.config import load_data_config
+    from jaxsd.errors import ConfigError
+
+    _, file, _ = made("sd1")
+    assert main(["sample", "--model", str(file), "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "a single-file checkpoint holds no tokenizer; give a diffusers pipeline folder of its family (sd1)" in err
+    assert "--config PIPELINE_DIR" in err
+    with pytest.raises(ConfigError, match="holds no tokenizers.*jaxsd convert FILE --out DIR --config PIPELINE_DIR"):
+        load_data_config(overrides=[f"data.cache.text_encoder={file}"])

@@ -127,12 +127,13 @@ def text_config(shapes: Shapes, layout: str, family: str, with_projection: bool)
 
 def scheduler_config(family: str) -> dict:
     """The scheduler config the released checkpoints of `family` ship with (our copy; numbers only)."""
-    config = {"_class_name": "EulerDiscreteScheduler" if family == "sdxl" else "PNDMScheduler",
+    classes = {"sd1": "PNDMScheduler", "sd2": "DDIMScheduler", "sdxl": "EulerDiscreteScheduler"}
+    config = {"_class_name": classes[family],
               "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
               "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
               "prediction_type": "v_prediction" if family == "sd2" else "epsilon"}
     if family != "sdxl":
-        config.update(set_alpha_to_one=False, skip_prk_steps=True)
+        config.update(set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)
     return config
 
 

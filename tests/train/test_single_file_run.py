@@ -8,6 +8,7 @@ in place), then `jaxsd export --single-file` (VAE and text encoder from the run'
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,14 +22,31 @@ from tests.train.tiny_pipeline import IMAGE_SIZE, tiny_pipeline
 STEP = 2
 
 
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
+def with_extras(written: Path, out: Path) -> Path:
+    """The file as A1111 users have it: with CLIP's position_ids and the training EMA (model_ema.*)."""
+    from jaxsd.convert.safetensors_io import save_file
+    from jaxsd.convert.single_file.layout import ema_key
+
+    f = SafetensorsFile(written)
+    tensors = {k: np.asarray(f[k]) for k in f}
+    tensors.update({ema_key(k): v for k, v in tensors.items() if k.startswith("model.diffusion_model.")})
+    tensors[POSITION_IDS] = np.arange(77, dtype=np.int64)[None]
+    save_file(tensors, out, f.metadata)
+    return out
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from tests.data.fakes import make_images
 
     base = tmp_path_factory.mktemp("single_file_run")
     pipe = tiny_pipeline(base / "pipe")
-    file = base / "model.safetensors"
-    jaxsd_command("convert", pipe, "--out", file, "--single-file")
+    written = base / "written.safetensors"
+    jaxsd_command("convert", pipe, "--out", written, "--single-file")
+    file = with_extras(written, base / "model.safetensors")
     images = make_images(base / "images", 2)
     yaml = base / "run.yaml"
     yaml.write_text(f"""
@@ -83,7 +101,8 @@ def test_train_from_a_single_file_and_export_one(run):
         assert want.keys() == have.keys()
         for k in want:
             np.testing.assert_array_equal(have[k], want[k].astype(np.float16), err_msg=f"{name}.{k}")
-    assert not any(k.startswith("model_ema") for k in SafetensorsFile(out))
+    keys = set(SafetensorsFile(out))  # the base's text-encoder extras carried over; its UNet's EMA is not
+    assert POSITION_IDS in keys and not any(k.startswith("model_ema") for k in keys)
 
 
 def test_export_refuses_an_existing_file_and_unet_only(run, tmp_path, capsys):

@@ -133,14 +133,21 @@ def folder_view(path: str | os.PathLike, *, config_dir: str | os.PathLike | None
     return _VIEWS[key]
 
 
+def view_file(folder: Path) -> SingleFile | None:
+    """The single file a view's component folder reads (None for an ordinary folder)."""
+    if not (folder / POINTER).is_file():
+        return None
+    pointer = json.loads((folder / POINTER).read_text())
+    return open_single_file(pointer["file"], family=pointer["family"], config_dir=pointer["config_dir"],
+                            ema=pointer["ema"])
+
+
 def open_pointer(folder: Path, variant: str | None):
     """The state dict a view's component folder points to (called by `folder.open_weights`)."""
-    pointer = json.loads((folder / POINTER).read_text())
+    sf = view_file(folder)
     if variant:
-        raise SingleFileError(f"{pointer['file']}: a single file has no weight variants (variant={variant!r})")
-    sf = open_single_file(pointer["file"], family=pointer["family"], config_dir=pointer["config_dir"],
-                          ema=pointer["ema"])
-    return sf.state(pointer["component"])
+        raise SingleFileError(f"{sf.path}: a single file has no weight variants (variant={variant!r})")
+    return sf.state(json.loads((folder / POINTER).read_text())["component"])
 
 
 
@@ -159,9 +166,9 @@ def model_folder(path: str | os.PathLike, *, config_dir: str | os.PathLike | Non
 
 
 def view_source(folder: str | os.PathLike) -> Path | None:
-    """The single file a view's component folder reads, or None for an ordinary folder."""
+    """The path of the single file a view's component folder reads, or None for an ordinary folder."""
     pointer = Path(folder) / POINTER
     return Path(json.loads(pointer.read_text())["file"]) if pointer.is_file() else None
 
 
-__all__ = ["EXTRAS", "MARKER", "POINTER", "folder_view", "model_folder", "open_pointer", "view_source", "write_folder"]
+__all__ = ["EXTRAS", "MARKER", "POINTER", "folder_view", "model_folder", "open_pointer", "view_file", "view_source", "write_folder"]

@@ -25,7 +25,7 @@ from jaxsd.convert.folder import open_weights, read_config
 from jaxsd.convert.safetensors_io import SafetensorsFile, is_float, save_file_streamed
 from jaxsd.convert.single_file import layout
 from jaxsd.convert.single_file.read import META, WEIGHTS, SingleFileError, ref_for
-from jaxsd.convert.single_file.to_folder import EXTRAS
+from jaxsd.convert.single_file.to_folder import EXTRAS, view_file
 
 Getter = Callable[[], np.ndarray]
 
@@ -59,6 +59,19 @@ def _shape(kind_getter: Getter) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(arr.shape), arr.dtype
 
 
+def _extras(folder: Path) -> tuple[SafetensorsFile | None, list[str]]:
+    """(the file holding the unused tensors of the single file `folder` came from, their names): a
+    converted folder's `single_file_extras.safetensors`, or for a folder view the file itself."""
+    if (folder / EXTRAS).is_file():
+        f = SafetensorsFile(folder / EXTRAS)
+        return f, list(f)
+    for name in WEIGHTS:
+        source = view_file(folder / name)
+        if source is not None:
+            return source.file, source.extras
+    return None, []
+
+
 def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *, dtype=None,
                       unet: tuple[Mapping, Mapping[str, np.ndarray]] | None = None,
                       metadata: Mapping[str, str] | None = None, extras: bool = True) -> dict[str, int]:
@@ -66,13 +79,14 @@ def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *, dtyp
 
     dtype: cast floating tensors (e.g. np.float16); None keeps each tensor's dtype.
     unet: (diffusers config dict, state dict) to write instead of the folder's unet/ (a trained UNet).
-    extras: write back the tensors of `single_file_extras.safetensors` when the folder has one.
+    extras: write back the unused tensors of the single file the folder came from (its
+      `single_file_extras.safetensors`, or the file itself for a folder view).
     """
     folder = Path(folder)
     family = layout.folder_family(folder)
     entries: dict[str, Getter] = {}
     meta: dict[str, str] = {}
-    extras_file = SafetensorsFile(folder / EXTRAS) if extras and (folder / EXTRAS).is_file() else None
+    extras_file, extra_keys = _extras(folder) if extras else (None, [])
     if extras_file is not None:
         meta.update(extras_file.metadata)
     counts = {}
@@ -93,7 +107,7 @@ def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *, dtyp
         # with a new UNet only the text encoders' and the VAE's extras still describe the model (the EMA
         # and the DDPM schedule buffers were the old UNet's)
         keep = tuple(p for n, p, _ in components if n != "unet")
-        for key in extras_file:
+        for key in extra_keys:
             if key not in entries and (unet is None or key.startswith(keep)):
                 entries[key] = functools.partial(extras_file.__getitem__, key)
     scheduler = folder / "scheduler" / "scheduler_config.json"

@@ -42,7 +42,7 @@ _EXTRA = re.compile(
     r"(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
     r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar|lvlb_weights"
-    r"|model_ema\..*"
+    r"|model_ema\..*|denoiser\.(sigmas|log_sigmas)"  # SGM (SDXL) files: the discrete denoiser's buffers
     r"|.*\.position_ids|.*model\.logit_scale|.*model\.attn_mask)")
 
 

@@ -3,6 +3,7 @@
     jaxsd export RUN_DIR --out DIR [--pipeline BASE | --unet-only] [--ema] [--step N]
     jaxsd export RUN_DIR --lora --out FILE.safetensors [--format peft|kohya] [--ema] [--step N]   # LoRA runs
     jaxsd export RUN_DIR --merge-lora --out DIR [--pipeline BASE | --unet-only]                   # LoRA runs
+    jaxsd export RUN_DIR --single-file --out FILE.safetensors [--pipeline BASE] [--ema] [--dtype float16]
 
 Reads the latest (or --step N) checkpoint in RUN_DIR/checkpoints (RUN_DIR: local or gs://...) —
 only the trained params (with --ema: their EMA) and the frozen ones, never the optimizer state —
@@ -26,6 +27,11 @@ rank/alpha, targets, steps and the base UNet's fingerprint in the metadata; text
 (lora.text_encoder) go in the same file. --merge-lora writes the base UNet (and the run's text
 encoders) with the adapters folded in, as a folder like any other export.
 
+--single-file writes the trained UNet and BASE's VAE and text encoders (BASE: a pipeline folder or a
+single file; default the run's model.pretrained) as one single-file checkpoint in the original LDM
+layout (A1111, ComfyUI, diffusers' from_single_file), with the family, configs, the run's noise
+schedule (prediction type), the step and EMA in its metadata. SD1/SD2/SDXL only.
+
 DIR must not exist, be empty, or be a previous export (it holds jaxsd_export.json, which records
 run, step, EMA and BASE); a previous export is replaced as a whole, once the new one is complete.
 """
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from jaxsd.errors import InputError
 
@@ -50,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora", action="store_true", help="LoRA runs: write the adapters as a LoRA file (--out FILE.safetensors)")
     lora.add_argument("--merge-lora", action="store_true",
                       help="LoRA runs: write the base UNet with the adapters merged in, as a diffusers folder")
+    lora.add_argument("--single-file", action="store_true",
+                      help="write one single-file checkpoint (--out FILE.safetensors; original LDM layout)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="with --single-file: cast the weights (default: as trained / as BASE stores them)")
     parser.add_argument("--format", choices=("peft", "kohya"), default="peft",
                         help="with --lora: peft = diffusers/PEFT keys (default), kohya = lora_unet_... keys")
     parser.add_argument("--ema", action="store_true", help="export the EMA params (train.ema.enabled runs)")
@@ -60,6 +71,20 @@ def run(args: argparse.Namespace) -> int:
     from jaxsd.train.export import export
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.dtype and not args.single_file:
+        raise InputError("--dtype is for --single-file; folders keep the trained dtype")
+    if args.single_file:
+        from jaxsd.commands.convert import check_new_file, numpy_dtype
+        from jaxsd.train.export_single import export_single_file
+
+        if args.unet_only:
+            raise InputError("--single-file writes the whole model; --unet-only is for folders")
+        check_new_file(Path(args.out))
+        r = export_single_file(args.run_dir, args.out, pipeline=args.pipeline, ema=args.ema, step=args.step,
+                               dtype=numpy_dtype(args.dtype))
+        print(f"jaxsd export: step {r.step}{' (EMA)' if args.ema else ''} → {r.out}: {r.family} single file "
+              f"(LDM layout; VAE and text encoders from {r.base})")
+        return 0
     if args.lora:
         from jaxsd.train.export_lora import export_lora
 
@@ -86,5 +111,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{what}: diffusers UNet folder only — the run has no pipeline folder to take the VAE, text "
               "encoders, tokenizers and scheduler from (model.pretrained is not one). For a complete pipeline "
               "that `jaxsd sample --model` and diffusers load, run again with --pipeline BASE (a pipeline "
-              "folder whose components fit this UNet, e.g. the one the data was cached with)")
+              "folder whose components fit this UNet, e.g. the one the data was cached with), or write one "
+              "single file with --single-file (the VAE and text encoders of model.pretrained when that is a "
+              "single file)")
     return 0

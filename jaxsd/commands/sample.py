@@ -1,5 +1,8 @@
 """Generate images from a diffusers pipeline folder (SD1.x, SD2.x, SDXL, SD1.5+T5 hybrid).
 
+--model may also be a single-file checkpoint (A1111/ComfyUI .safetensors, SD1/SD2/SDXL): it is read in
+place, tensor by tensor; its tokenizers (which no single file holds) come from --config PIPELINE_DIR.
+
 The scheduler's parameters (betas, prediction type, spacing, offsets, zero-SNR
 rescale) come from the folder's scheduler/scheduler_config.json; --scheduler only
 picks the algorithm, as diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
@@ -37,7 +40,11 @@ from jaxsd.errors import InputError, InputNotFoundError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="diffusers pipeline folder (with model_index.json)")
+    p.add_argument("--model", required=True, metavar="DIR|FILE", help="diffusers pipeline folder (with "
+                   "model_index.json), or a single-file .safetensors checkpoint (SD1/SD2/SDXL, LDM layout)")
+    p.add_argument("--config", default=None, metavar="PIPELINE_DIR",
+                   help="with a single-file --model: a pipeline folder of its family for the tokenizers "
+                        "(a single file has none), component configs and scheduler")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="what to generate")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default none)")
     p.add_argument("--steps", type=int, default=30, metavar="N", help="denoising steps (default 30)")
@@ -122,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxsd.pipelines.pipeline import StableDiffusion
 
     t0 = time.perf_counter()
-    pipe = StableDiffusion.from_folder(args.model)
+    pipe = StableDiffusion.from_folder(args.model, config_dir=args.config)
     if args.lora:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -78,6 +78,9 @@ def open_weights(folder: str | os.PathLike, weights_name: str, *, variant: str |
     folder = Path(folder)
     if not folder.is_dir():
         raise ComponentError(f"{folder}: component folder does not exist")
+    if (folder / "single_file.json").is_file():  # a component of a single-file checkpoint (single_file/to_folder.py)
+        from jaxsd.convert.single_file.to_folder import open_pointer
+        return open_pointer(folder, variant)
     stem = f"{weights_name}.{variant}" if variant else weights_name
     single = folder / f"{stem}.safetensors"
     if single.is_file():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -45,6 +45,12 @@ _DTYPES: dict[str, np.dtype] = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
+
+
+def is_float(dtype) -> bool:
+    """A floating-point dtype, bfloat16 included (numpy does not count ml_dtypes' bfloat16 as floating)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype == _DTYPES["BF16"]
 
 
 class SafetensorsError(InputError):
@@ -121,26 +127,43 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     so the same dict always gives the same bytes. The write goes to a temporary
     file that is renamed into place: a killed process never leaves half a file.
     """
+    arrays = {name: np.asarray(tensors[name], order="C") for name in tensors}  # not ascontiguousarray: 0-d stays 0-d
+    save_file_streamed({k: (a.shape, a.dtype) for k, a in arrays.items()}, arrays.__getitem__, path, metadata)
+
+
+def save_file_streamed(layout: Mapping[str, tuple[tuple[int, ...], np.dtype]], get: Callable[[str], np.ndarray],
+                       path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time: `layout` gives each name's (shape, dtype) for the
+    header, `get(name)` the tensor when its turn comes (e.g. read from a memory-mapped file and cast).
+    Only one tensor is in memory at a time; same bytes as `save_file` of the same tensors."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    arrays = []
+    names = sorted(layout)
     offset = 0
-    for name in sorted(tensors):
-        arr = np.asarray(tensors[name], order="C")  # not ascontiguousarray: it turns 0-d tensors into shape (1,)
-        if arr.dtype not in _NAMES:
-            raise SafetensorsError(f"cannot write tensor {name!r}: dtype {arr.dtype} has no safetensors name")
-        nbytes = arr.nbytes
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
-        arrays.append(arr)
+    for name in names:
+        shape, dtype = tuple(layout[name][0]), np.dtype(layout[name][1])
+        if dtype not in _NAMES:
+            raise SafetensorsError(f"cannot write tensor {name!r}: dtype {dtype} has no safetensors name")
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align tensor data to 8 bytes
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for arr in arrays:
-            fh.write(arr.tobytes(order="C"))
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(blob)
+            for name in names:
+                arr = np.asarray(get(name), order="C")
+                want = header[name]
+                if list(arr.shape) != want["shape"] or _NAMES.get(arr.dtype) != want["dtype"]:
+                    raise RuntimeError(f"{name}: got {arr.dtype}{list(arr.shape)}, the header says "
+                                       f"{want['dtype']}{want['shape']}")  # a bug in the caller's layout
+                fh.write(arr.tobytes(order="C"))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

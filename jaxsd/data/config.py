@@ -182,6 +182,10 @@ def check_data_config(cfg: DataConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.cache.text_encoder.endswith(".safetensors"):
+        raise ConfigError(f"data.cache.text_encoder={cfg.cache.text_encoder!r}: a single-file checkpoint holds no "
+                          "tokenizers, which text caching needs. Convert it once with its family's tokenizers: "
+                          "`jaxsd convert FILE --out DIR --config PIPELINE_DIR`, then data.cache.text_encoder=DIR")
     b = cfg.image.buckets
     if cfg.image.resolution <= 0 or cfg.image.resolution % 8:
         raise ConfigError(f"data.image.resolution={cfg.image.resolution} must be a positive multiple of 8")

@@ -27,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsd.convert.folder import ShardedState, open_weights
 from jaxsd.convert.safetensors_io import SafetensorsFile
+from jaxsd.convert.single_file.read import WEIGHTS
+from jaxsd.convert.single_file.to_folder import POINTER
 from jaxsd.errors import InputError, InputNotFoundError
 
 MANIFEST = "jaxsd_cache.json"
@@ -43,16 +46,12 @@ class CacheMismatch(InputError):
     """A cache made by a different model/settings than the run that wants to use it."""
 
 
-def _hash_safetensors(paths: list[Path], h) -> None:
+def _hash_state(state: Mapping[str, np.ndarray], h) -> None:
     # Hash tensor names, dtypes, shapes and bytes (not the header text or the sharding), so
     # the same weights written by another tool, in another order or split differently
-    # fingerprint the same.
-    where = {}
-    for path in paths:
-        f = SafetensorsFile(path)
-        where.update({name: f for name in f})
-    for name in sorted(where):
-        arr = where[name][name]
+    # fingerprint the same (a single file's component too: its diffusers tensors are hashed).
+    for name in sorted(state):
+        arr = state[name]
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
 
@@ -103,6 +102,8 @@ def fingerprint_folder(folder: str | os.PathLike) -> str:
     h = hashlib.sha256()
     checkpoints: dict[str, list[Path]] = {}
     for p in files:
+        if p.name == POINTER:  # a component of a single file (jaxsd/convert/single_file): its tensors below
+            continue
         if p.suffix in _PICKLE and has_safetensors:
             continue  # a leftover pickle copy of the same weights is not what jaxsd loads
         if p.suffix == ".safetensors":
@@ -117,9 +118,11 @@ def fingerprint_folder(folder: str | os.PathLike) -> str:
             h.update(json.dumps(cfg, sort_keys=True).encode())
         else:
             h.update(p.read_bytes())
+    if (folder / POINTER).is_file():
+        checkpoints[WEIGHTS[json.loads((folder / POINTER).read_text())["component"]]] = []
     for stem, paths in sorted(checkpoints.items()):
         h.update(f"checkpoint:{stem}".encode())
-        _hash_safetensors(paths, h)
+        _hash_state(open_weights(folder, stem) if not paths else ShardedState([SafetensorsFile(p) for p in paths]), h)
     digest = h.hexdigest()
     _fingerprint_memo[key] = digest
     _save_memo(disk_key, digest)

@@ -32,14 +32,17 @@ TOKENIZERS = {"clip": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2"), "t5"
 
 
 def vae_folder(path: str | os.PathLike) -> Path:
-    """A VAE component folder: `path` itself, or `path/vae` for a pipeline folder."""
-    path = Path(path)
+    """A VAE component folder: `path` itself, or `path/vae` for a pipeline folder (or a single-file
+    checkpoint's, through its folder view)."""
+    from jaxsd.convert.single_file.to_folder import model_folder
+
+    path = model_folder(path)
     if (path / "vae" / "config.json").is_file():
         return path / "vae"
     if (path / "config.json").is_file():
         return path
-    raise InputNotFoundError(f"data.cache.vae={str(path)!r}: neither a VAE folder (config.json + weights) "
-                             "nor a pipeline folder with vae/")
+    raise InputNotFoundError(f"data.cache.vae={str(path)!r}: neither a VAE folder (config.json + weights), "
+                             "a pipeline folder with vae/ nor a single-file .safetensors checkpoint")
 
 
 def vae_spec(cfg: DataConfig) -> dict:

@@ -1,7 +1,8 @@
 """Load a diffusers pipeline folder (`model_index.json` + component folders) into Flax params.
 
 The folder is the model format: `jaxsd sample --model DIR` reads what
-`DiffusionPipeline.save_pretrained` writes. The family is detected from the folder:
+`DiffusionPipeline.save_pretrained` writes (a single-file checkpoint is read through its folder view,
+jaxsd/convert/single_file/to_folder.py). The family is detected from the folder:
 
   sdxl    `_class_name` names an XL pipeline, or there is a `text_encoder_2`
   hybrid  the text encoder is a T5 — through the `text_projection/` component when the
@@ -24,6 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxsd.convert.folder import read_config
+from jaxsd.convert.single_file.to_folder import model_folder
 from jaxsd.convert.unet import load_unet
 from jaxsd.convert.vae import load_vae
 from jaxsd.diffusion.schedule import NoiseSchedule
@@ -112,22 +114,29 @@ def load_scheduler_config(folder: str | os.PathLike) -> dict:
 
 def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, variant: str | None = None,
                   attention_impl: str = "auto", unet: tuple[UNetConfig, Any] | None = None,
-                  scheduler_overrides: dict | None = None, text_max_length: int | None = None) -> LoadedPipeline:
+                  scheduler_overrides: dict | None = None, text_max_length: int | None = None,
+                  config_dir: str | os.PathLike | None = None) -> LoadedPipeline:
     """Read a diffusers pipeline folder: detect the family, load every component.
 
     dtype: storage dtype of all params (None: fp32). compute_dtype: the text encoders' compute dtype
     (None: fp32). variant: weights variant (e.g. "fp16").
+    config_dir: for a single-file checkpoint `folder` (jaxsd/convert/single_file), a pipeline folder of its
+      family giving its configs, tokenizers and scheduler.
     text_max_length: tokens prompts are padded to (the trainer's cache length); None: the length the
       folder records (jaxsd/pipelines/text_length.py). CLIP families accept only their fixed 77.
     unet: (config, params) to use instead of the folder's unet/ (which then need not exist) — the
       trainer's sample grids. scheduler_overrides: keys that replace the folder's scheduler config
       (the trainer's betas and prediction type); with them a missing scheduler/ is allowed.
     """
-    folder = Path(folder)
+    source = Path(folder)
+    folder = model_folder(source, config_dir=config_dir)
     index = read_model_index(folder)
     family = detect_family(folder, index)
     for name in _REQUIRED[family]:
         missing_ok = (name == "unet" and unet is not None) or (name == "scheduler" and scheduler_overrides)
+        if not (folder / name).is_dir() and not missing_ok and folder != source:
+            raise PipelineFolderError(f"{source}: a single-file checkpoint holds no {name}; give a diffusers "
+                                      f"pipeline folder of its family ({family}) for it: --config PIPELINE_DIR")
         if not (folder / name).is_dir() and not missing_ok:
             raise PipelineFolderError(f"{folder}: component {name!r} is missing (no {name}/ folder); a {family} "
                                       f"pipeline needs {', '.join(_REQUIRED[family])}")

@@ -59,10 +59,11 @@ class StableDiffusion:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, param_dtype=None, variant: str | None = None,
                     dtype=jnp.float32, attention_impl: str = "auto",
-                    text_max_length: int | None = None) -> StableDiffusion:
-        """text_max_length: tokens prompts are padded to; None: the length the folder records."""
+                    text_max_length: int | None = None, config_dir: str | os.PathLike | None = None) -> StableDiffusion:
+        """text_max_length: tokens prompts are padded to; None: the length the folder records.
+        folder may be a single-file checkpoint (config_dir: as `load_pipeline`)."""
         pipe = load_pipeline(folder, dtype=param_dtype, compute_dtype=dtype, variant=variant,
-                             attention_impl=attention_impl, text_max_length=text_max_length)
+                             attention_impl=attention_impl, text_max_length=text_max_length, config_dir=config_dir)
         return cls(pipe, dtype=dtype, attention_impl=attention_impl)
 
     # ---- LoRA ---------------------------------------------------------------------

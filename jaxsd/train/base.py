@@ -26,6 +26,7 @@ from typing import Any
 import jax
 
 from jaxsd.config import Config
+from jaxsd.convert.single_file.to_folder import view_source
 from jaxsd.train.model import initial_params, unet_folder
 from jaxsd.train.plan import StatePlan
 from jaxsd.train.step import TrainState
@@ -50,6 +51,8 @@ def _folder_parts(folder: Path, variant: str | None) -> list[str]:
     """A component folder's config.json and the digests of its weights files (of `variant`)."""
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")
                      and (variant is None or f".{variant}." in p.name))
+    source = view_source(folder)  # a single-file checkpoint's UNet: that file
+    weights += [source] if source else []
     return [(folder / "config.json").read_text(), *(_file_digest(p) for p in weights)]
 
 

@@ -27,14 +27,18 @@ log = logging.getLogger("jaxsd.train")
 
 
 def unet_folder(pretrained: str) -> Path:
-    """The UNet folder inside a diffusers pipeline root, or the folder itself."""
-    root = Path(pretrained)
+    """The UNet folder inside a diffusers pipeline root, or the folder itself (a single-file checkpoint's
+    UNet through its folder view, jaxsd/convert/single_file/to_folder.py)."""
+    from jaxsd.convert.single_file.to_folder import model_folder
+
+    root = model_folder(pretrained)
     if (root / "unet" / "config.json").is_file():
         return root / "unet"
     if (root / "config.json").is_file():
         return root
     raise InputNotFoundError(f"model.pretrained={pretrained!r}: no unet/config.json or config.json there; "
-                             "point it at a diffusers pipeline folder or its unet/ folder")
+                             "point it at a diffusers pipeline folder, its unet/ folder or a single-file "
+                             ".safetensors checkpoint")
 
 
 def unet_config(cfg: ModelConfig) -> UNetConfig:
@@ -80,7 +84,9 @@ def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int,
         _, params = load_unet(folder, dtype=dtype, variant=cfg.variant)
         if shardings is not None:
             params = jax.device_put(params, shardings)
-        return params, f"pretrained diffusers folder {folder}"
+        from jaxsd.convert.single_file.to_folder import view_source
+        source = view_source(folder)
+        return params, (f"pretrained single file {source}" if source else f"pretrained diffusers folder {folder}")
 
     def init(key):  # cast inside the program: e.g. a bf16 base never exists as an fp32 tree outside it
         return jax.tree.map(lambda x: x.astype(dtype), init_params(module, key, *example_inputs(module.config)))

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-import jaxsd.data.manifest as manifest
 from jaxsd.convert.folder import save_weights
+from jaxsd.data import manifest
 from jaxsd.data.manifest import fingerprint_folder
 
 
@@ -40,7 +40,7 @@ def test_fingerprint_memo_survives_the_process_and_notices_changes(tmp_path, mon
     def no_hashing(*a):
         raise AssertionError("hashed again although nothing changed")
 
-    monkeypatch.setattr(manifest, "_hash_safetensors", no_hashing)
+    monkeypatch.setattr(manifest, "_hash_state", no_hashing)
     assert fingerprint_folder(folder) == first
     monkeypatch.undo()
     save_weights(folder, {"w": np.zeros((4, 4), np.float32)}, "diffusion_pytorch_model")  # same size, new bytes

@@ -13,6 +13,8 @@ Suites:
                    (from shapes; nothing allocated)
   flops            XLA cost-analysis FLOPs of the compiled sd15 / sdxl train step vs the published
                    counts, and the implied time floor on H100 / TPU v5p / v6e
+  conv-grads       one 3x3 convolution's forward, input gradient and kernel gradient at the SD
+                   UNet's shapes, XLA vs torch (where a LoRA step's backward time goes)
 
 Every framework is measured in its own child process (so peak RSS never mixes):
 warm-up steps, then timed repeats reduced to min/median/max. Each run prints a
@@ -47,9 +49,10 @@ SUITES = {
     "cache": "cache",
     "optimizer-state": "optimizer_state",
     "flops": "flops",
+    "conv-grads": "conv_grads",
 }
 # suites whose --frameworks may include torch (the others measure jaxsd alone)
-TORCH_SUITES = ("train-step", "scaling", "sample", "cache")
+TORCH_SUITES = ("train-step", "scaling", "sample", "cache", "conv-grads")
 _REPO = Path(__file__).resolve().parents[2]
 
 

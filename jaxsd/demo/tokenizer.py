@@ -19,25 +19,13 @@ import json
 import os
 from pathlib import Path
 
+from jaxsd.convert.clip_vocab import bytes_to_unicode
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 END_OF_WORD = "</w>"
 # Captions are "a <colour> <shape>": 3 words + BOS + EOS fit with room to spare.
 MAX_LENGTH = 16
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable unicode character map (256 entries)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
 
 
 def learn_bpe(words: collections.Counter) -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jaxsd.convert.clip_vocab import bytes_to_unicode
+
 WORDS = ("a photo of an astronaut riding horse on the moon painting cat dog castle forest "  # noqa: SIM905
          "beautiful landscape mountains sunset portrait oil café naïve über").split()
 SENTENCES = [
@@ -26,25 +28,12 @@ SENTENCES = [
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode character table."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    n = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars]
     merges: list[str] = []
     seen = set(tokens)
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     for word in WORDS + ["!!", "!!!", "..."]:
         pieces = [table[b] for b in word.encode()]
         pieces[-1] += "</w>"

@@ -1,7 +1,9 @@
 """A single file as a diffusers pipeline folder: written out (`jaxsd convert`), or as a view.
 
 `write_folder` lays out model_index.json, each component's config.json, the scheduler config and the
-tokenizers (those two from `--config`, never from the file, which has none), and the weights:
+tokenizers (those two from `--config`, never from the file, which has none; without --config the
+scheduler is jaxsd's copy of the family default and the tokenizers the project's copies of the standard
+CLIP ones, jaxsd/convert/clip_vocab.py), and the weights:
 
   materialize  each component's safetensors written tensor by tensor (in `dtype`, or the file's own),
                plus `single_file_extras.safetensors`: the file's tensors no component uses (EMA,
@@ -9,7 +11,7 @@ tokenizers (those two from `--config`, never from the file, which has none), and
                --single-file` gives the original file back, tensor for tensor;
   view         a `single_file.json` pointer per component instead of weights: `folder.open_weights`
                then reads that component from the file itself, lazily (`model.pretrained`, `jaxsd sample
-               --model`, `data.cache.vae` given a file). Nothing but small JSON and tokenizer files is written.
+               --model`, `data.cache.vae` given a file). Nothing but JSON and tokenizer files is written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsd.convert.clip_vocab import PAD_TOKENS, VOCAB_SIZE, write_clip_tokenizer
 from jaxsd.convert.safetensors_io import is_float, save_file_streamed
 from jaxsd.convert.single_file import infer, layout
 from jaxsd.convert.single_file.read import WEIGHTS, SingleFile, SingleFileError, open_single_file
@@ -64,6 +67,26 @@ def _scheduler(sf: SingleFile) -> dict:
     return config
 
 
+def _write_tokenizer(sf: SingleFile, tok: str, encoder_config: dict, dest: Path) -> bool:
+    """tokenizer/ (or tokenizer_2/) from --config when it has one, else the project's copy of the standard
+    CLIP tokenizer with the family's pad token (a single file holds no tokenizer), unless the text encoder's
+    vocabulary is not that one. The note says which. Returns whether a tokenizer was written."""
+    if sf.config_dir is not None and (sf.config_dir / tok).is_dir():
+        shutil.copytree(sf.config_dir / tok, dest / tok, dirs_exist_ok=True)
+        sf.notes.append(f"{tok}: {sf.config_dir / tok}")
+        return True
+    if encoder_config.get("vocab_size") != VOCAB_SIZE:  # ids past its embedding table would be garbage
+        sf.notes.append(f"{tok}: none: the text encoder has {encoder_config.get('vocab_size')} token embeddings, not "
+                        f"the standard CLIP vocabulary's {VOCAB_SIZE} (a single file holds no tokenizer): give "
+                        f"--config PIPELINE_DIR with its {tok}/")
+        return False
+    pad = PAD_TOKENS[sf.family][tok]
+    write_clip_tokenizer(dest / tok, pad_token=pad)
+    sf.notes.append(f"{tok}: jaxsd's copy of the standard CLIP vocabulary (OpenAI CLIP BPE, {VOCAB_SIZE} tokens, "
+                    f"pad {pad!r}; a single file holds no tokenizer); give --config to use another")
+    return True
+
+
 def _write_weights(sf: SingleFile, name: str, dest: Path, dtype) -> None:
     state = sf.state(name)
     out = {k: (tuple(state[k].shape), np.dtype(dtype) if dtype is not None and is_float(state[k].dtype)
@@ -90,8 +113,7 @@ def write_folder(sf: SingleFile, dest: str | os.PathLike, *, view: bool = False,
         else:
             _write_weights(sf, name, folder, dtype)
         tok = TOKENIZERS.get(name)
-        if tok and sf.config_dir is not None and (sf.config_dir / tok).is_dir():
-            shutil.copytree(sf.config_dir / tok, dest / tok, dirs_exist_ok=True)
+        if tok and _write_tokenizer(sf, tok, comp.config, dest):
             tokenizers.append(tok)
     scheduler = _scheduler(sf)
     (dest / "scheduler").mkdir(exist_ok=True)
@@ -101,10 +123,6 @@ def write_folder(sf: SingleFile, dest: str | os.PathLike, *, view: bool = False,
     else:
         index = _model_index(sf, tokenizers, scheduler.get("_class_name", "PNDMScheduler"))
     (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    text = [n for n in sf.components if n in TOKENIZERS]
-    if text and not tokenizers:
-        sf.notes.append("tokenizers: none (a single file holds no tokenizer): give --config PIPELINE_DIR of the "
-                        "same family to add them")
     if not view:
         extras = {k: sf.file[k] for k in sf.extras}
         save_file_streamed({k: (a.shape, a.dtype) for k, a in extras.items()}, extras.__getitem__, dest / EXTRAS,
@@ -156,7 +174,7 @@ def model_folder(path: str | os.PathLike, *, config_dir: str | os.PathLike | Non
                  family: str | None = None) -> Path:
     """The one seam where a single file is accepted in place of a diffusers folder: `path` itself when it
     is a folder (or does not exist: the caller's error names it), its `folder_view` when it is a
-    `.safetensors` file. Used by `model.pretrained`, `jaxsd sample --model` and `data.cache.vae`."""
+    `.safetensors` file. Used by `model.pretrained`, `jaxsd sample --model`, `data.cache.vae` and `text_encoder`."""
     path = Path(path)
     if path.is_file():
         return folder_view(path, config_dir=config_dir, family=family)

@@ -8,8 +8,9 @@ scheduler/, tokenizers). The family (SD1: CLIP under cond_stage_model.transforme
 cond_stage_model.model; SDXL: conditioner.embedders.0/1) is read from the tensor names; the component
 configs from --config (a pipeline folder of the same family), else from the file's jaxsd metadata, else
 from the tensors' shapes and the family's conventions (SD2: v-prediction, upcast attention) — what was
-inferred is printed. A single file holds no tokenizer and no scheduler config: they come from --config
-(else the scheduler is jaxsd's copy of the family default, and the folder has no tokenizers). Tensors
+inferred is printed. A single file holds no tokenizer and no scheduler config: they come from --config,
+else the scheduler is jaxsd's copy of the family default and the tokenizers the project's copies of the
+standard CLIP ones (jaxsd/convert/clip_vocab.py; never downloaded); the message says which. Tensors
 no component uses (EMA, schedule buffers) are kept in DIR/single_file_extras.safetensors, so converting
 DIR back gives the same file; --ema takes the UNet from the file's model_ema.* copy instead.
 

@@ -1,7 +1,8 @@
 """Generate images from a diffusers pipeline folder (SD1.x, SD2.x, SDXL, SD1.5+T5 hybrid).
 
 --model may also be a single-file checkpoint (A1111/ComfyUI .safetensors, SD1/SD2/SDXL): it is read in
-place, tensor by tensor; its tokenizers (which no single file holds) come from --config PIPELINE_DIR.
+place, tensor by tensor; its tokenizers (which no single file holds) come from --config PIPELINE_DIR, else
+they are the project's copies of the standard CLIP tokenizers (jaxsd convert's docs).
 
 The scheduler's parameters (betas, prediction type, spacing, offsets, zero-SNR
 rescale) come from the folder's scheduler/scheduler_config.json; --scheduler only
@@ -44,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "model_index.json), or a single-file .safetensors checkpoint (SD1/SD2/SDXL, LDM layout)")
     p.add_argument("--config", default=None, metavar="PIPELINE_DIR",
                    help="with a single-file --model: a pipeline folder of its family for the tokenizers "
-                        "(a single file has none), component configs and scheduler")
+                        "(a single file has none; default: the standard CLIP ones), component configs and "
+                        "scheduler")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="what to generate")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default none)")
     p.add_argument("--steps", type=int, default=30, metavar="N", help="denoising steps (default 30)")

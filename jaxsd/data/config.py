@@ -87,7 +87,9 @@ class CacheConfig:
     vae: diffusers VAE folder, or a pipeline folder with a `vae/` subfolder. The trainer
       checks cached latents against this (fingerprint, scaling/shift factor).
     text_encoder: pipeline folder with `text_encoder/` + `tokenizer/` (and `text_encoder_2/` +
-      `tokenizer_2/` for SDXL, `text_projection/` for a projected T5), or a single component folder.
+      `tokenizer_2/` for SDXL, `text_projection/` for a projected T5), or a single component folder,
+      or an SD1/SD2/SDXL single-file .safetensors checkpoint (read in place; its tokenizers are the
+      project's copies of the standard CLIP ones).
     text: which conditioning: "clip" (SD1/SD2), "sdxl" (two CLIPs + pooled), "t5" (raw T5
       hidden states), "t5_projected" (T5 through the hybrid's projection); or "tokens", short for
       `text_mode: tokens` with the family read from the `text_encoder` folder's layout
@@ -182,10 +184,6 @@ def check_data_config(cfg: DataConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    if cfg.cache.text_encoder.endswith(".safetensors"):
-        raise ConfigError(f"data.cache.text_encoder={cfg.cache.text_encoder!r}: a single-file checkpoint holds no "
-                          "tokenizers, which text caching needs. Convert it once with its family's tokenizers: "
-                          "`jaxsd convert FILE --out DIR --config PIPELINE_DIR`, then data.cache.text_encoder=DIR")
     b = cfg.image.buckets
     if cfg.image.resolution <= 0 or cfg.image.resolution % 8:
         raise ConfigError(f"data.image.resolution={cfg.image.resolution} must be a positive multiple of 8")

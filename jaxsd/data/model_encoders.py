@@ -31,6 +31,14 @@ TOKENIZERS = {"clip": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2"), "t5"
               "t5_projected": ("tokenizer",)}
 
 
+def text_root(cfg: DataConfig) -> Path:
+    """`data.cache.text_encoder` as a folder: itself, or a single-file checkpoint's folder view (its text
+    encoders, and the project's copies of the standard CLIP tokenizers: jaxsd/convert/single_file)."""
+    from jaxsd.convert.single_file.to_folder import model_folder
+
+    return model_folder(cfg.cache.text_encoder)
+
+
 def vae_folder(path: str | os.PathLike) -> Path:
     """A VAE component folder: `path` itself, or `path/vae` for a pipeline folder (or a single-file
     checkpoint's, through its folder view)."""
@@ -89,11 +97,11 @@ def text_family(cfg: DataConfig) -> str:
         raise ConfigError("data.cache.text=tokens reads the model family from data.cache.text_encoder, which is "
                           "not set (or name the family: data.cache.text=clip|sdxl|t5|t5_projected with "
                           "data.cache.text_mode=tokens)")
-    return guess_kind(cfg.cache.text_encoder)
+    return guess_kind(text_root(cfg))
 
 
 def _text_components(cfg: DataConfig) -> list[Path]:
-    root = Path(cfg.cache.text_encoder)
+    root = text_root(cfg)
     family = text_family(cfg)
     names = TEXT_COMPONENTS[family]
     if (root / names[0]).is_dir():
@@ -110,7 +118,7 @@ def _text_components(cfg: DataConfig) -> list[Path]:
 
 def _tokenizer_folders(cfg: DataConfig) -> list[Path]:
     """The tokenizer folders a token-id cache is made with (tokenizer/, and tokenizer_2/ for SDXL)."""
-    root = Path(cfg.cache.text_encoder)
+    root = text_root(cfg)
     names = TOKENIZERS[text_family(cfg)]
     missing = [n for n in names if not (root / n).is_dir()]
     if missing:
@@ -193,7 +201,7 @@ def text_encoder(cfg: DataConfig) -> Encoder:
 
     kind = text_family(cfg)
     length = max_length(cfg)
-    pe = PromptEncoder.from_pipeline(cfg.cache.text_encoder, kind, max_length=length if kind.startswith("t5") else None,
+    pe = PromptEncoder.from_pipeline(text_root(cfg), kind, max_length=length if kind.startswith("t5") else None,
                                      variant=cfg.cache.variant or None, dtype=jnp.dtype(cfg.cache.compute_dtype))
     _check_lengths(pe.tokenizers, length, cfg.cache.text_encoder)
     return Encoder(text_encoder_spec(cfg), pe.params, partial(encode_token_ids, pe.encoders),

@@ -124,14 +124,14 @@ def step_text(cfg: Config) -> StepText | None:
     """The text encoders `cfg`'s train step runs; None when its batches hold cached embeddings (or are synthetic)."""
     if not encodes_text(cfg):
         return None
-    from jaxsd.data.model_encoders import max_length, text_family
+    from jaxsd.data.model_encoders import max_length, text_family, text_root
 
     if not cfg.data.cache.text_encoder:
         raise ConfigError("data.cache.text_mode=tokens: the train step runs the text encoders of "
                           "data.cache.text_encoder, which is not set; point it at the pipeline folder the cache was "
                           "made with (usually model.pretrained)")
     kind = text_family(cfg.data)
-    pe = PromptEncoder.from_pipeline(cfg.data.cache.text_encoder, kind, dtype=jnp.dtype(cfg.model.dtype),
+    pe = PromptEncoder.from_pipeline(text_root(cfg.data), kind, dtype=jnp.dtype(cfg.model.dtype),
                                      max_length=max_length(cfg.data) if kind.startswith("t5") else None,
                                      variant=cfg.data.cache.variant or None, attention_impl=cfg.model.attention_impl,
                                      weights=False)
@@ -141,7 +141,7 @@ def step_text(cfg: Config) -> StepText | None:
     if pe.encoders.projection is not None:
         proj = pe.encoders.projection
         shapes[PROJECTION_NAME], logical[PROJECTION_NAME] = abstract_params(proj, *projection_inputs(proj.config))
-    return StepText(Path(cfg.data.cache.text_encoder), kind, pe.encoders, shapes, logical,
+    return StepText(text_root(cfg.data), kind, pe.encoders, shapes, logical,
                     _text_adapters(cfg, kind, shapes), cfg.data.cache.variant or None, pe.max_length)
 
 
@@ -267,9 +267,9 @@ def text_folders(cfg: Config) -> list[Path]:
     step): what the base fingerprint covers besides the UNet."""
     if not encodes_text(cfg) or not cfg.data.cache.text_encoder:
         return []
-    from jaxsd.data.model_encoders import TEXT_COMPONENTS, text_family
+    from jaxsd.data.model_encoders import TEXT_COMPONENTS, text_family, text_root
 
-    root = Path(cfg.data.cache.text_encoder)
+    root = text_root(cfg.data)
     return [root / name for name in TEXT_COMPONENTS[text_family(cfg.data)] if not name.startswith("tokenizer")]
 
 

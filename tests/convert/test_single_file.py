@@ -195,13 +195,52 @@ def test_foreign_truncated_and_mismatched_files_are_refused(made, tmp_path, caps
     assert not any((tmp_path / n).exists() for n in "xyzw")  # nothing written on a refusal
 
 
-def test_without_config_the_folder_has_no_tokenizer_and_says_why(made, tmp_path, capsys):
-    _, file, _ = made("sd1")
+def standard_vocab_file(made, family: str, out: Path) -> Path:
+    """The family's original file with text encoders of the standard CLIP vocabulary (49408 token embeddings,
+    as every real SD checkpoint has): the project's copies of the CLIP tokenizers fit it."""
+    _, _, original = made(family)
+    tensors = _tensors(original)
+    rng = np.random.default_rng(5)
+    for k in [k for k in tensors if k.endswith("token_embedding.weight")]:
+        tensors[k] = (0.02 * rng.standard_normal((49408, tensors[k].shape[1]))).astype(np.float16)
+    save_file(tensors, out, {"format": "pt"})
+    return out
+
+
+@pytest.mark.torch
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("family", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
+def test_without_config_the_folder_gets_the_kept_clip_tokenizers(made, family, tmp_path):
+    """No --config: tokenizer/ (and SDXL's tokenizer_2/) are the project's copies of the standard CLIP
+    tokenizer, with the family's pad token; diffusers loads the folder and tokenizes with them."""
+    import diffusers
+
+    file = standard_vocab_file(made, family, tmp_path / "model.safetensors")
+    out = jaxsd_command("convert", file, "--out", tmp_path / "d").stdout
+    pads = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"} if family == "sdxl" else {"tokenizer": "<|endoftext|>"}
+    for tok, pad in pads.items():
+        assert (f"{tok}: jaxsd's copy of the standard CLIP vocabulary (OpenAI CLIP BPE, 49408 tokens, pad {pad!r}; "
+                "a single file holds no tokenizer)") in out
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(tmp_path / "d"), local_files_only=True)
+    for tok, pad in pads.items():
+        assert getattr(pipe, tok).pad_token == pad
+        assert getattr(pipe, tok)("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_tokenizers_from_config_or_none_when_the_vocabulary_is_not_clips(made, tmp_path, capsys):
+    """The tiny file's text encoder has a tiny vocabulary: the standard tokenizer does not fit it, so the
+    folder gets none and the message says why; with --config the config's tokenizer wins."""
+    folder, file, _ = made("sd1")
     rc, out, _ = _convert(capsys, file, "--out", tmp_path / "d")
     assert rc == 0 and "unet config: the file's metadata" in out
-    assert "tokenizers: none (a single file holds no tokenizer)" in out
+    assert "tokenizer: none: the text encoder has" in out and "not the standard CLIP vocabulary's 49408" in out
     assert not (tmp_path / "d" / "tokenizer").exists()
     assert json.loads((tmp_path / "d" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    rc, out, _ = _convert(capsys, file, "--out", tmp_path / "c", "--config", folder)
+    assert rc == 0 and f"tokenizer: {folder / 'tokenizer'}" in out
+    assert {f.name: f.read_bytes() for f in (tmp_path / "c" / "tokenizer").iterdir()} == \
+        {f.name: f.read_bytes() for f in (folder / "tokenizer").iterdir()}
 
 
 @pytest.mark.torch
@@ -235,14 +274,59 @@ def test_sample_from_the_file_draws_what_diffusers_draws(made, family, tmp_path)
 
 
 def test_what_a_single_file_cannot_give_is_asked_for(made, tmp_path, capsys):
-    """Tokenizers: `jaxsd sample --model FILE` without --config, and `data.cache.text_encoder=FILE`."""
-    from jaxsd.data.config import load_data_config
-    from jaxsd.errors import ConfigError
-
+    """A file whose text encoder does not use the standard CLIP vocabulary (the tiny one) has no tokenizer
+    jaxsd could supply: `jaxsd sample --model FILE` without --config asks for one."""
     _, file, _ = made("sd1")
     assert main(["sample", "--model", str(file), "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "a single-file checkpoint holds no tokenizer; give a diffusers pipeline folder of its family (sd1)" in err
     assert "--config PIPELINE_DIR" in err
-    with pytest.raises(ConfigError, match="holds no tokenizers.*jaxsd convert FILE --out DIR --config PIPELINE_DIR"):
-        load_data_config(overrides=[f"data.cache.text_encoder={file}"])
+
+
+@pytest.mark.torch
+def test_text_cache_encoder_from_a_file_is_the_converted_folders(made, tmp_path):
+    """data.cache.text_encoder=FILE (no tokenizers in it): the file's text encoder with the kept CLIP tokenizer,
+    the same encoder (fingerprint) and token ids as the folder `jaxsd convert FILE` writes."""
+    from jaxsd.data.config import load_data_config
+    from jaxsd.data.model_encoders import text_encoder
+
+    file = standard_vocab_file(made, "sd1", tmp_path / "model.safetensors")
+    jaxsd_command("convert", file, "--out", tmp_path / "d")
+    encoders = [text_encoder(load_data_config(overrides=[f"data.cache.text_encoder={source}", "data.cache.text=clip"]))
+                for source in (file, tmp_path / "d")]
+    assert encoders[0].spec == encoders[1].spec
+    ids = [np.asarray(e.prepare(["a photo of a cat"])["input_ids"])[0, :8].tolist() for e in encoders]
+    assert ids[0] == ids[1] == [49406, 320, 1125, 539, 320, 2368, 49407, 49407]
+    hidden = [np.asarray(e.apply(e.params, e.prepare(["a photo of a cat"]))["encoder_hidden_states"]) for e in encoders]
+    assert np.isfinite(hidden[0]).all()
+    np.testing.assert_array_equal(hidden[0], hidden[1])
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_sample_from_a_file_without_config_draws_what_diffusers_draws(made, tmp_path):
+    """`jaxsd sample --model FILE`, no --config (slow: a sampling compile): the kept CLIP tokenizer and the
+    family's default configs (the tiny model's size given by --height/--width); diffusers draws the same
+    from the folder `jaxsd convert FILE` writes."""
+    import diffusers
+    import torch
+    from PIL import Image
+
+    from jaxsd.diffusion.samplers import DIFFUSERS_EQUIVALENT
+    from tests.pipelines.conftest import assert_images_close, to_uint8
+
+    file = standard_vocab_file(made, "sd1", tmp_path / "model.safetensors")
+    latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    jaxsd_command("sample", "--model", file, "--prompt", "a photo of a cat", "--steps", "3", "--scheduler", "ddim",
+                  "--height", "16", "--width", "16", "--latents", tmp_path / "latents.npy", "--out", tmp_path / "cat.png")
+    ours = np.asarray(Image.open(tmp_path / "cat.png"))[None]
+    jaxsd_command("convert", file, "--out", tmp_path / "d", "--dtype", "float32")  # the file is fp16
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "d"), local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    name, overrides = DIFFUSERS_EQUIVALENT["ddim"]
+    ref.scheduler = getattr(diffusers, name).from_config(ref.scheduler.config, **overrides)
+    theirs = to_uint8(ref("a photo of a cat", num_inference_steps=3, guidance_scale=7.5, height=16, width=16,
+                          latents=torch.from_numpy(latents), output_type="np").images)
+    assert_images_close(ours, theirs)

@@ -13,6 +13,11 @@ is rewritten with its own value (x·1 + 0·0 = x for finite x; non-finite gradie
 zeroed first). With 8-bit moments a re-quantised moment is not bit-identical to the
 stored one, so there the uint8 codes are selected (¼ of the bytes).
 
+8-bit moments are packed (`jaxsd.train.block_groups`): the params' blocks share a few flat
+buffers, each updated by one loop over uniform chunks — XLA compiles the 8-bit arithmetic once
+per group instead of once per param (SD1.5, the update alone: 196 → 60 s of XLA compile; the
+same codes and params bit for bit).
+
 `update(grads, state, params, *, grad_norm=None, apply=None)`: `grad_norm` is the
 global gradient norm the caller already has (computed here when clipping needs it and
 none is given); `apply` is a bool scalar, False = skip. Without the extra arguments it
@@ -23,7 +28,6 @@ when `clip_grad_norm` is set).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,43 +35,61 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsd.train.adamw8bit import QuantizedMoment, decode, quantize_blocks, zero_code
+from jaxsd.train.adamw8bit import QuantizedMoment, decode, dequantize, quantize_blocks, zero_code
+from jaxsd.train.block_groups import CHUNK_ROWS, Group, find_slot, gather, plan_groups, scatter
 
 
 class FusedAdamWState(NamedTuple):
     count: jax.Array  # int32 []: applied (not skipped) updates
-    mu: Any  # per param: fp32 array, or QuantizedMoment (8-bit moments, large params)
+    mu: Any  # per param: fp32 array
     nu: Any
+
+
+class PackedAdamWState(NamedTuple):
+    """8-bit AdamW's state: fp32 moments of small params, 8-bit moments of the others packed in groups."""
+    count: jax.Array  # int32 []: applied (not skipped) updates
+    mu: Any  # per param: fp32 array, or None when its moments are 8-bit (then they are in mu_blocks)
+    nu: Any
+    # one QuantizedMoment per group of params (`jaxsd.train.block_groups`): codes uint8 [rows, block_size],
+    # absmax f32 [rows]
+    mu_blocks: tuple
+    nu_blocks: tuple
 
 
 def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                 weight_decay: float = 1e-4, mask: Any = None, clip_grad_norm: float | None = None,
                 quantized_moments: bool = False, block_size: int = 2048,
-                min_quantized_size: int = 4096) -> optax.GradientTransformationExtraArgs:
+                min_quantized_size: int = 4096, group_values: int | None = None,
+                ) -> optax.GradientTransformationExtraArgs:
     """AdamW (decoupled weight decay on `mask`ed params) with optional global-norm clipping.
 
     quantized_moments: store m and v of params with ≥ `min_quantized_size` values as 8-bit
-      blockwise dynamic codes (`jaxsd.train.adamw8bit`), blocks of `block_size`.
+      blockwise dynamic codes (`jaxsd.train.adamw8bit`), blocks of `block_size`, packed in
+      groups of up to `group_values` values (`jaxsd.train.block_groups`; None = its default).
     mask: None (decay everything, as optax), a tree of bools, or a callable params → tree.
     """
     if quantized_moments and not 256 <= block_size <= 4096:
         raise ValueError(f"8-bit AdamW: block_size {block_size} outside 256..4096")
     lr_of = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
-    def quantized(p) -> bool:
-        return quantized_moments and p.size >= min_quantized_size
+    def groups_of(leaves) -> list[Group]:
+        flags = [quantized_moments and x.size >= min_quantized_size for x in leaves]
+        return plan_groups([tuple(x.shape) for x in leaves], flags, block_size, group_values)
 
     def init_fn(params):
-        def zeros(p, signed):
-            if not quantized(p):
-                return jnp.zeros(p.shape, jnp.float32)
-            # the code of 0, written directly: quantising a zeros constant inside jit makes XLA
-            # constant-fold the encoder over every value (minutes for SD1.5)
-            blocks = -(-p.size // block_size)
-            return QuantizedMoment(jnp.full((blocks, block_size), zero_code(signed), jnp.uint8),
-                                   jnp.zeros((blocks,), jnp.float32))
-        return FusedAdamWState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(lambda p: zeros(p, True), params),
-                               nu=jax.tree.map(lambda p: zeros(p, False), params))
+        leaves, treedef = jax.tree.flatten(params)
+        groups = groups_of(leaves)
+        packed = {s.leaf for g in groups for s in g.slots}
+        zeros = lambda: treedef.unflatten([None if i in packed else jnp.zeros(p.shape, jnp.float32)
+                                           for i, p in enumerate(leaves)])
+        # the code of 0, written directly: quantising a zeros constant inside jit makes XLA
+        # constant-fold the encoder over every value (minutes for SD1.5)
+        codes = lambda signed: tuple(QuantizedMoment(jnp.full((g.rows, block_size), zero_code(signed), jnp.uint8),
+                                                     jnp.zeros((g.rows,), jnp.float32)) for g in groups)
+        if not quantized_moments:
+            return FusedAdamWState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+        return PackedAdamWState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros(),
+                                mu_blocks=codes(True), nu_blocks=codes(False))
 
     def update_fn(grads, state, params=None, *, grad_norm=None, apply=None, **_):
         if params is None:
@@ -84,32 +106,61 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
         k1, k2 = jnp.where(ok, 1 - b1, 0.0), jnp.where(ok, 1 - b2, 0.0)
         keep1, keep2 = jnp.where(ok, b1, 1.0), jnp.where(ok, b2, 1.0)
         step_size = -jnp.where(ok, lr_of(state.count), 0.0)
-        decay = _decay_flags(mask, params)
+        co = _Coefficients(ok, scale, k1, k2, keep1, keep2, c1, c2, step_size)
 
-        coeffs = _Coefficients(ok, scale, k1, k2, keep1, keep2, c1, c2, step_size)
-
-        def one(g, m, v, p, wd_on):
-            if isinstance(m, QuantizedMoment):  # all in [blocks, block_size] layout, as the codes
-                update = functools.partial(_quantized_blocks_update, co=coeffs, eps=eps,
-                                           weight_decay=weight_decay if wd_on else 0.0)
-                blocks, bs = m.codes.shape
-                if p.size == blocks * bs and blocks >= 2 * _LOOP_ROWS:
-                    return _row_loop(update, g.reshape(blocks, bs), m, v, p.reshape(blocks, bs), p.shape)
-                ub, new_m, new_v = update(_blocks(g, bs), m, v, _blocks(p, bs))
-                return _unblocks(ub, p.shape), new_m, new_v
-            return _dense_update(g, m, v, p, coeffs, eps=eps, weight_decay=weight_decay if wd_on else 0.0)
-
-        treedef = jax.tree.structure(grads)
-        leaves = zip(*(treedef.flatten_up_to(t) for t in (grads, state.mu, state.nu, params, decay)), strict=True)
-        out = [one(*leaf) for leaf in leaves]
-        column = lambda i: treedef.unflatten([o[i] for o in out])
-        return column(0), FusedAdamWState(count=count, mu=column(1), nu=column(2))
+        g_leaves, treedef = jax.tree.flatten(grads)
+        p_leaves, mu, nu, decay = (treedef.flatten_up_to(t) for t in (params, state.mu, state.nu,
+                                                                      _decay_flags(mask, params)))
+        wd = [weight_decay if d else 0.0 for d in decay]
+        groups = groups_of(p_leaves)
+        updates, new_mu, new_nu = [None] * len(g_leaves), list(mu), list(nu)
+        packed = {s.leaf for g in groups for s in g.slots}
+        for i, (g, p) in enumerate(zip(g_leaves, p_leaves, strict=True)):
+            if i not in packed:
+                updates[i], new_mu[i], new_nu[i] = _dense_update(g, mu[i], nu[i], p, co, eps=eps, weight_decay=wd[i])
+        if not quantized_moments:
+            return treedef.unflatten(updates), FusedAdamWState(count, treedef.unflatten(new_mu),
+                                                               treedef.unflatten(new_nu))
+        mu_blocks, nu_blocks = [], []
+        for group, m, v in zip(groups, state.mu_blocks, state.nu_blocks, strict=True):
+            directions, m, v = _group_update(gather(group, g_leaves, block_size), m, v, co, eps=eps)
+            for i, d in scatter(group, directions).items():
+                updates[i] = _apply_step(d, p_leaves[i], step_size, weight_decay=wd[i])
+            mu_blocks.append(m)
+            nu_blocks.append(v)
+        return treedef.unflatten(updates), PackedAdamWState(count, treedef.unflatten(new_mu),
+                                                            treedef.unflatten(new_nu), tuple(mu_blocks),
+                                                            tuple(nu_blocks))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def moments(state: FusedAdamWState | PackedAdamWState, params: Any, block_size: int = 2048, min_quantized_size: int = 4096,
+            group_values: int | None = None) -> tuple[Any, Any]:
+    """(m, v): fp32 trees like `params`, 8-bit moments dequantised (for tests and inspection; the
+    arguments as given to `fused_adamw`)."""
+    leaves, treedef = jax.tree.flatten(params)
+    packed = isinstance(state, PackedAdamWState)
+    flags = [packed and x.size >= min_quantized_size for x in leaves]
+    groups = plan_groups([tuple(x.shape) for x in leaves], flags, block_size, group_values)
+    out = []
+    for tree, blocks, signed in ((state.mu, getattr(state, "mu_blocks", ()), True),
+                                 (state.nu, getattr(state, "nu_blocks", ()), False)):
+        dense = treedef.flatten_up_to(tree)
+        values = []
+        for i, x in enumerate(dense):
+            if x is None:
+                gi, slot = find_slot(groups, i)
+                q = blocks[gi]
+                rows = slice(slot.row, slot.row + slot.rows)
+                x = dequantize(QuantizedMoment(q.codes[rows], q.absmax[rows]), slot.shape, signed)
+            values.append(x)
+        out.append(treedef.unflatten(values))
+    return out[0], out[1]
+
+
 class _Coefficients(NamedTuple):
-    """The step's scalars (f32 [] each; ok: bool []) for the 8-bit block update."""
+    """The step's scalars (f32 [] each; ok: bool [])."""
     ok: jax.Array
     scale: jax.Array
     k1: jax.Array
@@ -121,8 +172,8 @@ class _Coefficients(NamedTuple):
     step_size: jax.Array
 
 
-# jitted, as `_quantized_blocks_update`: one trace per param shape instead of ~15 jnp ops per
-# param (SD1.5: 686 params; their tracing was ~1 s of the step's lowering)
+# jitted: one trace per param shape instead of ~15 jnp ops per param (SD1.5: 686 params; their
+# tracing was ~1 s of the step's lowering)
 @functools.partial(jax.jit, static_argnames=("weight_decay", "eps"))
 def _dense_update(g: jax.Array, m: jax.Array, v: jax.Array, p: jax.Array, co: _Coefficients, *,
                   weight_decay: float, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -133,23 +184,56 @@ def _dense_update(g: jax.Array, m: jax.Array, v: jax.Array, p: jax.Array, co: _C
     u = (mf / co.c1) / (jnp.sqrt(vf / co.c2) + eps)
     if weight_decay:
         u = u + weight_decay * p
-    return (co.step_size * u).astype(p.dtype), mf, vf
+    return (co.step_size * u).astype(_update_dtype(p)), mf, vf
 
 
-# jitted so that every call with the same block shapes reuses one trace: SD1.5 has ~400 quantised
-# params and ~250 loops over [64, 2048] chunks, whose tracing dominated the step's lowering time
-@functools.partial(jax.jit, static_argnames=("weight_decay", "eps"))
-def _quantized_blocks_update(gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, pb: jax.Array,
-                             co: _Coefficients, *, weight_decay: float, eps: float,
-                             ) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
-    """Rows of [blocks, block_size]: gradient, both moments, param → update, new moments."""
-    gb = jnp.where(co.ok, gb.astype(jnp.float32), 0.0) * co.scale
+def _update_dtype(p: jax.Array) -> Any:
+    """The update's dtype: fp32 also for bfloat16 params, whose update is rounded stochastically into
+    them (jaxsd/train/rounding.py): a bf16 update would already have lost its low bits."""
+    return jnp.promote_types(p.dtype, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("weight_decay",))
+def _apply_step(direction: jax.Array, p: jax.Array, step_size: jax.Array, *, weight_decay: float) -> jax.Array:
+    """An 8-bit param's update from its Adam direction m̂/(√v̂ + eps): as `_dense_update` ends."""
+    if weight_decay:
+        direction = direction + weight_decay * p
+    return (step_size * direction).astype(_update_dtype(p))
+
+
+@functools.partial(jax.jit, static_argnames=("eps",))
+def _group_update(gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, co: _Coefficients, *, eps: float,
+                  ) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
+    """A group's gradients gb (f32 [rows, block_size]) and 8-bit moments → Adam directions (written
+    into gb's buffer: each chunk is read before it is overwritten), new moments; one loop over chunks
+    of CHUNK_ROWS rows (and the remaining rows after it), the results written in place."""
+
+    def chunk(start, size, carry):
+        u, mc, ma, vc, va = carry
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 0)
+        du, dm, dv = _blocks_direction(take(u), QuantizedMoment(take(mc), take(ma)),
+                                       QuantizedMoment(take(vc), take(va)), co, eps)
+        put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)
+        return put(u, du), put(mc, dm.codes), put(ma, dm.absmax), put(vc, dv.codes), put(va, dv.absmax)
+
+    rows = gb.shape[0]
+    carry = (gb, m.codes, m.absmax, v.codes, v.absmax)
+    if rows >= CHUNK_ROWS:
+        carry = jax.lax.fori_loop(0, rows // CHUNK_ROWS, lambda i, c: chunk(i * CHUNK_ROWS, CHUNK_ROWS, c), carry)
+    if rows % CHUNK_ROWS:  # the last rows of the group: a second copy of the body, of their size
+        carry = chunk(rows - rows % CHUNK_ROWS, rows % CHUNK_ROWS, carry)
+    u, mc, ma, vc, va = carry
+    return u, QuantizedMoment(mc, ma), QuantizedMoment(vc, va)
+
+
+def _blocks_direction(gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, co: _Coefficients, eps: float,
+                      ) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
+    """Rows of [blocks, block_size]: f32 gradient, both moments → m̂/(√v̂ + eps), new moments."""
+    gb = jnp.where(co.ok, gb, 0.0) * co.scale
     mf = co.k1 * gb + co.keep1 * (decode(m.codes, True) * m.absmax[:, None])
     vf = co.k2 * (gb * gb) + co.keep2 * (decode(v.codes, False) * v.absmax[:, None])
     u = (mf / co.c1) / (jnp.sqrt(vf / co.c2) + eps)
-    if weight_decay:
-        u = u + weight_decay * pb
-    return (co.step_size * u).astype(pb.dtype), _store(mf, m, True, co.ok), _store(vf, v, False, co.ok)
+    return u, _store(mf, m, True, co.ok), _store(vf, v, False, co.ok)
 
 
 def _store(new_blocks: jax.Array, old: QuantizedMoment, signed: bool, ok: jax.Array) -> QuantizedMoment:
@@ -159,49 +243,12 @@ def _store(new_blocks: jax.Array, old: QuantizedMoment, signed: bool, ok: jax.Ar
 
 def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                weight_decay: float = 1e-2, mask: Any = None, block_size: int = 2048, min_quantized_size: int = 4096,
-               clip_grad_norm: float | None = None) -> optax.GradientTransformationExtraArgs:
+               clip_grad_norm: float | None = None, group_values: int | None = None,
+               ) -> optax.GradientTransformationExtraArgs:
     """AdamW with 8-bit blockwise-quantised moments; params smaller than `min_quantized_size` keep
     fp32 moments (their bytes don't matter, and biases/norm scales are the most sensitive)."""
     return fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, clip_grad_norm, quantized_moments=True,
-                       block_size=block_size, min_quantized_size=min_quantized_size)
-
-
-# Quantised params of at least 2 × this many blocks are updated by a loop over row chunks of
-# this many blocks (2048 values each): XLA:CPU otherwise computed every param's fp32 moments
-# at once (SD1.5: 10.5 GB of temporaries; optimization barriers do not survive its scheduler).
-_LOOP_ROWS = 64
-
-
-def _row_loop(blocks_update: Callable, gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, pb: jax.Array,
-              shape: tuple[int, ...]) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
-    """`blocks_update(g, m, v, p)` over chunks of `_LOOP_ROWS` rows, the results written in place;
-    the update goes into the gradient's buffer (each chunk of it is read before it is overwritten)."""
-    rows = gb.shape[0]
-
-    def chunk(start, size, carry):
-        u, mc, ma, vc, va = carry
-        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, 0)
-        du, dm, dv = blocks_update(take(u), QuantizedMoment(take(mc), take(ma)),
-                                   QuantizedMoment(take(vc), take(va)), take(pb))
-        put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)
-        return put(u, du), put(mc, dm.codes), put(ma, dm.absmax), put(vc, dv.codes), put(va, dv.absmax)
-
-    full = rows // _LOOP_ROWS
-    carry = jax.lax.fori_loop(0, full, lambda i, c: chunk(i * _LOOP_ROWS, _LOOP_ROWS, c),
-                              (gb.astype(pb.dtype), m.codes, m.absmax, v.codes, v.absmax))
-    if rows % _LOOP_ROWS:
-        carry = chunk(full * _LOOP_ROWS, rows % _LOOP_ROWS, carry)
-    u, mc, ma, vc, va = carry
-    return u.reshape(shape), QuantizedMoment(mc, ma), QuantizedMoment(vc, va)
-
-
-def _blocks(x: jax.Array, block_size: int) -> jax.Array:
-    flat = x.reshape(-1)
-    return jnp.pad(flat, (0, -flat.size % block_size)).reshape(-1, block_size)
-
-
-def _unblocks(blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
+                       block_size=block_size, min_quantized_size=min_quantized_size, group_values=group_values)
 
 
 def _decay_flags(mask: Any, params: Any) -> Any:

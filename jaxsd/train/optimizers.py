@@ -64,7 +64,18 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
         base = optax.chain(optax.add_decayed_weights(wd, decay_mask), optax.sgd(lr, momentum=cfg.momentum))
     else:
         raise ValueError(f"optimizer.name {cfg.name!r} unknown; use adamw, adamw8bit, adafactor, lion or sgd")
-    return guarded(base, clip), lr
+    return guarded(in_float32(base), clip), lr
+
+
+def in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """`tx` run on fp32 views of the params and gradients: optax keeps statistics (Adafactor's factored
+    second moments, Lion's momentum) in the param dtype, and bfloat16 statistics lose what they average;
+    the updates come out fp32 for `jaxsd.train.rounding` to round into bfloat16 params. fp32 params: `tx`."""
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    return optax.GradientTransformationExtraArgs(
+        lambda params: tx.init(f32(params)),
+        lambda grads, state, params=None, **extra: tx.update(f32(grads), state, None if params is None else f32(params),
+                                                             **extra))
 
 
 def applied_updates(opt_state: Any) -> jax.Array:

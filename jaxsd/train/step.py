@@ -33,6 +33,7 @@ from jaxsd.train.compile import shared_reduction_below
 from jaxsd.train.ema import update_ema
 from jaxsd.train.loss import ApplyFn, diffusion_loss, draw_randomness
 from jaxsd.train.optimizers import applied_updates
+from jaxsd.train.rounding import apply_updates, needs_stochastic_rounding
 from jaxsd.train.trainable import flatten, merge_params
 
 
@@ -115,6 +116,8 @@ def reduce_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 # fold_in data of `model_draws`' key: draw_randomness splits the step key in 6 (with partitionable
 # threefry, split i = fold_in i), so any constant above 5 is a stream of its own
 _MODEL_DRAWS_STREAM = 0x4C6F5241
+# and of the stochastic rounding of bfloat16 params' updates (jaxsd.train.rounding)
+_ROUNDING_STREAM = 0x526F756E
 
 
 def _split_micro(x: jax.Array, k: int, spec: Any) -> jax.Array:
@@ -198,7 +201,9 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
         # the skip lives inside the optimizer (updates exactly 0, state rewritten with itself):
         # selecting old-or-new state here would cost XLA a whole-state temporary
         updates, new_opt = tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm, apply=finite)
-        new_params = optax.apply_updates(state.params, updates)
+        # bfloat16 params: p + u rounded stochastically (jaxsd/train/rounding.py); fp32: optax's p + u
+        rounding_key = jax.random.fold_in(rng, _ROUNDING_STREAM) if needs_stochastic_rounding(state.params) else None
+        new_params = apply_updates(state.params, updates, rounding_key)
         new_step = state.step + 1
         new_ema = None if state.ema is None else update_ema(state.ema, new_params, new_step, ema_cfg or EMAConfig(),
                                                             apply=finite)

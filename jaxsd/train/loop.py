@@ -32,7 +32,7 @@ from jaxsd.train.compile import CompiledSteps, use_compilation_cache
 from jaxsd.train.logging import RunLogger
 from jaxsd.train.model import describe, initial_params
 from jaxsd.train.plan import fresh_state, plan_state, plan_train_step
-from jaxsd.train.resume import restore_data_position, resume
+from jaxsd.train.resume import STATE_FORMAT, restore_data_position, resume
 from jaxsd.train.run_dir import RunDir, TriggerFile
 from jaxsd.train.sampling import StateText, TrainingSampler
 from jaxsd.train.sharding import (
@@ -271,7 +271,7 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     base = base_fingerprint(cfg)
 
     def meta() -> dict:
-        return {"step": step, "data": data_state, "config": to_yaml(cfg), "base": base}
+        return {"step": step, "data": data_state, "config": to_yaml(cfg), "base": base, "state_format": STATE_FORMAT}
 
     # the host never waits for the device by accident: on GPU/TPU, reading a device value without an
     # explicit jax.device_get (float(x), np.asarray(x), int(state.step)) raises here (JAX does not check

@@ -41,6 +41,12 @@ from jaxsd.train.trainable import flatten, merge_params, split_params
 log = logging.getLogger("jaxsd.train")
 
 
+# The layout of the train state as this version writes it, recorded in each checkpoint's meta.
+# 2 (2026-12-07): 8-bit AdamW's moments packed into block buffers (train/block_groups.py); before,
+# one set per param. A change of layout that the config cannot show bumps this.
+STATE_FORMAT = 2
+
+
 class ResumeMismatch(InputError):
     """The run directory's checkpoint was made by a config whose train state differs from this one's."""
 
@@ -135,8 +141,16 @@ def resume(cfg: Config, plan: StatePlan, ckpt: Checkpointer, mesh) -> Resumed | 
                    ": the files of model.pretrained changed") + "). Its frozen params are not in the checkpoint "
                 "and must be the same as when it was written: point model.pretrained at that model, or start "
                 "a new train.run_dir")
-        if changes and not same_structure(_old_plan(meta, step, mesh).abstract, plan.abstract):
+        # before format 2 an 8-bit AdamW state was one set of moments per param: same config, other layout
+        old_layout = meta.get("state_format", 1) < 2 and from_yaml_text(meta["config"]).optimizer.name == "adamw8bit"
+        if old_layout or (changes and not same_structure(_old_plan(meta, step, mesh).abstract, plan.abstract)):
             if cfg.train.resume != "params_only":
+                if old_layout:
+                    raise ResumeMismatch(
+                        f"{where} was written by an older jaxsd whose 8-bit AdamW state has another layout (one set "
+                        "of moments per param; now packed into block buffers). Set train.resume=params_only to "
+                        "continue from its params with a fresh optimizer state (and EMA), or resume it with the "
+                        "jaxsd version that wrote it")
                 raise ResumeMismatch(
                     f"{where} was made with a config whose train state differs from this one's; changed: "
                     f"{describe_changes(changes)}. Undo those changes to resume, or set train.resume=params_only "

@@ -195,6 +195,29 @@ def test_changed_config_resumes_with_a_warning_or_stops_naming_the_keys(runs):
     assert sorted(losses)[-2:] == [21, 22] and all(math.isfinite(v) for v in losses.values())
 
 
+def test_an_8bit_checkpoint_of_the_old_layout_asks_for_params_only(runs):
+    """8-bit AdamW's state changed layout (per-param moments -> packed block buffers) with the same
+    config: a checkpoint written before (no meta["state_format"]) is refused with the way out, not set
+    aside as damaged; train.resume=params_only continues from its params."""
+    tmp, _ = runs
+    run_dir = tmp / "old_8bit"
+    shutil.copytree(tmp / "straight", run_dir)
+    meta_file = run_dir / "checkpoints" / "20" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("state_format") == 2
+    # as an 8-bit run of the old layout would have recorded it
+    meta["config"] = meta["config"].replace("name: adamw\n", "name: adamw8bit\n", 1)
+    meta_file.write_text(json.dumps(meta))
+    for step in (5, 10, 15):
+        shutil.rmtree(run_dir / "checkpoints" / str(step))
+    _, stderr = _run(tmp, "plain", run_dir, extra=["optimizer.name=adamw8bit"], expect_error=True)
+    assert "ResumeMismatch" in stderr and "older jaxsd whose 8-bit AdamW state" in stderr
+    assert "train.resume=params_only" in stderr and not (run_dir / "checkpoints.damaged").exists()
+    result, _ = _run(tmp, "plain", run_dir, extra=["optimizer.name=adamw8bit", "train.resume=params_only",
+                                                   "train.steps=21"])
+    assert result["init_from"].startswith("params only from checkpoint step 20") and result["step"] == 21
+
+
 def test_nan_batches_are_skipped_then_the_run_stops_with_the_good_checkpoint(runs):
     tmp, _ = runs
     run_dir = tmp / "nan"

@@ -13,6 +13,8 @@ Suites:
                    (from shapes; nothing allocated)
   flops            XLA cost-analysis FLOPs of the compiled sd15 / sdxl train step vs the published
                    counts, and the implied time floor on H100 / TPU v5p / v6e
+  host-overhead    per-step host overhead of real `jaxsd train` runs (tiny preset) with
+                   train.steps_in_flight 0 and 1: loop step time minus the same step's back-to-back time
 
 Every framework is measured in its own child process (so peak RSS never mixes):
 warm-up steps, then timed repeats reduced to min/median/max. Each run prints a
@@ -47,6 +49,7 @@ SUITES = {
     "cache": "cache",
     "optimizer-state": "optimizer_state",
     "flops": "flops",
+    "host-overhead": "host_overhead",
 }
 # suites whose --frameworks may include torch (the others measure jaxsd alone)
 TORCH_SUITES = ("train-step", "scaling", "sample", "cache")

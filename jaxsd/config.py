@@ -162,6 +162,12 @@ class TrainConfig:
     params_only: on such a change, start a fresh optimizer (and EMA) from the checkpoint's params."""
     max_nonfinite_skips: int = 3
     """NaN/inf loss or gradient: skip the update; stop cleanly after more than this many in a row."""
+    steps_in_flight: int = 1
+    """steps dispatched ahead of the host: step n's metrics are read (and logged) after step n + N is
+    dispatched, so the device never waits while the host reads and logs. 0 = read each step's metrics
+    before dispatching the next (the loop before issue #18: the device idles while the host works; an
+    error then surfaces at the step that raised it). Checkpoint, sample-grid and stop steps read every
+    step first. `jaxsd bench host-overhead` measures the difference."""
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
@@ -381,6 +387,9 @@ def _check_choices(cfg: Config) -> None:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"train.trainable/frozen: bad regex {pattern!r}: {e}") from None
+    if cfg.train.steps_in_flight < 0:
+        raise ConfigError(f"train.steps_in_flight = {cfg.train.steps_in_flight} must be >= 0 (0 = read each step's "
+                          "metrics before dispatching the next)")
     if not 256 <= cfg.optimizer.block_size <= 4096:
         raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
     _check_sampling(cfg)

@@ -15,6 +15,8 @@ Suites:
                    counts, and the implied time floor on H100 / TPU v5p / v6e
   conv-grads       one 3x3 convolution's forward, input gradient and kernel gradient at the SD
                    UNet's shapes, XLA vs torch (where a LoRA step's backward time goes)
+  host-overhead    per-step host overhead of real `jaxsd train` runs (tiny preset) with
+                   train.steps_in_flight 0 and 1: loop step time minus the same step's back-to-back time
 
 Every framework is measured in its own child process (so peak RSS never mixes):
 warm-up steps, then timed repeats reduced to min/median/max. Each run prints a
@@ -50,6 +52,7 @@ SUITES = {
     "optimizer-state": "optimizer_state",
     "flops": "flops",
     "conv-grads": "conv_grads",
+    "host-overhead": "host_overhead",
 }
 # suites whose --frameworks may include torch (the others measure jaxsd alone)
 TORCH_SUITES = ("train-step", "scaling", "sample", "cache", "conv-grads")

@@ -8,6 +8,7 @@ batch shape (aspect-ratio buckets), on first sight. The loop stops at `train.ste
 <run_dir>/<checkpoint.trigger_file> appears it saves first (and, for a signal,
 then stops). After more than `train.max_nonfinite_skips` consecutive NaN/inf
 steps it stops without saving, so the last good checkpoint stays the latest.
+The host reads a step's metrics `train.steps_in_flight` steps after dispatching it (default 1).
 """
 
 from __future__ import annotations
@@ -17,21 +18,20 @@ import logging
 import math
 import signal
 import time
+from collections import deque
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config, to_yaml
 from jaxsd.errors import InputError
 from jaxsd.train.base import base_fingerprint, checkpointed
 from jaxsd.train.checkpoint import Checkpointer
-from jaxsd.train.compile import CompiledSteps, use_compilation_cache
+from jaxsd.train.compile import use_compilation_cache
 from jaxsd.train.logging import RunLogger
 from jaxsd.train.model import describe, initial_params
-from jaxsd.train.plan import fresh_state, plan_state, plan_train_step
+from jaxsd.train.plan import compiled_train_steps, fresh_state, plan_state
 from jaxsd.train.resume import STATE_FORMAT, restore_data_position, resume
 from jaxsd.train.run_dir import RunDir, TriggerFile
 from jaxsd.train.sampling import StateText, TrainingSampler
@@ -113,9 +113,9 @@ class _InFlight:
 class _Monitor:
     """Reads a step's metrics once it has run, logs them and applies the NaN/inf policy.
 
-    The loop reads step n's metrics only after step n+1 is dispatched, so the device never waits
-    for the host's logging. Step time is the wall time between two reads (steady state: one
-    step), restarted after checkpoint saves and sample grids.
+    The loop reads step n's metrics only after step n + `train.steps_in_flight` is dispatched, so
+    the device never waits for the host's logging. Step time is the wall time between two reads
+    (steady state: one step), restarted after checkpoint saves and sample grids.
     """
 
     def __init__(self, cfg: Config, logger: RunLogger, ckpt: Checkpointer, devices: int):
@@ -128,8 +128,21 @@ class _Monitor:
     def restart_clock(self) -> None:
         self.clock = time.perf_counter()
 
-    def read(self, f: _InFlight) -> tuple[bool, str]:
-        """(whether step f.step was skipped, "done" to go on or the reason to stop)."""
+    @property
+    def last_skipped(self) -> bool:
+        """Whether the last step read had its update skipped (non-finite loss/gradient)."""
+        return self.skips > 0
+
+    def read_behind(self, pending: deque[_InFlight], keep: int) -> str:
+        """Read the oldest pending steps until `keep` remain; "done" to go on or the reason to stop."""
+        while len(pending) > keep:
+            stopped = self.read(pending.popleft())
+            if stopped != "done":
+                return stopped
+        return "done"
+
+    def read(self, f: _InFlight) -> str:
+        """Read, log and check step f.step: "done" to go on or the reason to stop."""
         host = reduce_metrics(jax.device_get(f.metrics))
         now = time.perf_counter()
         dt, self.clock = now - self.clock, now
@@ -149,15 +162,15 @@ class _Monitor:
                                 f"update was applied (optimizer.clip_grad_norm is off, so updates are not held "
                                 f"back for a gradient check); {kept}. Set optimizer.clip_grad_norm to have such "
                                 f"steps skipped instead")
-            return skipped, "nonfinite"
+            return "nonfinite"
         if skipped:
             self.logger.message(f"step {f.step}: non-finite loss/gradient, update skipped ({self.skips} in a row)")
             limit = self.cfg.train.max_nonfinite_skips
             if self.skips > limit:
                 self.logger.message(f"stopping: more than train.max_nonfinite_skips={limit} non-finite steps in "
                                     f"a row; {kept}")
-                return skipped, "nonfinite"
-        return skipped, "done"
+                return "nonfinite"
+        return "done"
 
 
 def make_source(cfg: Config, mesh=None):
@@ -169,7 +182,7 @@ def make_source(cfg: Config, mesh=None):
     return _CacheBatches(training_loader(cfg.data, mesh=mesh, batch_size=cfg.train.batch_size))
 
 
-def _on_mesh(batch: dict, mesh) -> dict:
+def on_mesh(batch: dict, mesh) -> dict:
     """Local numpy rows → global arrays; batches that already are global jax.Arrays pass through."""
     if all(isinstance(v, jax.Array) for v in batch.values()):
         return batch
@@ -222,7 +235,6 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
     log.info("XLA compilation cache: %s", cache_dir or "off")
     plan = plan_state(cfg, mesh)
-    replicated = NamedSharding(mesh, P())
     log.info("trainable: %s of %s%s", describe(plan.abstract.params), describe(plan.param_shapes),
              f" (LoRA adapters on {len(plan.adapters.specs)} layers; the UNet is frozen)" if plan.adapters else "")
     if plan.text is not None:
@@ -251,11 +263,8 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
 
     # the empty caption's cached text: its embedding, or (text in the step) its token ids
     empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None
-    step_fn = plan_train_step(cfg, plan, mesh, empty)
     # batches arrive as global arrays with their sharding; one executable per batch shape
-    steps = CompiledSteps(jax.jit(step_fn, in_shardings=(plan.state_shardings, None),
-                                  out_shardings=(plan.state_shardings, replicated), donate_argnums=(0,)),
-                          mesh=mesh)
+    steps = compiled_train_steps(cfg, plan, mesh, empty)
 
     logger = RunLogger(run, total_steps=cfg.train.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
                        progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)
@@ -264,9 +273,9 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     stops = _StopPolls(TriggerFile(run_dir / cfg.checkpoint.trigger_file), cfg.checkpoint.poll_every)
     stopped = "done"
     step = start
-    batch = _on_mesh(next(source), mesh) if step < cfg.train.steps else None
+    batch = on_mesh(next(source), mesh) if step < cfg.train.steps else None
     data_state = source.get_state()
-    in_flight: _InFlight | None = None
+    pending: deque[_InFlight] = deque()  # dispatched steps whose metrics the host has not read yet
 
     base = base_fingerprint(cfg)
 
@@ -282,23 +291,22 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
             step += 1
             data_state = source.get_state()  # the position after every batch this state has seen
             if step < cfg.train.steps:
-                batch = _on_mesh(next(source), mesh)
-            if in_flight is not None:  # the previous step has run by now (or is about to): read it
-                stopped = monitor.read(in_flight)[1]
-                if stopped != "done":
-                    break  # (the step just dispatched is not logged: the run stopped before it)
-            in_flight = _InFlight(step, metrics, flops)
+                batch = on_mesh(next(source), mesh)
+            pending.append(_InFlight(step, metrics, flops))
+            # the steps more than train.steps_in_flight behind this one have run by now (or are about to)
+            stopped = monitor.read_behind(pending, cfg.train.steps_in_flight)
+            if stopped != "done":
+                break  # (steps dispatched after it are not logged: the run stopped before them)
             signalled, triggered = stops.poll(step, stop.signum is not None)
             periodic = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
             sample = sampler is not None and sampler.due(step)
             if not (periodic or signalled or triggered or sample):
                 continue
             # these need this step's own metrics (never checkpoint a skipped step): wait for it
-            skipped, stopped = monitor.read(in_flight)
-            in_flight = None
+            stopped = monitor.read_behind(pending, 0)
             if stopped != "done":
                 break
-            if not skipped and (periodic or signalled or triggered):
+            if not monitor.last_skipped and (periodic or signalled or triggered):
                 with jax.transfer_guard_device_to_host("allow"):  # a checkpoint copies the state to host
                     ckpt.save(step, checkpointed(state), meta())  # the frozen base is not saved
                 run.sync()  # a remote run dir gets the logs up to this checkpoint (what a resume goes on from)

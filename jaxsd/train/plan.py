@@ -4,7 +4,9 @@
 `TrainState` (ShapeDtypeStructs carrying their shardings): what the loop initialises or
 restores into, what a resume compares against the checkpoint's own config, and what
 `jaxsd export` restores from. `plan_train_step(cfg, plan, mesh)` is the pure step function
-`jaxsd train` jits over that state (also what `jaxsd bench train-step` measures).
+`jaxsd train` jits over that state (also what `jaxsd bench train-step` measures), and
+`compiled_train_steps` that step jitted and compiled as the loop runs it (also what `jaxsd bench
+host-overhead` times back to back).
 
 With a token-id cache the text encoders run in the step (`jaxsd.train.text`): the state's frozen
 tree is keyed by component, {"unet": ..., "text_encoder": ..., ...}, and so is its trainable tree
@@ -20,11 +22,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.models.lora import adapter_logical_axes
 from jaxsd.train.adapters import AdapterPlan, adapter_plan, initial_adapters
+from jaxsd.train.compile import CompiledSteps
 from jaxsd.train.lora_init import adapters_from_file
 from jaxsd.train.model import build_unet, make_apply_fn, param_shapes, unet_config
 from jaxsd.train.optimizers import make_optimizer, streams_updates
@@ -172,3 +177,12 @@ def plan_train_step(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> Ca
                            empty_cond=None if empty is None or encode_text else jax.tree.map(jnp.asarray, empty),
                            micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,
                            streamed=streams_updates(cfg.optimizer))
+
+
+def compiled_train_steps(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> CompiledSteps:
+    """`plan_train_step` as the loop runs it: jitted over the sharded state (donated) with replicated
+    metrics, `(state, batch) -> (state, metrics, flops)`, compiled once per batch shape on first sight."""
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(plan_train_step(cfg, plan, mesh, empty), in_shardings=(plan.state_shardings, None),
+                     out_shardings=(plan.state_shardings, replicated), donate_argnums=(0,))
+    return CompiledSteps(jitted, mesh=mesh)

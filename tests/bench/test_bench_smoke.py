@@ -1,5 +1,6 @@
-"""Smoke runs of `jaxsd bench` suites on the `micro` UNet: the code paths work end to end and
-each JSON record carries the fields issue #8 names. No timing is asserted (the numbers
+"""Smoke runs of `jaxsd bench` suites on the `micro` UNet (host-overhead: `jaxsd train tiny` with a
+one-level UNet): the code paths work end to end and each JSON record carries the fields issue #8
+names. No timing is asserted (the numbers
 of a loaded CI machine mean nothing); correctness checks are on things that cannot
 vary: same weights → same first loss in both frameworks, byte counts from shapes.
 
@@ -201,6 +202,39 @@ def test_train_step_lora_micro(bench_env):
         assert m[key] == pytest.approx(value, rel=1e-9), key
     assert m["temp_gb"] > 0 and m["per_device_gb"] >= m["argument_gb"]
     assert "trained M" in report.render([rec, mem])
+
+
+# tests/train/test_loop.py's one-level UNet: half the compile of the tiny preset's
+ONE_LEVEL_UNET = ("model.unet.block_out_channels=[32]", "model.unet.down_block_types=[CrossAttnDownBlock2D]",
+                  "model.unet.up_block_types=[CrossAttnUpBlock2D]")
+
+
+def test_host_overhead_through_the_cli(bench_env):
+    """`jaxsd bench host-overhead`: real `jaxsd train` runs with train.steps_in_flight 0 and 1, and the same
+    compiled step dispatched back to back in a child of its own."""
+    sets = [a for s in ONE_LEVEL_UNET for a in ("--set", s)]
+    recs = _command(bench_env, "host-overhead", *sets, "--steps", "6", "--skip-steps", "2", "--repeats", "1",
+                    "--warmup", "0")
+    by_n = {r["config"]["steps_in_flight"]: r["jaxsd"] for r in recs}
+    assert set(by_n) == {0, 1} and all(r["config"]["overrides"] == list(ONE_LEVEL_UNET) for r in recs)
+    device = by_n[0]["device_step_s"]
+    for j in by_n.values():
+        assert all(_is_stats(j[k]) for k in ("loop_step_s", "device_step_s", "host_overhead_s"))
+        assert j["device_step_s"] == device and j["device_step_s"]["median"] > 0  # one device child per round
+        assert j["host_overhead_s"]["median"] == pytest.approx(j["loop_step_s"]["median"] - device["median"])
+        # the device child found every program it ran in the runs' compilation cache: the same step
+        assert j["info"]["device_new_programs"] == 0
+        assert j["info"]["same_losses"] and j["info"]["batch_size"] == 8
+        assert len(j["info"]["load_avg_at_start"]) == 3
+    assert "host-overhead" in report.render(recs)
+
+
+def test_host_overhead_option_errors(capsys):
+    for argv, message in ((("--set", "train.steps=5"), "the benchmark sets train.steps"),
+                          (("--steps", "5", "--skip-steps", "5"), "--skip-steps 5 must be >= 0 and below --steps 5"),
+                          (("--set", "train.stepz=5"), "did you mean 'train.steps'")):
+        assert cli.main(["bench", "host-overhead", *argv, "--no-record"]) == 2, argv
+        assert message in capsys.readouterr().err, argv
 
 
 def test_lora_option_errors(capsys):

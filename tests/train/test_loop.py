@@ -60,11 +60,12 @@ if sys.argv[1] == "sigterm":  # a real SIGTERM arrives while step 7 runs (when b
 EVENTS = []
 if sys.argv[1] == "order":  # record when steps are dispatched and when their metrics are read
     from jaxsd.train import loop
-    call, read, dispatched = loop.CompiledSteps.__call__, loop._Monitor.read, iter(range(1, 1000))
+    from jaxsd.train.compile import CompiledSteps
+    call, read, dispatched = CompiledSteps.__call__, loop._Monitor.read, iter(range(1, 1000))
     def dispatch(self, state, batch):
         EVENTS.append(f"dispatch {next(dispatched)}")
         return call(self, state, batch)
-    loop.CompiledSteps.__call__ = dispatch
+    CompiledSteps.__call__ = dispatch
     loop._Monitor.read = lambda self, f: (EVENTS.append(f"read {f.step}"), read(self, f))[1]
 logging.basicConfig(level=logging.WARNING)
 result = train(cfg, source)
@@ -243,6 +244,27 @@ def test_the_host_reads_a_step_only_after_dispatching_the_next(runs):
         "read 9", "read 10", "dispatch 11", "dispatch 12", "read 11", "dispatch 13", "read 12", "dispatch 14",
         "read 13", "dispatch 15", "read 14", "read 15", "dispatch 16", "dispatch 17", "read 16", "dispatch 18",
         "read 17", "dispatch 19", "read 18", "dispatch 20", "read 19", "read 20"]
+
+
+# train.steps_in_flight: how many steps are dispatched ahead of the host's reads (the straight run: 1).
+# Checkpoint steps (5, 10, 15, 20) read every step first, whatever the setting.
+IN_FLIGHT_ORDERS = {
+    0: [e for s in range(1, 21) for e in (f"dispatch {s}", f"read {s}")],  # each step read before the next
+    2: [e for b in range(0, 20, 5) for e in (  # in each 5-step block (b+1 .. b+5):
+        f"dispatch {b + 1}", f"dispatch {b + 2}", f"dispatch {b + 3}", f"read {b + 1}", f"dispatch {b + 4}",
+        f"read {b + 2}", f"dispatch {b + 5}", f"read {b + 3}", f"read {b + 4}", f"read {b + 5}")],
+}
+
+
+@pytest.mark.parametrize("in_flight", [0, pytest.param(2, marks=pytest.mark.slow)])  # ~15-30 s a run
+def test_steps_in_flight_sets_how_far_dispatch_runs_ahead_of_the_reads(runs, in_flight):
+    tmp, straight = runs
+    run_dir = tmp / f"in_flight_{in_flight}"
+    result, _ = _run(tmp, "order", run_dir, extra=[f"train.steps_in_flight={in_flight}"])
+    assert result["events"] == IN_FLIGHT_ORDERS[in_flight]
+    # when the host reads changes nothing that is computed or logged
+    assert result["params_sha256"] == straight["params_sha256"]
+    assert _losses(run_dir) == _losses(tmp / "straight")
 
 
 def test_streamed_updates_log_gradient_statistics_and_skip_nan_losses(runs):

@@ -13,6 +13,8 @@ Suites:
                    (from shapes; nothing allocated)
   flops            XLA cost-analysis FLOPs of the compiled sd15 / sdxl train step vs the published
                    counts, and the implied time floor on H100 / TPU v5p / v6e
+  memory           issue #19's table: the compiled memory of SDXL / SD1.5 fine-tuning and LoRA steps,
+                   with each row's budget (params, optimizer state, what is alive at the peak)
 
 Every framework is measured in its own child process (so peak RSS never mixes):
 warm-up steps, then timed repeats reduced to min/median/max. Each run prints a
@@ -26,6 +28,7 @@ torch side needs the [torch] extra. Examples:
   jaxsd bench train-step --preset small --lora 4 --base-dtype float32,bfloat16
   jaxsd bench scaling --sweep batch --frameworks jaxsd
   jaxsd bench flops
+  jaxsd bench memory --timeout 10800
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ SUITES = {
     "cache": "cache",
     "optimizer-state": "optimizer_state",
     "flops": "flops",
+    "memory": "memory",
 }
 # suites whose --frameworks may include torch (the others measure jaxsd alone)
 TORCH_SUITES = ("train-step", "scaling", "sample", "cache")

@@ -103,7 +103,7 @@ def attention(
     impl = choose_implementation(implementation, q, k, bias=bias, mask=mask)
     if query_chunk_size is None:
         query_chunk_size = auto_query_chunk_size(
-            impl, heads=q.shape[2], q_len=q.shape[1], kv_len=k.shape[1], has_bias=bias is not None,
+            impl, heads=q.shape[2], q_len=q.shape[1], kv_len=k.shape[1], batch=q.shape[0], has_bias=bias is not None,
             mask=mask_kind(mask), is_causal=is_causal)
     if bias is not None:
         bias = bias.astype(q.dtype)

@@ -87,6 +87,7 @@ def test_forced_choice_that_can_run(requested, platform, expected):
 # (implementation, heads, Lq, Lk, extra kwargs) → queries per chunk (None: all at once)
 CHUNKS = [
     ("einsum", 8, 4096, 4096, {}, 1024),     # SD1.5 at 512 px, level 0: 512 MiB of fp32 logits
+    ("einsum", 8, 4096, 4096, {"batch": 4}, 256),  # the budget holds for the batch
     ("einsum", 10, 4096, 4096, {}, 512),     # SDXL at 1024 px, level 1: 640 MiB
     ("xla", 10, 4096, 4096, {}, 512),        # the same on GPU in fp32 / TPU below splash's reach
     ("einsum", 20, 1024, 1024, {}, None),    # SDXL level 2: 80 MiB, within the budget

@@ -8,7 +8,7 @@ shape, opcode and the `op_name` JAX gave it (the Flax module path; `transpose(jv
 backward pass) — and sorts them into kinds:
 
   arguments      entry parameters: the train state and the batch (the `args` of the memory analysis)
-  gradients      fp32 buffers shaped like a trained param, made in the backward pass
+  gradients      fp32 buffers shaped like a param (in any dim order), made in the backward pass
   param copies   other buffers shaped like a param: the masters cast to the compute dtype, and
                  XLA:CPU's fp32 copies of bf16 dot/conv operands
   attention      buffers made inside an attention (its op_name is under attn1/attn2 but not under the
@@ -148,10 +148,15 @@ def _dims(shape: str) -> tuple[str, tuple[int, ...]]:
     return m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)
 
 
+def _param_like(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape without its 1s, dims sorted: XLA may hold a kernel's gradient in another layout
+    (a conv kernel [3, 3, Cin, Cout] as [Cin, 3, 3, Cout])."""
+    return tuple(sorted(d for d in shape if d != 1))
+
+
 def _kind(dtype: str, dims: tuple[int, ...], op_name: str, param_shapes: set) -> str:
-    squeezed = tuple(d for d in dims if d != 1)
     backward = "transpose(" in op_name
-    if dims in param_shapes or squeezed in param_shapes:
+    if _param_like(dims) in param_shapes:
         return "gradients" if dtype == "f32" and backward else "param copies"
     if ("/attn1/" in op_name or "/attn2/" in op_name) and not any(p in op_name for p in _PROJECTIONS):
         return "attention"
@@ -189,7 +194,7 @@ def analyse_peak(dump_dir: str, state: Any, *, top: int = 0) -> dict:
     with open(hlo_path) as fh:
         module = _Module(fh.read())
     params = [*jax.tree.leaves(state.params), *jax.tree.leaves(state.frozen)]
-    param_shapes = {tuple(p.shape) for p in params} | {tuple(d for d in p.shape if d != 1) for p in params}
+    param_shapes = {_param_like(p.shape) for p in params}
     kinds = dict.fromkeys(KINDS, 0.0)
     arguments, rows = 0.0, []
     for name, size in buffers:

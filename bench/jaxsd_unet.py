@@ -23,11 +23,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 
 
-def build_model(cfg: dict, dtype: str = "float32", attention_impl: str = "auto", remat_policy=None):
-    """jaxsd's `UNet2DConditionModel` for a diffusers config dict; fp32 params, `dtype` compute."""
+def build_model(cfg: dict, dtype: str = "float32", attention_impl: str = "auto", remat_policy=None,
+                param_dtype: str = "float32"):
+    """jaxsd's `UNet2DConditionModel` for a diffusers config dict; `param_dtype` params (fp32 masters
+    unless told), `dtype` compute."""
     from jaxsd.models.unet import UNet2DConditionModel, UNetConfig
 
-    return UNet2DConditionModel(UNetConfig.from_diffusers(cfg), dtype=DTYPES[dtype], param_dtype=jnp.float32,
+    return UNet2DConditionModel(UNetConfig.from_diffusers(cfg), dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype],
                                 attention_impl=attention_impl, remat_policy=remat_policy)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from bench.harness import DEFAULT_RESULTS
 
 SUITE_MODULES = {"train-step": "train_step", "scaling": "scaling", "sample": "sample", "cache": "cache",
-                 "optimizer-state": "optimizer_state", "flops": "flops", "host-overhead": "host_overhead"}
+                 "optimizer-state": "optimizer_state", "flops": "flops", "host-overhead": "host_overhead",
+                 "memory": "memory"}
 
 
 def latest(records: list[dict]) -> dict[str, list[dict]]:

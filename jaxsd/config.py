@@ -48,7 +48,9 @@ class ModelConfig:
     """auto | einsum | xla | cudnn | splash; auto picks per platform and shape (the table in
     jaxsd/models/attention_select.py). Also used by the text encoders of sample grids."""
     remat_policy: str | None = None
-    """activation checkpointing of UNet blocks: None | "full" | "dots" (names understood by the UNet)."""
+    """rematerialisation of each ResNet and transformer block of the UNet: None | "full" (keep only
+    block inputs) | "dots" (also keep weight-matmul outputs) | a `jax.checkpoint_policies` name
+    (jaxsd/models/transformer.py; the policy table is in docs/training.md)."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ Suites:
                    UNet's shapes, XLA vs torch (where a LoRA step's backward time goes)
   host-overhead    per-step host overhead of real `jaxsd train` runs (tiny preset) with
                    train.steps_in_flight 0 and 1: loop step time minus the same step's back-to-back time
+  memory           issue #19's table: the compiled memory of SDXL / SD1.5 fine-tuning and LoRA steps,
+                   with each row's budget (params, optimizer state, what is alive at the peak)
 
 Every framework is measured in its own child process (so peak RSS never mixes):
 warm-up steps, then timed repeats reduced to min/median/max. Each run prints a
@@ -30,6 +32,7 @@ torch side needs the [torch] extra. Examples:
   jaxsd bench train-step --preset small --lora 4 --base-dtype float32,bfloat16
   jaxsd bench scaling --sweep batch --frameworks jaxsd
   jaxsd bench flops
+  jaxsd bench memory --timeout 10800
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ SUITES = {
     "flops": "flops",
     "conv-grads": "conv_grads",
     "host-overhead": "host_overhead",
+    "memory": "memory",
 }
 # suites whose --frameworks may include torch (the others measure jaxsd alone)
 TORCH_SUITES = ("train-step", "scaling", "sample", "cache", "conv-grads")

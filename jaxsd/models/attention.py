@@ -15,6 +15,11 @@ the arithmetic behind it):
 * ``"xla"`` (`jax.nn.dot_product_attention`), ``"cudnn"`` (its cuDNN flash attention) and
   ``"splash"`` (JAX's Pallas TPU kernel, jaxsd/models/splash.py) — forced; refused with an
   `InputError` where the kernel cannot run the attention.
+
+"einsum" and "xla" materialise the [B, H, Lq, Lk] logits; where those are large (SD's 4096-token
+self-attention at 512 px and up) the queries run in chunks, each rematerialised in the backward
+pass, so only one chunk's logits, softmax and their gradients exist at a time
+(`attention_select.query_chunk_size`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from jaxsd.models.attention_select import IMPLEMENTATIONS, MaskKind, select_implementation
+from jaxsd.models.attention_select import query_chunk_size as auto_query_chunk_size
 
 __all__ = ["IMPLEMENTATIONS", "Attention", "attention", "choose_implementation", "mask_kind"]
 
@@ -84,16 +90,21 @@ def attention(
       bias: additive logits bias broadcastable to [B, H, Lq, Lk] (T5 relative positions).
       scale: logits scale; default 1/sqrt(D). T5 passes 1.0.
       query_chunk_size: when Lq is larger, queries run in chunks of this size (one
-        after another), so the [Lq, Lk] logits never exist at once — the same result
-        with bounded memory (the VAE's single-head attention over 128×128 latents
-        would otherwise hold 1 GiB of logits per image). Not with mask/bias/is_causal. The
-        splash kernel needs no chunks (it never holds the logits): ignored there.
+        after another, each rematerialised in the backward pass), so the [Lq, Lk] logits
+        never exist at once — the same result with bounded memory. Not with
+        mask/bias/is_causal. None: `attention_select.query_chunk_size` decides (chunks where
+        the logits are large, for "einsum" and "xla"). The splash kernel needs no chunks (it
+        never holds the logits): ignored there.
     Returns: [B, Lq, H, D] in q's dtype.
 
     There is no `upcast` (diffusers' `upcast_attention`, SD2.1): the logits are always fp32; see
     `select_implementation`.
     """
     impl = choose_implementation(implementation, q, k, bias=bias, mask=mask)
+    if query_chunk_size is None:
+        query_chunk_size = auto_query_chunk_size(
+            impl, heads=q.shape[2], q_len=q.shape[1], kv_len=k.shape[1], batch=q.shape[0], has_bias=bias is not None,
+            mask=mask_kind(mask), is_causal=is_causal)
     if bias is not None:
         bias = bias.astype(q.dtype)
     if query_chunk_size is not None and q.shape[1] > query_chunk_size:
@@ -145,12 +156,17 @@ def _heads_first_attention(q, k, v, bias, mask, scale, is_causal) -> jax.Array:
 
 
 def _query_chunked(q, k, v, scale, impl, chunk: int) -> jax.Array:
-    """Attention of q [B, Lq, H, D] in Lq-chunks via `lax.map`; the last chunk is zero-padded and cut."""
+    """Attention of q [B, Lq, H, D] in Lq-chunks via `lax.map`; the last chunk is zero-padded and cut.
+
+    Each chunk is rematerialised: without it the backward pass of the loop keeps every chunk's
+    softmax (all [Lq, Lk] of it again); with it, it keeps the chunk's queries and recomputes its
+    logits when its gradient is taken."""
     lq = q.shape[1]
     n = -(-lq // chunk)
     q = jnp.pad(q, ((0, 0), (0, n * chunk - lq), (0, 0), (0, 0)))
-    out = jax.lax.map(lambda qc: _attend(qc, k, v, None, None, scale, False, impl),
-                      rearrange(q, "b (n c) h d -> n b c h d", c=chunk))
+    one = jax.checkpoint(lambda qc, k, v: _attend(qc, k, v, None, None, scale, False, impl),
+                         policy=jax.checkpoint_policies.nothing_saveable)
+    out = jax.lax.map(lambda qc: one(qc, k, v), rearrange(q, "b (n c) h d -> n b c h d", c=chunk))
     return rearrange(out, "n b c h d -> b (n c) h d")[:, :lq]
 
 

@@ -40,6 +40,10 @@ from jaxsd.errors import InputError
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash")
 MaskKind = Literal["none", "keys", "full"]
 SPLASH_MIN_LEN = 1024
+# "einsum"/"xla" attention whose fp32 logits (over the batch) exceed this runs its queries in chunks
+# (`query_chunk_size`); the chunk's logits stay within it
+CHUNK_LOGITS_BYTES = 128 << 20
+MIN_QUERY_CHUNK = 128
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -135,3 +139,34 @@ def select_implementation(requested: str, *, platform: str, dtype, head_dim: int
             and splash_limits(platform, has_bias, mask, splash_placeable) is None:
         return "splash"
     return "xla"
+
+
+def query_chunk_size(implementation: str, *, heads: int, q_len: int, kv_len: int, batch: int = 1,
+                     has_bias: bool = False, mask: MaskKind = "none", is_causal: bool = False) -> int | None:
+    """How many queries at a time an attention computes: None = all at once.
+
+    The kernels that never hold the logits ("cudnn", "splash") take all queries. The XLA-path ones
+    ("einsum", "xla") materialise fp32 logits [B, H, Lq, Lk]; when those exceed CHUNK_LOGITS_BYTES
+    (128 MiB) for the batch, the queries run in chunks of the largest power of two (≥ MIN_QUERY_CHUNK)
+    whose logits fit, one chunk after another, each rematerialised in the backward pass
+    (`jaxsd.models.attention`). Same result; the logits, the softmax kept for the backward pass and
+    its gradient then exist for one chunk at a time. `batch` is the traced batch (under a mesh the
+    global one, so a device's chunk holds less than the budget). At batch 1, per self-attention layer:
+
+        model, level (latent)            heads  tokens  fp32 logits  chunk  chunk's logits
+        SD1.5 512 px, 64×64              8      4096    512 MiB      1024   128 MiB
+        SDXL 1024 px, 64×64 (level 1)    10     4096    640 MiB       512    80 MiB
+        SDXL 1024 px, 32×32 (level 2)    20     1024     80 MiB      —
+        VAE mid block, 128×128           1      16384     1 GiB      2048   128 MiB
+        (SD1.5 512 px at batch 4: 1024 → 256 queries per chunk)
+
+    Only without bias, mask and causal masking (the UNet's and the VAE's attentions; text encoders
+    are short). An explicit `query_chunk_size` given to `attention` wins over this.
+    """
+    if implementation not in ("einsum", "xla") or has_bias or mask != "none" or is_causal:
+        return None
+    row_bytes = 4 * batch * heads * kv_len  # fp32 logits of one query, over the batch
+    if row_bytes * q_len <= CHUNK_LOGITS_BYTES:
+        return None
+    chunk = max(MIN_QUERY_CHUNK, 1 << max(0, (CHUNK_LOGITS_BYTES // row_bytes).bit_length() - 1))
+    return chunk if chunk < q_len else None

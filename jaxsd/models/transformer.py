@@ -19,18 +19,24 @@ from jaxsd.models.layers import Conv, Dense, GroupNorm, LayerNorm
 
 
 def remat_policy(name: str | None):
-    """`jax.checkpoint_policies` entry by name; None means no rematerialisation."""
+    """`jax.checkpoint_policies` entry by name (or one of REMAT_ALIASES); None means no rematerialisation."""
     if name is None:
         return None
+    name = REMAT_ALIASES.get(name, name)
     policy = getattr(jax.checkpoint_policies, name, None) if name in REMAT_POLICIES else None
     if policy is None:
-        raise InputError(f"remat policy {name!r} unknown; choose None or one of {REMAT_POLICIES}")
+        raise InputError(f"remat policy {name!r} unknown; choose None, one of {tuple(REMAT_ALIASES)} or one of "
+                         f"{REMAT_POLICIES}")
     return policy
 
 
 # Policies that need no extra arguments (the others in jax.checkpoint_policies are factories).
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+# The short names configs use (`model.remat_policy`): "full" keeps only each block's inputs for the
+# backward pass; "dots" also keeps the outputs of its weight matmuls (projections, feed-forward), so
+# the backward pass recomputes norms, activations, convolutions and the attention scores only.
+REMAT_ALIASES = {"full": "nothing_saveable", "dots": "dots_with_no_batch_dims_saveable"}
 
 
 def maybe_remat(cls: type[nn.Module], policy_name: str | None) -> type[nn.Module]:

@@ -12,7 +12,7 @@ import pytest
 from jaxsd.errors import InputError
 from jaxsd.models import attention as attention_module
 from jaxsd.models.attention import mask_kind
-from jaxsd.models.attention_select import select_implementation
+from jaxsd.models.attention_select import query_chunk_size, select_implementation
 from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 from tests.models.test_unet import FAMILIES
 
@@ -82,6 +82,29 @@ def test_forced_choice_that_can_run(requested, platform, expected):
     got = select_implementation(requested, platform=platform, dtype=BF16, head_dim=64, q_len=76, kv_len=76,
                                 mask="keys")
     assert got == expected
+
+
+# (implementation, heads, Lq, Lk, extra kwargs) → queries per chunk (None: all at once)
+CHUNKS = [
+    ("einsum", 8, 4096, 4096, {}, 1024),     # SD1.5 at 512 px, level 0: 512 MiB of fp32 logits
+    ("einsum", 8, 4096, 4096, {"batch": 4}, 256),  # the budget holds for the batch
+    ("einsum", 10, 4096, 4096, {}, 512),     # SDXL at 1024 px, level 1: 640 MiB
+    ("xla", 10, 4096, 4096, {}, 512),        # the same on GPU in fp32 / TPU below splash's reach
+    ("einsum", 20, 1024, 1024, {}, None),    # SDXL level 2: 80 MiB, within the budget
+    ("einsum", 10, 4096, 77, {}, None),      # text cross-attention
+    ("einsum", 1, 16384, 16384, {}, 2048),   # the VAE's mid-block attention at 128×128 latents
+    ("einsum", 64, 65536, 65536, {}, 128),   # never fewer than MIN_QUERY_CHUNK queries
+    ("cudnn", 10, 4096, 4096, {}, None),     # flash kernels never hold the logits
+    ("splash", 10, 4096, 4096, {}, None),
+    ("einsum", 10, 4096, 4096, {"has_bias": True}, None),   # chunks take no bias, mask or causal mask
+    ("einsum", 10, 4096, 4096, {"mask": "keys"}, None),
+    ("einsum", 10, 4096, 4096, {"is_causal": True}, None),
+]
+
+
+@pytest.mark.parametrize("impl, heads, lq, lk, kw, expected", CHUNKS)
+def test_query_chunk_size(impl, heads, lq, lk, kw, expected):
+    assert query_chunk_size(impl, heads=heads, q_len=lq, kv_len=lk, **kw) == expected
 
 
 def test_mask_kind():

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsd.models import attention_select
 from jaxsd.models.params import abstract_params
 from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 from tests.helpers import rel_err
@@ -142,7 +143,9 @@ def random_params(config: UNetConfig, seed: int = 0) -> dict:
 
 
 @pytest.mark.slow  # a UNet's backward twice (~20 s); parity tests run the same blocks
-def test_remat_gives_same_gradients():
+def test_remat_and_attention_chunks_give_same_gradients(monkeypatch):
+    """Full remat of every block plus the self-attention's 64 queries in chunks of 16 (the chunking
+    threshold lowered to this tiny UNet's logits) against neither."""
     config = _tiny_config()
     rng = np.random.default_rng(1)
     args = tuple(None if a is None else jnp.asarray(rng.standard_normal(a.shape), jnp.float32)
@@ -155,7 +158,12 @@ def test_remat_gives_same_gradients():
         flat = jax.tree.leaves(jax.jit(jax.grad(loss))(params))
         return np.concatenate([np.ravel(g) for g in flat])
 
-    plain, remat = grads(None), grads("nothing_saveable")
+    plain = grads(None)
+    # 4 heads × 64 × 64 fp32 logits = 64 KiB per example: chunks of 16 queries stay within 16 KiB
+    monkeypatch.setattr(attention_select, "CHUNK_LOGITS_BYTES", 16 << 10)
+    monkeypatch.setattr(attention_select, "MIN_QUERY_CHUNK", 8)
+    assert attention_select.query_chunk_size("einsum", heads=4, q_len=64, kv_len=64) == 16
+    remat = grads("full")
     assert np.abs(plain).max() > 0
     # the project's metric over the whole gradient: max|remat - plain| / max|plain|
     assert rel_err(remat, plain) <= 1e-6

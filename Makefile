@@ -17,6 +17,7 @@ venv: $(BIN)/python
 
 venv-test: $(BIN)/python
 	$(PIP) -e '.[torch,dev]'
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/reference-packages -r reference-packages.txt
 
 # Main job: the CPU demo on its embedded default.
 demo: venv

@@ -93,3 +93,17 @@ def test_cli_sde_sampler_matches_diffusers_with_the_same_noise(sd_folder, sd_ref
     assert np.array_equal(again, ours)
     assert sd_pipe.last_compile_seconds == 0.0 and len(generate_module._COMPILED) == before  # seed: no recompile
     assert_images_differ(other, ref)
+
+
+def test_cli_auto_names_a_scheduler_class_it_cannot_run(sd_folder, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "kdpm2"
+    shutil.copytree(sd_folder, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "KDPM2DiscreteScheduler"}))
+    assert cli.main(["sample", "--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "scheduler class KDPM2DiscreteScheduler is not implemented in jaxsd" in err
+    assert "pass --scheduler explicitly, one of: ddim, ddpm, pndm, lms" in err

@@ -16,14 +16,22 @@ import numpy as np
 import pytest
 
 from jaxsd.diffusion.samplers import (
-    DIFFUSERS_EQUIVALENT,
     denoise,
     img2img_start,
     make_sampler,
     noise_to_start,
 )
 from jaxsd.diffusion.schedule import NoiseSchedule
-from tests.diffusion.parity import BASE, SHAPE, diffusers_run, model_np, ours_run
+from tests.diffusion.parity import (
+    BASE,
+    QUEUE,
+    SHAPE,
+    diffusers_run,
+    diffusers_scheduler,
+    model_np,
+    ours_run,
+    used_noise,
+)
 from tests.helpers import rel_err
 
 torch = pytest.importorskip("torch")
@@ -89,34 +97,41 @@ def test_scheduler_options_match_diffusers(name, extra):
     assert max(rel_err(ours[i], ref[i]) for i in range(10)) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc", "pndm", "heun", "lms"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc", "pndm", "heun", "lms", "dpmpp_sde",
+                                  "dpmpp_3m_sde", "lcm"])
 def test_img2img_partial_schedule_matches_diffusers(name):
-    """Starting at step 4 of 10 (strength 0.6) from noised clean latents, as diffusers' img2img does."""
+    """Starting at step 4 of 10 (strength 0.6) from noised clean latents, as diffusers' img2img does
+    (call 4 × order: the second-order samplers list two calls per step); stochastic ones with the same noise."""
     steps, start = 10, 4
     config = {**BASE, "prediction_type": "epsilon", "timestep_spacing": "leading"}
     rng = np.random.default_rng(1)
     x0, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
-    cls_name, overrides = DIFFUSERS_EQUIVALENT[name]
-    sched = getattr(diffusers, cls_name).from_config(config, **overrides)
+    sampler, tables = make_sampler(name, NoiseSchedule.from_config(config), steps)
+    noises = rng.standard_normal((len(tables["timesteps"]),) + SHAPE).astype(np.float32)
+    used = used_noise(tables, noises)
+    sched = diffusers_scheduler(name, config)
     sched.set_timesteps(steps)
-    timesteps = sched.timesteps[start * sched.order:]
+    call = start * sched.order
+    if name == "dpmpp_sde":
+        sched.noise_sampler = lambda sigma, sigma_next: torch.from_numpy(QUEUE.pop(0))
+    timesteps = sched.timesteps[call:]
     if hasattr(sched, "set_begin_index"):
-        sched.set_begin_index(start * sched.order)
+        sched.set_begin_index(call)
     x = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
     refs = [x.numpy().copy()]
-    for t in timesteps:
+    for j, t in enumerate(timesteps):
         m = model_np(sched.scale_model_input(x, t), t.to(torch.float32), torch)
-        x = sched.step(m, t, x).prev_sample
+        QUEUE[:] = [used[call + j]]
+        kwargs = {"variance_noise": torch.from_numpy(used[call + j])} if name == "dpmpp_3m_sde" else {}
+        x = sched.step(m, t, x, **kwargs).prev_sample
     refs.append(x.numpy())
 
-    sampler, tables = make_sampler(name, NoiseSchedule.from_config(config), steps)
     assert img2img_start(steps, 0.6) == start and sampler.order == sched.order
-    call = start * sampler.order  # as the pipeline starts it
     x_start = noise_to_start(tables, jnp.asarray(x0), jnp.asarray(noise), jnp.int32(call))
     assert rel_err(x_start, refs[0]) <= 1e-6
-    fn = jax.jit(lambda tb, x, s: denoise(sampler, tb, lambda x_in, t: model_np(x_in, t, jnp), x, start=s,
-                                          key=jax.random.key(0)))
-    assert rel_err(fn(tables, x_start, jnp.int32(call)), refs[1]) <= 1e-5
+    fn = jax.jit(lambda tb, x, s, nz: denoise(sampler, tb, lambda x_in, t: model_np(x_in, t, jnp), x, start=s,
+                                              noises=nz))
+    assert rel_err(fn(tables, x_start, jnp.int32(call), jnp.asarray(noises)), refs[1]) <= 1e-5
 
 
 def test_unknown_sampler_lists_valid_names():

@@ -57,18 +57,12 @@ class Heun(Sampler):
         return x / tables["in_scale"][i]
 
     def step(self, state: State, m, tables: Tables, i, noise) -> State:
-        x, second = state["x"], state["second"]
-        sig = tables["sig"]
-        # first call: sigma = sig[i] -> sig[i+1]; second call: the same step again, evaluated at its end
-        sigma_first, sigma_next = sig[i], sig[i + 1]
-        sigma_end = sig[i]
-        d_first = (x - x0_at(tables, x, m, sigma_first)) / sigma_first
-        dt = sigma_next - sigma_first
-        d_end = (x - x0_at(tables, x, m, sigma_end)) / sigma_end
-        d_avg = (state["d_first"] + d_end) / 2
-        x_first = x + d_first * dt
-        x_second = state["x_first"] + d_avg * state["dt"]
-        return {"x": jnp.where(second, x_second, x_first), "x_first": jnp.where(second, state["x_first"], x),
-                "d_first": d_first, "dt": jnp.where(second, state["dt"], dt),
+        x, second, sig = state["x"], state["second"], tables["sig"]
+        # both calls evaluate at sig[i]: a first call's start, a second call's end (diffusers' sigma_next)
+        d = (x - x0_at(tables, x, m, sig[i])) / sig[i]
+        dt = sig[i + 1] - sig[i]
+        x_first = x + d * dt
+        x_second = state["x_first"] + ((state["d_first"] + d) / 2) * state["dt"]
+        return {"x": jnp.where(second, x_second, x_first), "x_first": x, "d_first": d, "dt": dt,
                 # the last call (to sigma 0) has no second half
-                "second": ~second & (sigma_next > 0)}
+                "second": ~second & (sig[i + 1] > 0)}

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from jaxsd.data.config import DataConfig, check_data_config
-from jaxsd.errors import ConfigError
+from jaxsd.errors import ConfigError, InputError
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -235,7 +235,8 @@ class LoggingConfig:
     """denoising steps per image (30, as `jaxsd sample --steps`)."""
     sample_guidance_scale: float = 7.5
     sample_sampler: str = "dpmpp_2m"
-    """sampling algorithm, as `jaxsd sample --scheduler` (ddim, euler, euler_a, dpmpp_2m, ...)."""
+    """sampling algorithm, as `jaxsd sample --scheduler` (ddim, euler, euler_a, dpmpp_2m, pndm, dpmpp_2m_sde_karras,
+    ..., auto = the pipeline folder's scheduler class; docs/sampling.md)."""
     sample_seed: int = 0
     """the same seed at every sampling step, so the grids of a run differ only by training."""
     sample_height: int | None = None
@@ -443,15 +444,17 @@ def _check_sampling(cfg: Config) -> None:
         raise ConfigError(f"logging.sample_every = {lg.sample_every} must be >= 0 (0 = no sample grids)")
     if not lg.sample_every:
         return
-    from jaxsd.diffusion import SAMPLER_NAMES  # jax-free
+    from jaxsd.diffusion.names import SCHEDULER_CHOICES, canonical_sampler_name  # jax-free
 
     if not lg.sample_prompts:
         raise ConfigError(f"logging.sample_every = {lg.sample_every} but logging.sample_prompts is empty; "
                           "give the prompts, e.g. logging.sample_prompts='[a photo of a cat]'")
-    if lg.sample_sampler not in SAMPLER_NAMES:
-        close = difflib.get_close_matches(lg.sample_sampler, SAMPLER_NAMES, n=1, cutoff=0.0)
+    try:
+        canonical_sampler_name(lg.sample_sampler)
+    except InputError:
+        close = difflib.get_close_matches(lg.sample_sampler, SCHEDULER_CHOICES, n=1, cutoff=0.0)
         raise ConfigError(f"config key 'logging.sample_sampler' = {lg.sample_sampler!r} is not one of "
-                          f"{SAMPLER_NAMES}; did you mean {close[0]!r}?")
+                          f"{SCHEDULER_CHOICES}; did you mean {close[0]!r}?") from None
     for key in ("sample_steps", "sample_images_per_prompt"):
         if getattr(lg, key) < 1:
             raise ConfigError(f"logging.{key} = {getattr(lg, key)} must be >= 1")

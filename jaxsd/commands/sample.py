@@ -6,7 +6,9 @@ they are the project's copies of the standard CLIP tokenizers (jaxsd convert's d
 
 The scheduler's parameters (betas, prediction type, spacing, offsets, zero-SNR
 rescale) come from the folder's scheduler/scheduler_config.json; --scheduler only
-picks the algorithm, as diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
+picks the algorithm, as diffusers' `Scheduler.from_config(pipe.scheduler.config, **overrides)`.
+--scheduler auto (the default) runs the folder's own scheduler class; A1111 display names
+("DPM++ 2M SDE Karras", "Euler a") work too. docs/sampling.md maps each name to diffusers.
 
 Prompts are padded to the length the folder records (a T5 hybrid: tokenizer/tokenizer_config.json's
 model_max_length, which `jaxsd export` sets to the length the UNet was trained with; CLIP: 77).
@@ -36,7 +38,7 @@ import time
 import warnings
 from pathlib import Path
 
-from jaxsd.diffusion import SAMPLER_NAMES as SCHEDULERS  # jax-free import
+from jaxsd.diffusion.names import SCHEDULER_CHOICES, canonical_sampler_name  # jax-free import
 from jaxsd.errors import InputError, InputNotFoundError
 
 
@@ -52,8 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=30, metavar="N", help="denoising steps (default 30)")
     p.add_argument("--guidance", type=float, default=7.5, metavar="G", help="classifier-free guidance scale (default 7.5)")
     # choices are validated in run() so an unknown name gets our message listing the valid ones
-    p.add_argument("--scheduler", default="dpmpp_2m", metavar="|".join(SCHEDULERS),
-                   help="sampling algorithm (default dpmpp_2m)")
+    p.add_argument("--scheduler", default="auto", metavar="NAME",
+                   help=f"sampling algorithm: {', '.join(SCHEDULER_CHOICES)}, or an A1111 display name such as "
+                        "'DPM++ 2M SDE Karras' (default auto: the folder's scheduler_config.json)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--height", type=int, default=None, metavar="H",
                    help="image height in pixels (default: the model's, or the init image's)")
@@ -107,8 +110,7 @@ def load_latents(path: str):
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if args.scheduler not in SCHEDULERS:
-        raise InputError(f"unknown scheduler {args.scheduler!r}; valid schedulers: {', '.join(SCHEDULERS)}")
+    args.scheduler = canonical_sampler_name(args.scheduler)  # 'auto' is resolved once the folder is read
     if not 0.0 <= args.strength <= 1.0:
         raise InputError(f"--strength must be in [0, 1], got {args.strength}")
     if args.steps < 1 or args.num_images < 1:
@@ -127,11 +129,13 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     check_arguments(args)  # before loading anything, so a typo costs no model load
 
+    from jaxsd.diffusion.samplers import resolve_sampler_name
     from jaxsd.pipelines.grids import image_grid
     from jaxsd.pipelines.pipeline import StableDiffusion
 
     t0 = time.perf_counter()
     pipe = StableDiffusion.from_folder(args.model, config_dir=args.config)
+    args.scheduler = resolve_sampler_name(args.scheduler, pipe.pipe.schedule.config)  # auto: the folder's
     if args.lora:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -1,7 +1,10 @@
 """Noise schedules (training) and samplers (generation); model-agnostic math.
 
-`SAMPLER_NAMES` lives here, free of JAX imports, so the CLI can list the samplers
+The sampler names (`SAMPLER_NAMES`, `--scheduler`'s `SCHEDULER_CHOICES`, A1111 display
+names, `auto`) live in `names.py`, free of JAX imports, so the CLI can list them
 without loading JAX (`jaxsd sample --help`).
 """
 
-SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+from jaxsd.diffusion.names import SAMPLER_NAMES, SCHEDULER_CHOICES
+
+__all__ = ["SAMPLER_NAMES", "SCHEDULER_CHOICES"]

@@ -46,6 +46,19 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1.0 - alphas).astype(np.float32)
 
 
+def linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """float32 `torch.linspace(start, end, n)` as PyTorch's CPU kernel computes it: a float32 step,
+    the first half counted up from `start` and the second down from `end`, each value rounded once
+    (a fused multiply-add). numpy's float64 linspace rounded to float32 differs in a third of SD's
+    betas by one ulp, which shifts fractional (Karras) timesteps by a few ulps."""
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(max(n - 1, 1)))
+    i = np.arange(n)
+    up = np.float64(start32) + step * i
+    down = np.float64(end32) - step * (n - 1 - i)
+    return np.where(i < n // 2, up, down).astype(np.float32)
+
+
 def make_betas(config: dict[str, Any]) -> np.ndarray:
     """float32 betas [num_train_timesteps] from a diffusers scheduler config."""
     n = int(config.get("num_train_timesteps", 1000))
@@ -57,10 +70,10 @@ def make_betas(config: dict[str, Any]) -> np.ndarray:
         if betas.shape != (n,):
             raise InputError(f"scheduler config: trained_betas has {betas.size} values but num_train_timesteps is {n}")
     elif kind == "linear":
-        betas = np.linspace(start, end, n).astype(np.float32)
+        betas = linspace_f32(start, end, n)
     elif kind == "scaled_linear":
         # Linear in sqrt(beta), squared in float32 as diffusers does.
-        betas = np.linspace(start ** 0.5, end ** 0.5, n).astype(np.float32) ** 2
+        betas = linspace_f32(start ** 0.5, end ** 0.5, n) ** 2
     elif kind == "squaredcos_cap_v2":
         betas = _cosine_betas(n)
     else:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsd.convert.lora import LoraWeights
-from jaxsd.diffusion.samplers import check_sampler_name, img2img_start, make_sampler
+from jaxsd.diffusion.samplers import img2img_start, make_sampler, resolve_sampler_name
 from jaxsd.errors import InputError
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
@@ -124,18 +124,22 @@ class StableDiffusion:
 
         latents: NCHW float32 initial noise [N, C, H/f, W/f] (diffusers' `latents`); default drawn from `seed`.
           With init_image it is the noise added to the image latents (diffusers draws it internally).
+        sampler: a `jaxsd sample --scheduler` name or A1111 display name (docs/sampling.md), or "auto": the
+          folder's own scheduler (scheduler_config.json's class and options).
         init_image: uint8 [H, W, 3] or [N, H, W, 3] → img2img with `strength` in [0, 1].
         original_size, crops_coords_top_left, target_size: SDXL micro-conditioning (default (H, W), (0, 0), (H, W)).
         progress: called with the step index after every denoising step.
         """
-        check_sampler_name(sampler)
+        sampler = resolve_sampler_name(sampler, self.pipe.schedule.config)  # A1111 names; auto: the folder's
         if eta and sampler != "ddim":
             raise InputError(f"eta={eta} applies to the ddim sampler only (got sampler {sampler!r})")
         cond, uncond = self._embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}")
         img2img = init_image is not None
-        start = img2img_start(steps, strength) if img2img else 0
+        sampler_obj, tables = self.sampler_tables(sampler, steps, eta)
+        # second-order samplers make `order` model calls per step; the tables list calls (diffusers' layout)
+        start = img2img_start(steps, strength) * sampler_obj.order if img2img else 0
         if init_image is not None:
             init_image = np.asarray(init_image)
             if init_image.ndim == 3:
@@ -175,7 +179,6 @@ class StableDiffusion:
             added = {"text_embeds": jnp.concatenate([uncond.pooled, cond.pooled], axis=0),
                      "time_ids": time_ids}
 
-        sampler_obj, tables = self.sampler_tables(sampler, steps, eta)
         inputs = {"unet": self.pipe.unet_params, "unet_lora": self._unet_lora, "vae": self.pipe.vae_params,
                   "tables": tables, "key": run_key,
                   "context": context, "added": added, "guidance": jnp.float32(guidance),

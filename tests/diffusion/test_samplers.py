@@ -8,7 +8,6 @@ every step must agree to 1e-5 relative (fp32). One compiled loop per
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import jax
@@ -17,84 +16,36 @@ import numpy as np
 import pytest
 
 from jaxsd.diffusion.samplers import (
-    DIFFUSERS_EQUIVALENT,
-    SAMPLER_NAMES,
     denoise,
     img2img_start,
     make_sampler,
     noise_to_start,
 )
 from jaxsd.diffusion.schedule import NoiseSchedule
+from tests.diffusion.parity import (
+    BASE,
+    QUEUE,
+    SHAPE,
+    diffusers_run,
+    diffusers_scheduler,
+    model_np,
+    ours_run,
+    used_noise,
+)
 from tests.helpers import rel_err
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("replay_noise")]
 
-SHAPE = (2, 4, 6, 6)  # NCHW for diffusers; we run the same array as is (the stand-in model is elementwise)
-BASE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-        "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
-
-
-def model_np(x, t, lib):
-    """Stand-in denoiser: depends on x and t smoothly, outputs O(1) like a real eps/v model."""
-    return 0.9 * x + 0.3 * lib.sin(2.0 * x + t / 150.0) - 0.05 * lib.cos(t / 90.0)
-
-
-def diffusers_run(name, config, steps, x_init, noises, eta):
-    cls_name, overrides = DIFFUSERS_EQUIVALENT[name]
-    sched = getattr(diffusers, cls_name).from_config(config, **overrides)
-    sched.set_timesteps(steps)
-    x = torch.from_numpy(x_init) * sched.init_noise_sigma
-    out = []
-    for i, t in enumerate(sched.timesteps):
-        x_in = sched.scale_model_input(x, t)
-        m = model_np(x_in, t.to(torch.float32), torch)
-        kwargs = {}
-        if name == "ddim":
-            kwargs = {"eta": eta, "variance_noise": torch.from_numpy(noises[i])} if eta > 0 else {"eta": 0.0}
-        elif name in ("ddpm", "euler_a"):
-            _QUEUE[:] = [noises[i]]
-        x = sched.step(m, t, x, **kwargs).prev_sample
-        out.append(x.numpy().copy())
-    return np.stack(out), sched
-
-
-_QUEUE: list[np.ndarray] = []
-
-
-def _replay_randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-    """Stands in for diffusers' randn_tensor: hands out the test's pre-drawn noise, in order."""
-    return torch.from_numpy(_QUEUE.pop(0)).to(dtype or torch.float32)
-
-
-@pytest.fixture(autouse=True)
-def _replay_noise(monkeypatch):
-    from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
-    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", _replay_randn_tensor)
-    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", _replay_randn_tensor)
-
-
-@functools.cache
-def compiled_loop(sampler):
-    """One jitted loop per static sampler (name + prediction type); tables are traced arguments."""
-    def run(tables, x_init, noises):
-        x = x_init * tables["init_sigma"]
-        return denoise(sampler, tables, lambda x_in, t: model_np(x_in, t, jnp), x, noises=noises, record=True)[1]
-    return jax.jit(run)
-
-
-def ours_run(name, config, steps, x_init, noises, eta):
-    schedule = NoiseSchedule.from_config(config)
-    opts = {"eta": eta} if name == "ddim" else {}
-    sampler, tables = make_sampler(name, schedule, steps, **opts)
-    return np.asarray(compiled_loop(sampler)(tables, jnp.asarray(x_init), jnp.asarray(noises))), tables
-
+# the samplers of the first round; the newer families have their own matrix (test_sampler_families.py)
+FIRST_ROUND = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
 
 CASES = []
 for name, steps, pred, spacing, zsnr in itertools.product(
-        SAMPLER_NAMES, (10, 25), ("epsilon", "v_prediction"), ("leading", "trailing", "linspace"), (False, True)):
+        FIRST_ROUND, (10, 25), ("epsilon", "v_prediction"), ("leading", "trailing", "linspace"), (False, True)):
     if zsnr and pred == "epsilon":
         continue  # zero terminal SNR is only meaningful for v-prediction (eps has no signal at t=T)
     CASES.append((name, steps, pred, spacing, zsnr))
@@ -130,7 +81,8 @@ OPTION_CASES = [
     ("dpmpp_2m_karras", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}),
     ("dpmpp_2m", {"lambda_min_clipped": -2.5, "timestep_spacing": "linspace"}),
     ("unipc", {"solver_type": "bh1", "timestep_spacing": "trailing"}),
-    ("unipc", {"use_karras_sigmas": True}),
+    ("unipc_karras", {}),
+    ("euler", {"use_karras_sigmas": True}),  # the name decides: plain euler drops the folder's Karras flag
 ]
 
 
@@ -145,45 +97,53 @@ def test_scheduler_options_match_diffusers(name, extra):
     assert max(rel_err(ours[i], ref[i]) for i in range(10)) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc", "pndm", "heun", "lms", "dpmpp_sde",
+                                  "dpmpp_3m_sde", "lcm"])
 def test_img2img_partial_schedule_matches_diffusers(name):
-    """Starting at step 4 of 10 (strength 0.6) from noised clean latents, as diffusers' img2img does."""
+    """Starting at step 4 of 10 (strength 0.6) from noised clean latents, as diffusers' img2img does
+    (call 4 × order: the second-order samplers list two calls per step); stochastic ones with the same noise."""
     steps, start = 10, 4
     config = {**BASE, "prediction_type": "epsilon", "timestep_spacing": "leading"}
     rng = np.random.default_rng(1)
     x0, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
-    cls_name, overrides = DIFFUSERS_EQUIVALENT[name]
-    sched = getattr(diffusers, cls_name).from_config(config, **overrides)
+    sampler, tables = make_sampler(name, NoiseSchedule.from_config(config), steps)
+    noises = rng.standard_normal((len(tables["timesteps"]),) + SHAPE).astype(np.float32)
+    used = used_noise(tables, noises)
+    sched = diffusers_scheduler(name, config)
     sched.set_timesteps(steps)
-    timesteps = sched.timesteps[start * sched.order:]
+    call = start * sched.order
+    if name == "dpmpp_sde":
+        sched.noise_sampler = lambda sigma, sigma_next: torch.from_numpy(QUEUE.pop(0))
+    timesteps = sched.timesteps[call:]
     if hasattr(sched, "set_begin_index"):
-        sched.set_begin_index(start * sched.order)
+        sched.set_begin_index(call)
     x = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
     refs = [x.numpy().copy()]
-    for t in timesteps:
+    for j, t in enumerate(timesteps):
         m = model_np(sched.scale_model_input(x, t), t.to(torch.float32), torch)
-        x = sched.step(m, t, x).prev_sample
+        QUEUE[:] = [used[call + j]]
+        kwargs = {"variance_noise": torch.from_numpy(used[call + j])} if name == "dpmpp_3m_sde" else {}
+        x = sched.step(m, t, x, **kwargs).prev_sample
     refs.append(x.numpy())
 
-    sampler, tables = make_sampler(name, NoiseSchedule.from_config(config), steps)
-    assert img2img_start(steps, 0.6) == start
-    x_start = noise_to_start(tables, jnp.asarray(x0), jnp.asarray(noise), jnp.int32(start))
+    assert img2img_start(steps, 0.6) == start and sampler.order == sched.order
+    x_start = noise_to_start(tables, jnp.asarray(x0), jnp.asarray(noise), jnp.int32(call))
     assert rel_err(x_start, refs[0]) <= 1e-6
-    fn = jax.jit(lambda tb, x, s: denoise(sampler, tb, lambda x_in, t: model_np(x_in, t, jnp), x, start=s,
-                                          key=jax.random.key(0)))
-    assert rel_err(fn(tables, x_start, jnp.int32(start)), refs[1]) <= 1e-5
+    fn = jax.jit(lambda tb, x, s, nz: denoise(sampler, tb, lambda x_in, t: model_np(x_in, t, jnp), x, start=s,
+                                              noises=nz))
+    assert rel_err(fn(tables, x_start, jnp.int32(call), jnp.asarray(noises)), refs[1]) <= 1e-5
 
 
 def test_unknown_sampler_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown sampler 'heun'.*ddim, ddpm, euler, euler_a, dpmpp_2m, "
-                                         "dpmpp_2m_karras, unipc"):
-        make_sampler("heun", NoiseSchedule.from_config(BASE), 10)
+    with pytest.raises(ValueError, match="unknown sampler 'heunn'; valid samplers: ddim, ddpm, pndm, lms, "
+                                         "lms_karras, heun, .*unipc_karras, lcm"):
+        make_sampler("heunn", NoiseSchedule.from_config(BASE), 10)
 
 
 def test_unsupported_option_is_refused():
     with pytest.raises(ValueError, match="thresholding"):
         make_sampler("dpmpp_2m", NoiseSchedule.from_config({**BASE, "thresholding": True}), 10)
-    with pytest.raises(ValueError, match="euler: scheduler option use_karras_sigmas=True is not supported"):
-        make_sampler("euler", NoiseSchedule.from_config({**BASE, "use_karras_sigmas": True}), 10)
+    with pytest.raises(ValueError, match="euler: scheduler option interpolation_type='log_linear' is not supported"):
+        make_sampler("euler", NoiseSchedule.from_config({**BASE, "interpolation_type": "log_linear"}), 10)
     with pytest.raises(ValueError, match="steps must be in"):
         make_sampler("euler", NoiseSchedule.from_config(BASE), 0)

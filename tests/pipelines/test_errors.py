@@ -15,7 +15,9 @@ from jaxsd.pipelines.loading import PipelineFolderError, load_pipeline
 
 pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-VALID = "ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc"
+VALID = ("ddim, ddpm, pndm, lms, lms_karras, heun, heun_karras, euler, euler_karras, euler_a, dpmpp_2m, "
+         "dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m_sde, dpmpp_3m_sde_karras, dpmpp_sde, "
+         "dpmpp_sde_karras, unipc, unipc_karras, lcm")
 
 
 def _cli(capsys, *args):
@@ -24,11 +26,11 @@ def _cli(capsys, *args):
 
 
 def test_unknown_scheduler_lists_valid_ones(sd_folder, sd_pipe, capsys, tmp_path):
-    rc, err = _cli(capsys, "--model", str(sd_folder), "--prompt", "x", "--scheduler", "heun",
+    rc, err = _cli(capsys, "--model", str(sd_folder), "--prompt", "x", "--scheduler", "DPM++ 4M",
                    "--out", str(tmp_path / "a.png"))
-    assert rc == 2 and "unknown scheduler 'heun'" in err and VALID in err
-    with pytest.raises(ValueError, match=f"unknown sampler 'heun'; valid samplers: {VALID}"):
-        sd_pipe.generate("x", sampler="heun")
+    assert rc == 2 and "unknown sampler 'DPM++ 4M'" in err and f"auto, {VALID}" in err
+    with pytest.raises(ValueError, match=f"unknown sampler 'heunn'; valid samplers: auto, {VALID}"):
+        sd_pipe.generate("x", sampler="heunn")
 
 
 def test_size_not_divisible_by_vae_factor(sd_folder, sd_pipe, capsys, tmp_path):

@@ -56,6 +56,9 @@ class Sampler:
 
     name = "base"
     stochastic = False  # True: `step` consumes a fresh standard-normal `noise` every step
+    # diffusers' `scheduler.order`: model calls per step of the second-order samplers (Heun, DPM++ SDE),
+    # whose tables have one entry per model call; img2img starts at call `start_step * order`.
+    order = 1
 
     @classmethod
     def from_schedule(cls, schedule: NoiseSchedule) -> Sampler:
@@ -65,6 +68,10 @@ class Sampler:
         """Per-step arrays. Always has "timesteps" [n] (model input t), "init_sigma" [] (scale of the
         initial noise), and "noise_a", "noise_s" [n]: the img2img start x = noise_a[i]·x0 + noise_s[i]·noise."""
         raise NotImplementedError
+
+    def progress_steps(self, num_calls: int) -> np.ndarray:
+        """int32 [num_calls]: the index of the last step finished after each model call (the progress bar)."""
+        return np.arange(num_calls, dtype=np.int32) // self.order
 
     def init_state(self, x: jnp.ndarray) -> State:
         return {"x": x}
@@ -122,12 +129,16 @@ def noise_to_start(tables: Tables, x0: jnp.ndarray, noise: jnp.ndarray, start: j
 def denoise(sampler: Sampler, tables: Tables, model_fn: ModelFn, x: jnp.ndarray, *,
             start: jnp.ndarray | int = 0, key: jax.Array | None = None, noises: jnp.ndarray | None = None,
             record: bool = False, progress: Callable[[Any], None] | None = None):
-    """Run steps start..n-1 of `sampler` from latents `x` (already at the noise level of step `start`).
+    """Run model calls start..n-1 of `sampler` from latents `x` (already at the noise level of call `start`).
+
+    n = len(tables["timesteps"]): one entry per model call (steps × `sampler.order`, give or take
+    diffusers' own first/last-step conventions).
 
     key: PRNG key for stochastic samplers (per-step noise = normal(fold_in(key, i))).
     noises: [n, *x.shape] explicit per-step noise instead (to reproduce another implementation's draws).
     record: also return the latents after every step, [n, *x.shape] (zeros for skipped steps).
-    progress: host callback called with the step index after each step (via jax.debug.callback).
+    progress: host callback called after each model call (via jax.debug.callback) with the index of the
+      last finished step (`tables["progress_step"]`, as `make_sampler` builds it; else the call index).
     Returns x, or (x, trajectory) when record.
     """
     n = tables["timesteps"].shape[0]
@@ -149,7 +160,7 @@ def denoise(sampler: Sampler, tables: Tables, model_fn: ModelFn, x: jnp.ndarray,
         if record:
             traj = jax.lax.dynamic_update_index_in_dim(traj, state["x"], i, 0)
         if progress is not None:
-            jax.debug.callback(progress, i)
+            jax.debug.callback(progress, tables["progress_step"][i] if "progress_step" in tables else i)
         return state, traj
 
     state, traj = jax.lax.fori_loop(start, n, body, (state, traj))

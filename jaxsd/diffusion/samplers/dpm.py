@@ -67,34 +67,41 @@ def convert_to_x0(tables: Tables, x, m, alpha_t, sigma_t):
     return by_prediction(tables, (x - sigma_t * m) / alpha_t, alpha_t * x - sigma_t * m, m)
 
 
+def dpm_sigmas(schedule: NoiseSchedule, num_steps: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """DPMSolverMultistepScheduler's (timesteps [n], sigmas [n+1]): lambda_min_clipped, Karras sigmas
+    (`use_karras_sigmas`, rounded to integer timesteps except for the cosine schedule)."""
+    refuse_unsupported(schedule, name, {"thresholding": False, "use_exponential_sigmas": False,
+                                        "use_beta_sigmas": False, "use_lu_lambdas": False,
+                                        "use_flow_sigmas": False, "variance_type": None})
+    last_t = None
+    clip = schedule.option("lambda_min_clipped", -float("inf"))
+    if clip != -float("inf"):
+        _, _, lam_train = alpha_sigma_lambda(sigma_space_train_sigmas(schedule))
+        # diffusers: searchsorted over the flipped training lambdas
+        last_t = schedule.num_train_timesteps - int(np.searchsorted(lam_train[::-1], clip))
+    return multistep_sigmas(schedule, num_steps, karras=bool(schedule.option("use_karras_sigmas", False)),
+                            last_timestep=last_t,
+                            round_karras=schedule.option("beta_schedule", "linear") != "squaredcos_cap_v2")
+
+
+def first_order_final(schedule: NoiseSchedule, n: int) -> bool:
+    """Whether diffusers' multistep DPM-Solver takes its last step first order (`lower_order_final` etc.)."""
+    return bool(schedule.option("euler_at_final", False) or (schedule.option("lower_order_final", True) and n < 15)
+                or schedule.option("final_sigmas_type", "zero") == "zero")
+
+
 @dataclasses.dataclass(frozen=True)
 class DPMSolverPP2M(Sampler):
-    """DPM-Solver++(2M), midpoint solver type; `karras=True` uses Karras sigmas (dpmpp_2m_karras)."""
+    """DPM-Solver++(2M), midpoint solver type; Karras sigmas with use_karras_sigmas (dpmpp_2m_karras)."""
 
-    # Only the tables depend on it, so both variants share one compiled program.
-    karras: bool = dataclasses.field(default=False, compare=False)
-
+    name = "dpmpp_2m"
     stochastic = False
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return "dpmpp_2m_karras" if self.karras else "dpmpp_2m"
-
     def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
-        refuse_unsupported(schedule, self.name, {"thresholding": False, "use_exponential_sigmas": False,
-                                                 "use_beta_sigmas": False, "use_lu_lambdas": False,
-                                                 "use_flow_sigmas": False, "variance_type": None})
         order = schedule.option("solver_order", 2)
         if order not in (1, 2):
             raise InputError(f"{self.name}: solver_order {order} is not supported (1 or 2)")
-        last_t = None
-        clip = schedule.option("lambda_min_clipped", -float("inf"))
-        if clip != -float("inf"):
-            _, _, lam_train = alpha_sigma_lambda(sigma_space_train_sigmas(schedule))
-            # diffusers: searchsorted over the flipped training lambdas
-            last_t = schedule.num_train_timesteps - int(np.searchsorted(lam_train[::-1], clip))
-        t, sigmas = multistep_sigmas(schedule, num_steps, karras=self.karras, last_timestep=last_t,
-                                     round_karras=schedule.option("beta_schedule", "linear") != "squaredcos_cap_v2")
+        t, sigmas = dpm_sigmas(schedule, num_steps, self.name)
         n = len(t)
         alpha, sig, lam = alpha_sigma_lambda(sigmas)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -103,11 +110,8 @@ class DPMSolverPP2M(Sampler):
             c_d = alpha[1:] * (np.exp(-h) - np.float32(1))
             h_prev = np.concatenate([[np.float32(np.nan)], lam[1:-1] - lam[:-2]])  # lambda_i - lambda_{i-1}
             inv_r0 = np.float32(1) / (h_prev / h)
-        lof = schedule.option("lower_order_final", True)
-        final = schedule.option("euler_at_final", False) or (lof and n < 15) or \
-            schedule.option("final_sigmas_type", "zero") == "zero"
         first_only = np.zeros(n, np.float32)
-        first_only[-1] = 1.0 if final else 0.0
+        first_only[-1] = 1.0 if first_order_final(schedule, n) else 0.0
         if order == 1:
             first_only[:] = 1.0
         c_x, c_d, inv_r0 = as_f32(c_x, c_d, np.nan_to_num(inv_r0, nan=0.0, posinf=0.0, neginf=0.0))

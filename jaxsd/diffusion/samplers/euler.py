@@ -22,7 +22,14 @@ from jaxsd.diffusion.samplers.base import (
     rounded,
 )
 from jaxsd.diffusion.schedule import NoiseSchedule
-from jaxsd.diffusion.timesteps import final_sigma, float_timesteps, interp_sigmas, train_sigmas
+from jaxsd.diffusion.timesteps import (
+    final_sigma,
+    float_timesteps,
+    interp_sigmas,
+    karras_sigmas,
+    sigma_to_t,
+    train_sigmas,
+)
 from jaxsd.errors import InputError
 
 
@@ -44,20 +51,40 @@ def sigma_space_train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
     return sigmas
 
 
-def _sigma_tables(schedule: NoiseSchedule, num_steps: int, name: str, *, final: str) -> Tables:
-    # (for Karras sigmas use dpmpp_2m_karras)
-    refuse_unsupported(schedule, name, {"use_karras_sigmas": False, "use_exponential_sigmas": False,
-                                        "use_beta_sigmas": False, "interpolation_type": "linear",
-                                        "timestep_type": "discrete"})
-    spacing = schedule.option("timestep_spacing", "linspace")
-    t = float_timesteps(spacing, num_steps, schedule.num_train_timesteps, schedule.option("steps_offset", 0))
+def k_step_sigmas(schedule: NoiseSchedule, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(model timesteps [n] float32, step sigmas [n] float64) of the k-diffusion style schedulers
+    (Euler, LMS, Heun, DPM++ SDE): training sigmas interpolated at the spaced float timesteps, or with
+    `use_karras_sigmas` Karras sigmas between the first and last of those, timesteps then fractional."""
+    refuse_unsupported(schedule, "sigma schedule", {"use_exponential_sigmas": False, "use_beta_sigmas": False})
+    t = float_timesteps(schedule.option("timestep_spacing", "linspace"), num_steps, schedule.num_train_timesteps,
+                        schedule.option("steps_offset", 0))
     train = sigma_space_train_sigmas(schedule)
-    sigmas = np.concatenate([interp_sigmas(t, train), [final_sigma(final, train)]]).astype(np.float32)
+    sig = interp_sigmas(t, train)
+    if schedule.option("use_karras_sigmas", False):
+        sig = karras_sigmas(float(sig[-1]), float(sig[0]), num_steps)
+        t = sigma_to_t(sig, np.log(train)).astype(np.float32)
+    return t, sig
+
+
+def k_sigmas(schedule: NoiseSchedule, num_steps: int, *, final: str = "zero") -> tuple[np.ndarray, np.ndarray]:
+    """(model timesteps [n] float32, sigmas [n+1] float32): `k_step_sigmas` and the final sigma."""
+    t, sig = k_step_sigmas(schedule, num_steps)
+    return t, np.concatenate([sig, [final_sigma(final, sigma_space_train_sigmas(schedule))]]).astype(np.float32)
+
+
+def init_noise_sigma(schedule: NoiseSchedule, sigmas: np.ndarray) -> np.float32:
+    """diffusers' init_noise_sigma of the sigma-space schedulers (it depends on the spacing, not the sigmas' kind)."""
     smax = sigmas.max()
-    init = smax if spacing in ("linspace", "trailing") else (smax ** 2 + np.float32(1)) ** np.float32(0.5)
+    spacing = schedule.option("timestep_spacing", "linspace")
+    return np.float32(smax if spacing in ("linspace", "trailing") else (smax ** 2 + np.float32(1)) ** np.float32(0.5))
+
+
+def _sigma_tables(schedule: NoiseSchedule, num_steps: int, name: str, *, final: str) -> Tables:
+    refuse_unsupported(schedule, name, {"interpolation_type": "linear", "timestep_type": "discrete"})
+    t, sigmas = k_sigmas(schedule, num_steps, final=final)
     s = sigmas[:-1]
-    return {"timesteps": t, "init_sigma": np.float32(init), "noise_a": np.ones_like(s), "noise_s": s,
-            "sigma": s, "sigma_next": sigmas[1:], "in_scale": (s ** 2 + np.float32(1)) ** np.float32(0.5),
+    return {"timesteps": t, "init_sigma": init_noise_sigma(schedule, sigmas), "noise_a": np.ones_like(s),
+            "noise_s": s, "sigma": s, "sigma_next": sigmas[1:], "in_scale": (s ** 2 + np.float32(1)) ** np.float32(0.5),
             "v_m": -s / (s ** 2 + np.float32(1)) ** np.float32(0.5), "v_x": s ** 2 + np.float32(1)}
 
 
@@ -68,7 +95,8 @@ def _x0(x, m, tables: Tables, i):
 
 @dataclasses.dataclass(frozen=True)
 class Euler(Sampler):
-    """First-order Euler steps of the probability-flow ODE (s_churn = 0)."""
+    """First-order Euler steps of the probability-flow ODE (s_churn = 0); Karras sigmas with
+    use_karras_sigmas (euler_karras)."""
 
     name = "euler"
 
@@ -98,6 +126,8 @@ class EulerAncestral(Euler):
     def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
         if schedule.prediction_type == "sample":
             raise InputError("euler_a: prediction_type 'sample' is not supported (as in diffusers)")
+        # EulerAncestralDiscreteScheduler has no use_karras_sigmas: from_config drops it
+        schedule = NoiseSchedule.from_config(schedule.config, use_karras_sigmas=False)
         tab = _sigma_tables(schedule, num_steps, self.name, final="zero")
         s_from, s_to = tab["sigma"], tab["sigma_next"]
         with np.errstate(invalid="ignore"):

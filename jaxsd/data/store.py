@@ -56,6 +56,10 @@ class CacheStore:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def locations(self) -> np.ndarray:
+        """[samples] int64: the cache location (root or pack) of each entry, in `cache_roots` order."""
+        return np.array([loc for loc, _, _, _ in self.entries], dtype=np.int64)
+
     def bucket_ids(self) -> np.ndarray:
         ids = {b: i for i, b in enumerate(self.bucket_list)}
         return np.array([ids[b] for _, _, b, _ in self.entries], dtype=np.int64)
@@ -106,8 +110,10 @@ class PackedStore(CacheStore):
 
 
 def cache_roots(cfg: DataConfig) -> list[str]:
-    """The directories holding sidecars + manifests for `cfg`'s sources."""
-    roots = [str(Path(r)) for r in cfg.roots]
+    """The directories holding sidecars + manifests for `cfg`'s sources (every subset's folders, in order)."""
+    from jaxsd.data.subsets import subset_roots
+
+    roots = [r for r, _ in subset_roots(cfg)]
     if cfg.tfds.name:
         roots.append(str(tfds_cache_root(cfg.tfds)))
     return roots

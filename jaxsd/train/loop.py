@@ -179,7 +179,9 @@ def make_source(cfg: Config, mesh=None):
         return SyntheticSource(cfg.synthetic, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
     from jaxsd.data.loader import training_loader
-    return _CacheBatches(training_loader(cfg.data, mesh=mesh, batch_size=cfg.train.batch_size))
+    from jaxsd.data.subsets import with_class_subset
+    data = with_class_subset(cfg.data, cfg.dreambooth)  # + DreamBooth's class images as a prior subset
+    return _CacheBatches(training_loader(data, mesh=mesh, batch_size=cfg.train.batch_size))
 
 
 def on_mesh(batch: dict, mesh) -> dict:

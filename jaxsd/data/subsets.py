@@ -86,6 +86,14 @@ def with_class_subset(cfg: DataConfig, db: DreamBoothConfig) -> DataConfig:
     return out
 
 
+def without_ungenerated_class_folder(cfg: DataConfig) -> tuple[DataConfig, list[str]]:
+    """`jaxsd cache` before the class images exist: (cfg without the prior subsets whose folders do not
+    exist yet, those folders). `jaxsd dreambooth-classes` / `jaxsd train` generate and cache them."""
+    kept = [s for s in cfg.subsets if not (s.kind == "prior" and all(not Path(r).exists() for r in s.roots))]
+    gone = sorted({r for s in cfg.subsets if s not in kept for r in s.roots})
+    return (dataclasses.replace(cfg, subsets=kept) if gone else cfg), gone
+
+
 @dataclasses.dataclass(frozen=True)
 class Slots:
     """What an epoch draws from: each sample once per repeat, split into the instance and prior pools.

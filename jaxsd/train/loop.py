@@ -223,6 +223,10 @@ class _CacheBatches:
 def train(cfg: Config, source: Any = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; returns the final state and why it stopped."""
     maybe_initialize_distributed(cfg.sharding)
+    if source is None and cfg.train.data_source == "cache" and cfg.dreambooth.enabled:
+        # DreamBooth: the missing class images first (generated and cached; resumable)
+        from jaxsd.train.dreambooth import prepare_class_images
+        prepare_class_images(cfg, progress=cfg.logging.progress_bar, log_fn=log.info)
     # train.run_dir: a local path or gs://... (jaxsd.train.run_dir); process 0 logs to its train.log, and
     # leaving the block (also by an exception) uploads what it staged
     with RunDir(cfg.train.run_dir, writer=jax.process_index() == 0, logger=log) as run:

@@ -152,6 +152,31 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
+class CaptionsConfig:
+    """Captions changed each time a sample is drawn (`jaxsd.data.captions`); needs a token-id cache
+    (`data.cache.text: tokens`): the loader tokenizes the changed caption, the step encodes it.
+
+    Tags are the caption's comma-separated parts. trigger: put first as a tag of its own when the
+    caption lacks it as a word (e.g. "sks"). keep_tokens: the first N tags never move or drop (with a
+    trigger at least the first one, so the identifier stays first). tag_dropout: drop each other tag
+    with this probability. shuffle: shuffle the other tags. Every draw is a function of
+    (data.loader.seed, batch number, sample), so a resumed run sees the same captions.
+    caption_dropout: not set here — the caption dropout is `loss.cond_dropout` (one name, for cached
+      embeddings and token ids alike); any other value is refused with that pointer.
+    """
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    trigger: str = ""
+    caption_dropout: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.tag_dropout > 0 or bool(self.trigger)
+
+
+@dataclass(frozen=True)
 class SubsetConfig:
     """One group of image folders trained together with its own repeats, captions and loss weight.
 
@@ -183,10 +208,12 @@ class DataConfig:
       the loader reads these instead of the sidecar files of `roots`.
     subsets: several groups of folders, each with repeats, a fixed caption and a loss weight
       (`jaxsd.data.subsets`); `roots` is the shorthand for one subset with the defaults.
+    captions: tag shuffling / dropout and a trigger word, applied per draw (token-id caches only).
     """
 
     roots: tuple[str, ...] = ()
     subsets: list[SubsetConfig] = field(default_factory=list)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     tfds: TFDSConfig = field(default_factory=TFDSConfig)
     packed: tuple[str, ...] = ()
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -271,6 +298,18 @@ def check_data_config(cfg: DataConfig) -> None:
     from jaxsd.data.subsets import check_subsets
 
     check_subsets(cfg)
+    c = cfg.captions
+    if c.caption_dropout:
+        raise ConfigError(f"data.captions.caption_dropout={c.caption_dropout}: the caption dropout has one name, "
+                          "loss.cond_dropout (it drops whole captions for cached embeddings and token ids alike); "
+                          "set that instead")
+    if c.keep_tokens < 0 or not 0 <= c.tag_dropout < 1:
+        raise ConfigError(f"data.captions: keep_tokens={c.keep_tokens} must be >= 0 and tag_dropout={c.tag_dropout} "
+                          "in [0, 1)")
+    if c.active and not cfg.cache.tokens:
+        raise ConfigError("data.captions (shuffle, tag_dropout, trigger) change the caption at every draw, so the "
+                          "text must be encoded in the train step: set data.cache.text=tokens and re-run "
+                          "`jaxsd cache CONFIG --only text`")
 
 
 @dataclass(frozen=True)

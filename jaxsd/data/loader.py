@@ -130,6 +130,13 @@ class _Batches:
             self.pools = [_Pool(self.slots.instance, buckets, gbs // 2, cfg, 0),
                           _Pool(self.slots.prior, buckets, gbs // 2, cfg, 1)]
         self.steps_per_epoch = self.pools[0].steps_per_epoch
+        self.tokenize = None
+        if cfg.captions.active:  # captions changed per draw: tokenized here from the cached caption text
+            from jaxsd.data.model_encoders import token_encoder
+
+            if (store.text or {}).get("mode") != "tokens":
+                raise ConfigError("data.captions needs a token-id cache (data.cache.text=tokens)")
+            self.tokenize = token_encoder(cfg).prepare
 
     def __len__(self) -> int:
         return self.steps_per_epoch * _EPOCHS
@@ -149,12 +156,26 @@ class _Batches:
     def indices(self, i: int) -> np.ndarray:
         return self.draws(i)[0]
 
+    def _drawn_tokens(self, i: int, idx: int) -> dict[str, np.ndarray]:
+        """Token ids [L] of sample idx's caption as batch i draws it (data.captions)."""
+        from jaxsd.data.captions import draw_caption
+
+        loc, key, _, entry = self.store.entries[idx]
+        if "text" not in entry:
+            raise InputError(f"{key}: the cache of {self.store.location_name(loc)} has no caption texts (made before "
+                             "data.captions existed); re-run `jaxsd cache CONFIG --only text`")
+        text = draw_caption(entry["text"], self.cfg.captions, np.random.default_rng([self.cfg.loader.seed, i, idx, 7]))
+        return {k: np.asarray(v[0], np.int32) for k, v in self.tokenize([text]).items()}
+
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         indices, seeds, prior = self.draws(i)
         samples = []
         for idx, (epoch, slot, stream) in zip(indices, seeds):
             flip = bool(np.random.default_rng([self.cfg.loader.seed, int(epoch), int(slot), int(stream)]).integers(2))
-            samples.append(self.store.read(int(idx), flip=flip))
+            sample = self.store.read(int(idx), flip=flip)
+            if self.tokenize is not None:
+                sample.update(self._drawn_tokens(i, int(idx)))
+            samples.append(sample)
         batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
         batch["index"] = indices.astype(np.int32)
         if self.slots.weight is not None:  # subsets: the loss weight of each sample, and which are class images

@@ -36,6 +36,7 @@ class CacheStore:
     """Entries (location, key, bucket) of cached samples; `read(i, flip)` returns one sample."""
 
     def __init__(self, manifests: list[tuple[str, dict]]):
+        self.names = [where for where, _ in manifests]
         self.latents = manifests[0][1].get("latents")
         self.text = manifests[0][1].get("text")
         for where, m in manifests[1:]:
@@ -55,6 +56,9 @@ class CacheStore:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def location_name(self, loc: int) -> str:
+        return self.names[loc]
 
     def locations(self) -> np.ndarray:
         """[samples] int64: the cache location (root or pack) of each entry, in `cache_roots` order."""

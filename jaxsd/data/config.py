@@ -159,7 +159,8 @@ class CaptionsConfig:
     Tags are the caption's comma-separated parts. trigger: put first as a tag of its own when the
     caption lacks it as a word (e.g. "sks"). keep_tokens: the first N tags never move or drop (with a
     trigger at least the first one, so the identifier stays first). tag_dropout: drop each other tag
-    with this probability. shuffle: shuffle the other tags. Every draw is a function of
+    with this probability. shuffle: shuffle the other tags. Instance images only: prior subsets
+    (DreamBooth's class images) keep their class prompt as cached. Every draw is a function of
     (data.loader.seed, batch number, sample), so a resumed run sees the same captions.
     caption_dropout: not set here — the caption dropout is `loss.cond_dropout` (one name, for cached
       embeddings and token ids alike); any other value is refused with that pointer.

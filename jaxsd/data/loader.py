@@ -170,10 +170,10 @@ class _Batches:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         indices, seeds, prior = self.draws(i)
         samples = []
-        for idx, (epoch, slot, stream) in zip(indices, seeds):
+        for idx, (epoch, slot, stream), is_prior in zip(indices, seeds, prior):
             flip = bool(np.random.default_rng([self.cfg.loader.seed, int(epoch), int(slot), int(stream)]).integers(2))
             sample = self.store.read(int(idx), flip=flip)
-            if self.tokenize is not None:
+            if self.tokenize is not None and not is_prior:  # class images keep their class prompt as cached
                 sample.update(self._drawn_tokens(i, int(idx)))
             samples.append(sample)
         batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}

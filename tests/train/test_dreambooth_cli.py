@@ -52,6 +52,7 @@ def _pngs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.png"))
 
 
+@pytest.mark.slow  # two pipeline loads + a cache (~20 s); the docs walkthrough test runs dreambooth-classes by default
 def test_class_images_resume_after_a_kill_halfway(dreambooth):
     base, pipe = dreambooth
     yaml = base / "classes.yaml"

@@ -105,3 +105,22 @@ def test_prior_loss_weight_zero_is_plain_fine_tuning_on_the_instance_subset(drea
     np.testing.assert_allclose([r["loss"] for r in db], [r["loss"] for r in ref], rtol=1e-5)
     np.testing.assert_allclose([r["loss_instance"] for r in db], [r["loss"] for r in db], rtol=1e-6)
     assert all(r["loss_prior"] == 0.0 for r in db) and all(r["loss_raw"] != r["loss"] for r in db)
+
+
+@pytest.mark.slow  # three jaxsd train runs (~30 s); the loader's own resume test runs by default
+def test_train_resumes_subsets_bitwise_across_an_epoch_boundary(dreambooth):
+    """3 images x repeats 2 at batch 2: 3 steps per epoch. Stopped at step 2 and resumed to 5 (through the
+    boundary after step 3), the losses are those of the straight run."""
+    base, pipe = dreambooth
+    yaml = base / "resume.yaml"
+    yaml.write_text(dreambooth_yaml(base, pipe, plw=1.0, num=4).replace("class_prompt: a photo of a dog",
+                                                                        "class_prompt: ''"))
+    common = ["train.batch_size=2", "checkpoint.every=2", "train.steps=5"]
+    jaxsd_command("cache", yaml, "--no-progress", env=ENV)
+    jaxsd_command("train", yaml, *common, f"train.run_dir={base / 'straight'}", env=ENV)
+    jaxsd_command("train", yaml, *common[:-1], "train.steps=2", f"train.run_dir={base / 'resumed'}", env=ENV)
+    jaxsd_command("train", yaml, *common, f"train.run_dir={base / 'resumed'}", env=ENV)
+    straight = {r["step"]: r["loss"] for r in records(base / "straight")}
+    resumed = {r["step"]: r["loss"] for r in records(base / "resumed")}
+    assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4, 5]
+    assert straight == resumed

@@ -24,6 +24,7 @@ from jaxsd.errors import InputError
 COMMANDS: dict[str, str] = {
     "demo": "train a tiny text-to-image model from scratch on the CPU and show it follows prompts",
     "cache": "encode images and captions into cached latents and text embeddings",
+    "dreambooth-classes": "generate (and cache) DreamBooth's missing class images with the base model",
     "train": "train (fine-tune or from scratch) a UNet over cached latents",
     "sample": "generate images from a diffusers pipeline folder",
     "export": "write a training checkpoint as a diffusers folder, or a LoRA run's adapters as a LoRA file",
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"jaxsd.commands.{name}")
+        module = importlib.import_module(f"jaxsd.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)

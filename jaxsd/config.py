@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from jaxsd.data.config import DataConfig, check_data_config
+from jaxsd.data.config import DataConfig, DreamBoothConfig, check_data_config, spell_subset_kind
 from jaxsd.errors import ConfigError, InputError
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -314,6 +314,8 @@ class Config:
     """images, caching and the loader: jaxsd/data/config.py (the data engineer's schema)."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    """prior preservation's class images: jaxsd/data/config.py, docs/dreambooth.md."""
 
 
 # Values checked beyond their type: field path -> allowed values.
@@ -399,6 +401,9 @@ def _check_choices(cfg: Config) -> None:
     _check_lora(cfg)
     if cfg.train.data_source == "cache":
         check_data_config(cfg.data)
+        from jaxsd.data.subsets import with_class_subset
+
+        with_class_subset(cfg.data, cfg.dreambooth)  # checks the dreambooth section
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by "
                           f"train.grad_accum_steps = {cfg.train.grad_accum_steps}")
@@ -480,7 +485,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = resolve_preset(str(path))
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+            loaded = OmegaConf.load(p)
+            if hasattr(loaded, "get") and loaded.get("data") is not None:
+                spell_subset_kind(loaded.data)  # YAML subsets may say `class:` (a Python keyword)
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             raise _explain(e, str(p)) from None
     for item in overrides:

@@ -15,11 +15,12 @@ from tests.helpers import REPO, jaxsd_command
 
 def test_help_lists_exactly_the_implemented_commands(capsys):
     """`jaxsd --help` names each command that has a module, and nothing that is not built."""
-    modules = {p.stem for p in Path(jaxsd.commands.__file__).parent.glob("*.py") if p.stem != "__init__"}
+    modules = {p.stem.replace("_", "-") for p in Path(jaxsd.commands.__file__).parent.glob("*.py")
+               if p.stem != "__init__"}  # commands/dreambooth_classes.py is `jaxsd dreambooth-classes`
     assert set(COMMANDS) == modules
     assert main([]) == 0
     out = capsys.readouterr().out
-    listed = set(re.findall(r"^    (\w+)\s", out, flags=re.MULTILINE))
+    listed = set(re.findall(r"^    ([\w-]+)\s", out, flags=re.MULTILINE))
     assert listed == modules, out
     assert not re.search(r"not available|not implemented|compare", out, flags=re.IGNORECASE), out
 
@@ -70,6 +71,7 @@ def _input_error_cases(tmp: Path) -> dict:
         "bench": (["bench", "optimizer-state", "--optimizers", "nope"], "InputError: --optimizers 'nope'"),
         "convert": (["convert", str(tmp / "nothing.safetensors"), "--out", str(tmp / "out")],
                     f"SingleFileError: {tmp / 'nothing.safetensors'}: no such file"),
+        "dreambooth-classes": (["dreambooth-classes", "tiny", run], "ConfigError: dreambooth.class_prompt is not set"),
     }
 
 
@@ -107,6 +109,8 @@ BUG_SITES = {
     "export": ("jaxsd.train.export.export", ["export", "{tmp}", "--out", "{tmp}/out"]),
     "bench": ("bench.suites.optimizer_state.run", ["bench", "optimizer-state", "--no-record"]),
     "convert": ("jaxsd.convert.single_file.read.SingleFile", ["convert", "{tmp}/x.safetensors", "--out", "{tmp}/out"]),
+    "dreambooth-classes": ("jaxsd.train.dreambooth.prepare_class_images",
+                           ["dreambooth-classes", "tiny", "dreambooth.class_prompt=a dog", "dreambooth.class_dir={tmp}/c"]),
 }
 
 

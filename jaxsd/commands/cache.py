@@ -42,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from jaxsd.errors import ConfigError
 
     cfg = load_data_config(str(resolve_preset(args.config)), args.overrides)
+    from jaxsd.data.subsets import without_ungenerated_class_folder
+
+    cfg, later = without_ungenerated_class_folder(cfg)
+    if later:
+        print(f"jaxsd cache: {', '.join(later)} does not exist yet: DreamBooth's class images are generated and "
+              "cached by `jaxsd dreambooth-classes CONFIG` (or by `jaxsd train` before it starts)")
     if args.validate_only:
         from jaxsd.data.cache import validate_only
 

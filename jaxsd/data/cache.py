@@ -249,7 +249,10 @@ def build_cache(cfg: DataConfig, *, vae: Encoder | None = None, text: Encoder | 
     for v in valid:  # an entry needs a current sidecar for every kind this root has a spec for
         spec = specs[v.item.root]
         if all(spec[k] is None or current(v, k, spec[k]) for k in ("latents", "text")):
-            entries[v.item.root][v.item.key] = {"bucket": list(v.target), "image": Path(v.item.path).name}
+            entry = {"bucket": list(v.target), "image": Path(v.item.path).name}
+            if (spec["text"] or {}).get("mode") == "tokens":  # data.captions re-tokenizes the text per draw
+                entry["text"] = v.caption
+            entries[v.item.root][v.item.key] = entry
         else:
             stale += 1
     if stale:

@@ -152,21 +152,122 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
+class CaptionsConfig:
+    """Captions changed each time a sample is drawn (`jaxsd.data.captions`); needs a token-id cache
+    (`data.cache.text: tokens`): the loader tokenizes the changed caption, the step encodes it.
+
+    Tags are the caption's comma-separated parts. trigger: put first as a tag of its own when the
+    caption lacks it as a word (e.g. "sks"). keep_tokens: the first N tags never move or drop (with a
+    trigger at least the first one, so the identifier stays first). tag_dropout: drop each other tag
+    with this probability. shuffle: shuffle the other tags. Instance images only: prior subsets
+    (DreamBooth's class images) keep their class prompt as cached. Every draw is a function of
+    (data.loader.seed, batch number, sample), so a resumed run sees the same captions.
+    caption_dropout: not set here — the caption dropout is `loss.cond_dropout` (one name, for cached
+      embeddings and token ids alike); any other value is refused with that pointer.
+    """
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    trigger: str = ""
+    caption_dropout: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.tag_dropout > 0 or bool(self.trigger)
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """One group of image folders trained together with its own repeats, captions and loss weight.
+
+    roots: image folders of this subset (each folder belongs to one subset only).
+    repeats: how many times an epoch sees each of its images (>= 1).
+    caption: a fixed caption for every image (DreamBooth's instance prompt; no .txt files needed);
+      None = each image's `.txt` / `.caption` file.
+    caption_prefix: put before every caption (fixed or from files), e.g. "sks style, ".
+    kind: "instance" or "prior" (class images of prior preservation; YAML may spell the key
+      `class`, as the issue does). With any prior subset every batch is half instance, half prior.
+    loss_weight: each sample's loss is multiplied by it (a prior subset's weight is the
+      prior-preservation weight).
+    """
+
+    roots: tuple[str, ...] = ()
+    repeats: int = 1
+    caption: str | None = None
+    caption_prefix: str = ""
+    kind: str = "instance"
+    loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images are and how they become training batches.
 
     roots: image folders (`foo.jpg` + `foo.txt` / `foo.caption`), searched recursively.
     packed: directories of ArrayRecord shards written by `jaxsd cache --pack`; when set,
       the loader reads these instead of the sidecar files of `roots`.
+    subsets: several groups of folders, each with repeats, a fixed caption and a loss weight
+      (`jaxsd.data.subsets`); `roots` is the shorthand for one subset with the defaults.
+    captions: tag shuffling / dropout and a trigger word, applied per draw (token-id caches only).
     """
 
     roots: tuple[str, ...] = ()
+    subsets: list[SubsetConfig] = field(default_factory=list)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     tfds: TFDSConfig = field(default_factory=TFDSConfig)
     packed: tuple[str, ...] = ()
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig:
+    """DreamBooth prior preservation: class images made by the base model, trained beside the instance images.
+
+    class_prompt: the class's prompt ("a photo of a dog"); empty = no prior preservation.
+    class_dir: where the class images (`00000.png` + `00000.txt` holding the class prompt) are
+      generated and cached; it becomes a `kind: prior` subset with `prior_loss_weight` as its weight.
+    num_class_images: how many class images to have (only the missing ones are generated).
+    prior_loss_weight: loss = instance loss + prior_loss_weight x class loss.
+    model: the base pipeline folder that generates them; empty = model.pretrained.
+    steps / guidance_scale / sampler / negative_prompt / seed / batch_size / resolution: the sampling
+      settings (sampler empty = the folder's scheduler; resolution 0 = data.image.resolution). Image i
+      is drawn from seed + i, so an interrupted generation resumes with the same images.
+    """
+
+    class_prompt: str = ""
+    class_dir: str = ""
+    num_class_images: int = 200
+    prior_loss_weight: float = 1.0
+    model: str = ""
+    steps: int = 30
+    guidance_scale: float = 7.5
+    sampler: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    batch_size: int = 4
+    resolution: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.class_prompt)
+
+
+def spell_subset_kind(data_section) -> None:
+    """Accept the issue's `class: prior|instance` in YAML subsets (`class` cannot be a field name): → `kind`."""
+    subsets = data_section.get("subsets") if hasattr(data_section, "get") else None
+    if not subsets or not hasattr(subsets, "__iter__"):
+        return
+    for entry in subsets:
+        if hasattr(entry, "keys") and "class" in entry:
+            if "kind" in entry:
+                from jaxsd.errors import ConfigError
+                raise ConfigError("data.subsets: an entry sets both `class` and `kind`; they are the same key")
+            entry["kind"] = entry["class"]
+            del entry["class"]
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -195,10 +296,34 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ConfigError(f"data.validation.background={cfg.validation.background} must be three 0..255 values")
     if cfg.loader.batch_size <= 0 or cfg.cache.batch_size <= 0:
         raise ConfigError("data.loader.batch_size and data.cache.batch_size must be positive")
+    from jaxsd.data.subsets import check_subsets
+
+    check_subsets(cfg)
+    c = cfg.captions
+    if c.caption_dropout:
+        raise ConfigError(f"data.captions.caption_dropout={c.caption_dropout}: the caption dropout has one name, "
+                          "loss.cond_dropout (it drops whole captions for cached embeddings and token ids alike); "
+                          "set that instead")
+    if c.keep_tokens < 0 or not 0 <= c.tag_dropout < 1:
+        raise ConfigError(f"data.captions: keep_tokens={c.keep_tokens} must be >= 0 and tag_dropout={c.tag_dropout} "
+                          "in [0, 1)")
+    if c.active and not cfg.cache.tokens:
+        raise ConfigError("data.captions (shuffle, tag_dropout, trigger) change the caption at every draw, so the "
+                          "text must be encoded in the train step: set data.cache.text=tokens and re-run "
+                          "`jaxsd cache CONFIG --only text`")
+
+
+@dataclass(frozen=True)
+class _CacheView:
+    """The sections `jaxsd cache` reads: data, and dreambooth for its class images' subset."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
 
 
 def load_data_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
-    """The `data:` section of a jaxsd YAML config (+ `data.key=value` overrides), validated.
+    """The `data:` section of a jaxsd YAML config (+ `data.key=value` overrides), validated; with
+    `dreambooth.class_prompt` set, its class folder is added as a prior subset (`with_class_subset`).
 
     Other sections and overrides of other sections are the trainer's business and are
     ignored here, so `jaxsd cache` and `jaxsd train` accept the same command line.
@@ -207,23 +332,30 @@ def load_data_config(path: str | None = None, overrides: list[str] | tuple[str, 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    base = OmegaConf.structured(DataConfig)
+    from jaxsd.data.subsets import with_class_subset
+
+    base = OmegaConf.structured(_CacheView)
+    sections = tuple(f.name for f in _CacheView.__dataclass_fields__.values())
     try:
         layers = []
         if path:
             loaded = OmegaConf.load(path)
-            section = loaded.get("data") if hasattr(loaded, "get") else None
-            if section is not None:
-                layers.append(OmegaConf.create({k: v for k, v in section.items()}))
-        mine = [o for o in overrides if o.split("=", 1)[0].startswith("data.")]
+            picked = {name: loaded.get(name) for name in sections if hasattr(loaded, "get")}
+            picked = {k: v for k, v in picked.items() if v is not None}
+            if picked:
+                layer = OmegaConf.create(picked)
+                if "data" in picked:
+                    spell_subset_kind(layer.data)
+                layers.append(layer)
+        mine = [o for o in overrides if o.split("=", 1)[0].startswith(tuple(f"{s}." for s in sections))]
         if mine:
-            layers.append(OmegaConf.from_dotlist([o[len("data."):] for o in mine]))
-        cfg = OmegaConf.to_object(OmegaConf.merge(base, *layers))
+            layers.append(OmegaConf.from_dotlist(mine))
+        view = OmegaConf.to_object(OmegaConf.merge(base, *layers))
     except OmegaConfBaseException as e:
-        key = f"data.{e.full_key}" if getattr(e, "full_key", None) else "data"
+        key = e.full_key if getattr(e, "full_key", None) else "data"
         first = str(e).splitlines()[0]
         raise ConfigError(f"{path or 'overrides'}: {key}: {first} (the keys and their meaning are in "
                           "jaxsd/data/config.py)") from None
-    check_data_config(cfg)
-    return cfg
+    check_data_config(view.data)
+    return with_class_subset(view.data, view.dreambooth)
 

@@ -42,9 +42,14 @@ class EpochPlan:
     batches: np.ndarray
 
 
-def plan_epoch(buckets: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> EpochPlan:
-    """Single-bucket global batches for `epoch`; a deterministic function of its arguments."""
-    rng = np.random.default_rng([seed, epoch])
+def plan_epoch(buckets: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+               stream: int = 0) -> EpochPlan:
+    """Single-bucket global batches for `epoch`; a deterministic function of its arguments.
+
+    stream: 0 for the main sequence; another number gives an independent order over the same kind of
+    input (the prior half of DreamBooth batches).
+    """
+    rng = np.random.default_rng([seed, epoch] if stream == 0 else [seed, epoch, stream])
     batches = []
     for b in np.unique(buckets):
         idx = np.flatnonzero(buckets == b)
@@ -74,40 +79,109 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(axes if axes else None))
 
 
-class _Batches:
-    """Random access to this process's part of global batch number i (grain's source)."""
+class _Pool:
+    """One endless sequence of batches over a pool of slots (store indices, repeated per subset)."""
 
-    def __init__(self, store: CacheStore, cfg: DataConfig, rows: np.ndarray):
-        self.store, self.cfg, self.rows = store, cfg, rows
-        self.process = (jax.process_index(), jax.process_count())
-        self.buckets = store.bucket_ids()
+    def __init__(self, slots: np.ndarray, buckets: np.ndarray, batch_size: int, cfg: DataConfig, stream: int):
+        self.slots, self.buckets, self.batch_size, self.cfg, self.stream = slots, buckets[slots], batch_size, cfg, stream
         self._plans: dict[int, EpochPlan] = {}
-        self.steps_per_epoch = len(self._plan(0).batches)
+        self.steps_per_epoch = len(self.plan(0).batches)
 
-    def _plan(self, epoch: int) -> EpochPlan:
+    def plan(self, epoch: int) -> EpochPlan:
         # grain threads ask for the same few epochs over and over: keep the last two plans
         plan = self._plans.get(epoch)
         if plan is None:
             lc = self.cfg.loader
-            plan = plan_epoch(self.buckets, lc.batch_size, lc.seed, epoch, lc.shuffle)
+            plan = plan_epoch(self.buckets, self.batch_size, lc.seed, epoch, lc.shuffle, self.stream)
             self._plans = {**{e: p for e, p in self._plans.items() if e >= epoch - 1}, epoch: plan}
         return plan
+
+    def batch(self, i: int) -> tuple[int, np.ndarray]:
+        """(epoch, slot numbers [batch_size]) of this pool's batch number i."""
+        epoch, step = divmod(int(i), self.steps_per_epoch)
+        return epoch, self.plan(epoch).batches[step]
+
+
+class _Batches:
+    """Random access to this process's part of global batch number i (grain's source).
+
+    Without a prior subset every batch comes from one pool of slots; with one, the first half of each
+    global batch from the instance pool and the second half from the prior pool, each pool on its own
+    sequence of epochs (an epoch is the instance pool's).
+    """
+
+    def __init__(self, store: CacheStore, cfg: DataConfig, rows: np.ndarray):
+        from jaxsd.data.subsets import make_slots
+
+        self.store, self.cfg, self.rows = store, cfg, rows
+        self.process = (jax.process_index(), jax.process_count())
+        self.slots = make_slots(cfg, store.locations())
+        buckets = store.bucket_ids()
+        gbs = cfg.loader.batch_size
+        if len(self.slots.prior) == 0:
+            self.pools = [_Pool(self.slots.instance, buckets, gbs, cfg, 0)]
+        else:
+            if gbs % 2:
+                raise ConfigError(f"the batch size {gbs} must be even with prior preservation: half of each batch "
+                                  "is instance images, half class images")
+            if len(np.unique(buckets)) > 1:
+                raise ConfigError("prior preservation needs every image in one bucket (the instance and class halves "
+                                  "of a batch must have one shape): set data.image.buckets.enabled=false")
+            self.pools = [_Pool(self.slots.instance, buckets, gbs // 2, cfg, 0),
+                          _Pool(self.slots.prior, buckets, gbs // 2, cfg, 1)]
+        self.steps_per_epoch = self.pools[0].steps_per_epoch
+        self.tokenize = None
+        if cfg.captions.active:  # captions changed per draw: tokenized here from the cached caption text
+            from jaxsd.data.model_encoders import token_encoder
+
+            if (store.text or {}).get("mode") != "tokens":
+                raise ConfigError("data.captions needs a token-id cache (data.cache.text=tokens)")
+            self.tokenize = token_encoder(cfg).prepare
 
     def __len__(self) -> int:
         return self.steps_per_epoch * _EPOCHS
 
+    def draws(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(store indices, flip seeds [rows, 4], prior flags) of this process's rows of global batch i."""
+        idx, seeds, prior = [], [], []
+        for p, pool in enumerate(self.pools):
+            epoch, slots = pool.batch(i)
+            # the flip is drawn per slot and epoch (without repeats a slot is its sample index)
+            idx.append(pool.slots[slots])
+            seeds.append(np.stack([np.full(len(slots), epoch), slots, np.full(len(slots), 1 + p)], 1))
+            prior.append(np.full(len(slots), p == 1))
+        return (np.concatenate(idx)[self.rows], np.concatenate(seeds)[self.rows],
+                np.concatenate(prior)[self.rows])
+
     def indices(self, i: int) -> np.ndarray:
-        epoch, step = divmod(int(i), self.steps_per_epoch)
-        return self._plan(epoch).batches[step][self.rows]
+        return self.draws(i)[0]
+
+    def _drawn_tokens(self, i: int, idx: int) -> dict[str, np.ndarray]:
+        """Token ids [L] of sample idx's caption as batch i draws it (data.captions)."""
+        from jaxsd.data.captions import draw_caption
+
+        loc, key, _, entry = self.store.entries[idx]
+        if "text" not in entry:
+            raise InputError(f"{key}: the cache of {self.store.location_name(loc)} has no caption texts (made before "
+                             "data.captions existed); re-run `jaxsd cache CONFIG --only text`")
+        text = draw_caption(entry["text"], self.cfg.captions, np.random.default_rng([self.cfg.loader.seed, i, idx, 7]))
+        return {k: np.asarray(v[0], np.int32) for k, v in self.tokenize([text]).items()}
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        epoch = int(i) // self.steps_per_epoch
+        indices, seeds, prior = self.draws(i)
         samples = []
-        for idx in self.indices(i):
-            flip = bool(np.random.default_rng([self.cfg.loader.seed, epoch, int(idx), 1]).integers(2))
-            samples.append(self.store.read(int(idx), flip=flip))
+        for idx, (epoch, slot, stream), is_prior in zip(indices, seeds, prior):
+            flip = bool(np.random.default_rng([self.cfg.loader.seed, int(epoch), int(slot), int(stream)]).integers(2))
+            sample = self.store.read(int(idx), flip=flip)
+            if self.tokenize is not None and not is_prior:  # class images keep their class prompt as cached
+                sample.update(self._drawn_tokens(i, int(idx)))
+            samples.append(sample)
         batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-        batch["index"] = self.indices(i).astype(np.int32)
+        batch["index"] = indices.astype(np.int32)
+        if self.slots.weight is not None:  # subsets: the loss weight of each sample, and which are class images
+            batch["loss_weight"] = self.slots.weight[indices]
+            if len(self.pools) > 1:
+                batch["prior"] = prior.astype(np.float32)
         if log.isEnabledFor(logging.DEBUG):  # how a multi-host run splits its data (`logging.debug` in jaxsd train)
             log.debug("global batch %d: process %d of %d reads samples %s", i, *self.process,
                       batch["index"].tolist())
@@ -180,11 +254,11 @@ class Loader:
         """Position + what it is a position in; store it with the checkpoint (JSON-able)."""
         lc = self.cfg.loader
         return {"grain": self.iterator.get_state(), "seed": lc.seed, "batch_size": lc.batch_size,
-                "samples": len(self.store), "shuffle": lc.shuffle}
+                "samples": self.source.slots.count, "shuffle": lc.shuffle}
 
     def set_state(self, state: Mapping) -> None:
         lc = self.cfg.loader
-        mine = {"seed": lc.seed, "batch_size": lc.batch_size, "samples": len(self.store), "shuffle": lc.shuffle}
+        mine = {"seed": lc.seed, "batch_size": lc.batch_size, "samples": self.source.slots.count, "shuffle": lc.shuffle}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             raise InputError("loader state was saved for a different data order: "

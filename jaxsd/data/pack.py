@@ -32,7 +32,7 @@ def pack_cache(cfg: DataConfig, out_dir: str | os.PathLike, *, records_per_shard
               for s in range(-(-n // records_per_shard))]
     entries = {}
     writer = None
-    for i, (loc, key, bucket, _) in enumerate(store.entries):
+    for i, (loc, key, bucket, entry) in enumerate(store.entries):
         if i % records_per_shard == 0:
             if writer is not None:
                 writer.close()
@@ -44,7 +44,7 @@ def pack_cache(cfg: DataConfig, out_dir: str | os.PathLike, *, records_per_shard
                 arrays.update(read_sidecar(sidecar_path(store.roots[loc], key, spec["suffix"]), spec))
         name = f"{loc}/{key}"
         writer.write(encode_record(arrays, {"key": name}))
-        entries[name] = {"bucket": list(bucket), "record": i}
+        entries[name] = {"bucket": list(bucket), "record": i, **({"text": entry["text"]} if "text" in entry else {})}
     if writer is not None:
         writer.close()
     empty = store.empty_text()

@@ -46,11 +46,17 @@ class Problem:
 
 
 class FolderSource:
-    """Images (jpg/jpeg/png/webp) under `root`, recursively, each with `same-stem.txt` or `.caption`."""
+    """Images (jpg/jpeg/png/webp) under `root`, recursively, each with `same-stem.txt` or `.caption`.
 
-    def __init__(self, root: str | os.PathLike, source_id: int = 0):
+    caption: one fixed caption for every image (a subset's; caption files are then not read).
+    caption_prefix: put before every caption.
+    """
+
+    def __init__(self, root: str | os.PathLike, source_id: int = 0, caption: str | None = None,
+                 caption_prefix: str = ""):
         self.root = Path(root)
         self.source_id = source_id
+        self.caption, self.caption_prefix = caption, caption_prefix
         if not self.root.is_dir():
             raise InputNotFoundError(f"data root {self.root} does not exist or is not a directory "
                                      "(set data.roots to folders of foo.jpg + foo.txt pairs)")
@@ -86,13 +92,16 @@ class FolderSource:
 
     def read_caption(self, item: Item) -> tuple[str | None, list[str]]:
         """The caption (None if there is no caption file) and notes about how it was read."""
+        if self.caption is not None:
+            return (self.caption_prefix + self.caption).strip(), []
         if item.caption_path is None:
             return None, []
         raw = read_bytes(item.caption_path)
         try:
-            return raw.decode("utf-8-sig").strip(), []
+            text, notes = raw.decode("utf-8-sig").strip(), []
         except UnicodeDecodeError:
-            return raw.decode("latin-1").strip(), ["caption is not UTF-8; read as Latin-1"]
+            text, notes = raw.decode("latin-1").strip(), ["caption is not UTF-8; read as Latin-1"]
+        return (self.caption_prefix + text).strip() if text else text, notes
 
 
 class TFDSSource:
@@ -149,8 +158,12 @@ def tfds_cache_root(cfg: TFDSConfig) -> Path:
 
 
 def open_sources(cfg: DataConfig) -> list[FolderSource | TFDSSource]:
-    """Every configured source, in order (folder roots first, then TFDS)."""
-    sources: list = [FolderSource(r, i) for i, r in enumerate(cfg.roots)]
+    """Every configured source, in order (folder roots of every subset first, then TFDS)."""
+    from jaxsd.data.subsets import data_subsets, subset_roots
+
+    subsets = data_subsets(cfg)
+    sources: list = [FolderSource(r, i, subsets[s].caption, subsets[s].caption_prefix)
+                     for i, (r, s) in enumerate(subset_roots(cfg))]
     if cfg.tfds.name:
         sources.append(TFDSSource(cfg.tfds, len(sources)))
     if not sources:

@@ -36,6 +36,7 @@ class CacheStore:
     """Entries (location, key, bucket) of cached samples; `read(i, flip)` returns one sample."""
 
     def __init__(self, manifests: list[tuple[str, dict]]):
+        self.names = [where for where, _ in manifests]
         self.latents = manifests[0][1].get("latents")
         self.text = manifests[0][1].get("text")
         for where, m in manifests[1:]:
@@ -55,6 +56,13 @@ class CacheStore:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def location_name(self, loc: int) -> str:
+        return self.names[loc]
+
+    def locations(self) -> np.ndarray:
+        """[samples] int64: the cache location (root or pack) of each entry, in `cache_roots` order."""
+        return np.array([loc for loc, _, _, _ in self.entries], dtype=np.int64)
 
     def bucket_ids(self) -> np.ndarray:
         ids = {b: i for i, b in enumerate(self.bucket_list)}
@@ -106,8 +114,10 @@ class PackedStore(CacheStore):
 
 
 def cache_roots(cfg: DataConfig) -> list[str]:
-    """The directories holding sidecars + manifests for `cfg`'s sources."""
-    roots = [str(Path(r)) for r in cfg.roots]
+    """The directories holding sidecars + manifests for `cfg`'s sources (every subset's folders, in order)."""
+    from jaxsd.data.subsets import subset_roots
+
+    roots = [r for r, _ in subset_roots(cfg)]
     if cfg.tfds.name:
         roots.append(str(tfds_cache_root(cfg.tfds)))
     return roots

@@ -179,7 +179,9 @@ def make_source(cfg: Config, mesh=None):
         return SyntheticSource(cfg.synthetic, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
     from jaxsd.data.loader import training_loader
-    return _CacheBatches(training_loader(cfg.data, mesh=mesh, batch_size=cfg.train.batch_size))
+    from jaxsd.data.subsets import with_class_subset
+    data = with_class_subset(cfg.data, cfg.dreambooth)  # + DreamBooth's class images as a prior subset
+    return _CacheBatches(training_loader(data, mesh=mesh, batch_size=cfg.train.batch_size))
 
 
 def on_mesh(batch: dict, mesh) -> dict:
@@ -221,6 +223,10 @@ class _CacheBatches:
 def train(cfg: Config, source: Any = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; returns the final state and why it stopped."""
     maybe_initialize_distributed(cfg.sharding)
+    if source is None and cfg.train.data_source == "cache" and cfg.dreambooth.enabled:
+        # DreamBooth: the missing class images first (generated and cached; resumable)
+        from jaxsd.train.dreambooth import prepare_class_images
+        prepare_class_images(cfg, progress=cfg.logging.progress_bar, log_fn=log.info)
     # train.run_dir: a local path or gs://... (jaxsd.train.run_dir); process 0 logs to its train.log, and
     # leaving the block (also by an exception) uploads what it staged
     with RunDir(cfg.train.run_dir, writer=jax.process_index() == 0, logger=log) as run:

@@ -8,7 +8,9 @@ mean loss is the full batch's loss.
 
 Batch dict (the data loader's, see jaxsd/data):
   "latents" [B,h,w,C]  — or "latent_mean"/"latent_logvar" [B,h,w,C] (a fresh latent is drawn),
-  "encoder_hidden_states" [B,L,D], optionally "pooled" [B,P] and "time_ids" [B,6] (SDXL).
+  "encoder_hidden_states" [B,L,D], optionally "pooled" [B,P] and "time_ids" [B,6] (SDXL);
+  with data.subsets "loss_weight" [B] (each sample's loss is multiplied by it), and with a prior
+  subset "prior" [B] (1.0 for DreamBooth's class images: loss = instance mean + class mean).
 """
 
 from __future__ import annotations
@@ -123,12 +125,35 @@ def conditioning(batch: dict[str, jax.Array], drop: jax.Array,
     return ehs, added
 
 
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def subset_loss(per_sample: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The batch loss of per-sample losses [B] under data.subsets' weights: (loss, extra metrics).
+
+    Each sample counts `loss_weight` times (kohya's per-sample weights); with a "prior" mask
+    (DreamBooth) the loss is the instance samples' mean + the class samples' mean — a class subset's
+    loss_weight being `dreambooth.prior_loss_weight`, that is instance + prior_loss_weight x class
+    loss, as diffusers' train_dreambooth computes it. Metrics: the two halves, `loss_instance` and
+    `loss_prior` (each weighted).
+    """
+    weighted = per_sample * batch["loss_weight"].astype(jnp.float32) if "loss_weight" in batch else per_sample
+    if "prior" not in batch:
+        return weighted.mean(), {}
+    prior = batch["prior"].astype(jnp.float32)
+    instance, prior_loss = _masked_mean(weighted, 1.0 - prior), _masked_mean(weighted, prior)
+    return instance + prior_loss, {"loss_instance": instance, "loss_prior": prior_loss}
+
+
 def diffusion_loss(apply_fn: ApplyFn, params: Any, batch: dict[str, jax.Array], draws: dict[str, jax.Array],
                    schedule: NoiseSchedule, cfg: LossConfig,
-                   empty: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+                   empty: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array | dict[str, jax.Array]]:
     """(weighted loss, raw loss): scalars, means over the batch of per-sample mean losses.
 
-    The raw loss is the unweighted mean; the weighted one applies Min-SNR-γ when configured.
+    The raw loss is the unweighted mean; the weighted one applies Min-SNR-γ when configured, and
+    the subsets' weights (`subset_loss`) when the batch has them — the second value is then a dict
+    {"loss_raw", and with a prior subset "loss_instance", "loss_prior"} (all become step metrics).
     """
     if "latents" in batch:
         x0 = batch["latents"].astype(jnp.float32)
@@ -144,7 +169,11 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, batch: dict[str, jax.Array], 
     target = schedule.target(x0, noise, t)
     per_sample = elementwise_loss(pred, target, cfg.loss_type, cfg.huber_c).reshape(x0.shape[0], -1).mean(axis=1)
     raw = per_sample.mean()
-    if cfg.min_snr_gamma is None:
-        return raw, raw
-    w = min_snr_weight(schedule.snr(t), cfg.min_snr_gamma, schedule.prediction_type)
-    return (w * per_sample).mean(), raw
+    if cfg.min_snr_gamma is not None:
+        per_sample_w = min_snr_weight(schedule.snr(t), cfg.min_snr_gamma, schedule.prediction_type) * per_sample
+    else:
+        per_sample_w = per_sample
+    if "loss_weight" not in batch and "prior" not in batch:
+        return per_sample_w.mean(), raw
+    loss, parts = subset_loss(per_sample_w, batch)
+    return loss, {"loss_raw": raw, **parts}

@@ -186,7 +186,7 @@ def restore_data_position(source: Any, meta: dict[str, Any], changes: dict[str, 
     try:
         source.set_state(meta["data"])
     except ValueError as e:
-        data_changes = {k: v for k, v in changes.items() if k.startswith(("data.", "train.batch_size"))}
+        data_changes = {k: v for k, v in changes.items() if k.startswith(("data.", "dreambooth.", "train.batch_size"))}
         if not data_changes:
             raise
         log.warning("the data changed since the checkpoint (%s) and its saved position does not fit (%s): "

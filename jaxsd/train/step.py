@@ -184,14 +184,14 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
             micro = jax.tree.map(lambda x: _split_micro(x, k, micro_batch_sharding), (batch, draws))
 
             def body(carry, mb):
-                g_sum, l_sum, r_sum = carry
+                g_sum, l_sum = carry
                 (l, r), g = grad_fn(state.params, state.frozen, *mb)
-                return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, r_sum + r), None
+                return (jax.tree.map(jnp.add, g_sum, g), l_sum + l), r
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            (g_sum, l_sum, r_sum), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+            (g_sum, l_sum), raws = jax.lax.scan(body, (zeros, 0.0), micro)
             grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), g_sum, state.params)
-            loss, raw = l_sum / k, r_sum / k
+            loss, raw = l_sum / k, jax.tree.map(lambda r: r.mean(axis=0), raws)
         if streamed:
             grad_norm = None
             finite = jnp.isfinite(loss)
@@ -213,7 +213,10 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
         )
         # the optimizer's schedule runs on its own count of applied updates, which lags state.step after skips
         lr = lr_fn(applied_updates(state.opt_state))
-        metrics = {"loss": loss, "loss_raw": raw, "lr": lr, "skipped": (~finite).astype(jnp.int32)}
+        # the objective's second value: the raw loss, or a dict of metrics (data.subsets: loss_raw,
+        # loss_instance, loss_prior)
+        extra = raw if isinstance(raw, dict) else {"loss_raw": raw}
+        metrics = {"loss": loss, **extra, "lr": lr, "skipped": (~finite).astype(jnp.int32)}
         if streamed:
             metrics.update(gradient_partials(grads))
         else:

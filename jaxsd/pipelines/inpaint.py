@@ -42,12 +42,13 @@ def inpaint_method(unet_in_channels: int, latent_channels: int) -> str:
 def prepare_mask(mask: np.ndarray, n: int, height: int, width: int) -> np.ndarray:
     """A mask in [0, 1] ([H, W], [H, W, 1] or [N, H, W]; white/1 = repaint) → binary float32 [n, H, W, 1]."""
     mask = np.asarray(mask, np.float32)
+    given = mask.shape
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3 or mask.shape[1:] != (height, width):
-        raise InputError(f"mask has shape {mask.shape}; this run needs [{height}, {width}] or [N, {height}, {width}] "
+        raise InputError(f"mask has shape {given}; this run needs [{height}, {width}] or [N, {height}, {width}] "
                          "(the init image's size)")
     if mask.shape[0] not in (1, n):
         raise InputError(f"{mask.shape[0]} masks for {n} outputs; give one mask or {n}")

@@ -106,3 +106,68 @@ def test_cli_clip_skip_ddim_eta_rescale_vae_tiled_latents(sd_folder, tmp_path, m
     assert d.max() > 3, "untiled decoding is as close as tiled: the tiles were not used"
     original_vae = diffusers.AutoencoderKL.from_pretrained(sd_folder / "vae").eval()
     assert_images_differ(ours, decode(original_vae, ref_latents))
+
+
+def test_cli_sdxl_second_prompts_clip_skip_fp16_variant(sdxl_folder, tmp_path, torch_single_thread):
+    """SDXL's --prompt-2 / --negative-prompt-2 with --clip-skip, from a folder holding only the fp16 variant's
+    weights (--variant fp16), against StableDiffusionXLPipeline(prompt_2, negative_prompt_2, clip_skip)
+    loaded with variant="fp16" in float32."""
+    import diffusers
+
+    from tests.pipelines.tiny_options import save_fp16_variant
+    torch = torch_single_thread
+    folder = save_fp16_variant(sdxl_folder, tmp_path / "xl16", "StableDiffusionXLPipeline")
+    assert not list(folder.glob("unet/diffusion_pytorch_model.safetensors"))  # only *.fp16.safetensors
+    latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "noise.npy", latents)
+    prompt_2, negative_2 = "an oil painting", "blurry photo"
+    out = tmp_path / "xl.png"
+    jaxsd_command("sample", "--model", folder, "--variant", "fp16", "--prompt", PROMPT, "--prompt-2", prompt_2,
+                  "--negative-prompt", NEGATIVE, "--negative-prompt-2", negative_2, "--clip-skip", 1,
+                  "--steps", 8, "--guidance", 5.0, "--scheduler", "euler", "--height", 16, "--width", 16,
+                  "--latents", tmp_path / "noise.npy", "--out", out)
+    ours = np.asarray(Image.open(out))[None]
+
+    ref = allow_diffusers_clip_skip(diffusers.StableDiffusionXLPipeline.from_pretrained(
+        folder, variant="fp16", torch_dtype=torch.float32))
+    ref.scheduler = scheduler(ref, "euler")
+    kw = dict(prompt_2=prompt_2, negative_prompt=NEGATIVE, negative_prompt_2=negative_2, clip_skip=1,
+              num_inference_steps=8, guidance_scale=5.0, height=16, width=16, output_type="np")
+
+    def reference(**overrides):
+        return to_uint8(ref(PROMPT, latents=torch.from_numpy(latents), **{**kw, **overrides}).images)
+
+    assert_images_close(ours, reference())
+    for change in ({"prompt_2": None}, {"negative_prompt_2": None}, {"clip_skip": None}):
+        assert_images_differ(ours, reference(**change))
+
+
+def test_no_recompilation_for_clip_skip_eta_rescale(sd_pipe):
+    """After one DDIM run, another prompt, seed, guidance, rescale, clip skip and eta compile nothing: neither
+    the generation program nor the text encoder (clip skip is a traced layer index)."""
+    compiles, listening = [], [True]
+
+    def listener(event, duration, **kw):  # listeners cannot be removed: switched off at the end instead
+        if listening[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    options = {"num_images": 2, "steps": 6, "sampler": "ddim"}
+    first = sd_pipe.generate("warm up", seed=0, **options)
+    encoder_programs = sd_pipe.text._encode._cache_size()
+    compiles.clear()
+    second = sd_pipe.generate("a photo of a dog", negative_prompt="blurry", seed=1, guidance=3.0,
+                              guidance_rescale=0.5, clip_skip=2, eta=0.8, **options)
+    third = sd_pipe.generate("warm up", seed=0, clip_skip=1, **options)
+    listening[0] = False
+    assert compiles == [], f"{len(compiles)} XLA compilations for changed prompt/seed/guidance/clip skip/eta"
+    assert sd_pipe.last_compile_seconds == 0.0 and sd_pipe.text._encode._cache_size() == encoder_programs
+    assert_images_differ(first, second)
+    assert_images_differ(first, third)  # clip skip alone changes the image
+
+
+def test_clip_skip_and_eta_are_checked(sd_pipe):
+    with pytest.raises(ValueError, match="layers for a clip skip of 0 to 3"):
+        sd_pipe.generate("x", clip_skip=4, steps=2)
+    with pytest.raises(ValueError, match="eta=0.5 applies to the ddim sampler only"):
+        sd_pipe.generate("x", sampler="euler_a", eta=0.5, steps=2)

@@ -255,7 +255,7 @@ def generate_many(pipe, args: argparse.Namespace, options: dict, prompts: list[s
 
     size = args.batch_size or min(8, len(prompts))
     k = args.num_images
-    images, latents, compile_s, run_s = [], [], 0.0, 0.0
+    images, latents, compile_s, run_s, programs = [], [], 0.0, 0.0, 0
     with tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr) as bar:
         for b, (batch, real) in enumerate(batches(prompts, size)):
             second = None if args.prompt_2 is None else [args.prompt_2] * len(batch)
@@ -263,9 +263,10 @@ def generate_many(pipe, args: argparse.Namespace, options: dict, prompts: list[s
             images.append(imgs[:real * k])
             latents.append(lats[:real * k])
             compile_s, run_s = compile_s + pipe.last_compile_seconds, run_s + pipe.last_run_seconds
+            programs += pipe.last_compile_seconds > 0
             bar.update(real)
-    print(f"compile: {compile_s:.2f} s; generation: {run_s:.2f} s ({len(prompts)} prompts x {k} image(s) in "
-          f"batches of {size}, {args.steps} steps, {args.scheduler})")
+    print(f"compile: {compile_s:.2f} s ({programs} program(s) compiled); generation: {run_s:.2f} s "
+          f"({len(prompts)} prompts x {k} image(s) in batches of {size}, {args.steps} steps, {args.scheduler})")
     return np.concatenate(images), np.concatenate(latents)
 
 

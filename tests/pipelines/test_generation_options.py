@@ -57,50 +57,59 @@ def decode(vae, latents):
     return to_uint8((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
 
 
-def test_cli_clip_skip_ddim_eta_rescale_vae_tiled_latents(sd_folder, tmp_path, monkeypatch, torch_single_thread):
-    """--clip-skip, --scheduler ddim --eta, --guidance-rescale, --vae, --tiled-vae (48 px: 24x24 latents, tiles
-    of 16) and --output-latents through the real command, against StableDiffusionPipeline(clip_skip, eta,
-    guidance_rescale) with the other VAE, tiling enabled and output_type="latent"; DDIM's per-step noise is ours."""
+def test_cli_prompts_file_clip_skip_ddim_eta_rescale_vae_tiled_latents(sd_folder, tmp_path, monkeypatch,
+                                                                        torch_single_thread):
+    """One run of the real command with --prompts (3 prompts, --batch-size 2: the last batch padded, one compiled
+    program), --clip-skip, --scheduler ddim --eta, --guidance-rescale, --vae, --tiled-vae (48 px: 24x24 latents,
+    tiles of 16) and --output-latents, against StableDiffusionPipeline(clip_skip, eta, guidance_rescale) with
+    the other VAE, tiling enabled, output_type="latent", and our noise (batch b: seed + b; DDIM's per-step
+    noise too)."""
     import diffusers
     from diffusers.schedulers import scheduling_ddim
 
     from tests.pipelines.tiny_options import build_vae
     torch = torch_single_thread
     vae_dir = build_vae(tmp_path / "vae")
-    steps, seed, size = 8, 4, 48
-    latents = np.random.default_rng(0).standard_normal((1, 4, size // 2, size // 2)).astype(np.float32)
-    np.save(tmp_path / "noise.npy", latents)
-    out, lat_out = tmp_path / "out.png", tmp_path / "final.npy"
-    jaxsd_command("sample", "--model", sd_folder, "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
-                  "--steps", steps, "--guidance", 7.0, "--scheduler", "ddim", "--eta", 0.7, "--clip-skip", 1,
-                  "--guidance-rescale", 0.6, "--vae", vae_dir, "--tiled-vae", "--seed", seed, "--height", size,
-                  "--width", size, "--latents", tmp_path / "noise.npy", "--output-latents", lat_out, "--out", out)
-    ours = np.asarray(Image.open(out))[None]
+    steps, seed, size, shape = 8, 4, 48, (2, 4, 24, 24)
+    prompts = ["a photo of a cat", "an oil painting, of a castle!", "a red cube"]
+    (tmp_path / "prompts.txt").write_text("\n".join([prompts[0], "", prompts[1], prompts[2], ""]) + "\n")
+    out, lat_out = tmp_path / "grid.png", tmp_path / "final.npy"
+    proc = jaxsd_command("sample", "--model", sd_folder, "--prompts", tmp_path / "prompts.txt", "--batch-size", 2,
+                         "--negative-prompt", NEGATIVE, "--steps", steps, "--guidance", 7.0, "--scheduler", "ddim",
+                         "--eta", 0.7, "--clip-skip", 1, "--guidance-rescale", 0.6, "--vae", vae_dir, "--tiled-vae",
+                         "--seed", seed, "--height", size, "--width", size, "--output-latents", lat_out, "--out", out)
+    assert "(1 program(s) compiled)" in proc.stdout and "3/3" in proc.stderr
+    names = ["grid-000-a-photo-of-a-cat.png", "grid-001-an-oil-painting-of-a-castle.png", "grid-002-a-red-cube.png"]
+    ours = np.stack([np.asarray(Image.open(tmp_path / name)) for name in names])
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * size, 2 * size, 3) and np.array_equal(grid[size:, :size], ours[2])
     ours_latents = np.load(lat_out)
-    assert ours_latents.dtype == np.float32 and ours_latents.shape == latents.shape
+    assert ours_latents.dtype == np.float32 and ours_latents.shape == (3, 4, 24, 24)
 
     vae = diffusers.AutoencoderKL.from_pretrained(vae_dir).eval()
     ref = allow_diffusers_clip_skip(diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, vae=vae))
     ref.scheduler = scheduler(ref, "ddim")
-    noises = sampler_noises(seed, steps, latents.shape)
 
-    def reference(**overrides):
-        calls = iter(noises)
+    def reference(batch: int, **overrides):
+        calls = iter(sampler_noises(seed + batch, steps, shape))
         monkeypatch.setattr(scheduling_ddim, "randn_tensor", lambda *a, **k: next(calls))
-        kw = dict(negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0, eta=0.7, clip_skip=1,
-                  guidance_rescale=0.6, height=size, width=size, output_type="latent")
-        return ref(PROMPT, latents=torch.from_numpy(latents), **{**kw, **overrides}).images
+        noise = np.array(jax.random.normal(generation_keys(seed + batch)[0], (2, 24, 24, 4))).transpose(0, 3, 1, 2)
+        kw = {"negative_prompt": [NEGATIVE] * 2, "num_inference_steps": steps, "guidance_scale": 7.0, "eta": 0.7,
+              "clip_skip": 1, "guidance_rescale": 0.6, "height": size, "width": size, "output_type": "latent"}
+        texts = prompts[:2] if batch == 0 else [prompts[2]] * 2
+        return ref(texts, latents=torch.from_numpy(noise.copy()), **{**kw, **overrides}).images
 
-    ref_latents = reference()
+    ref_latents = torch.cat([reference(0), reference(1)[:1]])
     ref.vae.enable_tiling()
-    ref_image = decode(ref.vae, ref_latents)
-    assert_images_close(ours, ref_image)
-    # the saved latents are the image's: diffusers decodes them to it (latents have no tolerance of their own;
+    expected = decode(ref.vae, ref_latents)
+    assert_images_close(ours, expected)
+    # the saved latents are the images': diffusers decodes them to them (latents have no tolerance of their own;
     # guidance 7 amplifies float32 rounding over the steps to ~1e-3 relative, as on the plain path)
-    assert_images_close(decode(ref.vae, torch.from_numpy(ours_latents)), ref_image)
+    assert_images_close(decode(ref.vae, torch.from_numpy(ours_latents)), expected)
     # each option took effect: without it the images miss the tolerance by far
     for change in ({"clip_skip": None}, {"eta": 0.0}, {"guidance_rescale": 0.0}):
-        assert_images_differ(ours, decode(ref.vae, reference(**change)))
+        assert_images_differ(ours[:2], decode(ref.vae, reference(0, **change)))
+    assert_images_differ(ours[:1], expected[1:2])  # each file holds its own prompt's image
     ref.vae.disable_tiling()
     d = np.abs(decode(ref.vae, ref_latents).astype(int) - ours.astype(int))
     assert d.max() > 3, "untiled decoding is as close as tiled: the tiles were not used"
@@ -131,8 +140,8 @@ def test_cli_sdxl_second_prompts_clip_skip_fp16_variant(sdxl_folder, tmp_path, t
     ref = allow_diffusers_clip_skip(diffusers.StableDiffusionXLPipeline.from_pretrained(
         folder, variant="fp16", torch_dtype=torch.float32))
     ref.scheduler = scheduler(ref, "euler")
-    kw = dict(prompt_2=prompt_2, negative_prompt=NEGATIVE, negative_prompt_2=negative_2, clip_skip=1,
-              num_inference_steps=8, guidance_scale=5.0, height=16, width=16, output_type="np")
+    kw = {"prompt_2": prompt_2, "negative_prompt": NEGATIVE, "negative_prompt_2": negative_2, "clip_skip": 1,
+          "num_inference_steps": 8, "guidance_scale": 5.0, "height": 16, "width": 16, "output_type": "np"}
 
     def reference(**overrides):
         return to_uint8(ref(PROMPT, latents=torch.from_numpy(latents), **{**kw, **overrides}).images)

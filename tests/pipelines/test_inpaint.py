@@ -38,7 +38,9 @@ class DiffusersDraws:
 
     def __init__(self, monkeypatch, seed: int, noise: np.ndarray):
         import torch
-        from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint
+        from diffusers.pipelines.stable_diffusion import (
+            pipeline_stable_diffusion_inpaint as inpaint,
+        )
         n, c, h, w = noise.shape
         self.eps, self.encodes, self.calls = posterior_eps(seed, (n, h, w, c)), 0, 0
         monkeypatch.setattr(inpaint, "retrieve_latents", self.retrieve_latents)

@@ -180,3 +180,27 @@ def test_clip_skip_and_eta_are_checked(sd_pipe):
         sd_pipe.generate("x", clip_skip=4, steps=2)
     with pytest.raises(ValueError, match="eta=0.5 applies to the ddim sampler only"):
         sd_pipe.generate("x", sampler="euler_a", eta=0.5, steps=2)
+
+
+@pytest.mark.slow  # compiles a bfloat16 program of its own
+def test_dtype_option_loads_and_computes_in_bfloat16(sd_folder, sd_pipe):
+    """--dtype bfloat16 as the command parses it: weights stored and models computing in bfloat16 (a reduced
+    precision run is not held to the float32 parity tolerance: bfloat16 rounding moves the images by
+    several levels in diffusers too), and the image it gives is not the float32 one."""
+    import argparse
+
+    import jax.numpy as jnp
+
+    from jaxsd.commands import sample
+    parser = argparse.ArgumentParser()
+    sample.add_arguments(parser)
+    args = parser.parse_args(["--model", str(sd_folder), "--prompt", PROMPT, "--dtype", "bfloat16", "--out", "x.png"])
+    pipe = sample.load_pipeline(args)
+    stored = {leaf.dtype for tree in (pipe.pipe.unet_params, pipe.pipe.vae_params, pipe.text.params)
+              for leaf in jax.tree.leaves(tree)}
+    assert stored == {jnp.dtype(jnp.bfloat16)}
+    assert {jnp.dtype(m.dtype) for m in (pipe.unet, pipe.vae, *(c.model for c in pipe.text.components))} == \
+        {jnp.dtype(jnp.bfloat16)}
+    options = {"negative_prompt": NEGATIVE, "steps": 10, "sampler": "dpmpp_2m", "num_images": 2}  # test_sample's
+    low = pipe.generate(PROMPT, **options)
+    assert np.abs(low.astype(int) - sd_pipe.generate(PROMPT, **options).astype(int)).max() > 0

@@ -169,7 +169,7 @@ def load_pipeline(args: argparse.Namespace):
 
 def generation_options(args: argparse.Namespace, pipe) -> dict:
     """`StableDiffusion.generate` keyword arguments shared by every prompt of this run."""
-    from jaxsd.commands.sample_inputs import load_image, load_latents, load_mask
+    from jaxsd.pipelines.inputs import load_image, load_latents, load_mask
 
     init = mask = None
     if args.init_image:
@@ -191,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     check_arguments(args)  # before loading anything, so a typo costs no model load
 
-    from jaxsd.commands.sample_inputs import read_prompts
     from jaxsd.pipelines.grids import image_grid
+    from jaxsd.pipelines.inputs import read_prompts
 
     prompts = read_prompts(args.prompts) if args.prompts else None  # a bad file costs no model load either
     t0 = time.perf_counter()
@@ -251,7 +251,7 @@ def generate_many(pipe, args: argparse.Namespace, options: dict, prompts: list[s
     import numpy as np
     from tqdm import tqdm
 
-    from jaxsd.commands.sample_inputs import batches
+    from jaxsd.pipelines.inputs import batches
 
     size = args.batch_size or min(8, len(prompts))
     k = args.num_images
@@ -274,8 +274,8 @@ def write_prompt_images(images, prompts: list[str], k: int, out: Path) -> int:
     """The grid at `out` (one row per prompt when k > 1) and OUT-NNN-<slug>[-j].png per image beside it."""
     from PIL import Image
 
-    from jaxsd.commands.sample_inputs import slug
     from jaxsd.pipelines.grids import image_grid
+    from jaxsd.pipelines.inputs import slug
 
     Image.fromarray(image_grid(images, columns=k if k > 1 else None)).save(out)
     for i, img in enumerate(images):

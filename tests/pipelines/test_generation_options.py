@@ -204,3 +204,20 @@ def test_dtype_option_loads_and_computes_in_bfloat16(sd_folder, sd_pipe):
     options = {"negative_prompt": NEGATIVE, "steps": 10, "sampler": "dpmpp_2m", "num_images": 2}  # test_sample's
     low = pipe.generate(PROMPT, **options)
     assert np.abs(low.astype(int) - sd_pipe.generate(PROMPT, **options).astype(int)).max() > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "x", "--prompts", "p.txt"], "--prompt TEXT, or --prompts FILE"),
+    ([], "--prompt TEXT, or --prompts FILE"),
+    (["--prompt", "x", "--batch-size", "2"], "--batch-size goes with --prompts"),
+    (["--prompt", "x", "--mask", "m.png"], "--mask needs --init-image"),
+    (["--prompt", "x", "--guidance-rescale", "1.5"], "--guidance-rescale in [0, 1]"),
+    (["--prompt", "x", "--clip-skip", "-1"], "--clip-skip must be >= 0"),
+    (["--prompt", "x", "--output-latents", "z.png"], "--output-latents must be a .npy path"),
+    (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
+])
+def test_cli_option_errors(tmp_path, capsys, argv, message):
+    """Bad option combinations stop before any model is loaded, with exit status 2 and what to change."""
+    from jaxsd import cli
+    assert cli.main(["sample", "--model", str(tmp_path), *argv, "--out", str(tmp_path / "o.png")]) == 2
+    assert message in capsys.readouterr().err

@@ -117,6 +117,7 @@ def test_cli_prompts_file_clip_skip_ddim_eta_rescale_vae_tiled_latents(sd_folder
     assert_images_differ(ours, decode(original_vae, ref_latents))
 
 
+@pytest.mark.slow  # a second CLI run; the default suite runs the options through the SD CLI test
 def test_cli_sdxl_second_prompts_clip_skip_fp16_variant(sdxl_folder, tmp_path, torch_single_thread):
     """SDXL's --prompt-2 / --negative-prompt-2 with --clip-skip, from a folder holding only the fp16 variant's
     weights (--variant fp16), against StableDiffusionXLPipeline(prompt_2, negative_prompt_2, clip_skip)

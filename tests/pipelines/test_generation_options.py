@@ -11,22 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxsd.diffusion.samplers import DIFFUSERS_EQUIVALENT
 from jaxsd.pipelines.generate import split_run_key
 from jaxsd.pipelines.pipeline import generation_keys
 from tests.helpers import jaxsd_command
-from tests.pipelines.conftest import assert_images_close, assert_images_differ, to_uint8
+from tests.pipelines.conftest import (
+    assert_images_close,
+    assert_images_differ,
+    diffusers_scheduler,
+    to_uint8,
+)
 
 pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 PROMPT, NEGATIVE = "a photo of a cat", "a dog"
-
-
-def scheduler(pipe, name, config=None):
-    import diffusers
-    cls_name, overrides = DIFFUSERS_EQUIVALENT[name]
-    return getattr(diffusers, cls_name).from_config(config or pipe.scheduler.config, **overrides)
 
 
 def sampler_noises(seed: int, steps: int, shape_nchw: tuple) -> list:
@@ -88,7 +86,7 @@ def test_cli_prompts_file_clip_skip_ddim_eta_rescale_vae_tiled_latents(sd_folder
 
     vae = diffusers.AutoencoderKL.from_pretrained(vae_dir).eval()
     ref = allow_diffusers_clip_skip(diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, vae=vae))
-    ref.scheduler = scheduler(ref, "ddim")
+    ref.scheduler = diffusers_scheduler(ref, "ddim")
 
     def reference(batch: int, **overrides):
         calls = iter(sampler_noises(seed + batch, steps, shape))
@@ -140,7 +138,7 @@ def test_cli_sdxl_second_prompts_clip_skip_fp16_variant(sdxl_folder, tmp_path, t
 
     ref = allow_diffusers_clip_skip(diffusers.StableDiffusionXLPipeline.from_pretrained(
         folder, variant="fp16", torch_dtype=torch.float32))
-    ref.scheduler = scheduler(ref, "euler")
+    ref.scheduler = diffusers_scheduler(ref, "euler")
     kw = {"prompt_2": prompt_2, "negative_prompt": NEGATIVE, "negative_prompt_2": negative_2, "clip_skip": 1,
           "num_inference_steps": 8, "guidance_scale": 5.0, "height": 16, "width": 16, "output_type": "np"}
 

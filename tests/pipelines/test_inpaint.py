@@ -14,8 +14,12 @@ from PIL import Image
 from jaxsd.pipelines.generate import split_run_key
 from jaxsd.pipelines.pipeline import StableDiffusion, generation_keys
 from tests.helpers import jaxsd_command
-from tests.pipelines.conftest import assert_images_close, assert_images_differ, to_uint8
-from tests.pipelines.test_generation_options import scheduler
+from tests.pipelines.conftest import (
+    assert_images_close,
+    assert_images_differ,
+    diffusers_scheduler,
+    to_uint8,
+)
 
 pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -86,7 +90,7 @@ def test_cli_inpainting_unet_matches_diffusers(inpaint_folder, tmp_path, monkeyp
     ours = np.asarray(Image.open(out))[None]
 
     ref = diffusers.StableDiffusionInpaintPipeline.from_pretrained(inpaint_folder)
-    ref.scheduler = scheduler(ref, "euler")
+    ref.scheduler = diffusers_scheduler(ref, "euler")
     draws = DiffusersDraws(monkeypatch, seed, noise)
 
     def reference(mask_image):
@@ -111,7 +115,7 @@ def test_plain_unet_inpainting_blends_as_diffusers(sd_folder, sd_pipe, tmp_path,
                             latents=noise)
 
     ref = diffusers.StableDiffusionInpaintPipeline.from_pretrained(sd_folder)
-    ref.scheduler = scheduler(ref, "dpmpp_2m", sd_pipe_config(sd_folder))
+    ref.scheduler = diffusers_scheduler(ref, "dpmpp_2m")
     draws = DiffusersDraws(monkeypatch, seed, noise)
 
     def reference(strength=strength, mask_image=mask):
@@ -123,12 +127,6 @@ def test_plain_unet_inpainting_blends_as_diffusers(sd_folder, sd_pipe, tmp_path,
     assert_images_close(ours, reference())
     assert_images_differ(ours, reference(strength=1.0))  # strength decides where the run starts
     assert_images_differ(ours, reference(mask_image=255 - mask))  # the mask decides what is kept
-
-
-def sd_pipe_config(folder):
-    """The folder's scheduler config (what `scheduler()` swaps the algorithm of)."""
-    import json
-    return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
 
 
 def test_inpainting_inputs_are_checked(sd_pipe, inpaint_folder):

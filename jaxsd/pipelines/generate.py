@@ -1,7 +1,7 @@
-"""The jitted generation function: (img2img encode) → guided denoising loop → VAE decode → uint8.
+"""The jitted generation function: (img2img / inpaint encode) → guided denoising loop → VAE decode → uint8.
 
-One program per static `GenerateSpec` (sampler algorithm, img2img or not) and
-model architecture. Everything a user changes between images — prompt embeddings,
+One program per static `GenerateSpec` (sampler algorithm, img2img or not, inpainting method, decode
+in the program or not) and model architecture. Everything a user changes between images — prompt embeddings,
 seed (a key array), guidance scale, guidance rescale, strength (as a start index),
 the scheduler tables (including the prediction type), LoRA weights and their scales — is a
 traced argument, so only new shapes (batch, resolution, steps, LoRA ranks) compile again.
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jaxsd.diffusion.samplers import Sampler, denoise, noise_to_start
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL, VAEConfig
+from jaxsd.pipelines.inpaint import InpaintBlend, inpaint_setup
 
 
 def rescale_guidance(guided: jnp.ndarray, cond: jnp.ndarray, rescale: jnp.ndarray) -> jnp.ndarray:
@@ -51,10 +52,18 @@ def split_run_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateSpec:
-    """The static part of a generation: what decides the compiled program (besides shapes)."""
+    """The static part of a generation: what decides the compiled program (besides shapes).
+
+    inpaint: None, "concat" (an inpainting UNet: mask and masked-image latents are extra input
+      channels) or "blend" (a plain UNet: the unmasked region is reset to the noised image latents
+      after every step). Either implies img2img. decode: False returns latents only (the caller
+      decodes, e.g. tiled: jaxsd/models/vae_tiling.py).
+    """
 
     sampler: Sampler
     img2img: bool = False
+    inpaint: str | None = None
+    decode: bool = True
 
 
 # The host function the compiled loop calls after every step. Compiled programs are shared between
@@ -80,7 +89,8 @@ def progress_hook(fn: Callable[[int], None] | None) -> Iterator[None]:
 
 def make_generate(unet: UNet2DConditionModel, vae: AutoencoderKL, vae_config: VAEConfig,
                   spec: GenerateSpec) -> Callable:
-    """Build `generate(inputs) -> uint8 images [N,H,W,3]` (pure; jit it, see `compiled_generate`).
+    """Build `generate(inputs) -> {"latents": [N,h,w,C] float32 (final, scaled as the UNet sees them),
+    "images": uint8 [N,H,W,3] (when spec.decode)}` (pure; jit it, see `compiled_generate`).
 
     inputs (a dict, every entry traced):
       unet, vae: params.   unet_lora: None, or the UNet's "lora" variables (LoRA files at their scales;
@@ -89,19 +99,27 @@ def make_generate(unet: UNet2DConditionModel, vae: AutoencoderKL, vae_config: VA
       "time_ids" [2N,6]}.   guidance, guidance_rescale: float32 scalars.
       noise [N,h,w,C]: initial noise (txt2img: scaled by the sampler's init sigma; img2img: added to
       the image latents at the level of step `start`).   start: int32 first step (0 for txt2img).
-      image [N,H,W,3] in [-1,1] (img2img only).
+      image [N,H,W,3] in [-1,1] (img2img and inpainting).   mask [N,H,W,1] (inpainting: 1 = repaint, binary).
     """
     sampler = spec.sampler
 
-    def generate(inputs: dict) -> jnp.ndarray:
+    def generate(inputs: dict) -> dict:
+        def encode(image: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
+            """Scaled latents of images [N,H,W,3] in [-1,1], sampled from the posterior (as diffusers)."""
+            posterior = vae.apply({"params": inputs["vae"]}, image, method="encode")
+            return vae_config.scale_latents(posterior.sample(key).astype(jnp.float32))
+
         tables, key = inputs["tables"], inputs["key"]
         encode_key, sample_key = split_run_key(key)
         noise = inputs["noise"].astype(jnp.float32)
-        if spec.img2img:
-            posterior = vae.apply({"params": inputs["vae"]}, inputs["image"], method="encode")
-            z0 = vae_config.scale_latents(posterior.sample(encode_key).astype(jnp.float32))
+        extra = None  # inpainting's extra UNet input channels [2N,h,w,1+C]
+        if spec.img2img or spec.inpaint:
+            z0 = encode(inputs["image"], encode_key)
             x = noise_to_start(tables, z0, noise, inputs["start"])
             start = inputs["start"]
+            if spec.inpaint:
+                x, tables, extra = inpaint_setup(spec.inpaint, tables, inputs, z0, noise, x, encode,
+                                                 jax.random.fold_in(encode_key, 1), vae_config.downscale)
         else:
             x = noise * tables["init_sigma"]
             start = 0
@@ -113,14 +131,19 @@ def make_generate(unet: UNet2DConditionModel, vae: AutoencoderKL, vae_config: VA
 
         def model_fn(x_in: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
             both = jnp.concatenate([x_in, x_in], axis=0)
+            if extra is not None:  # diffusers' order: latents, mask, masked-image latents
+                both = jnp.concatenate([both, extra.astype(both.dtype)], axis=-1)
             out = unet.apply(variables, both, t, context, added).astype(jnp.float32)
             uncond, cond = jnp.split(out, 2, axis=0)
             guided = uncond + guidance * (cond - uncond)
             return rescale_guidance(guided, cond, rescale)
 
-        x = denoise(sampler, tables, model_fn, x, start=start, key=sample_key, progress=_report_step)
+        step_sampler = InpaintBlend(sampler) if spec.inpaint == "blend" else sampler
+        x = denoise(step_sampler, tables, model_fn, x, start=start, key=sample_key, progress=_report_step)
+        if not spec.decode:
+            return {"latents": x}
         images = vae.apply({"params": inputs["vae"]}, vae_config.unscale_latents(x), method="decode")
-        return to_uint8(images)
+        return {"latents": x, "images": to_uint8(images)}
 
     return generate
 

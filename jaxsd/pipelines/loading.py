@@ -112,10 +112,25 @@ def load_scheduler_config(folder: str | os.PathLike) -> dict:
         return json.load(fh)
 
 
+def load_replacement_vae(vae_folder: str | os.PathLike, unet_config: UNetConfig, dtype) -> tuple[VAEConfig, Any]:
+    """A separate AutoencoderKL folder for a pipeline (`--vae DIR`), checked against its UNet."""
+    vae_folder = Path(vae_folder)
+    if not (vae_folder / "config.json").is_file():
+        hint = " (it holds a vae/ folder: point at that)" if (vae_folder / "vae" / "config.json").is_file() else ""
+        raise PipelineFolderError(f"--vae {vae_folder}: no config.json — expected a diffusers AutoencoderKL folder "
+                                  f"(config.json + diffusion_pytorch_model.safetensors){hint}")
+    config, params = load_vae(vae_folder, dtype=dtype)
+    if config.latent_channels != unet_config.out_channels:
+        raise PipelineFolderError(f"--vae {vae_folder}: its latents have {config.latent_channels} channels but the "
+                                  f"UNet predicts {unet_config.out_channels}; use a VAE of this model family")
+    return config, params
+
+
 def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, variant: str | None = None,
                   attention_impl: str = "auto", unet: tuple[UNetConfig, Any] | None = None,
                   scheduler_overrides: dict | None = None, text_max_length: int | None = None,
-                  config_dir: str | os.PathLike | None = None) -> LoadedPipeline:
+                  config_dir: str | os.PathLike | None = None,
+                  vae_folder: str | os.PathLike | None = None) -> LoadedPipeline:
     """Read a diffusers pipeline folder: detect the family, load every component.
 
     dtype: storage dtype of all params (None: fp32). compute_dtype: the text encoders' compute dtype
@@ -127,6 +142,8 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
     unet: (config, params) to use instead of the folder's unet/ (which then need not exist) — the
       trainer's sample grids. scheduler_overrides: keys that replace the folder's scheduler config
       (the trainer's betas and prediction type); with them a missing scheduler/ is allowed.
+    vae_folder: a diffusers AutoencoderKL folder (config.json + weights) used instead of the pipeline's vae/
+      (e.g. SDXL's fp16-fix VAE); its latent channels must be the UNet's.
     """
     source = Path(folder)
     folder = model_folder(source, config_dir=config_dir)
@@ -150,7 +167,8 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
                                       "lists it, but there is no text_projection/ folder)")
         kind = "t5"
     unet_config, unet_params = unet if unet is not None else load_unet(folder / "unet", dtype=dtype, variant=variant)
-    vae_config, vae_params = load_vae(folder / "vae", dtype=dtype, variant=variant)
+    vae_config, vae_params = load_replacement_vae(vae_folder, unet_config, dtype) if vae_folder else \
+        load_vae(folder / "vae", dtype=dtype, variant=variant)
     if vae_config.latents_mean is not None and family != "sdxl":
         logger.warning("%s/vae: latents_mean/latents_std are applied (as the cache and diffusers' SDXL pipelines "
                        "do); diffusers' StableDiffusionPipeline ignores them, so it decodes this %s folder "

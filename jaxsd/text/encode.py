@@ -98,6 +98,20 @@ def _variables(name: str, params: Mapping[str, Any], extra: Mapping[str, Mapping
     return {"params": params[name], **{c: tree[name] for c, tree in (extra or {}).items() if name in tree}}
 
 
+def clip_skip_limit(encoders: TextEncoders) -> int:
+    """The largest clip skip these CLIP encoders have layers for (diffusers indexes hidden_states, which
+    hold the embeddings and each layer: SD reaches the embeddings at N, SDXL at N - 1, N the fewest layers)."""
+    layers = min(e.config.num_hidden_layers for e in encoders.encoders)
+    return layers if encoders.kind == "clip" else layers - 1
+
+
+def hidden_state_from_end(states: Sequence[jax.Array], back) -> jax.Array:
+    """states[-back] for a Python int or a traced int32 `back` (1 = the last state)."""
+    if isinstance(back, int):
+        return states[-back]
+    return jnp.stack(states)[len(states) - back]
+
+
 def encode_token_ids(encoders: TextEncoders, params: Mapping[str, Any], tokens: Mapping[str, jax.Array], *,
                      clip_skip: int | None = None, variables: Mapping[str, Mapping[str, Any]] | None = None,
                      rngs: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
@@ -106,6 +120,8 @@ def encode_token_ids(encoders: TextEncoders, params: Mapping[str, Any], tokens: 
     params: {"text_encoder": ..., "text_encoder_2"?: ..., "text_projection"?: ...} (see module doc).
     tokens: {"input_ids": [B, L] int, "attention_mask": [B, L] int, "_2" keys for SDXL} (`tokenize`).
     clip_skip: CLIP kinds only; None = the layer diffusers uses by default (SD: last, SDXL: penultimate).
+      A Python int or a traced int32 scalar (the layer is then picked from the stacked hidden states, so
+      another clip skip reuses the compiled function); its range is the caller's to check (`clip_skip_limit`).
     variables: other variable collections, per component, passed to each module's `apply` beside its
       params, e.g. {"lora": {"text_encoder": {...}, "text_encoder_2": {...}}}; a component missing from
       a collection gets none of it.
@@ -114,8 +130,11 @@ def encode_token_ids(encoders: TextEncoders, params: Mapping[str, Any], tokens: 
     Returns {"encoder_hidden_states": [B, L, D], "pooled": [B, P] (SDXL only)}.
     """
     kind = encoders.kind
-    if clip_skip is not None and (kind not in ("clip", "sdxl") or clip_skip < 0):
-        raise InputError(f"clip_skip={clip_skip} applies to CLIP encoders only, as a non-negative int")
+    if clip_skip is not None and kind not in ("clip", "sdxl"):
+        raise InputError(f"clip_skip={clip_skip} applies to CLIP encoders only (kind {kind!r})")
+    if isinstance(clip_skip, int) and not 0 <= clip_skip <= clip_skip_limit(encoders):
+        raise InputError(f"clip_skip={clip_skip} is out of range for these text encoders: 0 to "
+                         f"{clip_skip_limit(encoders)}")
 
     def run(i: int):
         ids_key, mask_key = token_keys(i)
@@ -130,7 +149,7 @@ def encode_token_ids(encoders: TextEncoders, params: Mapping[str, Any], tokens: 
         out = run(0)
         if clip_skip is None:
             return {"encoder_hidden_states": out.last_hidden_state}
-        h = out.hidden_states[-(clip_skip + 1)]
+        h = hidden_state_from_end(out.hidden_states, clip_skip + 1)
         norm = LayerNorm(encoders.encoders[0].config.layer_norm_eps, dtype=h.dtype)
         return {"encoder_hidden_states": norm.apply(
             {"params": params[ENCODER_NAMES[0]]["text_model"]["final_layer_norm"]}, h)}
@@ -138,8 +157,8 @@ def encode_token_ids(encoders: TextEncoders, params: Mapping[str, Any], tokens: 
         first, second = run(0), run(1)
         if second.text_embeds is None:
             raise InputError("SDXL's second text encoder must be a CLIPTextModelWithProjection (text_embeds)")
-        layer = -((clip_skip or 0) + 2)
-        h1, h2 = first.hidden_states[layer], second.hidden_states[layer]
+        back = (0 if clip_skip is None else clip_skip) + 2
+        h1, h2 = hidden_state_from_end(first.hidden_states, back), hidden_state_from_end(second.hidden_states, back)
         return {"encoder_hidden_states": jnp.concatenate([h1, h2.astype(h1.dtype)], axis=-1),
                 "pooled": second.text_embeds}
     h = run(0).last_hidden_state
@@ -148,5 +167,5 @@ def encode_token_ids(encoders: TextEncoders, params: Mapping[str, Any], tokens: 
     return {"encoder_hidden_states": h}
 
 
-__all__ = ["ENCODER_NAMES", "KINDS", "PROJECTION_NAME", "TextEncoders", "check_family", "encode_token_ids",
-           "token_keys", "tokenize"]
+__all__ = ["ENCODER_NAMES", "KINDS", "PROJECTION_NAME", "TextEncoders", "check_family", "clip_skip_limit",
+           "encode_token_ids", "hidden_state_from_end", "token_keys", "tokenize"]

@@ -49,6 +49,7 @@ from jaxsd.text.encode import (
     PROJECTION_NAME,
     TextEncoders,
     check_family,
+    clip_skip_limit,
     encode_token_ids,
     tokenize,
 )
@@ -131,8 +132,8 @@ class PromptEncoder:
         self.params = {ENCODER_NAMES[i]: c.params for i, c in enumerate(self.components)}
         if self.projection is not None:
             self.params[PROJECTION_NAME] = self.projection[1]
-        # one compiled function per (batch shape, clip_skip)
-        self._encode = jax.jit(partial(encode_token_ids, self.encoders), static_argnames="clip_skip")
+        # one compiled function per batch shape: clip_skip is a traced int32 (see `encode`)
+        self._encode = jax.jit(partial(encode_token_ids, self.encoders))
 
     @property
     def tokenizers(self) -> list[TextTokenizer]:
@@ -158,12 +159,23 @@ class PromptEncoder:
 
     def encode(self, prompts: str | Sequence[str], *, prompts_2: str | Sequence[str] | None = None,
                clip_skip: int | None = None, num_images_per_prompt: int = 1) -> PromptEmbeddings:
-        """Conditioning for `prompts` (SDXL: `prompts_2` for encoder 2, default the same)."""
-        if clip_skip is not None and (self.kind not in ("clip", "sdxl") or clip_skip < 0):
-            raise InputError(f"clip_skip={clip_skip} applies to CLIP encoders only, as a non-negative int")
+        """Conditioning for `prompts` (SDXL: `prompts_2` for encoder 2, default the same).
+
+        clip_skip: None or 0 = diffusers' default layer; k skips k more layers (module doc). It reaches the
+        compiled encoder as a traced int32, so changing it never recompiles."""
+        skip = None
+        if self.kind in ("clip", "sdxl"):
+            limit = None if clip_skip is None else clip_skip_limit(self.encoders)
+            if limit is not None and not (isinstance(clip_skip, int) and 0 <= clip_skip <= limit):
+                raise InputError(f"clip_skip={clip_skip!r}: these text encoders have layers for a clip skip of 0 "
+                                 f"to {limit}")
+            skip = jnp.int32(clip_skip or 0)  # 0 is exactly diffusers' None (SD: last state, SDXL: penultimate)
+        elif clip_skip is not None:
+            raise InputError(f"clip_skip={clip_skip} applies to CLIP text encoders only; this pipeline's is "
+                             f"{self.kind!r}")
         tokens = self.tokenize(prompts, prompts_2)
         lora = {ENCODER_NAMES[i]: c.lora for i, c in enumerate(self.components) if c.lora is not None}
-        out = self._encode(self.params, tokens, clip_skip=clip_skip, variables={"lora": lora} if lora else None)
+        out = self._encode(self.params, tokens, clip_skip=skip, variables={"lora": lora} if lora else None)
         emb = PromptEmbeddings(out["encoder_hidden_states"], out.get("pooled"), jnp.asarray(tokens["attention_mask"]))
         return emb.repeat(num_images_per_prompt)
 

@@ -43,6 +43,15 @@ def sd_pipe(sd_folder):
     return StableDiffusion.from_folder(sd_folder)
 
 
+def diffusers_scheduler(pipe, name: str):
+    """The diffusers scheduler our sampler `name` reproduces, configured from `pipe`'s scheduler config."""
+    import diffusers
+
+    from jaxsd.diffusion.samplers import DIFFUSERS_EQUIVALENT
+    cls_name, overrides = DIFFUSERS_EQUIVALENT[name]
+    return getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+
+
 def to_uint8(images_01: np.ndarray) -> np.ndarray:
     """diffusers output_type="np" images ([0, 1] float) → the uint8 its PIL output would hold."""
     return (np.asarray(images_01) * 255).round().astype(np.uint8)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsd.errors import InputError
 from jaxsd.losses.taps import TAPS
 from jaxsd.losses.vgg import VGG16Features
 from jaxsd.models.layers import Dense
@@ -48,7 +49,7 @@ class LPIPS(nn.Module):
     @nn.compact
     def __call__(self, x0: jax.Array, x1: jax.Array, per_layer: bool = False):
         if x0.shape != x1.shape or x0.shape[-1] != 3:
-            raise ValueError(f"LPIPS takes two image batches of one shape [B, H, W, 3]; got {x0.shape} and {x1.shape}")
+            raise InputError(f"LPIPS takes two image batches of one shape [B, H, W, 3]; got {x0.shape} and {x1.shape}")
         vgg = VGG16Features(dtype=self.dtype, name="vgg")
         both = vgg(scale_input(jnp.concatenate([x0, x1], axis=0)))  # one trunk pass for both batches
         terms = {}

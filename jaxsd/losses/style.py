@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxsd.errors import InputError
 from jaxsd.losses.lpips import scale_input
 from jaxsd.losses.taps import check_taps
 from jaxsd.losses.vgg import VGG16Features
@@ -52,7 +53,7 @@ def style_loss(vgg_params: Mapping, x: jax.Array, y: jax.Array, layers: Sequence
     check_taps(layers, "style layers")
     weights = [1.0] * len(layers) if layer_weights is None else list(layer_weights)
     if len(weights) != len(layers):
-        raise ValueError(f"style loss: {len(weights)} layer weights for {len(layers)} layers {list(layers)}")
+        raise InputError(f"style loss: {len(weights)} layer weights for {len(layers)} layers {list(layers)}")
     vgg = VGG16Features(taps=tuple(layers))
     both = vgg.apply({"params": vgg_params}, scale_input(jnp.concatenate([x, y], axis=0)))
     fx = {k: v[: x.shape[0]] for k, v in both.items()}

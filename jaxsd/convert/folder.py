@@ -64,7 +64,8 @@ class ShardedState(Mapping[str, np.ndarray]):
         return len(self._where)
 
 
-def _pickle_state(path: Path) -> dict[str, np.ndarray]:
+def read_pickle_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A PyTorch pickle checkpoint as name -> numpy array, with `torch.load(weights_only=True)`; only on opt-in."""
     import torch  # only on explicit opt-in
 
     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -97,7 +98,7 @@ def open_weights(folder: str | os.PathLike, weights_name: str, *, variant: str |
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
         if allow_pickle:
-            return _pickle_state(folder / pickles[0])
+            return read_pickle_state(folder / pickles[0])
         raise ComponentError(
             f"{folder}: only pickle weights found ({', '.join(pickles)}). jaxsd loads safetensors only, because "
             "unpickling a file can run arbitrary code. Convert once with diffusers/transformers: "

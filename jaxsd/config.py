@@ -171,6 +171,31 @@ class TrainConfig:
     error then surfaces at the step that raised it). Checkpoint, sample-grid and stop steps read every
     step first. `jaxsd bench host-overhead` measures the difference."""
     ema: EMAConfig = field(default_factory=EMAConfig)
+    text_encoder: str | None = None
+    """what the text encoder(s) of a token-id cache run do (data.cache.text: tokens; docs/training.md): frozen,
+    lora (adapters; the same as lora.text_encoder: true) or full (fine-tuned with the UNet, at
+    text_encoder_lr); null = lora when lora.text_encoder is true, else frozen."""
+    text_encoder_lr: float | None = None
+    """train.text_encoder full: the text encoders' learning rate (the schedule's shape is the UNet's, scaled
+    by text_encoder_lr / optimizer.learning_rate); null = optimizer.learning_rate."""
+
+
+@dataclass(frozen=True)
+class ValidationLossConfig:
+    """The loss on held-out cached samples at fixed timesteps and fixed noise (`jaxsd.train.validation`):
+    logged as val/loss and val/loss_t{T} to metrics.jsonl and TensorBoard."""
+
+    roots: list[str] = field(default_factory=list)
+    """held-out image folders cached by `jaxsd cache` with the training data's settings (same VAE, text
+    encoder, resolution): e.g. put them in data.roots of a copy of the run config and cache that."""
+    every: int = 0
+    """evaluate every N steps (and once before the first step of a fresh run); 0 = off."""
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    seed: int = 0
+    """the noise of sample i is drawn from key(seed) folded with i: the same at every evaluation."""
+    batch_size: int | None = None
+    """global batch of the evaluation (divisible by the mesh's batch shards); null = train.batch_size.
+    Per resolution bucket the samples beyond a whole number of batches are left out (a warning counts them)."""
 
 
 @dataclass(frozen=True)
@@ -313,7 +338,11 @@ class Config:
     """images, caching and the loader: jaxsd/data/config.py (the data engineer's schema)."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    validation: ValidationLossConfig = field(default_factory=ValidationLossConfig)
+    """held-out validation loss (not to be confused with data.validation, the checks of the images)."""
 
+
+TEXT_ENCODER_MODES = ("frozen", "lora", "full")
 
 # Values checked beyond their type: field path -> allowed values.
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -396,6 +425,8 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
     _check_sampling(cfg)
     _check_lora(cfg)
+    _check_text_encoder(cfg)
+    _check_validation(cfg)
     if cfg.train.data_source == "cache":
         check_data_config(cfg.data)
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
@@ -421,6 +452,63 @@ def _check_lora(cfg: Config) -> None:
                           "input value; 0 = off)")
     if lc.base_dtype not in (None, "float32", "bfloat16", "float16"):
         raise ConfigError(f"lora.base_dtype = {lc.base_dtype!r}: use float32, bfloat16, float16 or null")
+
+
+def _check_text_encoder(cfg: Config) -> None:
+    """train.text_encoder (already resolved by `_resolve_text_encoder`) against the rest of the config."""
+    mode = cfg.train.text_encoder
+    if mode not in TEXT_ENCODER_MODES:
+        raise ConfigError(f"train.text_encoder = {mode!r} is not one of {TEXT_ENCODER_MODES}")
+    if mode == "frozen":
+        return
+    if mode == "full":  # TEMP until the trainer builds it
+        raise ConfigError("train.text_encoder=full is not built yet")
+    if not (cfg.train.data_source == "cache" and cfg.data.cache.tokens):
+        raise ConfigError(f"train.text_encoder={mode}: the text encoders train with the captions encoded in the "
+                          "train step, from a cache of token ids: set data.cache.text: tokens (and run jaxsd cache "
+                          "again), or train.text_encoder=frozen")
+    if mode == "lora" and not cfg.lora.enabled:
+        raise ConfigError("train.text_encoder=lora trains adapters of lora.rank (and lora.alpha) on the text "
+                          "encoders beside the UNet's: set lora.rank > 0, or train.text_encoder=full")
+    if mode == "full" and cfg.lora.enabled:
+        raise ConfigError("train.text_encoder=full with a LoRA UNet (lora.rank > 0) is not supported: use "
+                          "train.text_encoder=lora (adapters on both), or lora.rank=0 (both fine-tuned in full)")
+    lr = cfg.train.text_encoder_lr
+    if lr is not None and (lr < 0 or mode != "full" or cfg.optimizer.learning_rate <= 0):
+        raise ConfigError(f"train.text_encoder_lr = {lr}: set it only with train.text_encoder=full, >= 0, and with "
+                          f"optimizer.learning_rate > 0 (it scales that schedule; now {cfg.optimizer.learning_rate})")
+
+
+def _resolve_text_encoder(cfg: Config) -> Config:
+    """One mechanism, two spellings: `lora.text_encoder: true` is `train.text_encoder: lora`. After this
+    both fields agree (the run's config.yaml records them so); a pair that disagrees is an error."""
+    mode, legacy = cfg.train.text_encoder, cfg.lora.text_encoder
+    if legacy and mode not in (None, "lora"):
+        raise ConfigError(f"lora.text_encoder=true (adapters on the text encoders) contradicts train.text_encoder="
+                          f"{mode}: set one of them (train.text_encoder: lora is the same as lora.text_encoder: "
+                          "true)")
+    mode = mode or ("lora" if legacy else "frozen")
+    return replace(cfg, train=replace(cfg.train, text_encoder=mode),
+                   lora=replace(cfg.lora, text_encoder=mode == "lora"))
+
+
+def _check_validation(cfg: Config) -> None:
+    vc = cfg.validation
+    if vc.every < 0:
+        raise ConfigError(f"validation.every = {vc.every} must be >= 0 (0 = no validation loss)")
+    if not vc.every:
+        return
+    if cfg.train.data_source != "cache" or not vc.roots:
+        raise ConfigError(f"validation.every = {vc.every}: the validation loss is computed on held-out folders "
+                          "cached by `jaxsd cache` (train.data_source: cache); set validation.roots=[DIR, ...]")
+    if not vc.timesteps:
+        raise ConfigError("validation.timesteps is empty: give the timesteps to evaluate at, e.g. [100, 500, 900]")
+    n = cfg.diffusion.num_train_timesteps
+    bad = [t for t in vc.timesteps if not 0 <= t < n]
+    if bad:
+        raise ConfigError(f"validation.timesteps {bad} are outside 0..{n - 1} (diffusion.num_train_timesteps={n})")
+    if vc.batch_size is not None and vc.batch_size < 1:
+        raise ConfigError(f"validation.batch_size = {vc.batch_size} must be >= 1 (or null = train.batch_size)")
 
 
 def sample_components_folder(cfg: Config) -> str | None:
@@ -489,6 +577,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise _explain(e, f"override {item!r}") from None
     cfg = _unbool_on_off(OmegaConf.to_object(merged))
     assert isinstance(cfg, Config)
+    cfg = _resolve_text_encoder(cfg)
     _check_choices(cfg)
     return cfg
 
@@ -515,4 +604,4 @@ def from_yaml_text(text: str) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
     cfg = _unbool_on_off(OmegaConf.to_object(merged))
     assert isinstance(cfg, Config)
-    return cfg
+    return _resolve_text_encoder(cfg)  # a config written before train.text_encoder existed reads as resolved

@@ -42,6 +42,7 @@ from jaxsd.train.sharding import (
 )
 from jaxsd.train.step import TrainState, reduce_metrics
 from jaxsd.train.synthetic import SyntheticSource
+from jaxsd.train.validation import Validator
 
 log = logging.getLogger("jaxsd.train")
 
@@ -270,6 +271,9 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
                        progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)
     logger.message(f"jaxsd train: {init_from}")
     monitor = _Monitor(cfg, logger, ckpt, mesh.size)
+    validator = Validator.from_config(cfg, plan, mesh)  # validation.every: the held-out loss (val/loss)
+    if validator is not None and start == 0:  # the baseline, before any update
+        validator(0, state, logger)
     stops = _StopPolls(TriggerFile(run_dir / cfg.checkpoint.trigger_file), cfg.checkpoint.poll_every)
     stopped = "done"
     step = start
@@ -300,7 +304,8 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
             signalled, triggered = stops.poll(step, stop.signum is not None)
             periodic = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
             sample = sampler is not None and sampler.due(step)
-            if not (periodic or signalled or triggered or sample):
+            validate = validator is not None and validator.due(step)
+            if not (periodic or signalled or triggered or sample or validate):
                 continue
             # these need this step's own metrics (never checkpoint a skipped step): wait for it
             stopped = monitor.read_behind(pending, 0)
@@ -317,6 +322,9 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
             if sample:
                 with jax.transfer_guard_device_to_host("allow"):  # the grid's pixels come to the host
                     sampler(step, state, logger)  # reads the state only; the next batch is already fetched
+            if validate:
+                with jax.transfer_guard_device_to_host("allow"):  # the losses come to the host
+                    validator(step, state, logger)
             monitor.restart_clock()  # saving and sampling are not step time
     ckpt.close()
     logger.close()

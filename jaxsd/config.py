@@ -461,8 +461,6 @@ def _check_text_encoder(cfg: Config) -> None:
         raise ConfigError(f"train.text_encoder = {mode!r} is not one of {TEXT_ENCODER_MODES}")
     if mode == "frozen":
         return
-    if mode == "full":  # TEMP until the trainer builds it
-        raise ConfigError("train.text_encoder=full is not built yet")
     if not (cfg.train.data_source == "cache" and cfg.data.cache.tokens):
         raise ConfigError(f"train.text_encoder={mode}: the text encoders train with the captions encoded in the "
                           "train step, from a cache of token ids: set data.cache.text: tokens (and run jaxsd cache "

@@ -241,9 +241,10 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     if plan.text is not None:
         adapted = sum(len(p.specs) for p in plan.text.adapters.values())
         log.info("text encoders of %s run in the step (%s): %s%s", plan.text.folder, ", ".join(plan.text.components),
-                 describe(plan.text.shapes), f", LoRA adapters on {adapted} of their layers" if adapted else ", frozen")
+                 describe(plan.text.shapes), f", LoRA adapters on {adapted} of their layers" if adapted else
+                 ", fine-tuned (train.text_encoder: full)" if plan.text.full else ", frozen")
     # before data and compilation, so unusable sample components fail at start-up, not at step sample_every
-    trained_text = StateText(plan.text, plan.text_parts) if plan.text and plan.text.adapters else None
+    trained_text = StateText(plan.text, plan.text_parts) if plan.text and plan.text.trains else None
     sampler = TrainingSampler.from_config(cfg, plan.module.config, run_dir, mesh, merge=plan.merged, text=trained_text)
 
     source = source if source is not None else make_source(cfg, mesh)

@@ -109,3 +109,20 @@ def test_full_and_lora_text_encoder_contradict(run):
     legacy = load_config(yaml, ["train.text_encoder=null", "train.text_encoder_lr=null", "lora.text_encoder=true",
                                 "lora.rank=2"])
     assert legacy.train.text_encoder == "lora"  # lora.text_encoder: true is train.text_encoder: lora
+
+
+@pytest.mark.slow  # a third command on the run
+def test_the_single_file_export_holds_the_trained_text_encoder(run):
+    import jax
+
+    from jaxsd.convert.single_file.to_folder import model_folder
+    from jaxsd.convert.text_encoders import load_clip
+    from jaxsd.train.export import load_trained_unet
+
+    base, _, _ = run
+    out = base / "model.safetensors"
+    jaxsd_command("export", base / "run", "--single-file", "--out", out)
+    _, written = load_clip(model_folder(out) / "text_encoder")
+    trained = load_trained_unet(base / "run").text.params["text_encoder"]
+    for x, y in zip(jax.tree.leaves(written), jax.tree.leaves(trained), strict=True):
+        np.testing.assert_array_equal(x, y)

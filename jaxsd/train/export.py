@@ -60,6 +60,7 @@ from jaxsd.errors import InputError
 from jaxsd.models.params import fingerprint_params
 from jaxsd.models.unet import UNetConfig
 from jaxsd.pipelines.text_length import set_text_max_length
+from jaxsd.text.encode import PROJECTION_NAME
 from jaxsd.train.base import base_fingerprint, load_frozen
 from jaxsd.train.checkpoint import RESTORE_ERRORS
 from jaxsd.train.partial_restore import CheckpointReader
@@ -190,6 +191,9 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
                 text = None
                 if text_trains:  # train.text_encoder: full — the trained text side, whole
                     text = TrainedText(plan.text_parts(trained, frozen)[0], {}, {}, plan.text.configs(clip_only=False))
+                elif plan.projection is not None:  # the raw-T5 hybrid's projection
+                    text = TrainedText({PROJECTION_NAME: trained[PROJECTION_NAME]}, {}, {},
+                                       {PROJECTION_NAME: plan.projection.config})
                 return TrainedUNet(cfg, plan.module.config, plan.merged(trained, frozen), s, ema, text=text)
             merged = jax.device_get(jax.jit(plan.merged)(trained, frozen))
             unet_adapters, unet_base = plan.unet_parts(trained, frozen)
@@ -259,8 +263,10 @@ def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path 
         if merge_lora and not cfg.lora.enabled:
             raise InputError(f"--merge-lora: {run_dir} is not a LoRA run (lora.rank is 0)")
         base = None if unet_only else Path(pipeline) if pipeline is not None else default_pipeline(cfg)
-        if base is None and cfg.train.text_encoder == "full" and not unet_only:
-            raise InputError(f"{run_dir} trained its text encoders too (train.text_encoder: full), and there is no "
+        text_side = cfg.train.text_encoder == "full" or (cfg.train.data_source == "cache" and cfg.data.cache.text == "t5")
+        if base is None and text_side and not unet_only:
+            raise InputError(f"{run_dir} trained its text side too (train.text_encoder: full, or the projection of "
+                             "data.cache.text: t5), and there is no "
                              "pipeline folder to write them into: give --pipeline BASE (the pipeline the run trained "
                              "on), or --unet-only for the UNet alone")
         if base is None and cfg.lora.text_encoder:

@@ -39,7 +39,6 @@ from jaxsd.errors import ConfigError, InputError
 from jaxsd.train.loss import diffusion_loss
 from jaxsd.train.model import make_apply_fn
 from jaxsd.train.plan import StatePlan
-from jaxsd.train.text import text_conditioning
 
 log = logging.getLogger("jaxsd.train")
 
@@ -62,7 +61,7 @@ def make_eval_fn(cfg: Config, plan: StatePlan) -> Callable:
     `validation.timesteps` (no gradient; the conditioning as the train step makes it, without dropout)."""
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
     apply_fn = make_apply_fn(plan.module, variables=plan.adapters is not None)
-    encode_text = None if plan.text is None else text_conditioning(plan.text, plan.text_parts, None)
+    encode_text = plan.conditioning()
     vc = cfg.validation
 
     def evaluate(trainable: Any, frozen: Any, batch: dict[str, jax.Array]) -> jax.Array:

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from jaxsd.config_text import check_text_encoder, check_validation, resolve_text_encoder
 from jaxsd.data.config import DataConfig, check_data_config
 from jaxsd.errors import ConfigError
 
@@ -342,8 +343,6 @@ class Config:
     """held-out validation loss (not to be confused with data.validation, the checks of the images)."""
 
 
-TEXT_ENCODER_MODES = ("frozen", "lora", "full")
-
 # Values checked beyond their type: field path -> allowed values.
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -425,8 +424,8 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
     _check_sampling(cfg)
     _check_lora(cfg)
-    _check_text_encoder(cfg)
-    _check_validation(cfg)
+    check_text_encoder(cfg)
+    check_validation(cfg)
     if cfg.train.data_source == "cache":
         check_data_config(cfg.data)
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
@@ -443,70 +442,11 @@ def _check_lora(cfg: Config) -> None:
         return
     if not cfg.model.pretrained:
         raise ConfigError("lora.rank > 0 trains adapters on a pretrained UNet: set model.pretrained")
-    if lc.text_encoder and not (cfg.train.data_source == "cache" and cfg.data.cache.tokens):
-        raise ConfigError("lora.text_encoder: adapters on the text encoders train with the captions encoded in the "
-                          "train step, from a cache of token ids: set data.cache.text_mode: tokens (and run jaxsd "
-                          "cache again), or lora.text_encoder=false")
     if not 0 <= lc.dropout < 1:
         raise ConfigError(f"lora.dropout = {lc.dropout} must be in [0, 1) (the probability of zeroing an adapter "
                           "input value; 0 = off)")
     if lc.base_dtype not in (None, "float32", "bfloat16", "float16"):
         raise ConfigError(f"lora.base_dtype = {lc.base_dtype!r}: use float32, bfloat16, float16 or null")
-
-
-def _check_text_encoder(cfg: Config) -> None:
-    """train.text_encoder (already resolved by `_resolve_text_encoder`) against the rest of the config."""
-    mode = cfg.train.text_encoder
-    if mode not in TEXT_ENCODER_MODES:
-        raise ConfigError(f"train.text_encoder = {mode!r} is not one of {TEXT_ENCODER_MODES}")
-    if mode == "frozen":
-        return
-    if not (cfg.train.data_source == "cache" and cfg.data.cache.tokens):
-        raise ConfigError(f"train.text_encoder={mode}: the text encoders train with the captions encoded in the "
-                          "train step, from a cache of token ids: set data.cache.text: tokens (and run jaxsd cache "
-                          "again), or train.text_encoder=frozen")
-    if mode == "lora" and not cfg.lora.enabled:
-        raise ConfigError("train.text_encoder=lora trains adapters of lora.rank (and lora.alpha) on the text "
-                          "encoders beside the UNet's: set lora.rank > 0, or train.text_encoder=full")
-    if mode == "full" and cfg.lora.enabled:
-        raise ConfigError("train.text_encoder=full with a LoRA UNet (lora.rank > 0) is not supported: use "
-                          "train.text_encoder=lora (adapters on both), or lora.rank=0 (both fine-tuned in full)")
-    lr = cfg.train.text_encoder_lr
-    if lr is not None and (lr < 0 or mode != "full" or cfg.optimizer.learning_rate <= 0):
-        raise ConfigError(f"train.text_encoder_lr = {lr}: set it only with train.text_encoder=full, >= 0, and with "
-                          f"optimizer.learning_rate > 0 (it scales that schedule; now {cfg.optimizer.learning_rate})")
-
-
-def _resolve_text_encoder(cfg: Config) -> Config:
-    """One mechanism, two spellings: `lora.text_encoder: true` is `train.text_encoder: lora`. After this
-    both fields agree (the run's config.yaml records them so); a pair that disagrees is an error."""
-    mode, legacy = cfg.train.text_encoder, cfg.lora.text_encoder
-    if legacy and mode not in (None, "lora"):
-        raise ConfigError(f"lora.text_encoder=true (adapters on the text encoders) contradicts train.text_encoder="
-                          f"{mode}: set one of them (train.text_encoder: lora is the same as lora.text_encoder: "
-                          "true)")
-    mode = mode or ("lora" if legacy else "frozen")
-    return replace(cfg, train=replace(cfg.train, text_encoder=mode),
-                   lora=replace(cfg.lora, text_encoder=mode == "lora"))
-
-
-def _check_validation(cfg: Config) -> None:
-    vc = cfg.validation
-    if vc.every < 0:
-        raise ConfigError(f"validation.every = {vc.every} must be >= 0 (0 = no validation loss)")
-    if not vc.every:
-        return
-    if cfg.train.data_source != "cache" or not vc.roots:
-        raise ConfigError(f"validation.every = {vc.every}: the validation loss is computed on held-out folders "
-                          "cached by `jaxsd cache` (train.data_source: cache); set validation.roots=[DIR, ...]")
-    if not vc.timesteps:
-        raise ConfigError("validation.timesteps is empty: give the timesteps to evaluate at, e.g. [100, 500, 900]")
-    n = cfg.diffusion.num_train_timesteps
-    bad = [t for t in vc.timesteps if not 0 <= t < n]
-    if bad:
-        raise ConfigError(f"validation.timesteps {bad} are outside 0..{n - 1} (diffusion.num_train_timesteps={n})")
-    if vc.batch_size is not None and vc.batch_size < 1:
-        raise ConfigError(f"validation.batch_size = {vc.batch_size} must be >= 1 (or null = train.batch_size)")
 
 
 def sample_components_folder(cfg: Config) -> str | None:
@@ -575,7 +515,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise _explain(e, f"override {item!r}") from None
     cfg = _unbool_on_off(OmegaConf.to_object(merged))
     assert isinstance(cfg, Config)
-    cfg = _resolve_text_encoder(cfg)
+    cfg = resolve_text_encoder(cfg)
     _check_choices(cfg)
     return cfg
 
@@ -602,4 +542,4 @@ def from_yaml_text(text: str) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
     cfg = _unbool_on_off(OmegaConf.to_object(merged))
     assert isinstance(cfg, Config)
-    return _resolve_text_encoder(cfg)  # a config written before train.text_encoder existed reads as resolved
+    return resolve_text_encoder(cfg)  # a config written before train.text_encoder existed reads as resolved

@@ -26,9 +26,10 @@ def check_text_encoder(cfg: Config) -> None:
     if mode == "frozen":
         return
     if not (cfg.train.data_source == "cache" and cfg.data.cache.tokens):
-        raise ConfigError(f"train.text_encoder={mode}: the text encoders train with the captions encoded in the "
-                          "train step, from a cache of token ids: set data.cache.text: tokens (and run jaxsd cache "
-                          "again), or train.text_encoder=frozen")
+        spelling = "lora.text_encoder: " if mode == "lora" else ""  # (the older spelling of train.text_encoder=lora)
+        raise ConfigError(f"{spelling}train.text_encoder={mode}: the text encoders train with the captions encoded in "
+                          "the train step, from a cache of token ids: set data.cache.text_mode: tokens (or "
+                          "data.cache.text: tokens) and run jaxsd cache again, or train.text_encoder=frozen")
     if mode == "lora" and not cfg.lora.enabled:
         raise ConfigError("train.text_encoder=lora trains adapters of lora.rank (and lora.alpha) on the text "
                           "encoders beside the UNet's: set lora.rank > 0, or train.text_encoder=full")

@@ -124,6 +124,7 @@ class ExportResult:
     pipeline: Path | None  # the base whose components were placed beside the UNet; None: UNet folder only
     links: LinkReport | None
     scheduler_from_run: bool  # the base's scheduler config got the run's noise schedule
+    text: tuple[str, ...] = ()  # the text components written from the run (trained), not linked from the base
 
 
 def _run_config(meta: dict, where: epath.Path, ema: bool) -> Config:
@@ -303,7 +304,7 @@ def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path 
                   "ema": ema, "pipeline": str(base.absolute()) if base else None, "merged_text_encoders": text,
                   "scheduler": "the run's noise schedule" if from_run else ("the pipeline's" if base else None)}
         (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-    return ExportResult(out.absolute(), trained.step, base, links, from_run)
+    return ExportResult(out.absolute(), trained.step, base, links, from_run, tuple(text))
 
 
 def export_unet(run_dir: str | os.PathLike, out: str | Path, *, ema: bool = False, step: int | None = None) -> tuple[Path, int]:

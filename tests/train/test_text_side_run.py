@@ -63,8 +63,7 @@ data:
   cache: {{vae: {pipe}, text_encoder: {pipe}, text: tokens, dtype: float32, batch_size: 4}}
   loader: {{batch_size: 4, threads: 1, prefetch: 1}}
 """)
-    jaxsd_command("cache", yaml, "--no-progress")
-    jaxsd_command("cache", yaml, f"data.roots=[{held_out}]", "--no-progress")
+    jaxsd_command("cache", yaml, f"data.roots=[{images},{held_out}]", "--no-progress")  # each root its own cache
     jaxsd_command("train", yaml)
     jaxsd_command("export", base / "run", "--out", base / "export")
     return base, pipe, yaml

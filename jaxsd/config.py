@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from jaxsd.config_text import check_text_encoder, check_validation, resolve_text_encoder
 from jaxsd.data.config import DataConfig, DreamBoothConfig, check_data_config, spell_subset_kind
 from jaxsd.errors import ConfigError, InputError
 
@@ -203,6 +204,31 @@ class TrainConfig:
     error then surfaces at the step that raised it). Checkpoint, sample-grid and stop steps read every
     step first. `jaxsd bench host-overhead` measures the difference."""
     ema: EMAConfig = field(default_factory=EMAConfig)
+    text_encoder: str | None = None
+    """what the text encoder(s) of a token-id cache run do (data.cache.text: tokens; docs/training.md): frozen,
+    lora (adapters; the same as lora.text_encoder: true) or full (fine-tuned with the UNet, at
+    text_encoder_lr); null = lora when lora.text_encoder is true, else frozen."""
+    text_encoder_lr: float | None = None
+    """train.text_encoder full: the text encoders' learning rate (the schedule's shape is the UNet's, scaled
+    by text_encoder_lr / optimizer.learning_rate); null = optimizer.learning_rate."""
+
+
+@dataclass(frozen=True)
+class ValidationLossConfig:
+    """The loss on held-out cached samples at fixed timesteps and fixed noise (`jaxsd.train.validation`):
+    logged as val/loss and val/loss_t{T} to metrics.jsonl and TensorBoard."""
+
+    roots: list[str] = field(default_factory=list)
+    """held-out image folders cached by `jaxsd cache` with the training data's settings (same VAE, text
+    encoder, resolution): e.g. put them in data.roots of a copy of the run config and cache that."""
+    every: int = 0
+    """evaluate every N steps (and once before the first step of a fresh run); 0 = off."""
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    seed: int = 0
+    """the noise of sample i is drawn from key(seed) folded with i: the same at every evaluation."""
+    batch_size: int | None = None
+    """global batch of the evaluation (divisible by the mesh's batch shards); null = train.batch_size.
+    Per resolution bucket the samples beyond a whole number of batches are left out (a warning counts them)."""
 
 
 @dataclass(frozen=True)
@@ -348,6 +374,8 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     """prior preservation's class images: jaxsd/data/config.py, docs/dreambooth.md."""
+    validation: ValidationLossConfig = field(default_factory=ValidationLossConfig)
+    """held-out validation loss (not to be confused with data.validation, the checks of the images)."""
 
 
 # Values checked beyond their type: field path -> allowed values.
@@ -432,6 +460,8 @@ def _check_choices(cfg: Config) -> None:
     _check_sampling(cfg)
     _check_lora(cfg)
     _check_perceptual(cfg)
+    check_text_encoder(cfg)
+    check_validation(cfg)
     if cfg.train.data_source == "cache":
         check_data_config(cfg.data)
         from jaxsd.data.subsets import with_class_subset
@@ -451,10 +481,6 @@ def _check_lora(cfg: Config) -> None:
         return
     if not cfg.model.pretrained:
         raise ConfigError("lora.rank > 0 trains adapters on a pretrained UNet: set model.pretrained")
-    if lc.text_encoder and not (cfg.train.data_source == "cache" and cfg.data.cache.tokens):
-        raise ConfigError("lora.text_encoder: adapters on the text encoders train with the captions encoded in the "
-                          "train step, from a cache of token ids: set data.cache.text_mode: tokens (and run jaxsd "
-                          "cache again), or lora.text_encoder=false")
     if not 0 <= lc.dropout < 1:
         raise ConfigError(f"lora.dropout = {lc.dropout} must be in [0, 1) (the probability of zeroing an adapter "
                           "input value; 0 = off)")
@@ -552,6 +578,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise _explain(e, f"override {item!r}") from None
     cfg = _unbool_on_off(OmegaConf.to_object(merged))
     assert isinstance(cfg, Config)
+    cfg = resolve_text_encoder(cfg)
     _check_choices(cfg)
     return cfg
 
@@ -578,4 +605,4 @@ def from_yaml_text(text: str) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
     cfg = _unbool_on_off(OmegaConf.to_object(merged))
     assert isinstance(cfg, Config)
-    return cfg
+    return resolve_text_encoder(cfg)  # a config written before train.text_encoder existed reads as resolved

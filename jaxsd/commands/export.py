@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     what = f"jaxsd export: step {r.step}{' (EMA)' if args.ema else ''} → {r.out}"
     if r.pipeline is not None:
         how = f"{r.links.linked} files hard-linked" + (f", {r.links.copied} copied" if r.links.copied else "")
-        print(f"{what}: diffusers pipeline folder (unet/ trained; other components from {r.pipeline}: {how})")
+        trained = ", ".join(f"{c}/" for c in ("unet", *r.text))
+        print(f"{what}: diffusers pipeline folder ({trained} trained; other components from {r.pipeline}: {how})")
         if r.scheduler_from_run:
             print("jaxsd export: scheduler/scheduler_config.json has the run's noise schedule (diffusion section), "
                   f"which differs from {r.pipeline}'s")

@@ -83,8 +83,10 @@ def load_frozen(cfg: Config, plan: StatePlan, *, text: bool = True) -> Any:
         unet = params if plan.adapters is not None else split_params(params, cfg.train.trainable, cfg.train.frozen)[1]
     if plan.text is None:
         return unet  # (nothing frozen: the empty tree)
-    shardings = plan.state_shardings.frozen
-    return {"unet": unet, **(load_text_params(plan.text, plan.base_dtype, shardings) if text else {})}
+    if not text:
+        return {"unet": unet}
+    _, kept = plan.text.split(load_text_params(plan.text, plan.base_dtype, plan.text_shardings()))
+    return {"unet": unet, **kept}  # (train.text_encoder full: the trained part is the checkpoint's)
 
 
 def checkpointed(state: TrainState) -> dict[str, Any]:

@@ -21,6 +21,9 @@ that checkpoint (`meta["config"]`), so a run resumed with other settings exports
 its own. Without a step, the newest checkpoint that restores is used; a damaged one is skipped
 with a warning.
 
+A `train.text_encoder: full` run's text side (its text encoders, the hybrid's T5 and text_projection/)
+replaces BASE's components of the same names.
+
 A LoRA run is exported with `merge_lora`: the base UNet with the adapters folded in; when the text
 encoders trained adapters too (`lora.text_encoder`), the run's text encoders (those of
 `data.cache.text_encoder`) with theirs folded in replace BASE's `text_encoder/` (`text_encoder_2/`).
@@ -57,6 +60,7 @@ from jaxsd.errors import InputError
 from jaxsd.models.params import fingerprint_params
 from jaxsd.models.unet import UNetConfig
 from jaxsd.pipelines.text_length import set_text_max_length
+from jaxsd.text.encode import PROJECTION_NAME
 from jaxsd.train.base import base_fingerprint, load_frozen
 from jaxsd.train.checkpoint import RESTORE_ERRORS
 from jaxsd.train.partial_restore import CheckpointReader
@@ -71,17 +75,31 @@ MARKER = "jaxsd_export.json"
 
 @dataclasses.dataclass(frozen=True)
 class TrainedText:
-    """The text encoders' side of a `lora.text_encoder` checkpoint (numpy arrays), per component
-    ("text_encoder", "text_encoder_2"): base params, trained down/up trees and their plans, configs."""
+    """The text side a checkpoint trained (numpy arrays), per component ("text_encoder", "text_encoder_2",
+    "text_projection"). `lora.text_encoder`: the adapted encoders' base params, their trained down/up trees
+    and plans; `train.text_encoder: full`: every component's trained params (no adapters)."""
 
     params: dict[str, Any]
     adapters: dict[str, Any]
     plans: dict[str, Any]  # jaxsd.train.adapters.AdapterPlan
-    configs: dict[str, Any]  # CLIPTextConfig
+    configs: dict[str, Any]  # CLIPTextConfig, T5Config, TextProjectionConfig
 
     def merged(self, component: str) -> Any:
-        """The component's params with its adapters folded into the kernels (scale alpha / rank)."""
+        """The component's params, with its adapters (if any) folded into the kernels (scale alpha / rank)."""
+        if component not in self.plans:
+            return self.params[component]
         return jax.device_get(jax.jit(self.plans[component].merged)(self.adapters[component], self.params[component]))
+
+    def save(self, component: str, folder: Path) -> None:
+        """Write the component as its transformers / jaxsd folder (weights as `merged` gives them)."""
+        from jaxsd.convert.text_encoders import save_clip, save_t5, save_text_projection
+        from jaxsd.models.clip import CLIPTextConfig
+        from jaxsd.models.t5 import T5Config
+
+        config = self.configs[component]
+        save = (save_clip if isinstance(config, CLIPTextConfig) else save_t5 if isinstance(config, T5Config)
+                else save_text_projection)
+        save(folder, config, self.merged(component))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +124,7 @@ class ExportResult:
     pipeline: Path | None  # the base whose components were placed beside the UNet; None: UNet folder only
     links: LinkReport | None
     scheduler_from_run: bool  # the base's scheduler config got the run's noise schedule
+    text: tuple[str, ...] = ()  # the text components written from the run (trained), not linked from the base
 
 
 def _run_config(meta: dict, where: epath.Path, ema: bool) -> Config:
@@ -166,11 +185,17 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
                 raise InputError(f"{where}: the run's base model changed since this checkpoint was written "
                                  f"(fingerprint {meta['base']}, now {base}); its frozen params "
                                  f"come from model.pretrained={cfg.model.pretrained!r}, which must be that model")
-            text_trains = plan.text is not None and bool(plan.text.adapters)
+            text_trains = plan.text is not None and plan.text.trains
             frozen = jax.device_get(load_frozen(cfg, plan, text=text_trains))  # the UNet alone needs no encoders
             trained = fields[which]
             if plan.adapters is None:
-                return TrainedUNet(cfg, plan.module.config, plan.merged(trained, frozen), s, ema)
+                text = None
+                if text_trains:  # train.text_encoder: full — the trained text side, whole
+                    text = TrainedText(plan.text_parts(trained, frozen)[0], {}, {}, plan.text.configs(clip_only=False))
+                elif plan.projection is not None:  # the raw-T5 hybrid's projection
+                    text = TrainedText({PROJECTION_NAME: trained[PROJECTION_NAME]}, {}, {},
+                                       {PROJECTION_NAME: plan.projection.config})
+                return TrainedUNet(cfg, plan.module.config, plan.merged(trained, frozen), s, ema, text=text)
             merged = jax.device_get(jax.jit(plan.merged)(trained, frozen))
             unet_adapters, unet_base = plan.unet_parts(trained, frozen)
             text = None
@@ -221,7 +246,6 @@ def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path 
     merge_lora: a LoRA run's adapters folded into the base UNet (required for LoRA runs: a folder
     holds whole weights; `jaxsd.train.export_lora` writes the adapters alone as a LoRA file), and
     text-encoder adapters (lora.text_encoder) into the run's text encoders, which replace the base's."""
-    from jaxsd.convert.text_encoders import save_clip
     from jaxsd.convert.unet import save_unet
 
     if pipeline is not None and unet_only:
@@ -240,6 +264,12 @@ def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path 
         if merge_lora and not cfg.lora.enabled:
             raise InputError(f"--merge-lora: {run_dir} is not a LoRA run (lora.rank is 0)")
         base = None if unet_only else Path(pipeline) if pipeline is not None else default_pipeline(cfg)
+        text_side = cfg.train.text_encoder == "full" or (cfg.train.data_source == "cache" and cfg.data.cache.text == "t5")
+        if base is None and text_side and not unet_only:
+            raise InputError(f"{run_dir} trained its text side too (train.text_encoder: full, or the projection of "
+                             "data.cache.text: t5), and there is no "
+                             "pipeline folder to write them into: give --pipeline BASE (the pipeline the run trained "
+                             "on), or --unet-only for the UNet alone")
         if base is None and cfg.lora.text_encoder:
             raise InputError(f"--merge-lora: {run_dir} trained text-encoder adapters too (lora.text_encoder), and a "
                              "UNet folder has no text encoder to merge them into: give --pipeline BASE (a pipeline "
@@ -252,11 +282,12 @@ def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path 
 
     trained = load_trained_unet(run_dir, ema=ema, step=step, before_restore=choose_base)
     base = chosen["base"]
-    text = sorted(trained.text.adapters) if trained.text is not None else []  # text encoders merged too
+    # the text components the run trained (adapters merged in): written from the run, not linked from BASE
+    text = sorted(trained.text.params) if trained.text is not None and base is not None else []
     if base is not None:
         missing = [c for c in text if c not in pipeline_components(base)]
         if missing:
-            raise InputError(f"--merge-lora: the run trained adapters on {', '.join(missing)}, which the base "
+            raise InputError(f"the run trained {', '.join(missing)}, which the base "
                              f"pipeline {base} does not have; use --pipeline with the pipeline the run trained on")
     links, from_run = None, False
     with replacing_folder(out, MARKER, [*keep, *([base] if base else [])]) as staging:
@@ -268,12 +299,12 @@ def export(run_dir: str | os.PathLike, out: str | Path, *, pipeline: str | Path 
                 set_text_max_length(staging, text_length)
         save_unet(staging / "unet" if base is not None else staging, trained.config, trained.params)
         for component in text:  # the run's own text encoders (data.cache.text_encoder's), adapters folded in
-            save_clip(staging / component, trained.text.configs[component], trained.text.merged(component))
+            trained.text.save(component, staging / component)
         record = {"written_by": "jaxsd export", "run_dir": str(run_dir), "step": trained.step,
                   "ema": ema, "pipeline": str(base.absolute()) if base else None, "merged_text_encoders": text,
                   "scheduler": "the run's noise schedule" if from_run else ("the pipeline's" if base else None)}
         (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-    return ExportResult(out.absolute(), trained.step, base, links, from_run)
+    return ExportResult(out.absolute(), trained.step, base, links, from_run, tuple(text))
 
 
 def export_unet(run_dir: str | os.PathLike, out: str | Path, *, ema: bool = False, step: int | None = None) -> tuple[Path, int]:

@@ -81,6 +81,18 @@ class RunLogger:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         self.run.maybe_sync()
 
+    def log_scalars(self, step: int, metrics: dict[str, float]) -> None:
+        """A record of named scalars besides the step's own (the validation loss: "val/loss", ...): one
+        metrics.jsonl line, and TensorBoard scalars under exactly these names."""
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
     def log_image(self, tag: str, image: np.ndarray, step: int) -> None:
         """One uint8 [H, W, 3] image as a TensorBoard image summary (PNG-encoded by tensorboardX)."""
         if self.writer is not None:

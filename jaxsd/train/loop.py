@@ -42,6 +42,7 @@ from jaxsd.train.sharding import (
 )
 from jaxsd.train.step import TrainState, reduce_metrics
 from jaxsd.train.synthetic import SyntheticSource
+from jaxsd.train.validation import Validator
 
 log = logging.getLogger("jaxsd.train")
 
@@ -246,9 +247,10 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     if plan.text is not None:
         adapted = sum(len(p.specs) for p in plan.text.adapters.values())
         log.info("text encoders of %s run in the step (%s): %s%s", plan.text.folder, ", ".join(plan.text.components),
-                 describe(plan.text.shapes), f", LoRA adapters on {adapted} of their layers" if adapted else ", frozen")
+                 describe(plan.text.shapes), f", LoRA adapters on {adapted} of their layers" if adapted else
+                 ", fine-tuned (train.text_encoder: full)" if plan.text.full else ", frozen")
     # before data and compilation, so unusable sample components fail at start-up, not at step sample_every
-    trained_text = StateText(plan.text, plan.text_parts) if plan.text and plan.text.adapters else None
+    trained_text = StateText(plan.text, plan.text_parts) if plan.text and plan.text.trains else None
     sampler = TrainingSampler.from_config(cfg, plan.module.config, run_dir, mesh, merge=plan.merged, text=trained_text)
 
     source = source if source is not None else make_source(cfg, mesh)
@@ -276,6 +278,9 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
                        progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)
     logger.message(f"jaxsd train: {init_from}")
     monitor = _Monitor(cfg, logger, ckpt, mesh.size)
+    validator = Validator.from_config(cfg, plan, mesh)  # validation.every: the held-out loss (val/loss)
+    if validator is not None and start == 0:  # the baseline, before any update
+        validator(0, state, logger)
     stops = _StopPolls(TriggerFile(run_dir / cfg.checkpoint.trigger_file), cfg.checkpoint.poll_every)
     stopped = "done"
     step = start
@@ -306,7 +311,8 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
             signalled, triggered = stops.poll(step, stop.signum is not None)
             periodic = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
             sample = sampler is not None and sampler.due(step)
-            if not (periodic or signalled or triggered or sample):
+            validate = validator is not None and validator.due(step)
+            if not (periodic or signalled or triggered or sample or validate):
                 continue
             # these need this step's own metrics (never checkpoint a skipped step): wait for it
             stopped = monitor.read_behind(pending, 0)
@@ -323,6 +329,9 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
             if sample:
                 with jax.transfer_guard_device_to_host("allow"):  # the grid's pixels come to the host
                     sampler(step, state, logger)  # reads the state only; the next batch is already fetched
+            if validate:
+                with jax.transfer_guard_device_to_host("allow"):  # the losses come to the host
+                    validator(step, state, logger)
             monitor.restart_clock()  # saving and sampling are not step time
     ckpt.close()
     logger.close()

@@ -97,6 +97,21 @@ def streams_updates(cfg: OptimizerConfig) -> bool:
     return cfg.clip_grad_norm is None and cfg.name != "adamw8bit"
 
 
+def scaled_groups(tx: optax.GradientTransformationExtraArgs, scales: dict[str, float],
+                  ) -> optax.GradientTransformationExtraArgs:
+    """`tx` with the updates of params[key] multiplied by scales[key] (params: a dict keyed by component,
+    {"unet": ..., "text_encoder": ...}): a learning rate of lr·scale with lr's schedule for that group.
+
+    Exact for every optimizer here, whose update is linear in the learning rate (AdamW's decoupled weight
+    decay too: -lr·(m̂/(√v̂+ε) + wd·p)); the optimizer state, 8-bit moment groups included, is untouched."""
+    def update_fn(grads, state, params=None, **extra):
+        updates, state = tx.update(grads, state, params, **extra)
+        return {k: jax.tree.map(lambda u, s=scales[k]: u * jnp.asarray(s, u.dtype), v) if k in scales else v
+                for k, v in updates.items()}, state
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def guarded(tx: optax.GradientTransformation, clip_grad_norm: float | None = None,
             ) -> optax.GradientTransformationExtraArgs:
     """Any optax optimizer behind the `grad_norm=` / `apply=` interface of `make_optimizer`.

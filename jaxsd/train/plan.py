@@ -10,7 +10,7 @@ host-overhead` times back to back).
 
 With a token-id cache the text encoders run in the step (`jaxsd.train.text`): the state's frozen
 tree is keyed by component, {"unet": ..., "text_encoder": ..., ...}, and so is its trainable tree
-when the text encoders train adapters (`lora.text_encoder`). `unet_parts` / `text_parts` take
+when the text encoders train (adapters: `lora.text_encoder`; `train.text_encoder: full`). `unet_parts` / `text_parts` take
 those trees apart; everything that needs the UNet alone goes through them.
 """
 
@@ -28,11 +28,18 @@ from jax.sharding import PartitionSpec as P
 from jaxsd.config import Config
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.models.lora import adapter_logical_axes
+from jaxsd.text.encode import PROJECTION_NAME
 from jaxsd.train.adapters import AdapterPlan, adapter_plan, initial_adapters
 from jaxsd.train.compile import CompiledSteps
 from jaxsd.train.lora_init import adapters_from_file
 from jaxsd.train.model import build_unet, make_apply_fn, param_shapes, unet_config
-from jaxsd.train.optimizers import make_optimizer, streams_updates
+from jaxsd.train.optimizers import make_optimizer, scaled_groups, streams_updates
+from jaxsd.train.projection import (
+    StepProjection,
+    load_projection,
+    projected_conditioning,
+    step_projection,
+)
 from jaxsd.train.sharding import micro_batch_sharding, param_shardings, train_state_shardings
 from jaxsd.train.step import TrainState, init_state, make_train_step
 from jaxsd.train.text import (
@@ -63,12 +70,32 @@ class StatePlan:
     adapters: AdapterPlan | None = None  # LoRA runs: the adapters train, the whole UNet is frozen
     base_dtype: Any = None  # dtype of the frozen params as loaded
     text: StepText | None = None  # token-id caches: the text encoders the step runs
+    projection: StepProjection | None = None  # raw T5 caches: the hybrid's text projection, trained
 
     def unet_parts(self, trainable: Any, frozen: Any) -> tuple[Any, Any]:
         """The UNet's (trainable, frozen) trees within the state's (or their shardings / abstract values)."""
+        if self.projection is not None:  # {"unet": ..., "text_projection": ...}; the frozen tree is the UNet's
+            return trainable["unet"], frozen
         if self.text is None:
             return trainable, frozen
-        return (trainable["unet"] if self.text.adapters else trainable), frozen["unet"]
+        return (trainable["unet"] if self.text.trains else trainable), frozen["unet"]
+
+    def conditioning(self, empty: Any = None) -> Callable | None:
+        """`make_train_step(encode_text=...)`: token ids through the text side (`jaxsd.train.text`), or cached
+        T5 states through the trained projection (`jaxsd.train.projection`); None: cached embeddings as they are.
+        empty: the empty caption as the cache holds it (cond_dropout)."""
+        if self.text is not None:
+            return text_conditioning(self.text, self.text_parts, empty)
+        if self.projection is not None:
+            return projected_conditioning(self.projection, empty)
+        return None
+
+    def text_shardings(self) -> dict[str, Any]:
+        """{component: shardings of all its params} of the text side, trained and frozen parts together."""
+        sh = self.state_shardings
+        trained = sh.params if self.text.trains else {}
+        return {c: merge_params(trained.get(c, {}), sh.frozen.get(c, {})) if self.text.full is not None
+                else sh.frozen[c] for c in self.text.components}
 
     def text_parts(self, trainable: Any, frozen: Any, draws: Any = None) -> tuple[dict, dict | None]:
         """The text side's (params, {"lora": ...} or None) within the state's trees (`encode_token_ids`' arguments);
@@ -119,17 +146,30 @@ def plan_state(cfg: Config, mesh) -> StatePlan:
     if text is not None:
         check_fits_unet(text, module.config)
         te_shard, adapter_shard = text_shardings(text, mesh, rules, jnp.dtype(cfg.model.param_dtype))
-        f_shapes, f_shard = {"unet": f_shapes, **frozen_shapes(text, base_dtype)}, {"unet": f_shard, **te_shard}
-        if text.adapters:
+        trained_shapes, kept_shapes = text.split(frozen_shapes(text, base_dtype))  # train.text_encoder: full
+        trained_shard, kept_shard = text.split(te_shard)
+        f_shapes, f_shard = {"unet": f_shapes, **kept_shapes}, {"unet": f_shard, **kept_shard}
+        if text.trains:
             t_shapes = {"unet": t_shapes, **{c: p.shapes(jnp.dtype(cfg.model.param_dtype))
-                                             for c, p in text.adapters.items()}}
-            t_shard = {"unet": t_shard, **adapter_shard}
+                                             for c, p in text.adapters.items()}, **trained_shapes}
+            t_shard = {"unet": t_shard, **adapter_shard, **trained_shard}
+    projection = step_projection(cfg, module.config.context_dim)
+    if projection is not None:  # the raw-T5 hybrid: its projection trains with the UNet
+        p_dtype = jnp.dtype(cfg.model.param_dtype)
+        t_shapes = {"unet": t_shapes, PROJECTION_NAME: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, p_dtype),
+                                                                    projection.shapes)}
+        t_shard = {"unet": t_shard, PROJECTION_NAME: param_shardings(projection.shapes, projection.logical, mesh,
+                                                                     rules)}
     tx, lr_fn = make_optimizer(cfg.optimizer, cfg.train.steps)
+    if text is not None and text.full is not None and cfg.train.text_encoder_lr is not None:
+        ratio = cfg.train.text_encoder_lr / cfg.optimizer.learning_rate
+        tx = scaled_groups(tx, {c: ratio for c in text.components})
     ema = cfg.train.ema.enabled
     abstract = jax.eval_shape(lambda t, f: init_state(t, f, tx, cfg.train.seed, ema), t_shapes, f_shapes)
     state_sharding = train_state_shardings(abstract, t_shard, f_shard, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    return StatePlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding, adapters, base_dtype, text)
+    return StatePlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding, adapters, base_dtype, text,
+                     projection)
 
 
 def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
@@ -154,11 +194,17 @@ def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
     else:
         t_params, f_params = split_params(params, cfg.train.trainable, cfg.train.frozen)
     if plan.text is not None:
-        f_params = {"unet": f_params, **load_text_params(plan.text, plan.base_dtype, plan.state_shardings.frozen)}
+        trained, kept = plan.text.split(load_text_params(plan.text, plan.base_dtype, plan.text_shardings()))
+        f_params = {"unet": f_params, **kept}
         if text_plans:
             text_adapters = ({c: from_file[c] for c in text_plans} if from_file else
                              initial_text_adapters(cfg, plan.text, plan.state_shardings.params))
             t_params = {"unet": t_params, **text_adapters}
+        elif plan.text.trains:  # train.text_encoder: full
+            t_params = {"unet": t_params, **trained}
+    if plan.projection is not None:
+        t_params = {"unet": t_params, PROJECTION_NAME: load_projection(
+            plan.projection, jnp.dtype(cfg.model.param_dtype), plan.state_shardings.params[PROJECTION_NAME])}
     init = jax.jit(lambda t, f: init_state(t, f, plan.tx, cfg.train.seed, cfg.train.ema.enabled),
                    out_shardings=plan.state_shardings, donate_argnums=(0, 1))
     return init(t_params, f_params)
@@ -169,7 +215,7 @@ def plan_train_step(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> Ca
     runs it. empty: the empty caption as the cache holds it — its embedding, or (text encoded in the
     step) its token ids; needed when loss.cond_dropout > 0."""
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
-    encode_text = None if plan.text is None else text_conditioning(plan.text, plan.text_parts, empty)
+    encode_text = plan.conditioning(empty)
     return make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,
                            plan.tx, plan.lr_fn, combine=plan.variables, encode_text=encode_text,
                            model_draws=plan.model_draws,

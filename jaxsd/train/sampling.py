@@ -16,8 +16,8 @@ everywhere instead of at step `sample_every` on one process. The prompts are enc
 the text encoders unloaded before the train state exists: they would otherwise stay resident for the
 whole run (SDXL's two CLIPs: 3.3 GB fp32; a T5-XXL hybrid: 19 GB).
 
-When the text encoders train adapters (`lora.text_encoder`), the prompts are encoded again at every
-grid by the train state's text encoders with their adapters (EMA or current, as the UNet), through the
+When the text encoders train (adapters: `lora.text_encoder`; fine-tuned: `train.text_encoder: full`), the
+prompts are encoded again at every grid by the train state's text encoders (EMA or current, as the UNet), through the
 same `PromptEncoder.encode_with_negative`; the components' own text encoders only check at start-up
 that the embeddings fit the UNet.
 
@@ -119,7 +119,7 @@ def _label(prompt: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class StateText:
-    """Text encoders whose adapters train: what the train state holds of them.
+    """Text encoders that train (adapters or in full): what the train state holds of them.
 
     step_text: the step's encoders and tokenizers (`jaxsd.train.text.StepText`); parts(trainable, frozen)
     -> (params, {"lora": ...}) within the state's trees (`StatePlan.text_parts`)."""

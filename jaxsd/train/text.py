@@ -17,6 +17,12 @@ part of the base fingerprint, `jaxsd.train.base`). They compute in `model.dtype`
 "text_encoder/text_model/.../q_proj/down"). They train beside the UNet's adapters, in one optimizer:
 `trainable = {"unet": unet adapters, "text_encoder": ..., "text_encoder_2": ...}`. T5 takes none.
 
+`train.text_encoder: full` fine-tunes the text side itself (every component: the CLIP encoders, or the T5
+and its projection), its params narrowed by train.trainable / train.frozen as the UNet's (paths like
+"text_encoder/text_model/encoder/layers_0/mlp/fc1/kernel"): the trained part moves from `frozen` to
+`trainable` = {"unet": ..., "text_encoder": ..., ...}, in `model.param_dtype`, checkpointed, EMA'd and
+updated by the one optimizer at `train.text_encoder_lr` (`jaxsd.train.optimizers.scaled_groups`).
+
 The step's conditioning (`text_conditioning`) is `jaxsd.text.encode.encode_token_ids` — the function
 caching and sampling use — with no clip-skip, as the embeddings cache. A sample dropped by
 `loss.cond_dropout` is encoded from the empty caption's cached token ids: what the embeddings cache's
@@ -53,7 +59,7 @@ from jaxsd.text.encode import (
 from jaxsd.text.prompts import PromptEncoder
 from jaxsd.train.adapters import AdapterPlan
 from jaxsd.train.sharding import param_shardings
-from jaxsd.train.trainable import is_trainable
+from jaxsd.train.trainable import is_trainable, merge_params, split_params
 
 TEXT_TARGETS = "text_encoder"  # the jaxsd.models.lora preset: CLIP q/k/v/out_proj, fc1/fc2
 
@@ -74,6 +80,19 @@ class StepText:
     adapters: dict[str, AdapterPlan]
     variant: str | None
     max_length: int | None  # T5: the cache's token length; CLIP: None (77)
+    full: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # train.text_encoder full: (trainable, frozen) regexes
+
+    @property
+    def trains(self) -> bool:
+        """Whether the text side has params in the state's trainable tree (adapters or full fine-tuning)."""
+        return bool(self.adapters) or self.full is not None
+
+    def split(self, tree: Mapping[str, Any]) -> tuple[dict, dict]:
+        """({component: trained part}, {component: frozen part}) of a {component: tree} of the text side
+        (params, shapes or shardings): all frozen unless `full`."""
+        if self.full is None:
+            return {}, dict(tree)
+        return split_params(dict(tree), *self.full)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -81,10 +100,14 @@ class StepText:
         names = ENCODER_NAMES[:len(self.encoders.encoders)]
         return names + ((PROJECTION_NAME,) if self.encoders.projection is not None else ())
 
-    def configs(self) -> dict[str, Any]:
-        """{component: CLIPTextConfig} of the CLIP encoders (what LoRA files are read against / written for)."""
-        return {name: model.config for name, model in zip(ENCODER_NAMES, self.encoders.encoders)
-                if isinstance(model, CLIPTextModel)}
+    def configs(self, clip_only: bool = True) -> dict[str, Any]:
+        """{component: config} of the CLIP encoders (what LoRA files are read against / written for);
+        clip_only=False: of every component (T5Config, TextProjectionConfig too)."""
+        out = {name: model.config for name, model in zip(ENCODER_NAMES, self.encoders.encoders)
+               if not clip_only or isinstance(model, CLIPTextModel)}
+        if not clip_only and self.encoders.projection is not None:
+            out[PROJECTION_NAME] = self.encoders.projection.config
+        return out
 
     def prompt_encoder(self) -> PromptEncoder:
         """A `PromptEncoder` of these encoders and tokenizers, without weights: the caller sets its params
@@ -141,8 +164,9 @@ def step_text(cfg: Config) -> StepText | None:
     if pe.encoders.projection is not None:
         proj = pe.encoders.projection
         shapes[PROJECTION_NAME], logical[PROJECTION_NAME] = abstract_params(proj, *projection_inputs(proj.config))
+    full = (tuple(cfg.train.trainable), tuple(cfg.train.frozen)) if cfg.train.text_encoder == "full" else None
     return StepText(text_root(cfg.data), kind, pe.encoders, shapes, logical,
-                    _text_adapters(cfg, kind, shapes), cfg.data.cache.variant or None, pe.max_length)
+                    _text_adapters(cfg, kind, shapes), cfg.data.cache.variant or None, pe.max_length, full)
 
 
 def _text_adapters(cfg: Config, kind: str, shapes: Mapping[str, Any]) -> dict[str, AdapterPlan]:
@@ -192,7 +216,9 @@ def text_shardings(text: StepText, mesh: Any, rules: Mapping[str, Any], adapter_
 
 
 def load_text_params(text: StepText, dtype: Any, shardings: Mapping[str, Any]) -> dict[str, Any]:
-    """{component: params} of the text side, read from `text.folder` in `dtype` and placed with `shardings`."""
+    """{component: params} of the text side, read from `text.folder` in `dtype` and placed with `shardings`
+    ({component: shardings of all its params}: `text_shardings`' first value). `text.split` them into the
+    trained and frozen parts."""
     params = PromptEncoder.from_pipeline(text.folder, text.kind, param_dtype=dtype, max_length=text.max_length,
                                          variant=text.variant).params
     return {c: jax.device_put(params[c], shardings[c]) for c in text.components}
@@ -226,7 +252,10 @@ def text_variables(text: StepText, trainable: Mapping[str, Any], frozen: Mapping
     and {"lora": {component: adapters with their scales}} when the text encoders train adapters (else None).
     draws: the step's `model_draws` (lora.dropout): adds {"lora_dropout": {component: ...}}, encoder i's
     per-sample keys folded with i + 1 (the UNet's are not folded)."""
-    params = {c: frozen[c] for c in text.components}
+    if text.full is not None:
+        params = {c: merge_params(trainable.get(c, {}), frozen.get(c, {})) for c in text.components}
+    else:
+        params = {c: frozen[c] for c in text.components}
     lora = {c: plan.variables(trainable[c]) for c, plan in text.adapters.items()}
     if not lora:
         return params, None

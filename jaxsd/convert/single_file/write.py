@@ -74,11 +74,14 @@ def _extras(folder: Path) -> tuple[SafetensorsFile | None, list[str]]:
 
 def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *, dtype=None,
                       unet: tuple[Mapping, Mapping[str, np.ndarray]] | None = None,
-                      metadata: Mapping[str, str] | None = None, extras: bool = True) -> dict[str, int]:
+                      metadata: Mapping[str, str] | None = None, extras: bool = True,
+                      text: Mapping[str, tuple[Mapping, Mapping[str, np.ndarray]]] | None = None) -> dict[str, int]:
     """Write pipeline `folder` as single file `out`. Returns {component: tensors written}.
 
     dtype: cast floating tensors (e.g. np.float16); None keeps each tensor's dtype.
     unet: (diffusers config dict, state dict) to write instead of the folder's unet/ (a trained UNet).
+    text: {"text_encoder"[, "text_encoder_2"]: (transformers config dict, state dict)} to write instead of the
+      folder's (trained text encoders)
     extras: write back the unused tensors of the single file the folder came from (its
       `single_file_extras.safetensors`, or the file itself for a folder view).
     """
@@ -92,9 +95,10 @@ def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *, dtyp
     counts = {}
     components = [("unet", layout.UNET_PREFIX, "unet"), ("vae", layout.VAE_PREFIX, "vae"),
                   *((n, p, k) for n, (p, k) in layout.TEXT_ENCODERS[family].items())]
+    replaced = {**({"unet": unet} if unet is not None else {}), **(text or {})}
     for name, prefix, kind in components:
-        if name == "unet" and unet is not None:
-            config, state = unet
+        if name in replaced:
+            config, state = replaced[name]
         elif (folder / name).is_dir():
             config, state = read_config(folder / name), open_weights(folder / name, WEIGHTS[name])
         else:
@@ -105,10 +109,10 @@ def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *, dtyp
         meta[META + name] = json.dumps(dict(config), sort_keys=True)
     if extras_file is not None:
         # with a new UNet only the text encoders' and the VAE's extras still describe the model (the EMA
-        # and the DDPM schedule buffers were the old UNet's)
-        keep = tuple(p for n, p, _ in components if n != "unet")
+        # and the DDPM schedule buffers were the old UNet's); a new text encoder's were the old one's
+        keep = tuple(p for n, p, _ in components if n not in replaced)
         for key in extra_keys:
-            if key not in entries and (unet is None or key.startswith(keep)):
+            if key not in entries and (not replaced or key.startswith(keep)):
                 entries[key] = functools.partial(extras_file.__getitem__, key)
     scheduler = folder / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():

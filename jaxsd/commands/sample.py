@@ -21,6 +21,10 @@ against diffusers; with --init-image it is the noise added to the image latents.
 --lora FILE (repeatable) applies LoRA / LoCon files — PEFT/diffusers or kohya layout, see
 docs/lora.md — to the UNet and CLIP text encoders at --lora-scale (one per file, default 1.0).
 
+--tome RATIO merges that fraction of the tokens in the UNet's full-resolution transformer blocks
+before their self-attention (token merging, ToMe for SD, with the `tomesd` package's other defaults;
+docs/sampling.md): faster at large latents, slightly different images. 0 is exactly no merging.
+
 Examples:
   jaxsd sample --model ./sd15 --prompt "a castle at sunset" --steps 25 --out castle.png
   jaxsd sample --model ./sd15 --prompt "oil painting" --init-image photo.png --strength 0.6 --out painted.png
@@ -68,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA/LoCon .safetensors file (PEFT/diffusers or kohya); repeat for several")
     p.add_argument("--lora-scale", type=float, nargs="+", default=None, metavar="S",
                    help="scale of each --lora file, in their order (default 1.0 each)")
+    p.add_argument("--tome", type=float, default=0.0, metavar="RATIO",
+                   help="token merging: fraction of tokens merged before self-attention at full resolution, "
+                        "in [0, 0.75] (default 0: off; 0.5 is ToMe's usual setting)")
     p.add_argument("--out", required=True, metavar="PATH.png", help="output image (a grid when several)")
 
 
@@ -115,6 +122,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InputError("--steps and --num-images must be >= 1")
     if not args.out.lower().endswith(".png"):
         raise InputError(f"--out must be a .png path, got {args.out}")
+    if not 0.0 <= args.tome <= 0.75:
+        raise InputError(f"--tome {args.tome} must be in [0, 0.75] (the fraction of tokens merged; at most 3 of "
+                         "every 2x2 tokens can merge into the fourth)")
     if args.lora_scale is not None and len(args.lora_scale) != len(args.lora):
         raise InputError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files; give one "
                          "scale per file, in the same order (or none for 1.0 each)")
@@ -127,11 +137,12 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     check_arguments(args)  # before loading anything, so a typo costs no model load
 
+    from jaxsd.models.token_merging import TokenMerging
     from jaxsd.pipelines.grids import image_grid
     from jaxsd.pipelines.pipeline import StableDiffusion
 
     t0 = time.perf_counter()
-    pipe = StableDiffusion.from_folder(args.model, config_dir=args.config)
+    pipe = StableDiffusion.from_folder(args.model, config_dir=args.config, token_merging=TokenMerging(ratio=args.tome))
     if args.lora:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

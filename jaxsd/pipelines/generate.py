@@ -142,7 +142,7 @@ def compiled_generate(unet: UNet2DConditionModel, vae: AutoencoderKL, vae_config
     cached per process on (models' configs, spec, input signature), so another pipeline over
     the same architecture reuses the program.
     """
-    key = (unet.config, unet.dtype, unet.attention_impl, vae_config, spec, signature(inputs))
+    key = (unet.config, unet.dtype, unet.attention_impl, unet.token_merging, vae_config, spec, signature(inputs))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from jaxsd.config_text import check_text_encoder, check_validation, resolve_text_encoder
 from jaxsd.data.config import DataConfig, DreamBoothConfig, check_data_config, spell_subset_kind
 from jaxsd.errors import ConfigError, InputError
+from jaxsd.models.token_merging_settings import TokenMerging
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -52,6 +53,10 @@ class ModelConfig:
     """rematerialisation of each ResNet and transformer block of the UNet: None | "full" (keep only
     block inputs) | "dots" (also keep weight-matmul outputs) | a `jax.checkpoint_policies` name
     (jaxsd/models/transformer.py; the policy table is in docs/training.md)."""
+    token_merging: TokenMerging = field(default_factory=lambda: TokenMerging(ratio=0.0))
+    """ToMe for SD in the UNet's transformer blocks, in the train step and sample grids: ratio (0 = off,
+    the default), max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp — the
+    `tomesd` package's settings and defaults (jaxsd/models/token_merging.py, docs/sampling.md)."""
 
 
 @dataclass(frozen=True)
@@ -576,7 +581,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {item!r}") from None
-    cfg = _unbool_on_off(OmegaConf.to_object(merged))
+    try:
+        cfg = _unbool_on_off(OmegaConf.to_object(merged))
+    except InputError as e:  # a section's own check (model.token_merging)
+        raise ConfigError(f"{path or 'config'}: model.{e}") from None
     assert isinstance(cfg, Config)
     cfg = resolve_text_encoder(cfg)
     _check_choices(cfg)

@@ -10,6 +10,12 @@ the whole `generate` / `pipe(...)` call (prompt encoding, sampling, decode).
   --preset tiny|small   a random pipeline built on the spot (tiny: 2-level UNet at
                         32 px; small: the `small` UNet at 256 px)
   --model DIR           any SD1/SD2/SDXL diffusers pipeline folder (a real model)
+  --latent N [N ...]    latent side(s) instead of --resolution: one record each
+  --tome RATIO          also time both sides with token merging (jaxsd's `token_merging`,
+                        diffusers patched by `tomesd.apply_patch`), same ratio, tomesd's other
+                        defaults but `use_rand=False` on both sides (the same merges, so the
+                        images stay comparable): figures `jaxsd_tome`, `torch_tome`, and the
+                        speed-ups in the record's `tome` entry
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 
 import numpy as np
 
-from bench.harness import comparison_table, make_record, repeat_children, run_child
+from bench.harness import comparison_table, make_record, repeat_children, run_child, table
 from bench.presets import unet_preset
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -38,12 +44,18 @@ PRESETS = {
     "small": {"unet": "small", "vae": [32, 64, 128, 128], "clip_width": 192, "resolution": 256},
 }
 LABELS = ("model", "resolution", "steps", "batch", "dtype")
+TOME_LABELS = ("model", "resolution", "steps", "tome")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random pipeline (default tiny)")
     p.add_argument("--model", default=None, metavar="DIR", help="a diffusers pipeline folder instead of a preset")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default per preset/model)")
+    p.add_argument("--latent", type=int, nargs="+", default=None, metavar="N",
+                   help="latent side(s) instead of --resolution (resolution = N × the VAE's factor); one record each")
+    p.add_argument("--tome", type=float, default=0.0, metavar="RATIO",
+                   help="also measure token merging at this ratio: jaxsd with and without it, diffusers with and "
+                        "without tomesd (default 0: not measured)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
@@ -65,20 +77,77 @@ def _folder(args: argparse.Namespace):
         yield tmp
 
 
+def _check(args: argparse.Namespace) -> None:
+    from jaxsd.errors import InputError
+
+    if args.latent and args.resolution:
+        raise InputError("give --latent or --resolution, not both")
+    if args.latent and min(args.latent) < 1:
+        raise InputError(f"--latent {args.latent}: latent sides must be >= 1")
+    if not 0.0 <= args.tome <= 0.75:
+        raise InputError(f"--tome {args.tome} must be in [0, 0.75] (tomesd's limit with 2x2 cells)")
+
+
 def run(args: argparse.Namespace) -> list[dict]:
+    _check(args)
+    records = []
     with _folder(args) as folder:
-        resolution = args.resolution or (PRESETS[args.preset]["resolution"] if not args.model else None)
-        config = {"model": args.model or args.preset, "resolution": resolution, "steps": args.steps,
-                  "guidance": args.guidance, "batch": args.batch, "dtype": args.dtype, "sampler": "dpmpp_2m",
-                  "warmup": args.warmup, "repeats": args.repeats, "processes": args.processes}
-        child_cfg = {**config, "folder": folder}
-        results = {fw: repeat_children("sample", fw, child_cfg, args.processes, timeout=args.timeout)
-                   for fw in args.frameworks}
-    return [make_record("sample", config, results, note=args.note)]
+        if args.latent:
+            factor = _size(folder, {"resolution": 1})[2]
+            resolutions = [n * factor for n in args.latent]
+        else:
+            resolutions = [args.resolution or (PRESETS[args.preset]["resolution"] if not args.model else None)]
+        for resolution in resolutions:
+            config = {"model": args.model or args.preset, "resolution": resolution, "steps": args.steps,
+                      "guidance": args.guidance, "batch": args.batch, "dtype": args.dtype, "sampler": "dpmpp_2m",
+                      "warmup": args.warmup, "repeats": args.repeats, "processes": args.processes}
+            if args.tome:
+                config["tome"] = args.tome
+            results = {}
+            for fw in args.frameworks:
+                for tome in (0.0, args.tome) if args.tome else (0.0,):
+                    child_cfg = {**config, "folder": folder, "tome": tome}
+                    results[fw + ("_tome" if tome else "")] = repeat_children("sample", fw, child_cfg,
+                                                                               args.processes, timeout=args.timeout)
+            record = make_record("sample", config, results, note=args.note)
+            if args.tome:
+                record["tome"] = tome_figures(results)
+            records.append(record)
+    return records
+
+
+def tome_figures(results: dict) -> dict:
+    """Speed-ups from token merging (time without / time with, medians) on each side, and jaxsd's
+    time relative to diffusers' with and without it (jaxsd / torch)."""
+    def div(a, b):
+        return a / b if a is not None and b else None
+
+    med = lambda name: _median_step(results, name)
+    return {"speedup_jaxsd": div(med("jaxsd"), med("jaxsd_tome")), "speedup_torch": div(med("torch"), med("torch_tome")),
+            "jaxsd_vs_torch": div(med("jaxsd"), med("torch")),
+            "jaxsd_vs_torch_tome": div(med("jaxsd_tome"), med("torch_tome"))}
+
+
+def _median_step(results: dict, name: str) -> float | None:
+    return (results.get(name) or {}).get("step_s", {}).get("median")
 
 
 def format_table(records: list[dict]) -> str:
-    return comparison_table(records, LABELS)
+    plain = comparison_table(records, LABELS)
+    with_tome = [r for r in records if "tome" in r]
+    if not with_tome:
+        return plain
+    fmt = lambda x, unit="": "—" if x is None else f"{x:.3g}{unit}"
+    rows = []
+    for r in with_tome:
+        t = r["tome"]
+        m = lambda name, rec=r: _median_step(rec, name)
+        rows.append([*(str(r["config"].get(k, "")) for k in TOME_LABELS), fmt(m("jaxsd")), fmt(m("jaxsd_tome")),
+                     fmt(t["speedup_jaxsd"], "×"), fmt(m("torch")), fmt(m("torch_tome")), fmt(t["speedup_torch"], "×"),
+                     fmt(t["jaxsd_vs_torch"], "×"), fmt(t["jaxsd_vs_torch_tome"], "×")])
+    headers = [*TOME_LABELS, "jaxsd s", "jaxsd+ToMe s", "ToMe speed-up", "torch s", "torch+tomesd s",
+               "tomesd speed-up", "jaxsd/torch", "jaxsd/torch with ToMe"]
+    return plain + "\n\n" + table(headers, rows)
 
 
 # ----------------------------------------------------------------------------- children
@@ -158,10 +227,12 @@ def child_jaxsd(config: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jaxsd.models.token_merging import TokenMerging
     from jaxsd.pipelines.pipeline import StableDiffusion
 
     res, channels, factor = _size(config["folder"], config)
-    pipe = StableDiffusion.from_folder(config["folder"], dtype=jnp.dtype(config["dtype"]))
+    tm = TokenMerging(ratio=config.get("tome", 0.0), use_rand=False)
+    pipe = StableDiffusion.from_folder(config["folder"], dtype=jnp.dtype(config["dtype"]), token_merging=tm)
     latents = _latents(config, channels, res // factor)
 
     def generate():
@@ -190,6 +261,10 @@ def child_torch(config: dict) -> dict:
     pipe = diffusers.DiffusionPipeline.from_pretrained(config["folder"], torch_dtype=dtype)
     pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **DPMPP_2M)
     pipe.set_progress_bar_config(disable=True)
+    if config.get("tome"):
+        import tomesd
+
+        tomesd.apply_patch(pipe, ratio=config["tome"], use_rand=False)
     latents = torch.from_numpy(_latents(config, channels, res // factor)).to(dtype)
 
     def generate():

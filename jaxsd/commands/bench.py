@@ -7,7 +7,8 @@ Suites:
                    memory analysis of jaxsd's step compiled from shapes
   scaling          step time vs batch size and latent size (`small`); per-device memory vs
                    number of (fake) devices with FSDP
-  sample           20-step DPM++ 2M with classifier-free guidance, jaxsd vs diffusers pipeline
+  sample           20-step DPM++ 2M with classifier-free guidance, jaxsd vs diffusers pipeline;
+                   --tome RATIO: both also with token merging (diffusers + tomesd), --latent N [N ...]
   cache            VAE encode + text encode throughput (images/s), jaxsd vs diffusers/transformers
   optimizer-state  optimizer-state bytes of AdamW / 8-bit AdamW / Adafactor on the sd15 UNet
                    (from shapes; nothing allocated)
@@ -31,6 +32,7 @@ torch side needs the [torch] extra. Examples:
   jaxsd bench train-step --preset small --batch 2
   jaxsd bench train-step --preset small --lora 4 --base-dtype float32,bfloat16
   jaxsd bench scaling --sweep batch --frameworks jaxsd
+  jaxsd bench sample --preset small --tome 0.5 --latent 64 128
   jaxsd bench flops
   jaxsd bench memory --timeout 10800
 """

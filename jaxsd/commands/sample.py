@@ -29,6 +29,10 @@ and the masked image's latents as extra channels; a plain UNet keeps the unmaske
 --prompts FILE runs one prompt per line (blank lines skipped) through one compiled program, --batch-size
 at a time (the last batch padded); --out is then the grid, each image OUT-NNN-<prompt>.png beside it.
 
+--tome RATIO merges that fraction of the tokens in the UNet's full-resolution transformer blocks
+before their self-attention (token merging, ToMe for SD, with the `tomesd` package's other defaults;
+docs/sampling.md): faster at large latents, slightly different images. 0 is exactly no merging.
+
 Every option is described in docs/sampling.md.
 
 Examples:
@@ -113,6 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode in overlapping tiles (diffusers' enable_tiling): bounded memory for large images")
     p.add_argument("--output-latents", default=None, metavar="FILE.npy",
                    help="also save the final latents, NCHW float32 as diffusers' output_type='latent'")
+    p.add_argument("--tome", type=float, default=0.0, metavar="RATIO",
+                   help="token merging: fraction of tokens merged before self-attention at full resolution, "
+                        "in [0, 0.75] (default 0: off; 0.5 is ToMe's usual setting)")
     p.add_argument("--out", required=True, metavar="PATH.png", help="output image (a grid when several)")
 
 
@@ -140,6 +147,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InputError("--steps and --num-images must be >= 1")
     if not args.out.lower().endswith(".png"):
         raise InputError(f"--out must be a .png path, got {args.out}")
+    if not 0.0 <= args.tome <= 0.75:
+        raise InputError(f"--tome {args.tome} must be in [0, 0.75] (the fraction of tokens merged; at most 3 of "
+                         "every 2x2 tokens can merge into the fourth)")
     if args.lora_scale is not None and len(args.lora_scale) != len(args.lora):
         raise InputError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files; give one "
                          "scale per file, in the same order (or none for 1.0 each)")
@@ -151,12 +161,13 @@ def load_pipeline(args: argparse.Namespace):
     """The StableDiffusion pipeline of --model with --dtype, --variant, --vae and --lora applied."""
     import jax.numpy as jnp
 
+    from jaxsd.models.token_merging import TokenMerging
     from jaxsd.pipelines.pipeline import StableDiffusion
 
     dtype = jnp.dtype(args.dtype)
     pipe = StableDiffusion.from_folder(args.model, config_dir=args.config, dtype=dtype,
                                        param_dtype=None if dtype == jnp.float32 else dtype, variant=args.variant,
-                                       vae_folder=args.vae)
+                                       vae_folder=args.vae, token_merging=TokenMerging(ratio=args.tome))
     if args.lora:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from jaxsd.errors import InputError
+from jaxsd.models import token_merging as tome
 from jaxsd.models.attention import Attention
 from jaxsd.models.layers import Conv, Dense, GroupNorm, LayerNorm
+from jaxsd.models.token_merging import TokenMerging
 
 
 def remat_policy(name: str | None):
@@ -83,31 +85,49 @@ class BasicTransformerBlock(nn.Module):
     """norm1 → attn1 (self; cross if only_cross_attention) → norm2 → attn2 (cross) → norm3 → ff, each residual.
 
     x: [B, L, dim]; context: [B, Lk, cross_dim]. Returns [B, L, dim].
+    token_merging, grid: ToMe (`jaxsd.models.token_merging`) over the (h, w) token grid x flattens,
+    planned from the block's input and applied to the sub-layers it names (None: no merging here).
+    tome_key: the key of the random dst choice (`token_merging.use_rand` with an even batch).
     """
 
     heads: int
     dim_head: int
     only_cross_attention: bool = False
     attention_impl: str = "auto"
+    token_merging: TokenMerging | None = None
+    grid: tuple[int, int] | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, tome_key: jax.Array | None = None) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         attn = lambda name: Attention(self.heads, self.dim_head, implementation=self.attention_impl, name=name, **kw)
-        h = LayerNorm(1e-5, name="norm1", **kw)(x)
-        x = x + attn("attn1")(h, context if self.only_cross_attention else None)
-        h = LayerNorm(1e-5, name="norm2", **kw)(x)
-        x = x + attn("attn2")(h, context)
-        h = LayerNorm(1e-5, name="norm3", **kw)(x)
-        return x + FeedForward(name="ff", **kw)(h)
+        m_attn = m_cross = m_mlp = u_attn = u_cross = u_mlp = lambda t: t
+        tm = self.token_merging
+        r = tome.merge_count(x.shape[1], self.grid, tm) if tm is not None and self.grid is not None else 0
+        if r > 0:
+            # tomesd turns the random choice off for odd batches: [uncond; cond] halves must share it
+            key = tome_key if tm.use_rand and x.shape[0] % 2 == 0 else None
+            plan = tome.plan_merge(x, self.grid, tm, r, key)
+            m, u = (lambda t: tome.merge(t, plan)), (lambda t: tome.unmerge(t, plan))
+            m_attn, u_attn = (m, u) if tm.merge_attn else (m_attn, u_attn)
+            m_cross, u_cross = (m, u) if tm.merge_crossattn else (m_cross, u_cross)
+            m_mlp, u_mlp = (m, u) if tm.merge_mlp else (m_mlp, u_mlp)
+        h = m_attn(LayerNorm(1e-5, name="norm1", **kw)(x))
+        x = x + u_attn(attn("attn1")(h, context if self.only_cross_attention else None))
+        h = m_cross(LayerNorm(1e-5, name="norm2", **kw)(x))
+        x = x + u_cross(attn("attn2")(h, context))
+        h = m_mlp(LayerNorm(1e-5, name="norm3", **kw)(x))
+        return x + u_mlp(FeedForward(name="ff", **kw)(h))
 
 
 class Transformer2DModel(nn.Module):
     """GroupNorm → proj_in → transformer blocks → proj_out, plus the input as residual.
 
     x: [B, H, W, C]; context: [B, Lk, cross_dim]. Returns [B, H, W, C].
+    token_merging: ToMe in this level's blocks if it is downsampled at most `max_downsample` times from
+    `latent_size`; tome_key: their random dst choice (folded with the block index), see BasicTransformerBlock.
     use_linear_projection: proj_in/proj_out are Linear over tokens (SD2/SDXL),
     else 1×1 convs before flattening / after unflattening (SD1).
     """
@@ -120,11 +140,13 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     attention_impl: str = "auto"
     remat_policy: str | None = None
+    token_merging: TokenMerging | None = None
+    latent_size: tuple[int, int] | None = None  # the UNet input's (H, W): which level this is, for ToMe
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, tome_key: jax.Array | None = None) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         height, channels = x.shape[1], x.shape[-1]
         inner = self.heads * self.dim_head
@@ -137,9 +159,14 @@ class Transformer2DModel(nn.Module):
             tokens = rearrange(Conv(inner, 1, padding=0, name="proj_in", **kw)(h),
                                "b height width c -> b (height width) c")
         block_cls = maybe_remat(BasicTransformerBlock, self.remat_policy)
+        tm, grid = self.token_merging, None
+        if tm is not None and tm.active and tome.merges_at(self.latent_size or (height, x.shape[2]),
+                                                           tokens.shape[1], tm.max_downsample):
+            grid = (height, x.shape[2])
         for i in range(self.num_layers):
+            key = None if tome_key is None else jax.random.fold_in(tome_key, i)
             tokens = block_cls(self.heads, self.dim_head, self.only_cross_attention, self.attention_impl,
-                               name=f"transformer_blocks_{i}", **kw)(tokens, context)
+                               tm, grid, name=f"transformer_blocks_{i}", **kw)(tokens, context, key)
         if self.use_linear_projection:
             h = rearrange(Dense(channels, axes=("conv_in", "conv_out"), name="proj_out", **kw)(tokens),
                           "b (height width) c -> b height width c", height=height)

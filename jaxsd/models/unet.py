@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxsd.errors import InputError
 from jaxsd.models.layers import Conv, Dense, GroupNorm, activation
+from jaxsd.models.token_merging import TokenMerging, timestep_key
 from jaxsd.models.unet_blocks import AttnSettings, DownBlock, MidBlock, UpBlock
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -234,6 +235,8 @@ class UNet2DConditionModel(nn.Module):
     dtype: compute dtype (params stay `param_dtype`; norms and softmax run in fp32).
     attention_impl: "auto" | "einsum" | "xla" | "cudnn" | "splash" (see `jaxsd.models.attention`).
     remat_policy: None, or a `jax.checkpoint_policies` name applied per ResNet and transformer block.
+    token_merging: None, or ToMe in the transformer blocks (`jaxsd.models.token_merging`); its random
+      dst choice is drawn from the timesteps (`timestep_key`).
     """
 
     config: UNetConfig
@@ -241,6 +244,7 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
     remat_policy: str | None = None
+    token_merging: TokenMerging | None = None
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -263,6 +267,10 @@ class UNet2DConditionModel(nn.Module):
         if cfg.addition_embed_type == "text_time":
             emb = emb + self._text_time_embedding(added_cond, b)
         context = encoder_hidden_states.astype(self.dtype)
+        tm = self.token_merging
+        tome_key = timestep_key(t) if tm is not None and tm.active and tm.use_rand else None
+        block_key = lambda i: None if tome_key is None else jax.random.fold_in(tome_key, i)
+        latent_size = tuple(sample.shape[1:3])
 
         # down
         h = Conv(cfg.block_out_channels[0], cfg.conv_in_kernel, padding=(cfg.conv_in_kernel - 1) // 2,
@@ -273,12 +281,13 @@ class UNet2DConditionModel(nn.Module):
         for i, block_type in enumerate(cfg.down_block_types):
             h, res = DownBlock(cfg.block_out_channels[i], layers[i], self._attn(block_type, i), add_downsample=i < n - 1,
                                downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",
-                               **self._block_kw())(h, emb, context)
+                               **self._block_kw(latent_size))(h, emb, context, block_key(i))
             skips.extend(res)
 
         # mid
         h = MidBlock(cfg.block_out_channels[-1], 1, self._attn("CrossAttn", n - 1),
-                     output_scale_factor=cfg.mid_block_scale_factor, name="mid_block", **self._block_kw())(h, emb, context)
+                     output_scale_factor=cfg.mid_block_scale_factor, name="mid_block",
+                     **self._block_kw(latent_size))(h, emb, context, block_key(n))
 
         # up: block i mirrors down block n-1-i; its channels, heads, layers come reversed
         # (diffusers reverses num_attention_heads = attention_head_dim for the up path).
@@ -291,16 +300,19 @@ class UNet2DConditionModel(nn.Module):
             last = i == n - 1
             up_size = tuple(skips[-1].shape[1:3]) if odd_size and not last else None
             h = UpBlock(rev_channels[i], num, self._attn(block_type, n - 1 - i), add_upsample=not last,
-                        name=f"up_blocks_{i}", **self._block_kw())(h, res, emb, context, up_size)
+                        name=f"up_blocks_{i}", **self._block_kw(latent_size))(h, res, emb, context, up_size,
+                                                                              block_key(n + 1 + i))
 
         h = activation(cfg.act_fn)(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
         return Conv(cfg.out_channels, cfg.conv_out_kernel, padding=(cfg.conv_out_kernel - 1) // 2,
                     name="conv_out", **kw)(h)
 
-    def _block_kw(self) -> dict:
+    def _block_kw(self, latent_size: tuple[int, int]) -> dict:
         cfg = self.config
+        tm = self.token_merging if self.token_merging is not None and self.token_merging.active else None
         return {"norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps, "act_fn": cfg.act_fn,
                 "attention_impl": self.attention_impl, "remat_policy": self.remat_policy,
+                "token_merging": tm, "latent_size": latent_size if tm is not None else None,
                 "dtype": self.dtype, "param_dtype": self.param_dtype}
 
     def _attn(self, block_type: str, i: int) -> AttnSettings | None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxsd.errors import InputError
 from jaxsd.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from jaxsd.models.token_merging import TokenMerging
 from jaxsd.models.transformer import Transformer2DModel, maybe_remat
 
 
@@ -40,6 +41,8 @@ class _BlockBase(nn.Module):
     act_fn: str = "silu"
     attention_impl: str = "auto"
     remat_policy: str | None = None
+    token_merging: TokenMerging | None = None
+    latent_size: tuple[int, int] | None = None  # the UNet input's (H, W), for ToMe's choice of levels
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -48,7 +51,13 @@ class _BlockBase(nn.Module):
         return cls(self.out_channels, self.norm_num_groups, self.norm_eps, self.act_fn, output_scale_factor,
                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"resnets_{i}")
 
-    def _transformer(self, i: int) -> nn.Module:
+    def _transformer(self, i: int, x: jax.Array, context: jax.Array | None,
+                     tome_key: jax.Array | None) -> jax.Array:
+        """Attention layer i on x; tome_key (ToMe's random dst choice) folded with i."""
+        key = None if tome_key is None else jax.random.fold_in(tome_key, i)
+        return self._transformer_module(i)(x, context, key)
+
+    def _transformer_module(self, i: int) -> nn.Module:
         a = self.attn
         if self.out_channels % a.heads:
             raise InputError(f"{self.out_channels} channels are not divisible into {a.heads} attention heads "
@@ -56,7 +65,7 @@ class _BlockBase(nn.Module):
         return Transformer2DModel(
             a.heads, self.out_channels // a.heads, a.transformer_layers, self.norm_num_groups,
             a.use_linear_projection, a.only_cross_attention, self.attention_impl,
-            self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}")
+            self.remat_policy, self.token_merging, self.latent_size, dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}")
 
 
 class DownBlock(_BlockBase):
@@ -70,13 +79,13 @@ class DownBlock(_BlockBase):
     downsample_padding: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array | None
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array | None, tome_key: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         skips = []
         for i in range(self.num_layers):
             x = self._resnet(i)(x, temb)
             if self.attn is not None:
-                x = self._transformer(i)(x, context)
+                x = self._transformer(i, x, context, tome_key)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.downsample_padding, dtype=self.dtype,
@@ -92,10 +101,11 @@ class MidBlock(_BlockBase):
     output_scale_factor: float = 1.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array,
+                 tome_key: jax.Array | None = None) -> jax.Array:
         x = self._resnet(0, self.output_scale_factor)(x, temb)
         for i in range(self.num_layers):
-            x = self._transformer(i)(x, context)
+            x = self._transformer(i, x, context, tome_key)
             x = self._resnet(i + 1, self.output_scale_factor)(x, temb)
         return x
 
@@ -112,14 +122,14 @@ class UpBlock(_BlockBase):
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array, context: jax.Array | None,
-                 upsample_size: tuple[int, int] | None = None) -> jax.Array:
+                 upsample_size: tuple[int, int] | None = None, tome_key: jax.Array | None = None) -> jax.Array:
         if len(skips) != self.num_layers:
             raise ValueError(f"up block expects {self.num_layers} skip tensors, got {len(skips)}")
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1)
             x = self._resnet(i)(x, temb)
             if self.attn is not None:
-                x = self._transformer(i)(x, context)
+                x = self._transformer(i, x, context, tome_key)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="upsamplers_0")(x, upsample_size)

@@ -24,6 +24,7 @@ import numpy as np
 from jaxsd.convert.lora import LoraWeights
 from jaxsd.diffusion.samplers import img2img_start, make_sampler, resolve_sampler_name
 from jaxsd.errors import InputError
+from jaxsd.models.token_merging import TokenMerging
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.models.vae_tiling import TileSettings, tiled_decode
@@ -46,11 +47,15 @@ def generation_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 class StableDiffusion:
     """A generation pipeline over Flax params. See `generate`."""
 
-    def __init__(self, pipe: LoadedPipeline, *, dtype=jnp.float32, attention_impl: str = "auto"):
+    def __init__(self, pipe: LoadedPipeline, *, dtype=jnp.float32, attention_impl: str = "auto",
+                 token_merging: TokenMerging | None = None):
+        """token_merging: ToMe in the UNet's transformer blocks (None or ratio 0: off)."""
         self.pipe = pipe
         self.family = pipe.family
         self.dtype = dtype
-        self.unet = UNet2DConditionModel(pipe.unet_config, dtype=dtype, attention_impl=attention_impl)
+        tm = token_merging if token_merging is not None and token_merging.active else None
+        self.unet = UNet2DConditionModel(pipe.unet_config, dtype=dtype, attention_impl=attention_impl,
+                                         token_merging=tm)
         self.vae = AutoencoderKL(pipe.vae_config, dtype=dtype)  # fp16 runs force_upcast VAEs in fp32
         self.vae_factor = pipe.vae_config.downscale
         self.text = pipe.text
@@ -64,16 +69,18 @@ class StableDiffusion:
     def from_folder(cls, folder: str | os.PathLike, *, param_dtype=None, variant: str | None = None,
                     dtype=jnp.float32, attention_impl: str = "auto",
                     text_max_length: int | None = None, config_dir: str | os.PathLike | None = None,
-                    vae_folder: str | os.PathLike | None = None) -> StableDiffusion:
+                    vae_folder: str | os.PathLike | None = None,
+                    token_merging: TokenMerging | None = None) -> StableDiffusion:
         """text_max_length: tokens prompts are padded to; None: the length the folder records.
         folder may be a single-file checkpoint (config_dir: as `load_pipeline`).
         dtype: compute dtype of every model; param_dtype: storage dtype of the weights (None: fp32).
         variant: weights variant, e.g. "fp16" (`*.fp16.safetensors`). vae_folder: a diffusers
-        AutoencoderKL folder used instead of the pipeline's vae/ (e.g. an fp16-fix SDXL VAE)."""
+        AutoencoderKL folder used instead of the pipeline's vae/ (e.g. an fp16-fix SDXL VAE).
+        token_merging: as __init__."""
         pipe = load_pipeline(folder, dtype=param_dtype, compute_dtype=dtype, variant=variant,
                              attention_impl=attention_impl, text_max_length=text_max_length, config_dir=config_dir,
                              vae_folder=vae_folder)
-        return cls(pipe, dtype=dtype, attention_impl=attention_impl)
+        return cls(pipe, dtype=dtype, attention_impl=attention_impl, token_merging=token_merging)
 
     # ---- LoRA ---------------------------------------------------------------------
 

@@ -37,8 +37,6 @@ repeated run loads the compiled step from disk instead of compiling it again.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import time
@@ -46,6 +44,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+
+from jaxsd.host_memory import libc as _libc
+from jaxsd.host_memory import release_freed_host_memory
 
 log = logging.getLogger("jaxsd.train")
 T = TypeVar("T")
@@ -76,11 +77,6 @@ def train_step_compiler_options(backend: str | None = None) -> dict[str, str]:
         return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
                 "xla_backend_optimization_level": 1}
     return {}
-
-
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
 
 
 def cpu_only() -> bool:
@@ -133,13 +129,6 @@ def shared_reduction_below(backend: str | None = None) -> int:
     into a kernel of its own: one per param cost ~3 s of the SD1.5 step's compile. 0 (one
     reduction per param, XLA's default) on other backends."""
     return 1 << 18 if (backend or jax.default_backend()) == "cpu" else 0
-
-
-def release_freed_host_memory() -> None:
-    """Return memory glibc holds after `free` to the OS (no-op on other C libraries)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def compile_train_step(lowered: Any) -> tuple[Any, float | None]:

@@ -53,8 +53,9 @@ def unet_config(cfg: ModelConfig) -> UNetConfig:
 
 
 def build_unet(cfg: ModelConfig, config: UNetConfig) -> UNet2DConditionModel:
+    tm = cfg.token_merging if cfg.token_merging.active else None  # ratio 0: exactly the plain UNet
     return UNet2DConditionModel(config, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                                attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy)
+                                attention_impl=cfg.attention_impl, remat_policy=cfg.remat_policy, token_merging=tm)
 
 
 def make_apply_fn(module: UNet2DConditionModel, *, variables: bool = False):

@@ -165,8 +165,9 @@ class TrainingSampler:
         components = load_components(folder, unet_config, cfg.diffusion, variant=variant, dtype=dtype,
                                      attention_impl=cfg.model.attention_impl,
                                      text_max_length=training_text_length(cfg))
-        sampler = cls(cfg.logging, StableDiffusion(components, dtype=dtype, attention_impl=cfg.model.attention_impl),
-                      run_dir, ema=cfg.train.ema.enabled, mesh=mesh, merge=merge, text=text)
+        pipe = StableDiffusion(components, dtype=dtype, attention_impl=cfg.model.attention_impl,
+                               token_merging=cfg.model.token_merging)
+        sampler = cls(cfg.logging, pipe, run_dir, ema=cfg.train.ema.enabled, mesh=mesh, merge=merge, text=text)
         check_compatible(sampler.pipe, sampler.embeddings[0], sampler.height, sampler.width)
         log.info("sample grids every %d steps from %s with the %s: %d prompts × %d (padded to %d tokens), %dx%d px, "
                  "%d %s steps, CFG %g, seed %d", cfg.logging.sample_every, folder, sampler.which,

@@ -160,6 +160,22 @@ def test_sample_tiny(bench_env):
     assert abs(j - t) < 0.5, (j, t)
 
 
+@pytest.mark.slow  # ~2 min: four generation children (jaxsd and diffusers, each with and without merging)
+@pytest.mark.torch
+def test_sample_tome_tiny(bench_env):
+    """`jaxsd bench sample --tome`: jaxsd and diffusers with and without token merging in one record."""
+    (rec,) = _command(bench_env, "sample", "--tome", "0.5", "--latent", "8", "--steps", "2", "--repeats", "1",
+                      "--warmup", "0")
+    assert rec["config"]["tome"] == 0.5 and rec["config"]["resolution"] == 32  # latent 8 × the tiny VAE's 4
+    for fw in ("jaxsd", "jaxsd_tome", "torch", "torch_tome"):
+        assert _is_stats(rec[fw]["step_s"]) and _is_stats(rec[fw]["peak_rss_gb"]), fw
+    assert all(v is not None and v > 0 for v in rec["tome"].values()), rec["tome"]
+    # the same merges on both sides (use_rand off): the same picture, and another one than without merging
+    means = {fw: rec[fw]["info"]["image_mean"] for fw in ("jaxsd", "jaxsd_tome", "torch", "torch_tome")}
+    assert abs(means["jaxsd_tome"] - means["torch_tome"]) < 0.01, means
+    assert abs(means["jaxsd_tome"] - means["jaxsd"]) > 0.03, means
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_train_step_grad_micro(bench_env):

@@ -100,7 +100,7 @@ def test_cli_sample_pads_prompts_to_the_length_the_folder_records(cached, tmp_pa
     proc = jaxsd_command("sample", "--model", folder, "--prompt", PROMPTS[0], "--negative-prompt", "a dog",
                          "--steps", GENERATE["steps"], "--guidance", GENERATE["guidance"], "--scheduler",
                          GENERATE["sampler"], "--latents", tmp_path / "latents.npy", "--out", out)
-    assert "(hybrid, prompts padded to 512 tokens)" in proc.stderr
+    assert "(hybrid, float32, prompts padded to 512 tokens)" in proc.stderr
     ours = np.asarray(Image.open(out))[None]
     kw = {**GENERATE, "negative_prompt": "a dog", "latents": latents}
     at = {n: StableDiffusion.from_folder(pipe, text_max_length=n).generate(PROMPTS[0], **kw) for n in (512, 256)}

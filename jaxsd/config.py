@@ -107,6 +107,9 @@ class StyleLossConfig:
     layer_weights: list[float] = field(default_factory=list)
     """one weight per layer; empty = 1 each."""
 
+    def __hash__(self) -> int:  # LossConfig is a static argument of jitted steps: hash the lists as tuples
+        return hash((self.weight, tuple(self.layers), tuple(self.layer_weights)))
+
 
 @dataclass(frozen=True)
 class LossConfig:

@@ -460,6 +460,10 @@ def _check_choices(cfg: Config) -> None:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"train.trainable/frozen: bad regex {pattern!r}: {e}") from None
+    for key in ("every", "keep", "poll_every"):
+        if getattr(cfg.checkpoint, key) < 1:
+            raise ConfigError(f"checkpoint.{key} = {getattr(cfg.checkpoint, key)} must be >= 1 (to save only at the "
+                              "end, set checkpoint.every to train.steps)")
     if cfg.train.steps_in_flight < 0:
         raise ConfigError(f"train.steps_in_flight = {cfg.train.steps_in_flight} must be >= 0 (0 = read each step's "
                           "metrics before dispatching the next)")

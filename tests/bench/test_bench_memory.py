@@ -2,7 +2,7 @@
 their peak, read from XLA's dumps (bench/peak_memory.py).
 
 The parser is checked on a step small enough to know what its peak must hold; the command runs one
-row on the `small` UNet through the `jaxsd` console script (nothing is allocated: compile only).
+row on the `tiny` UNet through the `jaxsd` console script (nothing is allocated: compile only).
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ def test_a_row_needing_a_setting_this_checkout_lacks_is_not_available():
 
 
 def test_memory_command_on_the_small_unet(tmp_path):
-    """One row (SD1.5's batch-4 full fine-tune, on the `small` UNet at 16×16 latents) through the
+    """One row (SD1.5's batch-4 full fine-tune, on the `tiny` UNet at 8×8 latents) through the
     command a user types: its record has the budget from the state and the peak from XLA's dump."""
     path = tmp_path / "results.jsonl"
-    proc = jaxsd_command("bench", "memory", "--unet", "small", "--latent", "16", "--rows", "sd15-b4", "--top", "3",
+    proc = jaxsd_command("bench", "memory", "--unet", "tiny", "--latent", "8", "--rows", "sd15-b4", "--top", "3",
                          "--json", path, timeout=1500)
     (rec,) = [json.loads(line) for line in path.read_text().splitlines()]
-    assert rec["suite"] == "memory" and rec["config"]["row"] == "sd15-b4" and rec["config"]["unet"] == "small"
+    assert rec["suite"] == "memory" and rec["config"]["row"] == "sd15-b4" and rec["config"]["unet"] == "tiny"
     j = rec["jaxsd"]
     trained = j["info"]["num_trainable"]
     assert j["budget"]["params_gb"] == pytest.approx(4 * trained / 1e9)  # fp32 masters
@@ -68,4 +68,4 @@ def test_memory_command_on_the_small_unet(tmp_path):
     assert j["argument_gb"] >= j["budget"]["params_gb"] + j["budget"]["opt_state_gb"]
     assert 0 < sum(j["peak"]["kinds_gb"].values()) <= j["temp_gb"] + j["output_gb"]
     assert len(j["peak"]["top"]) == 3
-    assert "sd15-b4 (small)" in proc.stdout and "largest buffers alive at the peak" in proc.stdout
+    assert "sd15-b4 (tiny)" in proc.stdout and "largest buffers alive at the peak" in proc.stdout

@@ -37,6 +37,7 @@ def test_on_off_choices_survive_yaml_booleans(tmp_path):
     ("optimizer.name=adamw9bit", "'optimizer.name' = 'adamw9bit' is not one of"),
     ("train.steps", "must look like key.sub=value"),
     ("train.steps_in_flight=-1", "train.steps_in_flight = -1 must be >= 0"),
+    ("checkpoint.every=0", "checkpoint.every = 0 must be >= 1"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

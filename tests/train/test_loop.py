@@ -196,6 +196,7 @@ def test_changed_config_resumes_with_a_warning_or_stops_naming_the_keys(runs):
     assert sorted(losses)[-2:] == [21, 22] and all(math.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.slow
 def test_an_8bit_checkpoint_of_the_old_layout_asks_for_params_only(runs):
     """8-bit AdamW's state changed layout (per-param moments -> packed block buffers) with the same
     config: a checkpoint written before (no meta["state_format"]) is refused with the way out, not set

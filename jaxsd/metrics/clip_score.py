@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -54,6 +54,8 @@ class CLIPPreprocess:
             if raw.get(flag) is False:
                 raise InputError(f"{path}: {flag} is false; only the standard CLIP preprocessing is supported")
         size, crop = raw.get("size", {"shortest_edge": 224}), raw.get("crop_size", {"height": 224, "width": 224})
+        # Older configs (openai/clip-vit-*) store bare ints: size is then the shortest edge, crop a square.
+        size = {"shortest_edge": size} if isinstance(size, int) else size
         if not isinstance(size, dict) or set(size) != {"shortest_edge"}:
             raise InputError(f"{path}: size {size!r} is not supported; expected {{'shortest_edge': N}}")
         crop = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
@@ -91,6 +93,8 @@ class CLIPScorer:
     model: CLIPModelParams
     tokenizer: TextTokenizer
     settings: CLIPPreprocess
+    _image: Callable = field(init=False, repr=False)
+    _text: Callable = field(init=False, repr=False)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> CLIPScorer:
@@ -98,11 +102,13 @@ class CLIPScorer:
         `CLIPModel.save_pretrained` + `CLIPProcessor.save_pretrained` write it)."""
         model = load_clip_model(folder)
         tokenizer = load_tokenizer(folder, max_length=model.text_config.max_position_embeddings, kind="clip")
-        self = cls(model, tokenizer, CLIPPreprocess.from_folder(folder))
-        self._image = jax.jit(lambda p, x: CLIPVisionModelWithProjection(model.vision_config).apply({"params": p}, x))
-        self._text = jax.jit(lambda p, ids, mask: CLIPTextModel(model.text_config).apply(
-            {"params": p}, ids, mask).text_embeds)
-        return self
+        return cls(model, tokenizer, CLIPPreprocess.from_folder(folder))
+
+    def __post_init__(self):
+        # One compile per batch size: preprocessing brings every image to the crop size first.
+        vision, text = CLIPVisionModelWithProjection(self.model.vision_config), CLIPTextModel(self.model.text_config)
+        self._image = jax.jit(lambda p, x: vision.apply({"params": p}, x))
+        self._text = jax.jit(lambda p, ids, mask: text.apply({"params": p}, ids, mask).text_embeds)
 
     def image_embeds(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 RGB images [H, W, 3] (sizes may differ) -> [N, projection_dim] (unnormalised)."""

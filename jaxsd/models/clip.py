@@ -112,10 +112,14 @@ def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
 
 
 class CLIPAttention(nn.Module):
+    """Multi-head self-attention; `causal` False for the vision tower (jaxsd.models.clip_vision), whose
+    config has the same fields this reads (hidden_size, num_attention_heads, head_dim)."""
+
     config: CLIPTextConfig
     implementation: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -124,7 +128,7 @@ class CLIPAttention(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         q, k, v = (Dense(c.hidden_size, axes=("embed", "heads"), name=name, **kw)(x)
                    .reshape(b, n, c.num_attention_heads, c.head_dim) for name in ("q_proj", "k_proj", "v_proj"))
-        o = attention(q, k, v, mask=mask, is_causal=True, implementation=self.implementation)
+        o = attention(q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation)
         return Dense(c.hidden_size, axes=("heads", "embed"), name="out_proj", **kw)(o.reshape(b, n, -1))
 
 
@@ -147,13 +151,14 @@ class CLIPEncoderLayer(nn.Module):
     implementation: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         c = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = LayerNorm(c.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + CLIPAttention(c, self.implementation, name="self_attn", **kw)(h, mask)
+        x = x + CLIPAttention(c, self.implementation, causal=self.causal, name="self_attn", **kw)(h, mask)
         h = LayerNorm(c.layer_norm_eps, name="layer_norm2", **kw)(x)
         return x + CLIPMLP(c, name="mlp", **kw)(h)
 
@@ -177,18 +182,21 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """The layer stack; returns every layer's output (N+1 states including the input)."""
+    """The layer stack; returns every layer's output (N+1 states including the input);
+    causal for text, not for the vision tower."""
 
     config: CLIPTextConfig
     implementation: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, h: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ...]:
         states = [h]
         for i in range(self.config.num_hidden_layers):
-            h = CLIPEncoderLayer(self.config, self.implementation, self.dtype, self.param_dtype, name=f"layers_{i}")(h, mask)
+            h = CLIPEncoderLayer(self.config, self.implementation, self.dtype, self.param_dtype, self.causal,
+                                 name=f"layers_{i}")(h, mask)
             states.append(h)
         return tuple(states)
 

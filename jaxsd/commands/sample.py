@@ -84,8 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=7.5, metavar="G", help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="R",
                    help="rescale guided predictions toward the conditional one's std, in [0, 1] (default 0)")
-    p.add_argument("--eta", type=float, default=0.0, metavar="E",
-                   help="ddim: the noise added each step, 0 (deterministic) to 1 (default 0)")
+    p.add_argument("--eta", type=float, default=None, metavar="E",
+                   help="ddim and euler_a: the noise added each step, >= 0 (A1111's eta; default: ddim 0 = "
+                        "deterministic, euler_a 1 = diffusers'; euler_a --eta 0 = plain euler)")
     # choices are validated in run() so an unknown name gets our message listing the valid ones
     p.add_argument("--scheduler", default="auto", metavar="NAME",
                    help=f"sampling algorithm: {', '.join(SCHEDULER_CHOICES)}, or an A1111 display name such as "
@@ -137,7 +138,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InputError(f"--strength must be in [0, 1], got {args.strength}")
     if args.mask and not args.init_image:
         raise InputError("--mask needs --init-image (the image to inpaint)")
-    if args.eta < 0 or not 0.0 <= args.guidance_rescale <= 1.0:
+    if (args.eta is not None and args.eta < 0) or not 0.0 <= args.guidance_rescale <= 1.0:
         raise InputError(f"--eta must be >= 0 and --guidance-rescale in [0, 1]; got {args.eta}, {args.guidance_rescale}")
     if args.clip_skip is not None and args.clip_skip < 0:
         raise InputError(f"--clip-skip must be >= 0, got {args.clip_skip}")

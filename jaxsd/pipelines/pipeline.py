@@ -35,7 +35,9 @@ from jaxsd.pipelines.lora import apply_loras, lora_scales, read_loras
 from jaxsd.text.prompts import PromptEmbeddings
 
 logger = logging.getLogger(__name__)
-ETA_SAMPLERS = ("ddim",)  # samplers whose tables take an eta (jaxsd/diffusion/samplers)
+# samplers whose tables take an eta (jaxsd/diffusion/samplers), with their default: DDIM deterministic,
+# euler_a as diffusers (k-diffusion's eta = 1)
+ETA_SAMPLERS = {"ddim": 0.0, "euler_a": 1.0}
 
 
 def generation_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -98,8 +100,11 @@ class StableDiffusion:
 
     # ---- compiled pieces ----------------------------------------------------------
 
-    def sampler_tables(self, sampler: str, steps: int, eta: float = 0.0):
-        """(sampler, tables); eta is a table value (another eta: other tables, the same program)."""
+    def sampler_tables(self, sampler: str, steps: int, eta: float | None = None):
+        """(sampler, tables); eta (None: the sampler's default) is a table value (another eta: other
+        tables, the same program)."""
+        if sampler in ETA_SAMPLERS and eta is None:
+            eta = ETA_SAMPLERS[sampler]
         key = (sampler, steps, eta)
         if key not in self._tables:
             options = {"eta": eta} if sampler in ETA_SAMPLERS else {}
@@ -132,7 +137,7 @@ class StableDiffusion:
                  steps: int = 30, guidance: float = 7.5, guidance_rescale: float = 0.0, sampler: str = "dpmpp_2m",
                  seed: int = 0, height: int | None = None, width: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, init_image: np.ndarray | None = None, strength: float = 0.8,
-                 mask: np.ndarray | None = None, eta: float = 0.0, original_size: tuple[int, int] | None = None,
+                 mask: np.ndarray | None = None, eta: float | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  tiled_vae: bool | TileSettings = False, return_latents: bool = False,
                  progress: Callable[[int], None] | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -152,7 +157,8 @@ class StableDiffusion:
         init_image: uint8 [H, W, 3] or [N, H, W, 3] → img2img with `strength` in [0, 1].
         mask: with init_image, inpainting: [H, W] or [N, H, W] in [0, 1], 1 (white) = repaint
           (jaxsd/pipelines/inpaint.py: an inpainting UNet, or a plain one by latent blending).
-        eta: DDIM's eta (0 = deterministic).
+        eta: the noise of ddim (default 0 = deterministic) and euler_a (default 1 = diffusers'; 0 = plain
+          Euler steps): k-diffusion's / A1111's eta. None = the sampler's default.
         original_size, crops_coords_top_left, target_size: SDXL micro-conditioning (default (H, W), (0, 0), (H, W)).
         tiled_vae: decode in overlapping tiles (True: diffusers' enable_tiling() settings) to bound memory.
         progress: called with the step index after every denoising step.
@@ -161,8 +167,10 @@ class StableDiffusion:
         """
         sampler = resolve_sampler_name(sampler, self.pipe.schedule.config)  # A1111 names; auto: the folder's
         if eta and sampler not in ETA_SAMPLERS:
-            raise InputError(f"eta={eta} applies to the {' and '.join(ETA_SAMPLERS)} sampler only (got sampler "
+            raise InputError(f"eta={eta} applies to the {' and '.join(ETA_SAMPLERS)} samplers only (got sampler "
                              f"{sampler!r})")
+        if eta is not None and not eta >= 0:
+            raise InputError(f"eta must be >= 0 (0 = no added noise), got {eta}")
         if mask is not None and init_image is None:
             raise InputError("a mask needs the image to inpaint: give init_image (--init-image) too")
         inpaint = inpaint_method(self.pipe.unet_config.in_channels, self.pipe.vae_config.latent_channels) \

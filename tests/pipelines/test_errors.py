@@ -100,8 +100,8 @@ def test_no_recompilation_for_prompt_seed_guidance_strength(sd_pipe, caplog):
     listening[0] = False
 
 
-def test_eta_only_with_ddim(sd_pipe):
-    with pytest.raises(ValueError, match="eta=0.5 applies to the ddim sampler only"):
+def test_eta_only_with_ddim_and_euler_a(sd_pipe):
+    with pytest.raises(ValueError, match="eta=0.5 applies to the ddim and euler_a samplers only"):
         sd_pipe.generate("x", sampler="euler", eta=0.5, steps=4)
 
 

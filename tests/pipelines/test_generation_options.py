@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxsd.errors import InputError
 from jaxsd.pipelines.generate import split_run_key
 from jaxsd.pipelines.pipeline import generation_keys
 from tests.helpers import jaxsd_command
@@ -152,7 +153,8 @@ def test_cli_sdxl_second_prompts_clip_skip_fp16_variant(sdxl_folder, tmp_path, t
 
 def test_no_recompilation_for_clip_skip_eta_rescale(sd_pipe):
     """After one DDIM run, another prompt, seed, guidance, rescale, clip skip and eta compile nothing: neither
-    the generation program nor the text encoder (clip skip is a traced layer index)."""
+    the generation program nor the text encoder (clip skip is a traced layer index). After one euler_a run
+    (default eta 1), another eta compiles nothing either."""
     compiles, listening = [], [True]
 
     def listener(event, duration, **kw):  # listeners cannot be removed: switched off at the end instead
@@ -162,23 +164,29 @@ def test_no_recompilation_for_clip_skip_eta_rescale(sd_pipe):
     jax.monitoring.register_event_duration_secs_listener(listener)
     options = {"num_images": 2, "steps": 6, "sampler": "ddim"}
     first = sd_pipe.generate("warm up", seed=0, **options)
+    ancestral = {**options, "sampler": "euler_a"}
+    euler_a = sd_pipe.generate("warm up", seed=0, **ancestral)
     encoder_programs = sd_pipe.text._encode._cache_size()
     compiles.clear()
     second = sd_pipe.generate("a photo of a dog", negative_prompt="blurry", seed=1, guidance=3.0,
                               guidance_rescale=0.5, clip_skip=2, eta=0.8, **options)
     third = sd_pipe.generate("warm up", seed=0, clip_skip=1, **options)
+    euler_a_eta = sd_pipe.generate("warm up", seed=0, eta=0.3, **ancestral)
     listening[0] = False
     assert compiles == [], f"{len(compiles)} XLA compilations for changed prompt/seed/guidance/clip skip/eta"
     assert sd_pipe.last_compile_seconds == 0.0 and sd_pipe.text._encode._cache_size() == encoder_programs
     assert_images_differ(first, second)
     assert_images_differ(first, third)  # clip skip alone changes the image
+    assert_images_differ(euler_a, euler_a_eta)
 
 
 def test_clip_skip_and_eta_are_checked(sd_pipe):
     with pytest.raises(ValueError, match="layers for a clip skip of 0 to 3"):
         sd_pipe.generate("x", clip_skip=4, steps=2)
-    with pytest.raises(ValueError, match="eta=0.5 applies to the ddim sampler only"):
-        sd_pipe.generate("x", sampler="euler_a", eta=0.5, steps=2)
+    with pytest.raises(ValueError, match="eta=0.5 applies to the ddim and euler_a samplers only"):
+        sd_pipe.generate("x", sampler="euler", eta=0.5, steps=2)
+    with pytest.raises(InputError, match="eta must be >= 0"):
+        sd_pipe.generate("x", sampler="euler_a", eta=-0.5, steps=2)
 
 
 @pytest.mark.slow  # compiles a bfloat16 program of its own

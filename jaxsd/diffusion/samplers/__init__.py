@@ -77,7 +77,7 @@ def get_sampler(name: str, schedule: NoiseSchedule) -> Sampler:
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, **options: Any) -> tuple[Sampler, Tables]:
-    """(sampler, per-model-call tables) for `num_steps` steps; options: eta for ddim."""
+    """(sampler, per-model-call tables) for `num_steps` steps; options: eta for ddim and euler_a."""
     sampler = get_sampler(name, schedule)
     schedule = named_schedule(name, schedule)
     tables = sampler.tables(schedule, num_steps, **options)

@@ -115,25 +115,39 @@ class Euler(Sampler):
         return {"x": x + rounded(derivative * tables["dt"][i], tables)}
 
 
+def ancestral_sigmas(s_from: np.ndarray, s_to: np.ndarray, eta: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sigma_up, sigma_down) [n] float32 of ancestral steps s_from → s_to, as k-diffusion's
+    get_ancestral_step: sigma_up = min(s_to, eta · sqrt(s_to² (s_from² − s_to²) / s_from²)),
+    sigma_down = sqrt(s_to² − sigma_up²). eta = 1 is diffusers' EulerAncestralDiscreteScheduler (its
+    sigma_up never exceeds s_to, so the min leaves it bit-identical); eta = 0 is a plain Euler step.
+    The final step (s_to = 0) has sigma_up = sigma_down = 0 whatever eta: diffusers draws noise there
+    too but scales it by 0."""
+    with np.errstate(invalid="ignore"):
+        up = (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** np.float32(0.5)
+        up = np.minimum(s_to, np.float32(eta) * up)
+        down = (s_to ** 2 - up ** 2) ** np.float32(0.5)
+    return as_f32(up, down)
+
+
 @dataclasses.dataclass(frozen=True)
 class EulerAncestral(Euler):
     """Euler step down to sigma_down (the inherited step, with dt = sigma_down - sigma), then fresh
-    noise of size sigma_up."""
+    noise of size sigma_up; eta (1 = diffusers', 0 = plain Euler) is a table value, so changing it
+    does not recompile."""
 
     name = "euler_a"
     stochastic = True
 
-    def tables(self, schedule: NoiseSchedule, num_steps: int) -> Tables:
+    def tables(self, schedule: NoiseSchedule, num_steps: int, eta: float = 1.0) -> Tables:
         if schedule.prediction_type == "sample":
             raise InputError("euler_a: prediction_type 'sample' is not supported (as in diffusers)")
+        if not eta >= 0:
+            raise InputError(f"euler_a: eta must be >= 0 (0 = plain Euler, 1 = the default), got {eta}")
         # EulerAncestralDiscreteScheduler has no use_karras_sigmas: from_config drops it
         schedule = NoiseSchedule.from_config(schedule.config, use_karras_sigmas=False)
         tab = _sigma_tables(schedule, num_steps, self.name, final="zero")
-        s_from, s_to = tab["sigma"], tab["sigma_next"]
-        with np.errstate(invalid="ignore"):
-            up = (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** np.float32(0.5)
-            down = (s_to ** 2 - up ** 2) ** np.float32(0.5)
-        tab["sigma_up"], tab["dt"] = as_f32(up, down - s_from)
+        up, down = ancestral_sigmas(tab["sigma"], tab["sigma_next"], eta)
+        tab["sigma_up"], tab["dt"] = up, (down - tab["sigma"]).astype(np.float32)
         return tab
 
     def step(self, state: State, m, tables: Tables, i, noise) -> State:

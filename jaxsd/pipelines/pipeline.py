@@ -28,6 +28,7 @@ from jaxsd.models.token_merging import TokenMerging
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
 from jaxsd.models.vae_tiling import TileSettings, tiled_decode
+from jaxsd.pipelines import data_parallel
 from jaxsd.pipelines.generate import GenerateSpec, compiled_generate, progress_hook, to_uint8
 from jaxsd.pipelines.inpaint import inpaint_method, prepare_mask
 from jaxsd.pipelines.loading import LoadedPipeline, load_pipeline
@@ -66,6 +67,7 @@ class StableDiffusion:
         self.last_run_seconds = 0.0
         self.loras: list[LoraWeights] = []
         self._unet_lora: dict | None = None
+        self._replicated: tuple | None = None  # (devices, unet params, vae params, their copies on every device)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, param_dtype=None, variant: str | None = None,
@@ -140,7 +142,8 @@ class StableDiffusion:
                  mask: np.ndarray | None = None, eta: float | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  tiled_vae: bool | TileSettings = False, return_latents: bool = False,
-                 progress: Callable[[int], None] | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                 progress: Callable[[int], None] | None = None,
+                 devices: Sequence[jax.Device] | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Generate images; returns uint8 [len(prompts) * num_images, H, W, 3] (prompt-major, as diffusers),
         and with return_latents also the final latents, NCHW float32 [N, C, H/f, W/f] (diffusers'
         output_type="latent": scaled, not decoded).
@@ -161,7 +164,9 @@ class StableDiffusion:
           Euler steps): k-diffusion's / A1111's eta. None = the sampler's default.
         original_size, crops_coords_top_left, target_size: SDXL micro-conditioning (default (H, W), (0, 0), (H, W)).
         tiled_vae: decode in overlapping tiles (True: diffusers' enable_tiling() settings) to bound memory.
-        progress: called with the step index after every denoising step.
+        progress: called with the step index after every denoising step (once per device with `devices`).
+        devices: split the batch over these devices (data parallel, jaxsd/pipelines/data_parallel.py; padded to
+          a multiple of their count, the padding dropped). None or one device: the default single-device program.
         Prompts, seed, guidance, rescale, clip skip, eta and strength are values of the compiled programs:
         changing them never recompiles.
         """
@@ -211,10 +216,20 @@ class StableDiffusion:
         if inpaint:
             inputs["mask"] = jnp.asarray(prepare_mask(mask, n, height, width))
         spec = GenerateSpec(sampler_obj, img2img and not inpaint, inpaint, decode=not tiled_vae)
-        fn, self.last_compile_seconds = compiled_generate(self.unet, self.vae, self.pipe.vae_config, spec, inputs)
+        n_kept = None  # data parallel: the images before padding
+        if devices is not None and len(devices) > 1:
+            mesh = data_parallel.generation_mesh(devices)
+            inputs, n_kept = data_parallel.split_inputs(inputs, len(devices))
+            inputs = data_parallel.place_inputs(inputs, mesh, self._replicated_params(mesh))
+            fn, self.last_compile_seconds = data_parallel.compiled_data_parallel(
+                self.unet, self.vae, self.pipe.vae_config, spec, inputs, mesh)
+        else:
+            fn, self.last_compile_seconds = compiled_generate(self.unet, self.vae, self.pipe.vae_config, spec, inputs)
         t0 = time.perf_counter()
         with progress_hook(progress):
             out = fn(inputs)
+            if n_kept is not None:
+                out = {k: v[:n_kept] for k, v in out.items()}
             if tiled_vae:
                 settings = tiled_vae if isinstance(tiled_vae, TileSettings) else None
                 decoded = tiled_decode(self.vae, self.pipe.vae_params,
@@ -225,6 +240,15 @@ class StableDiffusion:
         if return_latents:
             return images, np.asarray(out["latents"], np.float32).transpose(0, 3, 1, 2)
         return images
+
+    def _replicated_params(self, mesh) -> dict:
+        """The UNet and VAE params replicated over `mesh`'s devices, copied once per mesh (not per batch)."""
+        devices, unet, vae = tuple(mesh.devices.flat), self.pipe.unet_params, self.pipe.vae_params
+        cached = self._replicated
+        if cached is None or cached[0] != devices or cached[1] is not unet or cached[2] is not vae:
+            self._replicated = (devices, unet, vae, {"unet": data_parallel.replicate(unet, mesh),
+                                                     "vae": data_parallel.replicate(vae, mesh)})
+        return self._replicated[3]
 
     def _check_init_image(self, init_image: np.ndarray, height: int | None, width: int | None) -> np.ndarray:
         """init_image as uint8 [N, H, W, 3], checked against the requested size."""

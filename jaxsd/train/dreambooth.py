@@ -6,7 +6,8 @@
 `num_class_images`. Only missing indices are generated, so a run killed halfway resumes where
 it stopped: image i always starts from the noise of `seed + i` (whatever batch it lands in), and
 it is written to a temporary name and renamed, so a half-written PNG never counts as done.
-With several processes each generates every process_count-th missing image. Then the class
+Each process generates every process_count-th missing image, data parallel over its local devices
+(`StableDiffusion.generate(devices=...)`: the batch is rounded up to a multiple of their count). Then the class
 folder is cached (`jaxsd cache`'s engine, which encodes only what is not cached yet).
 """
 
@@ -44,8 +45,9 @@ def initial_noise(pipe, seed: int, height: int, width: int) -> np.ndarray:
     return np.asarray(noise).transpose(0, 3, 1, 2)
 
 
-def generate_class_images(db: DreamBoothConfig, *, model: str, resolution: int, progress: bool = True) -> int:
-    """Generate this process's share of the missing class images; returns how many it wrote."""
+def generate_class_images(db: DreamBoothConfig, *, model: str, resolution: int, progress: bool = True,
+                          log_fn=print) -> int:
+    """Generate this process's share of the missing class images on its local devices; returns how many it wrote."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -61,7 +63,10 @@ def generate_class_images(db: DreamBoothConfig, *, model: str, resolution: int, 
     out.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusion.from_folder(model)
     sampler = db.sampler or "dpmpp_2m"
-    bs = max(1, db.batch_size)
+    devices = jax.local_devices()
+    bs = -(-max(1, db.batch_size) // len(devices)) * len(devices)  # every device gets the same share
+    log_fn(f"dreambooth: process {jax.process_index()} generates {len(missing)} class images on "
+           f"{len(devices)} device{'s' if len(devices) > 1 else ''} (batch {bs})")
     with tqdm(total=len(missing), unit="image", desc="class images", disable=not progress) as bar:
         for start in range(0, len(missing), bs):
             chunk = missing[start:start + bs]
@@ -70,7 +75,7 @@ def generate_class_images(db: DreamBoothConfig, *, model: str, resolution: int, 
             latents = np.concatenate([initial_noise(pipe, db.seed + i, resolution, resolution) for i in padded])
             images = pipe.generate([db.class_prompt] * bs, negative_prompt=[db.negative_prompt] * bs,
                                    steps=db.steps, guidance=db.guidance_scale, sampler=sampler, seed=db.seed,
-                                   height=resolution, width=resolution, latents=latents)
+                                   height=resolution, width=resolution, latents=latents, devices=devices)
             for i, img in zip(chunk, images):
                 path = class_image_path(out, i)
                 path.with_suffix(".txt").write_text(db.class_prompt)
@@ -99,7 +104,7 @@ def prepare_class_images(cfg: Config, *, progress: bool = True, log_fn=print) ->
     resolution = db.resolution or data.image.resolution
     before = len(missing_class_images(db))
     generated = generate_class_images(db, model=db.model or cfg.model.pretrained, resolution=resolution,
-                                      progress=progress)
+                                      progress=progress, log_fn=log_fn)
     _sync("jaxsd_class_images")
     if jax.process_index() == 0 and before:
         log_fn(f"dreambooth: generated {before} class images into {db.class_dir} "

@@ -234,7 +234,7 @@ class DreamBoothConfig:
     prior_loss_weight: loss = instance loss + prior_loss_weight x class loss.
     model: the base pipeline folder that generates them; empty = model.pretrained.
     steps / guidance_scale / sampler / negative_prompt / seed / batch_size / resolution: the sampling
-      settings (sampler empty = the folder's scheduler; resolution 0 = data.image.resolution). Image i
+      settings (sampler empty = dpmpp_2m; resolution 0 = data.image.resolution). Image i
       is drawn from seed + i, so an interrupted generation resumes with the same images.
     """
 

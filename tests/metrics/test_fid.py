@@ -87,25 +87,40 @@ def _reference_stats(reference, folder):
     return np.mean(act, axis=0), np.cov(act, rowvar=False), act
 
 
-def test_eval_stats_command(reference, weights_pth, tmp_path):
-    real = _save_pngs(tmp_path / "real", 2, [(40, 40), (40, 40), (40, 40), (48, 32)])
-    out = tmp_path / "real_stats.npz"
+@pytest.fixture(scope="module")
+def stats_run(reference, weights_pth, tmp_path_factory):
+    """`jaxsd eval --stats` on 4 PNGs of two sizes (2 compiles), and pytorch-fid's statistics of the same."""
+    tmp = tmp_path_factory.mktemp("stats")
+    real = _save_pngs(tmp / "real", 2, [(40, 40), (40, 40), (40, 40), (48, 32)])
+    out = tmp / "real_stats.npz"
     jaxsd_command("eval", "--stats", real, "--out", out, "--fid-weights", weights_pth, "--batch-size", "2",
-                  "--save-fid-weights", tmp_path / "fid.safetensors")
-    mu, sigma = load_stats(out)
-    want_mu, want_sigma, act = _reference_stats(reference, real)
+                  "--save-fid-weights", tmp / "fid.safetensors")
+    other = _reference_stats(reference, _save_pngs(tmp / "other", 3, [(40, 40)] * 2))
+    return load_stats(out), _reference_stats(reference, real), other, tmp / "fid.safetensors"
+
+
+def test_eval_stats_command(reference, weights_pth, stats_run):
+    (mu, sigma), (want_mu, want_sigma, act), (o_mu, o_sigma, o_act), safetensors = stats_run
     np.testing.assert_allclose(mu, want_mu, atol=1e-4, rtol=0)
     np.testing.assert_allclose(sigma, want_sigma, atol=1e-4, rtol=0)
     assert mu.dtype == np.float64 and sigma.shape == (2048, 2048)
 
     # the safetensors copy loads without torch into the same params
-    torch_params = load_fid_weights(weights_pth)
-    st_params = load_fid_weights(tmp_path / "fid.safetensors")
-    jax.tree.map(np.testing.assert_array_equal, torch_params, st_params)
+    jax.tree.map(np.testing.assert_array_equal, load_fid_weights(weights_pth), load_fid_weights(safetensors))
 
-    # FID of two image sets' features, as pytorch-fid computes it from its own statistics
-    other = _save_pngs(tmp_path / "other", 3, [(40, 40)] * 3)
-    o_mu, o_sigma, _ = _reference_stats(reference, other)
+    # FID between the two image sets, on their first 256 features (scipy's sqrtm of a 2048² matrix takes
+    # ~50 s on 2 cores; the full one is test_fid_of_image_sets_full): jaxsd's statistics vs pytorch-fid's
+    k = 256
+    want = reference[2].calculate_frechet_distance(*activation_statistics(act[:, :k]),
+                                                   *activation_statistics(o_act[:, :k]))
+    got = frechet_distance(mu[:k], sigma[:k, :k], *activation_statistics(o_act[:, :k]))
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_fid_of_image_sets_full(reference, stats_run):
+    """The 2048-d FID of the two image sets (singular covariances: pytorch-fid's eps path), ~2 min."""
+    (mu, sigma), (want_mu, want_sigma, _), (o_mu, o_sigma, _), _ = stats_run
     want = reference[2].calculate_frechet_distance(want_mu, want_sigma, o_mu, o_sigma)
     np.testing.assert_allclose(frechet_distance(mu, sigma, o_mu, o_sigma), want, atol=1e-3, rtol=0)
 

@@ -1,2 +1,3 @@
-"""Metrics that judge images: `image_quality.py` (PSNR, SSIM) and `pairs.py` (same-named image pairs of two
-folders, as `jaxsd eval --pairs` reads them)."""
+"""Metrics that judge images: `image_quality.py` (PSNR, SSIM), `pairs.py` (same-named image pairs of two
+folders, as `jaxsd eval --pairs` reads them), and FID — `inception.py` (pytorch-fid's InceptionV3),
+`fid_weights.py`, `fid_folder.py` (features of a folder, `jaxsd eval --stats`), `fid.py` (statistics, distance)."""

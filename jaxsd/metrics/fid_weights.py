@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jaxsd.convert.folder import read_pickle_state
 from jaxsd.convert.rules import ConversionSpec, flax_to_torch, torch_to_flax
-from jaxsd.convert.safetensors_io import SafetensorsFile, save_file
+from jaxsd.convert.safetensors_io import save_file
 from jaxsd.errors import InputError, InputNotFoundError
+from jaxsd.losses.weights import read_state
 from jaxsd.metrics.inception import FIDInceptionV3, example_inputs
 from jaxsd.models.params import abstract_params
 
@@ -40,20 +40,20 @@ def load_fid_weights(path: str | os.PathLike | None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no such file. {where_to_get()}")
-    if path.suffix == ".safetensors":
-        state = SafetensorsFile(path)
-    elif path.suffix in _PICKLE_SUFFIXES:
-        try:
-            state = read_pickle_state(path)  # pytorch-fid publishes only this pickle; weights_only=True
-        except ImportError:
-            raise InputError(f"{path}: reading a PyTorch pickle needs torch installed; convert it once where torch "
-                             "is, with `jaxsd eval --fid-weights X.pth --save-fid-weights X.safetensors`") from None
-    else:
+    if path.suffix not in (".safetensors", *_PICKLE_SUFFIXES):
         raise InputError(f"{path}: expected a .pth (pytorch-fid) or .safetensors file. {where_to_get()}")
+    try:
+        # naming the file is the opt-in: pytorch-fid publishes only this pickle (read with weights_only=True)
+        state = read_state(path, allow_pickle=True, what="--fid-weights")
+    except ImportError:
+        raise InputError(f"{path}: reading a PyTorch pickle needs torch installed; convert it once where torch "
+                         "is, with `jaxsd eval --fid-weights X.pth --save-fid-weights X.safetensors`") from None
     abstract, _ = abstract_params(FIDInceptionV3(), *example_inputs())
     return torch_to_flax(state, abstract, spec=FID_SPEC, source=str(path))
 
 
 def save_fid_weights(params: dict, path: str | os.PathLike) -> None:
     """Write `params` as safetensors under pytorch-fid's state-dict names (fp32)."""
+    if Path(path).suffix != ".safetensors":
+        raise InputError(f"--save-fid-weights {path}: the copy is a .safetensors file")
     save_file(flax_to_torch(params, spec=FID_SPEC), path, metadata={"format": "pt", "source": FID_WEIGHTS_FILE})

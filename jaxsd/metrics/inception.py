@@ -71,6 +71,8 @@ def _avg_pool_3x3_exclude_pad(x: jax.Array) -> jax.Array:
 
 
 class FIDInceptionA(nn.Module):
+    """Mixed_5b-d: [N, 35, 35, C] → [N, 35, 35, 224 + pool_features]."""
+
     pool_features: int
 
     @nn.compact
@@ -84,6 +86,8 @@ class FIDInceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
+    """Mixed_6a (torchvision's, unpatched): [N, 35, 35, 288] → [N, 17, 17, 768]."""
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b3 = _conv(384, 3, "branch3x3", stride=2)(x)
@@ -93,6 +97,8 @@ class InceptionB(nn.Module):
 
 
 class FIDInceptionC(nn.Module):
+    """Mixed_6b-e: [N, 17, 17, 768] → [N, 17, 17, 768]."""
+
     channels_7x7: int
 
     @nn.compact
@@ -112,6 +118,8 @@ class FIDInceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
+    """Mixed_7a (torchvision's, unpatched): [N, 17, 17, 768] → [N, 8, 8, 1280]."""
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b3 = _conv(320, 3, "branch3x3_2", stride=2)(_conv(192, 1, "branch3x3_1")(x))
@@ -123,7 +131,7 @@ class InceptionD(nn.Module):
 
 
 class FIDInceptionE(nn.Module):
-    """Mixed_7b (max_pool=False: average pool without padding) and Mixed_7c (max_pool=True)."""
+    """Mixed_7b (max_pool=False: average pool without padding) and Mixed_7c (max_pool=True): → [N, 8, 8, 2048]."""
 
     max_pool: bool
 

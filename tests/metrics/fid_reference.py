@@ -40,9 +40,9 @@ def random_fid_state(seed: int = 0) -> dict:
         if key.endswith("conv.weight"):
             fan_in = value[0].numel()
             value = torch.randn(value.shape, generator=gen) * (2.0 / fan_in) ** 0.5
-        elif key.endswith("bn.weight") or key.endswith("bn.running_var"):
+        elif key.endswith(("bn.weight", "bn.running_var")):
             value = 0.75 + 0.5 * torch.rand(value.shape, generator=gen)
-        elif key.endswith("bn.bias") or key.endswith("bn.running_mean"):
+        elif key.endswith(("bn.bias", "bn.running_mean")):
             value = 0.1 * torch.randn(value.shape, generator=gen)
         state[key] = value
     return state

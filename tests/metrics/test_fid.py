@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from jaxsd.metrics.fid import activation_statistics, frechet_distance, load_stats
-from jaxsd.metrics.fid_weights import FID_WEIGHTS_FILE, load_fid_weights, save_fid_weights
+from jaxsd.metrics.fid_weights import FID_WEIGHTS_FILE, load_fid_weights
 from jaxsd.metrics.inception import FIDInceptionV3
 from tests.helpers import jaxsd_command
 
@@ -19,12 +19,12 @@ pytestmark = pytest.mark.torch
 def reference():
     """(state dict, pytorch-fid InceptionV3 over it, fid_score module), built once for the module."""
     pytest.importorskip("torch")
-    from tests.metrics.fid_reference import random_fid_state, reference_fid_module, reference_inception
+    from tests.metrics import fid_reference as ref
 
-    state = random_fid_state(seed=0)
+    state = ref.random_fid_state(seed=0)
     with pytest.MonkeyPatch.context() as mp:
-        model = reference_inception(state, mp)
-    return state, model, reference_fid_module()
+        model = ref.reference_inception(state, mp)
+    return state, model, ref.reference_fid_module()
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def stats_run(reference, weights_pth, tmp_path_factory):
 
 
 def test_eval_stats_command(reference, weights_pth, stats_run):
-    (mu, sigma), (want_mu, want_sigma, act), (o_mu, o_sigma, o_act), safetensors = stats_run
+    (mu, sigma), (want_mu, want_sigma, act), (_, _, o_act), safetensors = stats_run
     np.testing.assert_allclose(mu, want_mu, atol=1e-4, rtol=0)
     np.testing.assert_allclose(sigma, want_sigma, atol=1e-4, rtol=0)
     assert mu.dtype == np.float64 and sigma.shape == (2048, 2048)
@@ -129,6 +129,10 @@ def test_eval_stats_needs_fid_weights(tmp_path):
     real = _save_pngs(tmp_path / "real", 4, [(16, 16)] * 2)
     proc = jaxsd_command("eval", "--stats", real, "--out", tmp_path / "s.npz", check=False)
     assert proc.returncode == 2 and FID_WEIGHTS_FILE in proc.stderr and "github.com/mseitzer" in proc.stderr
+    proc = jaxsd_command("eval", "--stats", real, "--out", tmp_path / "s.npz", "--fid-weights",
+                         tmp_path / "nothing.pth", check=False)
+    assert proc.returncode == 2 and f"{tmp_path / 'nothing.pth'}: no such file" in proc.stderr
+    assert FID_WEIGHTS_FILE in proc.stderr
     proc = jaxsd_command("eval", "--stats", real, "--out", tmp_path / "s.npz", "--pairs", real, real, check=False)
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
 

@@ -70,3 +70,14 @@ def reference_features(model, images: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         pred = model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))[0]
     return pred.squeeze(3).squeeze(2).numpy()
+
+
+def pytorch_fid_on_files(state: dict, monkeypatch, image_dir, stats_out, npz_a, npz_b) -> float:
+    """pytorch-fid's own pipeline: `save_fid_stats` of a folder into `stats_out`, then
+    `calculate_fid_given_paths` of two npz files (as `python -m pytorch_fid A.npz B.npz`)."""
+    with reference_packages():
+        inc = importlib.import_module("pytorch_fid.inception")
+        fid_score = importlib.import_module("pytorch_fid.fid_score")
+        monkeypatch.setattr(inc, "load_state_dict_from_url", lambda url, progress=True: state)
+        fid_score.save_fid_stats([str(image_dir), str(stats_out)], 2, "cpu", 2048, num_workers=0)
+        return float(fid_score.calculate_fid_given_paths([str(npz_a), str(npz_b)], 2, "cpu", 2048, num_workers=0))

@@ -95,12 +95,14 @@ def stats_run(reference, weights_pth, tmp_path_factory):
     out = tmp / "real_stats.npz"
     jaxsd_command("eval", "--stats", real, "--out", out, "--fid-weights", weights_pth, "--batch-size", "2",
                   "--save-fid-weights", tmp / "fid.safetensors")
-    other = _reference_stats(reference, _save_pngs(tmp / "other", 3, [(40, 40)] * 2))
-    return load_stats(out), _reference_stats(reference, real), other, tmp / "fid.safetensors"
+    other = _save_pngs(tmp / "other", 3, [(40, 40)] * 2)
+    paths = {"real_npz": out, "other": other}
+    return load_stats(out), _reference_stats(reference, real), _reference_stats(reference, other), \
+        tmp / "fid.safetensors", paths
 
 
 def test_eval_stats_command(reference, weights_pth, stats_run):
-    (mu, sigma), (want_mu, want_sigma, act), (_, _, o_act), safetensors = stats_run
+    (mu, sigma), (want_mu, want_sigma, act), (_, _, o_act), safetensors, _ = stats_run
     np.testing.assert_allclose(mu, want_mu, atol=1e-4, rtol=0)
     np.testing.assert_allclose(sigma, want_sigma, atol=1e-4, rtol=0)
     assert mu.dtype == np.float64 and sigma.shape == (2048, 2048)
@@ -108,8 +110,8 @@ def test_eval_stats_command(reference, weights_pth, stats_run):
     # the safetensors copy loads without torch into the same params
     jax.tree.map(np.testing.assert_array_equal, load_fid_weights(weights_pth), load_fid_weights(safetensors))
 
-    # FID between the two image sets, on their first 256 features (scipy's sqrtm of a 2048² matrix takes
-    # ~50 s on 2 cores; the full one is test_fid_of_image_sets_full): jaxsd's statistics vs pytorch-fid's
+    # FID between the two image sets on their first 256 features, jaxsd's statistics vs pytorch-fid's
+    # (scipy's sqrtm of a 2048² matrix takes ~50 s on 2 cores: test_fid_files_interchange_with_pytorch_fid)
     k = 256
     want = reference[2].calculate_frechet_distance(*activation_statistics(act[:, :k]),
                                                    *activation_statistics(o_act[:, :k]))
@@ -118,11 +120,19 @@ def test_eval_stats_command(reference, weights_pth, stats_run):
 
 
 @pytest.mark.slow
-def test_fid_of_image_sets_full(reference, stats_run):
-    """The 2048-d FID of the two image sets (singular covariances: pytorch-fid's eps path), ~2 min."""
-    (mu, sigma), (want_mu, want_sigma, _), (o_mu, o_sigma, _), _ = stats_run
-    want = reference[2].calculate_frechet_distance(want_mu, want_sigma, o_mu, o_sigma)
-    np.testing.assert_allclose(frechet_distance(mu, sigma, o_mu, o_sigma), want, atol=1e-3, rtol=0)
+def test_fid_files_interchange_with_pytorch_fid(reference, stats_run, monkeypatch):
+    """pytorch-fid writes the other set's npz from its own image pipeline and computes the 2048-d FID
+    between jaxsd's npz and its own; jaxsd reads both files and agrees (on singular covariances: 4 and 2 images).
+    scipy's 2048² sqrtm twice: ~35-100 s."""
+    from tests.metrics.fid_reference import pytorch_fid_on_files
+
+    (mu, sigma), _, (o_mu, o_sigma, _), _, paths = stats_run
+    other_npz = paths["other"].parent / "other_pytorch_fid.npz"
+    want = pytorch_fid_on_files(reference[0], monkeypatch, paths["other"], other_npz, paths["real_npz"], other_npz)
+    p_mu, p_sigma = load_stats(other_npz)
+    np.testing.assert_allclose(p_mu, o_mu, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(p_sigma, o_sigma, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(frechet_distance(mu, sigma, p_mu, p_sigma), want, atol=1e-3, rtol=0)
 
 
 def test_eval_stats_needs_fid_weights(tmp_path):

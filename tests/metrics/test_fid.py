@@ -89,7 +89,7 @@ def _reference_stats(reference, folder):
 
 @pytest.fixture(scope="module")
 def stats_run(reference, weights_pth, tmp_path_factory):
-    """`jaxsd eval --stats` on 4 PNGs of two sizes (2 compiles), and pytorch-fid's statistics of the same."""
+    """`jaxsd eval --stats` on 4 PNGs of two sizes (one batch mixes them), and pytorch-fid's statistics."""
     tmp = tmp_path_factory.mktemp("stats")
     real = _save_pngs(tmp / "real", 2, [(40, 40), (40, 40), (40, 40), (48, 32)])
     out = tmp / "real_stats.npz"

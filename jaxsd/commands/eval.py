@@ -43,14 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or its .safetensors copy")
     fid.add_argument("--save-fid-weights", metavar="FILE.safetensors",
                      help="also write the loaded weights as safetensors (loads later without torch)")
-    fid.add_argument("--batch-size", type=int, default=50, help="images per InceptionV3 batch (default 50)")
+    fid.add_argument("--batch-size", type=int, help="images per InceptionV3 batch (default 50)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.stats is not None:
         return _run_stats(args)
-    if args.fid_weights or args.save_fid_weights:
-        raise InputError("--fid-weights and --save-fid-weights belong to --stats; --pairs computes PSNR and SSIM")
+    if args.fid_weights or args.save_fid_weights or args.batch_size is not None:
+        raise InputError("--fid-weights, --save-fid-weights and --batch-size belong to --stats; "
+                         "--pairs computes PSNR and SSIM")
     return _run_pairs(args)
 
 
@@ -69,7 +70,7 @@ def _run_stats(args: argparse.Namespace) -> int:
         save_fid_weights(params, args.save_fid_weights)
         print(f"FID weights → {args.save_fid_weights}")
     with tqdm(desc="images", unit="img") as bar:
-        features = folder_features(Path(args.stats), params, args.batch_size, progress=bar.update)
+        features = folder_features(Path(args.stats), params, args.batch_size or 50, progress=bar.update)
     mu, sigma = activation_statistics(features)
     save_stats(out, mu, sigma)
     print(f"{len(features)} images: FID statistics (mu {mu.shape}, sigma {sigma.shape}) → {out}")

@@ -53,6 +53,7 @@ def test_a_row_needing_a_setting_this_checkout_lacks_is_not_available():
     assert memory.missing_settings(memory.ROWS["sdxl-adafactor"]) is None  # adafactor + bf16 params exist
 
 
+@pytest.mark.slow
 def test_memory_command_on_the_small_unet(tmp_path):
     """One row (SD1.5's batch-4 full fine-tune, on the `tiny` UNet at 8×8 latents) through the
     command a user types: its record has the budget from the state and the peak from XLA's dump."""

@@ -102,6 +102,7 @@ def test_optimizer_state_micro(bench_env):
     assert text.startswith("### optimizer-state") and "adamw8bit" in text
 
 
+@pytest.mark.slow
 def test_flops_micro(bench_env):
     # --step simple: the same executable test_train_step_micro compiled (a compilation-cache hit);
     # the real training step is compiled by the slow scaling test
@@ -192,6 +193,7 @@ def test_train_step_grad_micro(bench_env):
 MICRO_LORA_VALUES_PER_RANK = 4 * 2 * 4 * (32 + 32)
 
 
+@pytest.mark.slow
 def test_train_step_lora_micro(bench_env):
     """`--lora` on jaxsd's side with a bf16 base: the measured step, then `--memory-only`, the same
     step compiled from shapes (a compilation-cache hit) for its memory analysis."""
@@ -225,6 +227,7 @@ ONE_LEVEL_UNET = ("model.unet.block_out_channels=[32]", "model.unet.down_block_t
                   "model.unet.up_block_types=[CrossAttnUpBlock2D]")
 
 
+@pytest.mark.slow
 def test_host_overhead_through_the_cli(bench_env):
     """`jaxsd bench host-overhead`: real `jaxsd train` runs with train.steps_in_flight 0 and 1, and the same
     compiled step dispatched back to back in a child of its own."""
@@ -275,6 +278,7 @@ def test_train_step_lora_micro_vs_peft(bench_env):
     assert set(rec["ratio"]) >= {"step_s", "peak_rss_gb"}
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_conv_grads(bench_env):
     """conv-grads times the three convolutions of each SD shape in both frameworks; the suite itself

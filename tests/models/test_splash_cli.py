@@ -60,6 +60,7 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_runs_with_splash_attention(splash_run):
     losses = _losses(splash_run)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

@@ -139,6 +139,7 @@ def test_straight_run_learns_and_writes_tensorboard(runs):
     assert not straight["torch"], "the TensorBoard writer imported PyTorch (2 s of start-up)"
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_is_bitwise_identical(runs):
     tmp, straight = runs
     run_dir = tmp / "killed"
@@ -268,6 +269,7 @@ def test_steps_in_flight_sets_how_far_dispatch_runs_ahead_of_the_reads(runs, in_
     assert _losses(run_dir) == _losses(tmp / "straight")
 
 
+@pytest.mark.slow
 def test_streamed_updates_log_gradient_statistics_and_skip_nan_losses(runs):
     # optimizer.clip_grad_norm=null: the step streams its updates, the loop finishes the gradient
     # statistics from per-param partial sums and skips on the loss alone

@@ -90,6 +90,7 @@ def test_only_the_adapters_train_and_are_checkpointed(run):
     assert nbytes(stored["opt_state"]) == 2 * nbytes(stored["params"]) + 4
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_exported_files_load_in_diffusers_and_merge_lora_is_the_same_unet(run):

@@ -23,7 +23,7 @@ from jaxsd.errors import InputNotFoundError
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = "model"
-_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")  # PyTorch pickles: read only with allow_pickle
 
 
 class ComponentError(InputNotFoundError):
@@ -95,7 +95,7 @@ def open_weights(folder: str | os.PathLike, weights_name: str, *, variant: str |
             if missing:
                 raise ComponentError(f"{index}: shard files missing: {', '.join(missing)}")
             return ShardedState([SafetensorsFile(folder / s) for s in sorted(set(weight_map.values()))])
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         if allow_pickle:
             return read_pickle_state(folder / pickles[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsd.convert.folder import read_pickle_state
+from jaxsd.convert.folder import PICKLE_SUFFIXES, read_pickle_state
 from jaxsd.convert.rules import ConversionSpec, torch_to_flax
 from jaxsd.convert.safetensors_io import SafetensorsFile, save_file
 from jaxsd.errors import InputError, InputNotFoundError
@@ -33,7 +33,6 @@ VGG_HINT = ("the VGG16 backbone is torchvision's ImageNet state dict `vgg16-3979
             "`vgg16(weights=\"IMAGENET1K_V1\")` saves it in ~/.cache/torch/hub/checkpoints/)")
 HEADS_HINT = ("the LPIPS v0.1 linear heads are the `lpips` package's `weights/v0.1/vgg.pth` "
               "(`pip install lpips`, or github.com/richzhang/PerceptualSimilarity)")
-_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 VGG_SPEC = ConversionSpec(ignore=(r"classifier\..*", r"lin\d\.model\.1\.weight"))  # a combined file's heads
 HEADS_SPEC = ConversionSpec(rename=((r"^lin(\d)\.model\.1\.", r"lin\1."),), ignore=(r"features\..*",))
@@ -58,13 +57,13 @@ def read_state(path: str | os.PathLike, *, allow_pickle: bool, what: str) -> Map
         raise InputNotFoundError(f"{what}: {path} does not exist")
     if path.suffix == ".safetensors":
         return SafetensorsFile(path)
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise InputError(f"{what}: {path} is a pickle, and unpickling a file can run arbitrary code. Opt in with "
                              "allow_pickle (loss.lpips.allow_pickle=true; read with torch.load(weights_only=True)), or "
                              "convert once to .safetensors with jaxsd.losses.weights.save_lpips_safetensors")
         return read_pickle_state(path)
-    raise InputError(f"{what}: {path} is neither .safetensors nor a PyTorch pickle ({', '.join(_PICKLE_SUFFIXES)})")
+    raise InputError(f"{what}: {path} is neither .safetensors nor a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)})")
 
 
 def _has_heads(state: Mapping[str, np.ndarray]) -> bool:

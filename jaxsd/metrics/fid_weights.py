@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxsd.convert.folder import PICKLE_SUFFIXES
 from jaxsd.convert.rules import ConversionSpec, flax_to_torch, torch_to_flax
 from jaxsd.convert.safetensors_io import save_file
 from jaxsd.errors import InputError, InputNotFoundError
@@ -22,7 +23,6 @@ from jaxsd.models.params import abstract_params
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
 FID_SPEC = ConversionSpec(ignore=(r"fc\.(weight|bias)", r".*\.num_batches_tracked"))
-_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def where_to_get() -> str:
@@ -40,7 +40,7 @@ def load_fid_weights(path: str | os.PathLike | None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{path}: no such file. {where_to_get()}")
-    if path.suffix not in (".safetensors", *_PICKLE_SUFFIXES):
+    if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
         raise InputError(f"{path}: expected a .pth (pytorch-fid) or .safetensors file. {where_to_get()}")
     try:
         # naming the file is the opt-in: pytorch-fid publishes only this pickle (read with weights_only=True)

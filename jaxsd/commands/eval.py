@@ -1,4 +1,4 @@
-"""Image metrics: PSNR/SSIM over same-named image pairs, or FID reference statistics of a folder.
+"""Image metrics: PSNR/SSIM/LPIPS over same-named image pairs, or FID reference statistics of a folder.
 
     jaxsd eval --pairs A_DIR B_DIR --out DIR
     jaxsd eval --stats REAL_DIR --out real_stats.npz --fid-weights pt_inception-2015-12-05-6726825d.pth
@@ -9,6 +9,9 @@ samplers' outputs for the same prompts and seeds. Each pair must have one size. 
 DIR/metrics.json: the mean PSNR (dB, data range 1) and SSIM (Gaussian window 11, σ 1.5, as
 torchmetrics) over the pairs, each pair's values, the names found in only one folder, and versions.
 Identical pairs have infinite PSNR: they are counted (`identical_pairs`) and left out of the mean.
+With --lpips-weights (the VGG16 backbone; --lpips-heads the LPIPS v0.1 heads; --allow-pickle for .pth
+files) it adds LPIPS (the `lpips` package's VGG v0.1) per pair and its mean; without, LPIPS is left out
+and `skipped` says how to add it.
 
 --stats computes, once, the FID statistics of a folder of images (any sizes): the mean `mu` and
 covariance `sigma` of pytorch-fid's InceptionV3 pool features, saved as pytorch-fid's `--save-stats`
@@ -17,14 +20,13 @@ with torch.load(weights_only=True)) or the .safetensors copy --save-fid-weights 
 
 Example:
   jaxsd eval --pairs originals/ reconstructions/ --out eval/vae
+  jaxsd eval --pairs originals/ reconstructions/ --out eval/vae --lpips-weights vgg16-397923af.pth --allow-pickle
   jaxsd eval --stats real/ --out real_stats.npz --fid-weights pt_inception-2015-12-05-6726825d.pth
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
 
 from jaxsd.errors import InputError
@@ -38,6 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="a folder of images whose FID statistics (mu, sigma) to write to --out FILE.npz")
     parser.add_argument("--out", required=True, metavar="PATH",
                         help="--pairs: output folder for metrics.json (created); --stats: the .npz file to write")
+    lpips = parser.add_argument_group("LPIPS (--pairs)")
+    lpips.add_argument("--lpips-weights", metavar="PATH",
+                       help="the VGG16 backbone (torchvision's vgg16-397923af.pth, or a .safetensors copy); "
+                            "without it LPIPS is left out")
+    lpips.add_argument("--lpips-heads", metavar="PATH",
+                       help="the LPIPS v0.1 heads (the lpips package's weights/v0.1/vgg.pth; default: the installed "
+                            "lpips package's, or the backbone file's own)")
+    lpips.add_argument("--allow-pickle", action="store_true",
+                       help="read .pth weight files (pickles, with torch.load(weights_only=True))")
     fid = parser.add_argument_group("FID (--stats)")
     fid.add_argument("--fid-weights", metavar="PATH",
                      help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or its .safetensors copy")
@@ -46,13 +57,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fid.add_argument("--batch-size", type=int, help="images per InceptionV3 batch (default 50)")
 
 
+# the options each mode takes (argparse's defaults tell "not given")
+MODE_OPTIONS = {
+    "pairs": ("lpips_weights", "lpips_heads", "allow_pickle"),
+    "stats": ("fid_weights", "save_fid_weights", "batch_size"),
+}
+
+
+def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
+    """An option of another mode is an error naming the mode it belongs to."""
+    for other, names in MODE_OPTIONS.items():
+        if other == mode:
+            continue
+        given = [n for n in names if getattr(args, n) not in (None, False, []) and n not in MODE_OPTIONS[mode]]
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise InputError(f"{flags} belong(s) to --{other}, not --{mode}")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.stats is not None:
+    mode = "stats" if args.stats is not None else "pairs"
+    _check_mode_options(args, mode)
+    if mode == "stats":
         return _run_stats(args)
-    if args.fid_weights or args.save_fid_weights or args.batch_size is not None:
-        raise InputError("--fid-weights, --save-fid-weights and --batch-size belong to --stats; "
-                         "--pairs computes PSNR and SSIM")
-    return _run_pairs(args)
+    from jaxsd.commands.eval_pairs import run_pairs
+
+    return run_pairs(args, _versions())
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -74,48 +104,6 @@ def _run_stats(args: argparse.Namespace) -> int:
     mu, sigma = activation_statistics(features)
     save_stats(out, mu, sigma)
     print(f"{len(features)} images: FID statistics (mu {mu.shape}, sigma {sigma.shape}) → {out}")
-    return 0
-
-
-def _run_pairs(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
-    from tqdm import tqdm
-
-    from jaxsd.metrics.image_quality import psnr, ssim
-    from jaxsd.metrics.pairs import find_pairs, load_pair
-
-    a_dir, b_dir = Path(args.pairs[0]), Path(args.pairs[1])
-    names, unpaired = find_pairs(a_dir, b_dir)
-    metrics = jax.jit(lambda a, b: (psnr(a, b), ssim(a, b)))  # compiled once per image size
-    per_image = {}
-    for name in tqdm(names, desc="pairs", unit="pair"):
-        a, b = load_pair(a_dir, b_dir, name)
-        if min(a.shape[:2]) <= 5:
-            raise InputError(f"{name}: {a.shape[1]}×{a.shape[0]} pixels; SSIM needs images larger than 5×5")
-        p, s = jax.device_get(metrics(a[None], b[None]))
-        per_image[name] = {"psnr": float(p[0]), "ssim": float(s[0])}
-    finite = [v["psnr"] for v in per_image.values() if math.isfinite(v["psnr"])]
-    result = {
-        "mode": "pairs",
-        "a": str(a_dir), "b": str(b_dir),
-        "pairs": len(names),
-        "psnr": float(np.mean(finite)) if finite else None,
-        "ssim": float(np.mean([v["ssim"] for v in per_image.values()])),
-        "identical_pairs": len(names) - len(finite),
-        "unpaired": unpaired,
-        "per_image": {k: {"psnr": v["psnr"] if math.isfinite(v["psnr"]) else None, "ssim": v["ssim"]}
-                      for k, v in per_image.items()},
-        "versions": _versions(),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-    if unpaired:
-        print(f"{len(unpaired)} image(s) are in only one folder and were left out: {', '.join(unpaired[:5])}"
-              + (" ..." if len(unpaired) > 5 else ""))
-    psnr_text = f"{result['psnr']:.2f} dB" if result["psnr"] is not None else "inf (all pairs identical)"
-    print(f"{len(names)} pairs: PSNR {psnr_text}, SSIM {result['ssim']:.4f} → {out / 'metrics.json'}")
     return 0
 
 

@@ -50,8 +50,14 @@ def installed_heads() -> Path | None:
     return None
 
 
-def read_state(path: str | os.PathLike, *, allow_pickle: bool, what: str) -> Mapping[str, np.ndarray]:
-    """A state dict file (.safetensors, or a pickle with allow_pickle) as name -> array."""
+CONFIG_OPTIONS = {"weights": "loss.lpips.weights", "heads": "loss.lpips.heads",
+                  "allow_pickle": "loss.lpips.allow_pickle=true"}  # what the errors tell the user to set
+
+
+def read_state(path: str | os.PathLike, *, allow_pickle: bool, what: str,
+               opt_in: str = CONFIG_OPTIONS["allow_pickle"]) -> Mapping[str, np.ndarray]:
+    """A state dict file (.safetensors, or a pickle with allow_pickle) as name -> array.
+    opt_in: how the user allows pickles where this is read (a config key or a flag), for the error."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{what}: {path} does not exist")
@@ -60,7 +66,7 @@ def read_state(path: str | os.PathLike, *, allow_pickle: bool, what: str) -> Map
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise InputError(f"{what}: {path} is a pickle, and unpickling a file can run arbitrary code. Opt in with "
-                             "allow_pickle (loss.lpips.allow_pickle=true; read with torch.load(weights_only=True)), or "
+                             f"allow_pickle ({opt_in}; read with torch.load(weights_only=True)), or "
                              "convert once to .safetensors with jaxsd.losses.weights.save_lpips_safetensors")
         return read_pickle_state(path)
     raise InputError(f"{what}: {path} is neither .safetensors nor a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)})")
@@ -71,23 +77,27 @@ def _has_heads(state: Mapping[str, np.ndarray]) -> bool:
 
 
 def lpips_states(weights: str | os.PathLike | None, heads: str | os.PathLike | None = None, *,
-                 allow_pickle: bool = False) -> tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]:
+                 allow_pickle: bool = False,
+                 options: Mapping[str, str] = CONFIG_OPTIONS) -> tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]:
     """(backbone state, heads state) from the two paths; heads: `heads`, else the backbone file itself when
-    it holds them (a `save_lpips_safetensors` file), else the installed `lpips` package's file."""
+    it holds them (a `save_lpips_safetensors` file), else the installed `lpips` package's file.
+    options: the names the user sets these by (CONFIG_OPTIONS, or a command's flags), for the errors."""
     if weights is None:
         found = installed_heads()
         raise InputNotFoundError(
-            "LPIPS needs two local files and none is downloaded: loss.lpips.weights (not set) — " + VGG_HINT
-            + "; loss.lpips.heads (" + (f"found in the installed lpips package: {found}" if found else "not set")
+            f"LPIPS needs two local files and none is downloaded: {options['weights']} (not set) — " + VGG_HINT
+            + f"; {options['heads']} (" + (f"found in the installed lpips package: {found}" if found else "not set")
             + ") — " + HEADS_HINT + ".")
-    backbone = read_state(weights, allow_pickle=allow_pickle, what="loss.lpips.weights (VGG16 backbone)")
+    backbone = read_state(weights, allow_pickle=allow_pickle, what=f"{options['weights']} (VGG16 backbone)",
+                          opt_in=options["allow_pickle"])
     if heads is None and _has_heads(backbone):
         return backbone, backbone
     heads = heads if heads is not None else installed_heads()
     if heads is None:
-        raise InputNotFoundError(f"LPIPS heads missing: {weights} has no lin0..lin4 weights, loss.lpips.heads is not "
-                                 f"set and no lpips package is installed — {HEADS_HINT}. Set loss.lpips.heads=PATH.")
-    return backbone, read_state(heads, allow_pickle=allow_pickle, what="loss.lpips.heads (LPIPS linear heads)")
+        raise InputNotFoundError(f"LPIPS heads missing: {weights} has no lin0..lin4 weights, {options['heads']} is "
+                                 f"not set and no lpips package is installed — {HEADS_HINT}. Set {options['heads']}.")
+    return backbone, read_state(heads, allow_pickle=allow_pickle, what=f"{options['heads']} (LPIPS linear heads)",
+                                opt_in=options["allow_pickle"])
 
 
 def load_vgg16(state: Mapping[str, np.ndarray], *, source: str = "VGG16 weights") -> dict:
@@ -107,9 +117,10 @@ def lpips_params(backbone: Mapping[str, np.ndarray], head_state: Mapping[str, np
 
 
 def load_lpips(weights: str | os.PathLike | None, heads: str | os.PathLike | None = None, *,
-               allow_pickle: bool = False) -> dict:
-    """LPIPS params from local files: `weights` the VGG16 backbone, `heads` the linear heads (see module doc)."""
-    backbone, head_state = lpips_states(weights, heads, allow_pickle=allow_pickle)
+               allow_pickle: bool = False, options: Mapping[str, str] = CONFIG_OPTIONS) -> dict:
+    """LPIPS params from local files: `weights` the VGG16 backbone, `heads` the linear heads (see module doc);
+    options: as `lpips_states`."""
+    backbone, head_state = lpips_states(weights, heads, allow_pickle=allow_pickle, options=options)
     return lpips_params(backbone, head_state, source=f"{weights} + {heads or 'its heads'}")
 
 

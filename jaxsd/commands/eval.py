@@ -38,8 +38,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="two folders of same-named images to compare pair by pair")
     mode.add_argument("--stats", metavar="REAL_DIR",
                       help="a folder of images whose FID statistics (mu, sigma) to write to --out FILE.npz")
+    mode.add_argument("--model", metavar="DIR|FILE",
+                      help="a pipeline folder (or single-file checkpoint) to generate images with and score")
     parser.add_argument("--out", required=True, metavar="PATH",
-                        help="--pairs: output folder for metrics.json (created); --stats: the .npz file to write")
+                        help="--pairs, --model: output folder for metrics.json (created); --stats: the .npz file")
+    gen = parser.add_argument_group("generation (--model)")
+    gen.add_argument("--prompts", metavar="FILE", help="one prompt per line; image i uses prompt i mod P")
+    gen.add_argument("--num-images", type=int, metavar="N", help="images to generate and score")
+    gen.add_argument("--reference", metavar="REAL_DIR|stats.npz",
+                     help="FID's reference: a folder of real images, or their statistics (jaxsd eval --stats)")
+    gen.add_argument("--clip", metavar="DIR", help="a transformers CLIPModel folder: adds the CLIP score")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA file(s) to apply")
+    gen.add_argument("--lora-scale", type=float, nargs="+", metavar="S", help="one scale per --lora (default 1.0)")
+    gen.add_argument("--steps", type=int, metavar="N", help="denoising steps (default 30)")
+    gen.add_argument("--scheduler", metavar="NAME", help="sampler, as jaxsd sample's (default dpmpp_2m)")
+    gen.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--seed", type=int, metavar="S", help="image i starts from the noise of seed + i (default 0)")
+    gen.add_argument("--height", type=int, metavar="H", help="image height (default: the model's)")
+    gen.add_argument("--width", type=int, metavar="W", help="image width (default: the model's)")
+    gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default float32)")
     lpips = parser.add_argument_group("LPIPS (--pairs)")
     lpips.add_argument("--lpips-weights", metavar="PATH",
                        help="the VGG16 backbone (torchvision's vgg16-397923af.pth, or a .safetensors copy); "
@@ -49,37 +66,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "lpips package's, or the backbone file's own)")
     lpips.add_argument("--allow-pickle", action="store_true",
                        help="read .pth weight files (pickles, with torch.load(weights_only=True))")
-    fid = parser.add_argument_group("FID (--stats)")
+    fid = parser.add_argument_group("FID (--stats, --model)")
     fid.add_argument("--fid-weights", metavar="PATH",
                      help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or its .safetensors copy")
     fid.add_argument("--save-fid-weights", metavar="FILE.safetensors",
                      help="also write the loaded weights as safetensors (loads later without torch)")
-    fid.add_argument("--batch-size", type=int, help="images per InceptionV3 batch (default 50)")
+    fid.add_argument("--batch-size", type=int, help="images per batch (--stats: InceptionV3's, default 50; "
+                     "--model: generation's and scoring's, default min(8, N), a multiple of the device count)")
 
 
 # the options each mode takes (argparse's defaults tell "not given")
 MODE_OPTIONS = {
     "pairs": ("lpips_weights", "lpips_heads", "allow_pickle"),
     "stats": ("fid_weights", "save_fid_weights", "batch_size"),
+    "model": ("prompts", "num_images", "reference", "clip", "lora", "lora_scale", "steps", "scheduler", "guidance",
+              "seed", "height", "width", "dtype", "fid_weights", "batch_size"),
 }
 
 
 def _check_mode_options(args: argparse.Namespace, mode: str) -> None:
-    """An option of another mode is an error naming the mode it belongs to."""
-    for other, names in MODE_OPTIONS.items():
-        if other == mode:
-            continue
-        given = [n for n in names if getattr(args, n) not in (None, False, []) and n not in MODE_OPTIONS[mode]]
-        if given:
-            flags = ", ".join("--" + n.replace("_", "-") for n in given)
-            raise InputError(f"{flags} belong(s) to --{other}, not --{mode}")
+    """An option of another mode is an error naming the mode(s) it belongs to."""
+    foreign = {n for names in MODE_OPTIONS.values() for n in names} - set(MODE_OPTIONS[mode])
+    given = sorted(n for n in foreign if getattr(args, n) not in (None, False, []))
+    if given:
+        owners = {n: " / ".join(f"--{m}" for m, names in MODE_OPTIONS.items() if n in names) for n in given}
+        raise InputError("; ".join(f"--{n.replace('_', '-')} belongs to {owners[n]}" for n in given)
+                         + f", not --{mode}")
 
 
 def run(args: argparse.Namespace) -> int:
-    mode = "stats" if args.stats is not None else "pairs"
+    mode = next(m for m in MODE_OPTIONS if getattr(args, m) is not None)
     _check_mode_options(args, mode)
     if mode == "stats":
         return _run_stats(args)
+    if mode == "model":
+        from jaxsd.commands.eval_model import run_model
+
+        return run_model(args, _versions())
     from jaxsd.commands.eval_pairs import run_pairs
 
     return run_pairs(args, _versions())

@@ -40,6 +40,12 @@ def folder_features(folder: Path, params: dict, batch_size: int = 50,
     if len(paths) < 2:
         raise InputError(f"{folder}: {len(paths)} image(s); FID statistics need at least 2 (a covariance), "
                          "and thousands for a meaningful FID")
+    return image_features(paths, params, batch_size, progress)
+
+
+def image_features(paths: list[Path], params: dict, batch_size: int = 50,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Pool features [N, 2048] (float32) of the images at `paths`, in their order."""
     if batch_size < 1:
         raise InputError(f"--batch-size must be ≥ 1; got {batch_size}")
     batch_size = min(batch_size, len(paths))  # as pytorch-fid

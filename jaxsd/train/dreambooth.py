@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxsd.config import Config
 from jaxsd.data.config import DreamBoothConfig
@@ -38,19 +37,12 @@ def missing_class_images(db: DreamBoothConfig) -> list[int]:
             if not (class_image_path(db.class_dir, i).is_file() and class_image_path(db.class_dir, i).with_suffix(".txt").is_file())]
 
 
-def initial_noise(pipe, seed: int, height: int, width: int) -> np.ndarray:
-    """The NCHW float32 starting noise of one class image, from its own seed."""
-    shape = pipe.latent_shape(1, height, width)
-    noise = jax.random.normal(jax.random.key(seed), (shape[0], shape[2], shape[3], shape[1]), np.float32)
-    return np.asarray(noise).transpose(0, 3, 1, 2)
-
-
 def generate_class_images(db: DreamBoothConfig, *, model: str, resolution: int, progress: bool = True,
                           log_fn=print) -> int:
     """Generate this process's share of the missing class images on its local devices; returns how many it wrote."""
-    from PIL import Image
     from tqdm import tqdm
 
+    from jaxsd.pipelines.indexed import device_batch_size, generate_indexed, save_png
     from jaxsd.pipelines.pipeline import StableDiffusion
 
     missing = missing_class_images(db)[jax.process_index()::jax.process_count()]
@@ -62,27 +54,20 @@ def generate_class_images(db: DreamBoothConfig, *, model: str, resolution: int, 
     out = Path(db.class_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusion.from_folder(model)
-    sampler = db.sampler or "dpmpp_2m"
     devices = jax.local_devices()
-    bs = -(-max(1, db.batch_size) // len(devices)) * len(devices)  # every device gets the same share
+    bs = device_batch_size(db.batch_size, len(devices))
     log_fn(f"dreambooth: process {jax.process_index()} generates {len(missing)} class images on "
            f"{len(devices)} device{'s' if len(devices) > 1 else ''} (batch {bs})")
+    items = [(i, db.class_prompt) for i in missing]
     with tqdm(total=len(missing), unit="image", desc="class images", disable=not progress) as bar:
-        for start in range(0, len(missing), bs):
-            chunk = missing[start:start + bs]
-            # a fixed batch shape (one compilation): the last chunk is padded with its own last index
-            padded = chunk + [chunk[-1]] * (bs - len(chunk))
-            latents = np.concatenate([initial_noise(pipe, db.seed + i, resolution, resolution) for i in padded])
-            images = pipe.generate([db.class_prompt] * bs, negative_prompt=[db.negative_prompt] * bs,
-                                   steps=db.steps, guidance=db.guidance_scale, sampler=sampler, seed=db.seed,
-                                   height=resolution, width=resolution, latents=latents, devices=devices)
-            for i, img in zip(chunk, images):
+        for done in generate_indexed(pipe, items, seed=db.seed, height=resolution, width=resolution, batch_size=bs,
+                                     devices=devices, negative_prompt=db.negative_prompt, steps=db.steps,
+                                     guidance=db.guidance_scale, sampler=db.sampler or "dpmpp_2m"):
+            for i, img in done:
                 path = class_image_path(out, i)
                 path.with_suffix(".txt").write_text(db.class_prompt)
-                tmp = path.with_name(f".{path.name}.tmp")
-                Image.fromarray(img).save(tmp, format="PNG")
-                os.replace(tmp, path)  # the PNG is the mark of a finished image
-            bar.update(len(chunk))
+                save_png(path, img)
+            bar.update(len(done))
     return len(missing)
 
 

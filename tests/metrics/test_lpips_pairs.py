@@ -71,4 +71,4 @@ def test_eval_pairs_lpips_equals_the_lpips_package(tmp_path, torch_vgg16, vgg16_
     proc = jaxsd_command(*pairs, "--out", tmp_path / "x", "--lpips-weights", vgg16_pth, check=False)
     assert proc.returncode == 2 and "--lpips-weights" in proc.stderr and "--allow-pickle" in proc.stderr
     proc = jaxsd_command(*pairs, "--out", tmp_path / "x", "--fid-weights", vgg16_pth, check=False)
-    assert proc.returncode == 2 and "--fid-weights belong(s) to --stats" in proc.stderr
+    assert proc.returncode == 2 and "--fid-weights belongs to --stats / --model, not --pairs" in proc.stderr

@@ -20,6 +20,8 @@ Suites:
                    train.steps_in_flight 0 and 1: loop step time minus the same step's back-to-back time
   memory           issue #19's table: the compiled memory of SDXL / SD1.5 fine-tuning and LoRA steps,
                    with each row's budget (params, optimizer state, what is alive at the peak)
+  eval             images/s of FID feature extraction (InceptionV3) and CLIP scoring, jaxsd vs
+                   pytorch-fid / transformers CLIPModel on the same random weights
 
 Every framework is measured in its own child process (so peak RSS never mixes):
 warm-up steps, then timed repeats reduced to min/median/max. Each run prints a
@@ -34,6 +36,7 @@ torch side needs the [torch] extra. Examples:
   jaxsd bench scaling --sweep batch --frameworks jaxsd
   jaxsd bench sample --preset small --tome 0.5 --latent 64 128
   jaxsd bench flops
+  jaxsd bench eval --preset small
   jaxsd bench memory --timeout 10800
 """
 
@@ -59,9 +62,10 @@ SUITES = {
     "conv-grads": "conv_grads",
     "host-overhead": "host_overhead",
     "memory": "memory",
+    "eval": "eval",
 }
 # suites whose --frameworks may include torch (the others measure jaxsd alone)
-TORCH_SUITES = ("train-step", "scaling", "sample", "cache", "conv-grads")
+TORCH_SUITES = ("train-step", "scaling", "sample", "cache", "conv-grads", "eval")
 _REPO = Path(__file__).resolve().parents[2]
 
 

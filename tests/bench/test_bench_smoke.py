@@ -289,3 +289,18 @@ def test_conv_grads(bench_env):
         for op in ("forward", "input_grad", "kernel_grad"):
             assert _is_stats(r["jaxsd"][f"{op}_ms"]) and _is_stats(r["torch"][f"{op}_ms"])
             assert r["ratio"][f"{op}_ms"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_eval_tiny(bench_env):
+    """`jaxsd bench eval`: the full InceptionV3 on both sides (its compile is most of the ~1 min)."""
+    (rec,) = _command(bench_env, "eval", "--repeats", "1", "--warmup", "0", "--batch", "1")
+    for fw in ("jaxsd", "torch"):
+        for what in ("fid", "clip"):
+            assert _is_stats(rec[fw][f"{what}_images_per_s"]) and _is_stats(rec[fw][f"{what}_step_s"])
+    assert _is_stats(rec["jaxsd"]["fid_compile_s"]) and rec["ratio"]["fid_images_per_s"] > 0
+    # same weights and inputs: the two sides compute the same features and scores
+    for key, tol in (("fid_features_avg", 1e-4), ("clip_score_avg", 1e-3)):
+        j, t = rec["jaxsd"]["info"][key], rec["torch"]["info"][key]
+        assert abs(j - t) <= tol * max(abs(t), 1.0), (key, j, t)

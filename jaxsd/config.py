@@ -280,6 +280,9 @@ class LoggingConfig:
     """diffusers pipeline folder (model_index.json) whose vae, text encoder(s), tokenizer(s) and scheduler
     sample with the trained UNet (its own unet is ignored). None = model.pretrained, when that is a
     pipeline folder. The scheduler's betas and prediction type are replaced by the `diffusion` section's."""
+    sample_clip: str | None = None
+    """a transformers CLIPModel folder (with its tokenizer and preprocessor_config.json, as `jaxsd eval --clip`):
+    each sample grid's CLIP score against its prompts is logged as samples/clip_score; None = off."""
 
 
 @dataclass(frozen=True)
@@ -486,8 +489,11 @@ def _check_sampling(cfg: Config) -> None:
     lg = cfg.logging
     if lg.sample_every < 0:
         raise ConfigError(f"logging.sample_every = {lg.sample_every} must be >= 0 (0 = no sample grids)")
-    if not lg.sample_every:
+    if not lg.sample_every:  # every sample_* key, sample_clip too, rests with the grids
         return
+    if lg.sample_clip and not (Path(lg.sample_clip) / "config.json").is_file():
+        raise ConfigError(f"logging.sample_clip = {lg.sample_clip!r}: no config.json there — point it at a "
+                          "transformers CLIPModel folder (CLIPModel + CLIPProcessor save_pretrained)")
     from jaxsd.diffusion.names import SCHEDULER_CHOICES, canonical_sampler_name  # jax-free
 
     if not lg.sample_prompts:

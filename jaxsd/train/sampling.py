@@ -26,6 +26,10 @@ collective, so every process calls `TrainingSampler.__call__`. Process 0 then ge
 local device; the others go on and wait for it in the next step's collectives. Cost: one full copy of
 the UNet params per device while sampling.
 
+With `logging.sample_clip` (a CLIPModel folder, loaded at start-up and kept for the run) each grid's
+images are scored against their prompts (`jaxsd.metrics.clip_score`, as `jaxsd eval --clip`) and the mean
+logged as the scalar `samples/clip_score` (metrics.jsonl and TensorBoard).
+
 Training is not disturbed: the train state is only read (sampling happens between steps, before the
 state is donated again), the generation's randomness comes from `sample_seed` alone, and the data
 iterator is not touched — resumed runs stay bitwise identical. The reshard is jitted once here and the
@@ -51,6 +55,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config, DiffusionConfig, LoggingConfig, sample_components_folder
 from jaxsd.errors import ConfigError, InputError
+from jaxsd.metrics.clip_score import CLIPScorer
 from jaxsd.models.unet import UNetConfig
 from jaxsd.pipelines.grids import label_grid
 from jaxsd.pipelines.loading import LoadedPipeline, load_pipeline
@@ -132,10 +137,12 @@ class TrainingSampler:
     """Writes a sample grid when `due(step)`; build with `TrainingSampler.from_config` (None when off)."""
 
     def __init__(self, cfg: LoggingConfig, pipe: StableDiffusion, run_dir: str | os.PathLike, *, ema: bool, mesh: Any,
-                 merge: Callable[[Any, Any], Any] = merge_params, text: StateText | None = None):
+                 merge: Callable[[Any, Any], Any] = merge_params, text: StateText | None = None,
+                 scorer: CLIPScorer | None = None):
         """Encodes the sample prompts once, then unloads `pipe`'s text encoders (they are not needed again).
-        text: the prompts are encoded again at each grid by the state's text encoders (see module doc)."""
-        self.cfg, self.pipe, self.ema = cfg, pipe, ema
+        text: the prompts are encoded again at each grid by the state's text encoders (see module doc).
+        scorer: each grid's CLIP score against its prompts is logged (`logging.sample_clip`)."""
+        self.cfg, self.pipe, self.ema, self.scorer = cfg, pipe, ema, scorer
         negative = cfg.sample_negative_prompt or None
         self.embeddings = pipe.text.encode_with_negative(list(cfg.sample_prompts), negative)
         pipe.text = pipe.pipe.text = None
@@ -167,7 +174,9 @@ class TrainingSampler:
                                      text_max_length=training_text_length(cfg))
         pipe = StableDiffusion(components, dtype=dtype, attention_impl=cfg.model.attention_impl,
                                token_merging=cfg.model.token_merging)
-        sampler = cls(cfg.logging, pipe, run_dir, ema=cfg.train.ema.enabled, mesh=mesh, merge=merge, text=text)
+        scorer = CLIPScorer.from_folder(cfg.logging.sample_clip) if cfg.logging.sample_clip else None
+        sampler = cls(cfg.logging, pipe, run_dir, ema=cfg.train.ema.enabled, mesh=mesh, merge=merge, text=text,
+                      scorer=scorer)
         check_compatible(sampler.pipe, sampler.embeddings[0], sampler.height, sampler.width)
         log.info("sample grids every %d steps from %s with the %s: %d prompts × %d (padded to %d tokens), %dx%d px, "
                  "%d %s steps, CFG %g, seed %d", cfg.logging.sample_every, folder, sampler.which,
@@ -229,6 +238,9 @@ class TrainingSampler:
         with path.open("wb") as f:  # PIL given the path itself would write gs://... to the local disk
             grid.save(f, format="PNG")
         logger.log_image(self.tag, np.asarray(grid), step)
+        if self.scorer is not None:  # prompt-major, as the images
+            prompts = [p for p in self.cfg.sample_prompts for _ in range(k)]
+            logger.log_scalars(step, {"samples/clip_score": float(self.scorer.clip_score(list(images), prompts).mean())})
         logger.message(f"step {step}: sample grid of the {self.which} → {path} ({time.perf_counter() - t0:.1f} s, "
                        f"of which compile {self.pipe.last_compile_seconds:.1f} s)")
         log.info("step %d: sample grid of the %s written to %s (TensorBoard %s)", step, self.which, path, self.tag)

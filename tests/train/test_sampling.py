@@ -8,6 +8,7 @@ train step's compilation dominates its time.
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -28,7 +29,7 @@ PROMPTS = ["a cat", "a dog on the moon"]
 SCALE = 256 // IMAGE_SIZE  # sampling.py upscales small images towards 256-px cells
 
 
-def _yaml(base, pipe, images):
+def _yaml(base, pipe, images, clip=None):
     return f"""
 model:
   pretrained: {pipe}
@@ -46,6 +47,7 @@ logging:
   sample_prompts: {json.dumps(PROMPTS)}
   sample_steps: 2
   sample_guidance_scale: 3.0
+  sample_clip: {clip or 'null'}
 data:
   roots: [{images}]
   image: {{resolution: {IMAGE_SIZE}}}
@@ -59,8 +61,12 @@ def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("sampling")
     pipe = tiny_pipeline(base / "pipe")
     images = make_images(base / "images", 6)
+    clip = None
+    if importlib.util.find_spec("transformers") is not None:  # the grids' CLIP score (logging.sample_clip)
+        from tests.metrics.tiny_clip import build_clip_folder
+        clip = build_clip_folder(base / "clip")
     yaml = base / "run.yaml"
-    yaml.write_text(_yaml(base, pipe, images))
+    yaml.write_text(_yaml(base, pipe, images, clip))
     return base, pipe, images, yaml
 
 
@@ -81,7 +87,7 @@ def test_training_from_a_cache_output(setup, run):
     assert manifest["latents"] is not None and manifest["text"] is not None
     assert len(manifest["entries"]) == 6
     assert f"jaxsd train: done at step 4 (pretrained diffusers folder {pipe / 'unet'})" in stdout
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in (r := json.loads(line))]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in records)
 
@@ -116,14 +122,24 @@ def test_grid_shows_the_ema_params_with_a_fixed_seed(setup, run, tmp_path):
     export_unet(run_dir, folder / "unet", ema=True)
     export_unet(run_dir, tmp_path / "current", ema=False)
     sd = StableDiffusion.from_folder(folder)
-    grids = []
+    grids, generated = [], []
     for unet in (folder / "unet", tmp_path / "current"):
         sd.pipe.unet_params = load_unet(unet)[1]
         images = sd.generate(PROMPTS, steps=2, guidance=3.0, sampler="dpmpp_2m", seed=0)
         grids.append(np.asarray(label_grid([(p, [im]) for p, im in zip(PROMPTS, images)], scale=SCALE)))
+        generated.append(images)
     written = np.asarray(Image.open(run_dir / "samples" / "step_000004.png"))
     np.testing.assert_array_equal(written, grids[0])
     assert not np.array_equal(written, grids[1])  # the current (non-EMA) params give other images
+    clip = load_config(setup[3]).logging.sample_clip
+    if clip is not None:  # logging.sample_clip: the grid's CLIP score, logged at each grid
+        from jaxsd.metrics.clip_score import CLIPScorer
+
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        scores = {r["step"]: r["samples/clip_score"] for r in logged if "samples/clip_score" in r}
+        assert sorted(scores) == [2, 4]
+        want = CLIPScorer.from_folder(clip).clip_score(list(generated[0]), PROMPTS).mean()
+        np.testing.assert_allclose(scores[4], want, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -149,6 +165,7 @@ def test_sample_settings_are_checked_when_the_config_loads(setup):
         "logging.sample_prompts=[]": "logging.sample_prompts is empty",
         "logging.sample_sampler=dpm_2m": "did you mean 'dpmpp_2m'?",
         "logging.sample_steps=0": "logging.sample_steps = 0 must be >= 1",
+        f"logging.sample_clip={images}": "no config.json there",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError) as e:

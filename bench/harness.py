@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -52,6 +53,18 @@ def ratio(ours: dict | None, theirs: dict | None) -> float | None:
     if not ours or not theirs or not theirs.get("median"):
         return None
     return ours["median"] / theirs["median"]
+
+
+def timed_throughput(fn, config: Mapping) -> tuple[list[float], list[float]]:
+    """(seconds per call, images/s per call) of `config["repeats"]` calls of `fn` after `config["warmup"]`
+    untimed ones; `config["batch"]` images per call."""
+    times = []
+    for i in range(config["warmup"] + config["repeats"]):
+        t0 = time.perf_counter()
+        fn()
+        if i >= config["warmup"]:
+            times.append(time.perf_counter() - t0)
+    return times, [config["batch"] / t for t in times]
 
 
 # ----------------------------------------------------------------------------- child processes
@@ -272,5 +285,6 @@ __all__ = [
     "run_child",
     "stats",
     "table",
+    "timed_throughput",
     "versions",
 ]

@@ -21,7 +21,13 @@ import time
 
 import numpy as np
 
-from bench.harness import comparison_table, make_record, repeat_children, run_child
+from bench.harness import (
+    comparison_table,
+    make_record,
+    repeat_children,
+    run_child,
+    timed_throughput,
+)
 
 _SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
            "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32, "act_fn": "silu",
@@ -95,16 +101,6 @@ def _inputs(config: dict) -> tuple[np.ndarray, np.ndarray]:
     return pixels, ids
 
 
-def _timed(fn, config: dict) -> tuple[list[float], list[float]]:
-    times = []
-    for i in range(config["warmup"] + config["repeats"]):
-        t0 = time.perf_counter()
-        fn()
-        if i >= config["warmup"]:
-            times.append(time.perf_counter() - t0)
-    return times, [config["batch"] / t for t in times]
-
-
 def child_prepare(config: dict) -> dict:
     import torch
     from diffusers import AutoencoderKL
@@ -142,7 +138,7 @@ def child_jaxsd(config: dict) -> dict:
     compiled = jax.jit(encode).lower(vae_params, clip_params, pixels, ids).compile()
     compile_s = time.perf_counter() - t0
     out = compiled(vae_params, clip_params, pixels, ids)
-    times, ips = _timed(lambda: jax.block_until_ready(compiled(vae_params, clip_params, pixels, ids)), config)
+    times, ips = timed_throughput(lambda: jax.block_until_ready(compiled(vae_params, clip_params, pixels, ids)), config)
     return {"step_s": times, "images_per_s": ips, "compile_s": compile_s,
             "info": {"latent_mean_avg": float(jnp.mean(out[0])), "hidden_avg": float(jnp.mean(out[2])),
                      "backend": jax.default_backend()}}
@@ -169,7 +165,7 @@ def child_torch(config: dict) -> dict:
         return dist.mean, dist.logvar, hidden
 
     out = encode()
-    times, ips = _timed(encode, config)
+    times, ips = timed_throughput(encode, config)
     return {"step_s": times, "images_per_s": ips,
             "info": {"latent_mean_avg": float(out[0].mean()), "hidden_avg": float(out[2].float().mean()),
                      "threads": torch.get_num_threads()}}

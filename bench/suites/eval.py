@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from bench.harness import make_record, repeat_children, run_child, table
+from bench.harness import make_record, repeat_children, run_child, table, timed_throughput
 
 _CLIP_B32 = {"text_config": {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
                              "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
@@ -101,16 +101,6 @@ def _inputs(config: dict, image_size: int) -> dict:
             "pixels": rng.normal(size=(b, image_size, image_size, 3)).astype(np.float32), "ids": ids, "mask": mask}
 
 
-def _timed(fn, config: dict) -> tuple[list[float], list[float]]:
-    times = []
-    for i in range(config["warmup"] + config["repeats"]):
-        t0 = time.perf_counter()
-        fn()
-        if i >= config["warmup"]:
-            times.append(time.perf_counter() - t0)
-    return times, [config["batch"] / t for t in times]
-
-
 def child_prepare(config: dict) -> dict:
     import torch
     import transformers
@@ -144,6 +134,10 @@ def child_jaxsd(config: dict) -> dict:
     def embeds(vp, tp, pixels, ids, mask):
         return vision.apply({"params": vp}, pixels), text.apply({"params": tp}, ids, mask).text_embeds
 
+    def cosine(a, b):  # the unclamped 100 · cos, to cross-check (random weights give many clamped zeros)
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.mean(100 * np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)))
+
     t0 = time.perf_counter()
     fid = jax.jit(lambda p, images: FIDInceptionV3().apply({"params": p}, images)).lower(fid_params, x["fid"]).compile()
     fid_compile = time.perf_counter() - t0
@@ -151,12 +145,12 @@ def child_jaxsd(config: dict) -> dict:
     t0 = time.perf_counter()
     clip_fn = jax.jit(embeds).lower(*clip_args).compile()
     clip_compile = time.perf_counter() - t0
-    fid_times, fid_ips = _timed(lambda: np.asarray(fid(fid_params, x["fid"])), config)
-    clip_times, clip_ips = _timed(lambda: clip_score_of_embeds(*clip_fn(*clip_args)), config)
+    fid_times, fid_ips = timed_throughput(lambda: np.asarray(fid(fid_params, x["fid"])), config)
+    clip_times, clip_ips = timed_throughput(lambda: clip_score_of_embeds(*clip_fn(*clip_args)), config)
     return {"fid_step_s": fid_times, "fid_images_per_s": fid_ips, "fid_compile_s": fid_compile,
             "clip_step_s": clip_times, "clip_images_per_s": clip_ips, "clip_compile_s": clip_compile,
             "info": {"fid_features_avg": float(np.asarray(fid(fid_params, x["fid"])).mean()),
-                     "clip_score_avg": float(clip_score_of_embeds(*clip_fn(*clip_args)).mean()),
+                     "clip_cos_avg": cosine(*clip_fn(*clip_args)),
                      "backend": jax.default_backend()}}
 
 
@@ -184,16 +178,19 @@ def child_torch(config: dict) -> dict:
         return getattr(out, "pooler_output", out)
 
     @torch.no_grad()
-    def score():
+    def cosine():  # 100 · cos of each pair (the CLIP score before its clamp at 0)
         a = features(clip.get_image_features(pixel_values=pixels))
         b = features(clip.get_text_features(input_ids=ids, attention_mask=mask))
-        return (100 * torch.nn.functional.cosine_similarity(a, b)).clamp(min=0)
+        return 100 * torch.nn.functional.cosine_similarity(a, b)
+
+    def score():
+        return cosine().clamp(min=0)
 
     with torch.no_grad():
-        fid_times, fid_ips = _timed(lambda: fid(images)[0], config)
+        fid_times, fid_ips = timed_throughput(lambda: fid(images)[0], config)
         fid_avg = float(fid(images)[0].mean())
-    clip_times, clip_ips = _timed(score, config)
+    clip_times, clip_ips = timed_throughput(score, config)
     return {"fid_step_s": fid_times, "fid_images_per_s": fid_ips, "clip_step_s": clip_times,
             "clip_images_per_s": clip_ips,
-            "info": {"fid_features_avg": fid_avg, "clip_score_avg": float(score().mean()),
+            "info": {"fid_features_avg": fid_avg, "clip_cos_avg": float(cosine().double().mean()),
                      "threads": torch.get_num_threads()}}

@@ -301,6 +301,6 @@ def test_eval_tiny(bench_env):
             assert _is_stats(rec[fw][f"{what}_images_per_s"]) and _is_stats(rec[fw][f"{what}_step_s"])
     assert _is_stats(rec["jaxsd"]["fid_compile_s"]) and rec["ratio"]["fid_images_per_s"] > 0
     # same weights and inputs: the two sides compute the same features and scores
-    for key, tol in (("fid_features_avg", 1e-4), ("clip_score_avg", 1e-3)):
+    for key, tol in (("fid_features_avg", 1e-4), ("clip_cos_avg", 1e-3)):
         j, t = rec["jaxsd"]["info"][key], rec["torch"]["info"][key]
         assert abs(j - t) <= tol * max(abs(t), 1.0), (key, j, t)

@@ -28,7 +28,7 @@ COMMANDS: dict[str, str] = {
     "train": "train (fine-tune or from scratch) a UNet over cached latents",
     "sample": "generate images from a diffusers pipeline folder",
     "export": "write a training checkpoint as a diffusers folder, or a LoRA run's adapters as a LoRA file",
-    "eval": "image metrics: PSNR and SSIM of same-named image pairs, FID statistics of a folder",
+    "eval": "image metrics: PSNR/SSIM/LPIPS of image pairs, FID statistics of a folder, a model's FID and CLIP score",
     "compare": "compare training runs side by side: loss curves, sample grids, config differences (HTML)",
     "convert": "convert single-file checkpoints (A1111/ComfyUI .safetensors) to diffusers folders and back",
     "bench": "side-by-side benchmarks against diffusers PyTorch",

@@ -1,7 +1,10 @@
-"""Image metrics: PSNR/SSIM/LPIPS over same-named image pairs, or FID reference statistics of a folder.
+"""Image metrics: PSNR/SSIM/LPIPS over same-named image pairs, FID reference statistics of a folder, or a
+model's images generated and scored (FID, CLIP score).
 
     jaxsd eval --pairs A_DIR B_DIR --out DIR
     jaxsd eval --stats REAL_DIR --out real_stats.npz --fid-weights pt_inception-2015-12-05-6726825d.pth
+    jaxsd eval --model DIR --prompts prompts.txt --num-images N --reference REAL_DIR|stats.npz
+               [--fid-weights PATH] [--clip DIR] [--steps 30 --scheduler dpmpp_2m --guidance 7.5 --seed 0] --out DIR
 
 --pairs pairs A_DIR/x.png with B_DIR/x.png (any image format `jaxsd cache` reads; 16-bit, CMYK and
 alpha are converted to 8-bit RGB the same way) — e.g. originals and their VAE reconstructions, or two
@@ -18,10 +21,16 @@ covariance `sigma` of pytorch-fid's InceptionV3 pool features, saved as pytorch-
 does, so either tool reads the other's file. --fid-weights is pytorch-fid's weights file (.pth, read
 with torch.load(weights_only=True)) or the .safetensors copy --save-fid-weights writes of it.
 
+--model generates N images (DIR/images/NNNNN.png: prompt i mod P from the noise of --seed + i, batched
+over the devices; images already there are reused) and writes DIR/metrics.json with FID against
+--reference (with --fid-weights) and the CLIP score (with --clip DIR), and DIR/grid.png (eval_model.py).
+
 Example:
   jaxsd eval --pairs originals/ reconstructions/ --out eval/vae
   jaxsd eval --pairs originals/ reconstructions/ --out eval/vae --lpips-weights vgg16-397923af.pth --allow-pickle
   jaxsd eval --stats real/ --out real_stats.npz --fid-weights pt_inception-2015-12-05-6726825d.pth
+  jaxsd eval --model ./sd15 --prompts prompts.txt --num-images 1000 --reference real_stats.npz \
+             --fid-weights pt_inception-2015-12-05-6726825d.pth --clip ./clip-vit-large-patch14 --out eval/
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ a matmul plus k² slice-adds: kernels XLA:CPU runs well on every core.
 GPU and TPU always keep XLA's convolution (cuDNN / the TPU's convolution units).
 
 The forced choice, for benchmarks and parity tests: the `JAXSD_CONV` environment variable
-(`auto`, `xla`, `im2col`; read while tracing, so set it before a program is compiled), or in one
-process `with forced_conv("im2col"):` around the tracing (it wins over the variable).
+(`auto`, `xla`, `im2col`; read while tracing, so set it before a program is compiled; `jaxsd`
+checks it before any command runs), or in one process `with forced_conv("im2col"):` around the
+tracing (it wins over the variable). Importing this module loads no jax, so the CLI's check is free.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import contextlib
 import contextvars
 import os
 from collections.abc import Iterator
-
-import jax
+from typing import TYPE_CHECKING
 
 from jaxsd.errors import InputError
+
+if TYPE_CHECKING:
+    import jax
 
 IMPLEMENTATIONS = ("auto", "xla", "im2col")
 ENV_VAR = "JAXSD_CONV"
@@ -64,6 +67,8 @@ def forced_conv(name: str) -> Iterator[None]:
     reused as it was. So entering and leaving clear them (`jax.clear_caches`), and what runs inside is
     traced anew — a cost only tests and benchmarks, who switch in one process, pay.
     """
+    import jax
+
     token = _forced.set(_checked(name, "forced_conv"))
     jax.clear_caches()
     try:
@@ -111,6 +116,8 @@ def select_conv(requested: str, *, platform: str, batch: int, out_hw: tuple[int,
 
 def conv_implementation(x: jax.Array, kernel: jax.Array, out_hw: tuple[int, int]) -> str:
     """`select_conv` for x [B, H, W, Cin] and kernel [kh, kw, Cin, Cout] on this process's platform."""
+    import jax
+
     return select_conv(requested_implementation(), platform=jax.default_backend(), batch=x.shape[0],
                        out_hw=out_hw, in_channels=x.shape[-1], kernel_hw=kernel.shape[:2],
                        itemsize=x.dtype.itemsize)

@@ -100,9 +100,10 @@ def format_table(records: list[dict]) -> str:
             if len(convs) > 1:
                 cell += f" ({r[f'vs_{convs[0]}'][f'{op}_ms']:.2f}× {convs[0]})"
             cells.append(cell)
-        rows.append([c["shape"], f"{c['side']}² × {c['cin']}→{c['cout']}, s{c['stride']}, b{c['batch']}", *cells])
-    who = " / ".join([*(c for c in (records[0]["config"].get("conv", ["xla"]) if records else ["xla"])), "torch"])
-    return table(["conv", "shape", f"forward ms {who}", "input grad ms", "kernel grad ms"], rows)
+        rows.append([c["shape"], f"{c['side']}² × {c['cin']}→{c['cout']}, s{c['stride']}, b{c['batch']}",
+                     "/".join(convs), *cells])
+    return table(["conv", "shape", "lowerings", "forward ms: jaxsd lowerings (--conv) / torch", "input grad ms", "kernel grad ms"],
+                 rows)
 
 
 def _ms(s: dict | None) -> str:

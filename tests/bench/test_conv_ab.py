@@ -22,7 +22,7 @@ def test_demo_preset_is_the_demos_unet():
     assert input_shapes(unet_preset("tiny"), 1, 8)["encoder_hidden_states"][1] == 77
 
 
-@pytest.mark.slow  # two micro train steps compiled (~30 s loaded)
+@pytest.mark.slow  # two micro train steps compiled (~90 s at load 6)
 def test_conv_ab_compiles_each_lowering_and_times_them(tmp_path):
     path = tmp_path / "ab.jsonl"
     jaxsd_command("bench", "conv-ab", "--preset", "micro", "--batch", "1", "--conv", "xla,im2col",

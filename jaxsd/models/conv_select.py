@@ -33,9 +33,11 @@ if TYPE_CHECKING:
 IMPLEMENTATIONS = ("auto", "xla", "im2col")
 ENV_VAR = "JAXSD_CONV"
 # `auto` on CPU takes im2col for a k×k conv (k > 1, no dilation, no groups) whose input has at least
-# IM2COL_MIN_CHANNELS channels and at most IM2COL_MAX_PIXELS output positions per image: measured
-# (docs/benchmarks.md) 9× / 3.7× faster input gradient / forward at 8×8 × 1280, 2.2× / 1.2× at
-# 16×16 × 640, neutral at 32×32 × 320.
+# IM2COL_MIN_CHANNELS channels and at most IM2COL_MAX_PIXELS output positions per image. Measured
+# (docs/benchmarks.md, "Convolutions on CPU"; im2col / XLA time, forward · input grad · kernel grad):
+# 8×8 × 1280: 0.38 · 0.20 · 0.57; 16×16 × 640: 0.81 · 0.67 · 0.59; 32×32 × 320: 1.05 · 0.91 · 0.55
+# (a wash for a LoRA step, which runs no kernel gradient); the demo's 32–128 channels: 1.7–5× slower
+# forwards. The sd15 LoRA step: 0.60× with this table, 0.62× with im2col everywhere.
 IM2COL_MIN_CHANNELS = 640
 IM2COL_MAX_PIXELS = 16 * 16
 # The [B·H·W, k²·Cin] patch matrix is k² times the input; above this many bytes (over the batch) a

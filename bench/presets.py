@@ -64,15 +64,27 @@ _SMALL = {
     "cross_attention_dim": 192, "attention_head_dim": 8,
 }
 
-UNET_PRESETS: dict[str, dict] = {"micro": _MICRO, "tiny": _TINY, "small": _SMALL, "sd15": _SD15, "sdxl": _SDXL}
+
+# `jaxsd demo`'s from-scratch UNet on 8×8 latents (jaxsd.demo.run.unet_config(DemoSettings()),
+# written out so importing the presets needs no jax; tests/bench/test_conv_ab.py checks they agree)
+_DEMO = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1, "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 16,
+}
+
+UNET_PRESETS: dict[str, dict] = {"micro": _MICRO, "tiny": _TINY, "small": _SMALL, "sd15": _SD15, "sdxl": _SDXL,
+                                 "demo": _DEMO}
 
 # Latent size (h = w) each preset is benchmarked at unless --latent says otherwise.
 # sd15 @ 32×32 is the issue's reference point (PyTorch ≈31 s/step, 14.8 GB on the CPU box).
-DEFAULT_LATENT = {"micro": 8, "tiny": 8, "small": 32, "sd15": 32, "sdxl": 128}
+DEFAULT_LATENT = {"micro": 8, "tiny": 8, "small": 32, "sd15": 32, "sdxl": 128, "demo": 8}
 
 # Text context each preset is trained with: (sequence length, width). SDXL also
-# takes pooled text embeddings [B, 1280] and time ids [B, 6].
+# takes pooled text embeddings [B, 1280] and time ids [B, 6]. The demo's captions are 16 tokens
+# (jaxsd/demo/tokenizer.py); every other preset's 77.
 TEXT_LEN = 77
+DEMO_TEXT_LEN = 16
 SDXL_POOLED_DIM = 1280
 
 # Optimizer hyper-parameters both frameworks use (values do not change the cost).
@@ -94,8 +106,9 @@ def is_sdxl(cfg: dict) -> bool:
 
 def input_shapes(cfg: dict, batch: int, latent: int) -> dict:
     """Shapes (NHWC for jaxsd) of one training batch for UNet config `cfg`."""
+    text_len = DEMO_TEXT_LEN if cfg == _DEMO else TEXT_LEN
     shapes = {"sample": (batch, latent, latent, cfg["in_channels"]), "timesteps": (batch,),
-              "encoder_hidden_states": (batch, TEXT_LEN, cfg["cross_attention_dim"])}
+              "encoder_hidden_states": (batch, text_len, cfg["cross_attention_dim"])}
     if is_sdxl(cfg):
         shapes["text_embeds"] = (batch, SDXL_POOLED_DIM)
         shapes["time_ids"] = (batch, 6)

@@ -18,6 +18,7 @@ import importlib
 import sys
 
 from jaxsd.errors import InputError
+from jaxsd.models.conv_select import requested_implementation as requested_conv
 
 # name -> one-line help. Order is the order users meet them in the data flow.
 # Only commands that exist are listed: a new command adds its line with its module.
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         return 0
     try:
+        requested_conv()  # $JAXSD_CONV is input too: refuse a bad value before any work
         return run_command(args)
     except InputError as e:
         if getattr(args, "traceback", False):

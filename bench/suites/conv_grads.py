@@ -9,6 +9,11 @@ Each op is timed alone: XLA compiles `conv`, the vjp of `conv` in the input and 
 kernel as three programs (a vjp of a linear op needs no forward, which XLA drops); torch calls
 `torch.nn.grad.conv2d_input` / `conv2d_weight`, the same aten backward kernels autograd runs.
 NHWC / HWIO in XLA, NCHW / OIHW in torch — each framework's native layout. fp32, 2 threads.
+
+`--conv xla,im2col` times jaxsd's two CPU lowerings (`jaxsd.models.conv_select`) in one child,
+interleaved repeat by repeat so the machine's load falls on both alike, and checks im2col's
+outputs against XLA's (≤ 1e-5 relative) before anything is recorded. `--shapes demo`: the
+demo UNet's 3×3 convs (8×8 latents, 32/64 channels; use `--batch 64`, its batch).
 """
 
 from __future__ import annotations
@@ -26,39 +31,79 @@ OPS = ("forward", "input_grad", "kernel_grad")
 SHAPES = (("level0 resnet", 32, 320, 320, 1), ("level0 downsample", 32, 320, 320, 2),
           ("level1 resnet", 16, 640, 640, 1), ("level2 resnet", 8, 1280, 1280, 1),
           ("level3 resnet", 4, 1280, 1280, 1), ("up level3 resnet (concat in)", 4, 2560, 1280, 1))
+# the demo's UNet (jaxsd/demo/settings.py: 32/64 channels, 8×8 latents; batch 64 in training)
+DEMO_SHAPES = (("level0 resnet", 8, 32, 32, 1), ("level0 downsample", 8, 32, 32, 2),
+               ("level1 resnet", 4, 64, 64, 1), ("up level1 resnet (concat in)", 4, 128, 64, 1),
+               ("up level0 resnet (concat in)", 8, 96, 32, 1))
+SHAPE_SETS = {"sd15": SHAPES, "demo": DEMO_SHAPES}
+CONVS = ("xla", "im2col")
+
+
+def _convs(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONVS]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--conv takes distinct names from {CONVS}, comma-separated; got {text!r}")
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per convolution (default 1)")
     p.add_argument("--scale", type=int, default=1, help="multiply every side (1: 32×32 latents, 2: 64×64)")
+    p.add_argument("--shapes", default="sd15", choices=sorted(SHAPE_SETS),
+                   help="sd15: the SD1.5 UNet's 3×3 convs (default); demo: the demo UNet's")
+    p.add_argument("--conv", type=_convs, default=["xla"], metavar="LIST",
+                   help="jaxsd's lowerings to time, interleaved in one process: xla (default), im2col, or "
+                        "xla,im2col (the first is the record's `jaxsd`, the others `jaxsd_<name>` + `vs_<first>`)")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    shapes = SHAPE_SETS[args.shapes]
     config = {"batch": args.batch, "scale": args.scale, "warmup": args.warmup, "repeats": args.repeats,
-              "shapes": [list(s) for s in SHAPES]}
+              "shapes": [list(s) for s in shapes], "convs": args.conv}
     results = {fw: run_child("conv_grads", fw, config, timeout=args.timeout) for fw in args.frameworks}
     if len(results) == 2:  # same inputs, same math: refuse to time two different computations
         for i, (j, t) in enumerate(zip(results["jaxsd"]["checks"], results["torch"]["checks"])):
             if not np.allclose(j, t, rtol=1e-4, atol=1e-6):
-                raise BenchError(f"conv-grads: {SHAPES[i // 3][0]} {OPS[i % 3]}: jaxsd {j} vs torch {t} (mean, mean²)")
+                raise BenchError(f"conv-grads: {shapes[i // 3][0]} {OPS[i % 3]}: jaxsd {j} vs torch {t} (mean, mean²)")
+    first, others = args.conv[0], args.conv[1:]
     records = []
-    for i, (name, side, cin, cout, stride) in enumerate(SHAPES):
-        per_fw = {fw: {f"{op}_ms": stats(results[fw]["ms"][i][op]) for op in OPS} for fw in results}
+    for i, (name, side, cin, cout, stride) in enumerate(shapes):
+        figures = {fw: _figures(results[fw]["ms"][i], first if fw == "jaxsd" else None) for fw in results}
+        if "jaxsd" in results:
+            for conv in others:
+                figures[f"jaxsd_{conv}"] = _figures(results["jaxsd"]["ms"][i], conv)
+                figures[f"vs_{first}"] = {f"{op}_ms": figures[f"jaxsd_{conv}"][f"{op}_ms"]["median"]
+                                          / figures["jaxsd"][f"{op}_ms"]["median"] for op in OPS}
         records.append(make_record("conv-grads", {"shape": name, "side": side * args.scale, "cin": cin,
-                                                  "cout": cout, "stride": stride, "batch": args.batch},
-                                   per_fw, note=args.note))
+                                                  "cout": cout, "stride": stride, "batch": args.batch,
+                                                  "conv": args.conv, "shapes": args.shapes}, figures, note=args.note))
     return records
+
+
+def _figures(ms: dict, conv: str | None) -> dict:
+    """{op_ms: stats} of one framework's row (jaxsd's: of lowering `conv`)."""
+    return {f"{op}_ms": stats(ms[conv][op] if conv else ms[op]) for op in OPS}
 
 
 def format_table(records: list[dict]) -> str:
     rows = []
     for r in records:
         c, cells = r["config"], []
+        convs = c.get("conv", ["xla"])  # records from before --conv timed XLA's conv alone
+        sides = ["jaxsd", *(f"jaxsd_{n}" for n in convs[1:]), "torch"]
         for op in OPS:
-            j, t = (r.get(fw, {}).get(f"{op}_ms") for fw in ("jaxsd", "torch"))
-            cells.append(f"{_ms(j)} / {_ms(t)}" + (f" ({j['median'] / t['median']:.2f}×)" if j and t else ""))
-        rows.append([c["shape"], f"{c['side']}² × {c['cin']}→{c['cout']}, s{c['stride']}", *cells])
-    return table(["conv", "shape", "forward ms jaxsd / torch", "input grad ms", "kernel grad ms"], rows)
+            ms = [r.get(side, {}).get(f"{op}_ms") for side in sides]
+            cell = " / ".join(_ms(m) for m in ms)
+            if ms[0] and ms[-1]:
+                cell += f" ({ms[0]['median'] / ms[-1]['median']:.2f}× torch)"
+            if len(convs) > 1:
+                cell += f" ({r[f'vs_{convs[0]}'][f'{op}_ms']:.2f}× {convs[0]})"
+            cells.append(cell)
+        rows.append([c["shape"], f"{c['side']}² × {c['cin']}→{c['cout']}, s{c['stride']}, b{c['batch']}",
+                     "/".join(convs), *cells])
+    return table(["conv", "shape", "lowerings", "forward ms: jaxsd lowerings (--conv) / torch", "input grad ms", "kernel grad ms"],
+                 rows)
 
 
 def _ms(s: dict | None) -> str:
@@ -92,30 +137,61 @@ def _arrays(config: dict, side: int, cin: int, cout: int, stride: int):
 
 
 def child_jaxsd(config: dict) -> dict:
+    """Per shape {conv: {op: [ms]}}: each op compiled once per lowering, the lowerings' repeats
+    interleaved; im2col's results checked against XLA's first. `checks` are the first lowering's."""
     import jax
 
     from jaxsd.train.compile import train_step_compiler_options
 
     opts = train_step_compiler_options()
     ms, checks = [], []
-    for _name, side, cin, cout, stride in config["shapes"]:
+    for name, side, cin, cout, stride in config["shapes"]:
         args = tuple(jax.numpy.asarray(a) for a in _arrays(config, side, cin, cout, stride))
-        row = {}
-        for op, f in _jax_ops(stride).items():
-            compiled = jax.jit(f).lower(*args).compile(compiler_options=opts)
-            row[op] = _timed(lambda c=compiled: jax.block_until_ready(c(*args)), config)  # noqa: B023 (called here)
-            checks.append(_check(compiled(*args)))
+        row = {conv: {} for conv in config["convs"]}
+        for op in OPS:
+            compiled = {conv: jax.jit(_jax_ops(stride, conv)[op]).lower(*args).compile(compiler_options=opts)
+                        for conv in config["convs"]}
+            outs = {conv: np.asarray(c(*args)) for conv, c in compiled.items()}
+            ref = outs[config["convs"][0]]
+            for conv, out in outs.items():
+                err = np.abs(out - ref).max() / np.abs(ref).max()
+                if err > 1e-5:
+                    raise BenchError(f"conv-grads: {name} {op}: {conv} differs from {config['convs'][0]} by {err:.2g}")
+            checks.append(_check(ref))
+            run = {conv: (lambda c=c, a=args: jax.block_until_ready(c(*a))) for conv, c in compiled.items()}
+            timed = _timed_interleaved(run, config)
+            for conv in config["convs"]:
+                row[conv][op] = timed[conv]
         ms.append(row)
     return {"ms": ms, "checks": checks}
 
 
-def _jax_ops(stride: int) -> dict:
-    """(x, w, dy) -> the op's result, per op (NHWC / HWIO)."""
+def _timed_interleaved(fns: dict, config: dict) -> dict[str, list[float]]:
+    """{name: [ms]}: warm-up, then each repeat runs every fn once in turn."""
+    for _ in range(config["warmup"]):
+        for fn in fns.values():
+            fn()
+    out = {name: [] for name in fns}
+    for _ in range(config["repeats"]):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _jax_ops(stride: int, conv_impl: str = "xla") -> dict:
+    """(x, w, dy) -> the op's result, per op (NHWC / HWIO), with XLA's conv or the im2col matmul."""
     import jax
 
+    from jaxsd.models.im2col import conv_im2col
+
+    pad = ((1, 1), (1, 1))
+
     def conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if conv_impl == "im2col":
+            return conv_im2col(x, w, stride, pad)
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     return {"forward": lambda x, w, dy: conv(x, w),
             "input_grad": lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],

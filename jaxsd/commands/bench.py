@@ -15,7 +15,10 @@ Suites:
   flops            XLA cost-analysis FLOPs of the compiled sd15 / sdxl train step vs the published
                    counts, and the implied time floor on H100 / TPU v5p / v6e
   conv-grads       one 3x3 convolution's forward, input gradient and kernel gradient at the SD
-                   UNet's shapes, XLA vs torch (where a LoRA step's backward time goes)
+                   UNet's shapes, XLA vs torch (where a LoRA step's backward time goes);
+                   --conv xla,im2col: jaxsd's two CPU lowerings interleaved in one process
+  conv-ab          one jaxsd train step (demo UNet by default, --preset sd15 --lora 16, ...) compiled
+                   per convolution lowering (--conv xla,auto,im2col), timed interleaved in one process
   host-overhead    per-step host overhead of real `jaxsd train` runs (tiny preset) with
                    train.steps_in_flight 0 and 1: loop step time minus the same step's back-to-back time
   memory           issue #19's table: the compiled memory of SDXL / SD1.5 fine-tuning and LoRA steps,
@@ -60,6 +63,7 @@ SUITES = {
     "optimizer-state": "optimizer_state",
     "flops": "flops",
     "conv-grads": "conv_grads",
+    "conv-ab": "conv_ab",
     "host-overhead": "host_overhead",
     "memory": "memory",
     "eval": "eval",

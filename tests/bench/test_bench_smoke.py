@@ -281,14 +281,16 @@ def test_train_step_lora_micro_vs_peft(bench_env):
 @pytest.mark.slow
 @pytest.mark.torch
 def test_conv_grads(bench_env):
-    """conv-grads times the three convolutions of each SD shape in both frameworks; the suite itself
-    refuses a run whose ops disagree (mean and mean square of every output, 1e-4)."""
-    recs = _command(bench_env, "conv-grads", "--repeats", "1", "--warmup", "0")
+    """conv-grads times the three convolutions of each SD shape in both frameworks, and jaxsd's two
+    lowerings; the suite itself refuses a run whose ops disagree (mean and mean square of every
+    output, 1e-4 across frameworks; im2col vs XLA elementwise, 1e-5)."""
+    recs = _command(bench_env, "conv-grads", "--repeats", "1", "--warmup", "0", "--conv", "xla,im2col")
     assert [r["config"]["shape"] for r in recs][:2] == ["level0 resnet", "level0 downsample"]
     for r in recs:
         for op in ("forward", "input_grad", "kernel_grad"):
             assert _is_stats(r["jaxsd"][f"{op}_ms"]) and _is_stats(r["torch"][f"{op}_ms"])
-            assert r["ratio"][f"{op}_ms"] > 0
+            assert _is_stats(r["jaxsd_im2col"][f"{op}_ms"])
+            assert r["ratio"][f"{op}_ms"] > 0 and r["vs_xla"][f"{op}_ms"] > 0
 
 
 @pytest.mark.slow

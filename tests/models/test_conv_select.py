@@ -1,0 +1,139 @@
+"""The convolution seam: `conv_select`'s decision table, the im2col lowering against XLA's convolution
+(values and both gradients), the `Conv` layer with LoCon adapters, and a tiny UNet forced onto im2col
+against diffusers and against the XLA path (outputs and gradients)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsd.errors import InputError
+from jaxsd.models import conv_select
+from jaxsd.models.conv_select import forced_conv, requested_implementation, select_conv
+from jaxsd.models.im2col import conv_im2col, conv_output_hw
+from jaxsd.models.layers import Conv
+from tests.helpers import rel_err
+
+_SD = {"batch": 1, "kernel_hw": (3, 3), "itemsize": 4}
+
+
+@pytest.mark.parametrize("platform, kw, expected", [
+    ("cpu", {"out_hw": (8, 8), "in_channels": 1280}, "im2col"),       # SD's 8×8 level: the big win
+    ("cpu", {"out_hw": (16, 16), "in_channels": 640}, "im2col"),
+    ("cpu", {"out_hw": (32, 32), "in_channels": 320}, "xla"),         # measured neutral: XLA's conv stays
+    ("cpu", {"out_hw": (8, 8), "in_channels": 1280, "kernel_hw": (1, 1)}, "xla"),
+    ("cpu", {"out_hw": (8, 8), "in_channels": 1280, "dilation": 2}, "xla"),
+    ("cpu", {"out_hw": (8, 8), "in_channels": 1280, "groups": 2}, "xla"),
+    ("cpu", {"out_hw": (16, 16), "in_channels": 1280, "batch": 64}, "xla"),  # 1.5 GB of patches: too big
+    ("gpu", {"out_hw": (8, 8), "in_channels": 1280}, "xla"),
+    ("tpu", {"out_hw": (8, 8), "in_channels": 1280}, "xla"),
+])
+def test_auto_table(platform, kw, expected):
+    assert select_conv("auto", platform=platform, **{**_SD, **kw}) == expected
+
+
+def test_forced_choices_and_their_errors(monkeypatch):
+    small = dict(_SD, out_hw=(32, 32), in_channels=4)
+    assert select_conv("im2col", platform="gpu", **small) == "im2col"
+    assert select_conv("xla", platform="cpu", **{**_SD, "out_hw": (8, 8), "in_channels": 1280}) == "xla"
+    with pytest.raises(InputError, match="no dilation or groups"):
+        select_conv("im2col", platform="cpu", dilation=2, **small)
+    monkeypatch.setenv(conv_select.ENV_VAR, "fast")
+    with pytest.raises(InputError, match=r"\$JAXSD_CONV: convolution implementation 'fast' unknown"):
+        requested_implementation()
+    with forced_conv("im2col"):  # the context wins over the variable
+        assert requested_implementation() == "im2col"
+    monkeypatch.setenv(conv_select.ENV_VAR, "XLA")
+    assert requested_implementation() == "xla"
+    with pytest.raises(InputError, match="'sometimes' unknown"), forced_conv("sometimes"):
+        pass
+
+
+# (H, W, Cin, Cout, k, stride, padding): SD's resnet conv, the downsampler's stride 2 with diffusers'
+# asymmetric (0, 1) padding, an odd-sized input, a 5×5 kernel, a patch-embedding-like unpadded conv
+CASES = [(8, 8, 16, 8, 3, 1, ((1, 1), (1, 1))), (8, 8, 8, 8, 3, 2, ((0, 1), (0, 1))),
+         (9, 7, 4, 6, 3, 2, ((1, 1), (1, 1))), (8, 6, 4, 4, 5, 1, ((2, 2), (2, 2))),
+         (6, 6, 3, 5, 2, 2, ((0, 0), (0, 0)))]
+
+
+@pytest.mark.parametrize("h, w, cin, cout, k, stride, pad", CASES)
+def test_im2col_equals_xla_conv_and_its_gradients(h, w, cin, cout, k, stride, pad):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, h, w, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
+    xla = lambda x, kernel: jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad,
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, kernel: conv_im2col(x, kernel, stride, pad)
+    dy = jnp.asarray(rng.standard_normal((2, *conv_output_hw((h, w), (k, k), stride, pad), cout)), jnp.float32)
+    with_grads = lambda f: jax.jit(lambda x, kernel: (f(x, kernel), *jax.vjp(f, x, kernel)[1](dy)))
+    for got, want in zip(with_grads(ours)(x, kernel), with_grads(xla)(x, kernel)):  # output, dx, dkernel
+        assert got.shape == want.shape
+        assert rel_err(got, want) <= 1e-6
+
+
+def _conv_ops(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
+
+
+def test_conv_layer_with_locon_adapter_runs_the_forced_lowering():
+    """A stride-2 Conv with a LoCon adapter (its down conv has the base's kernel and stride) gives the
+    same output and gradients on both lowerings, and the forced lowering is the one traced."""
+    rng = np.random.default_rng(1)
+    layer = Conv(8, strides=2, padding=((0, 1), (0, 1)))
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 6)), jnp.float32)
+    params = {"kernel": jnp.asarray(rng.standard_normal((3, 3, 6, 8)), jnp.float32),
+              "bias": jnp.asarray(rng.standard_normal(8), jnp.float32)}
+    lora = {"down": jnp.asarray(rng.standard_normal((3, 3, 6, 2)), jnp.float32),
+            "up": jnp.asarray(rng.standard_normal((1, 1, 2, 8)), jnp.float32), "scale": jnp.full((2,), 0.5)}
+    dy = jnp.asarray(rng.standard_normal((2, 4, 4, 8)), jnp.float32)
+    apply = lambda p, a, x: layer.apply({"params": p, "lora": a}, x)
+    output_and_grads = lambda p, a, x: (apply(p, a, x), jax.grad(lambda *v: jnp.sum(apply(*v) * dy), (0, 1, 2))(p, a, x))
+    results = {}
+    for name, convs in (("xla", 2), ("im2col", 0)):
+        with forced_conv(name):
+            assert _conv_ops(apply, params, lora, x) == convs
+            results[name] = jax.jit(output_and_grads)(params, lora, x)
+    flat = [jax.tree.leaves(results[name]) for name in ("xla", "im2col")]
+    assert len(flat[0]) == 1 + 5 + 1  # output; kernel, bias, down, up, scale; x
+    for ours, ref in zip(flat[1], flat[0]):
+        assert rel_err(ours, ref) <= 1e-6
+
+
+@pytest.mark.torch
+def test_tiny_unet_on_im2col_matches_diffusers_and_the_xla_path(tmp_path):
+    """The sd1-family tiny UNet of test_unet.py with every k×k conv forced onto im2col: output within the
+    whole-model tolerance of diffusers, and the input gradient of a fixed loss too (torch autograd); every
+    param gradient equal to the XLA path's within fp32 rounding."""
+    import torch
+
+    from jaxsd.convert.unet import load_unet
+    from jaxsd.models.unet import UNet2DConditionModel
+    from tests.models.test_unet import build_diffusers_unet, jax_args, make_inputs
+
+    torch_model = build_diffusers_unet("sd1")
+    torch_model.save_pretrained(tmp_path)
+    config, params = load_unet(tmp_path)
+    inputs = make_inputs("sd1", config, batch=1)
+    sample, t, context, added = jax_args(inputs)
+    weights = np.random.default_rng(2).standard_normal(sample.shape[:-1] + (config.out_channels,)).astype(np.float32)
+
+    model = UNet2DConditionModel(config)
+    output_and_loss = lambda p, s: (jnp.sum((out := model.apply({"params": p}, s, t, context, added)) * weights), out)
+    out, grads = {}, {}
+    for name in ("xla", "im2col"):
+        with forced_conv(name):  # one program each: the output and the gradients of the fixed loss
+            grads[name], out[name] = jax.jit(jax.grad(output_and_loss, argnums=(0, 1), has_aux=True))(params, sample)
+
+    sample_t = torch.from_numpy(inputs["sample"]).requires_grad_(True)
+    ref = torch_model(sample_t, torch.from_numpy(inputs["timesteps"]), torch.from_numpy(inputs["context"])).sample
+    (ref * torch.from_numpy(weights.transpose(0, 3, 1, 2))).sum().backward()
+    ref_out, ref_grad = ref.detach().numpy().transpose(0, 2, 3, 1), sample_t.grad.numpy().transpose(0, 2, 3, 1)
+
+    assert rel_err(out["im2col"], ref_out) <= 1e-4
+    assert rel_err(out["im2col"], out["xla"]) <= 1e-5
+    assert rel_err(grads["im2col"][1], ref_grad) <= 1e-4
+    flat = [np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads[name][0])]) for name in ("xla", "im2col")]
+    assert np.abs(flat[0]).max() > 0
+    assert rel_err(flat[1], flat[0]) <= 1e-5

@@ -64,27 +64,29 @@ def term_setup(files):
 def _direct(files, x0, x0_pred) -> tuple[np.ndarray, np.ndarray]:
     """(LPIPS [B], style loss [B]) computed plainly: the whole VAE's decode, the LPIPS module, NumPy Gram losses."""
     _, vae_params, lpips_file, style = files
-    vae = AutoencoderKL(TINY)
-    decode_img = lambda z: vae.apply({"params": vae_params}, TINY.unscale_latents(z), method="decode")
-    image, target = decode_img(x0_pred), decode_img(x0)
     lpips_params = load_lpips(lpips_file)
-    lpips = np.asarray(LPIPS().apply({"params": lpips_params}, image, target))
-    vgg = VGG16Features(taps=tuple(LAYERS))
-    feats = lambda x: {k: np.asarray(v, np.float64) for k, v in
-                       vgg.apply({"params": lpips_params["vgg"]}, scale_input(x)).items()}
+    vae, vgg = AutoencoderKL(TINY), VGG16Features(taps=tuple(LAYERS))
+    refs = jnp.asarray(np.stack([prepare(to_rgb(decode(read_bytes(p)))[0], RESOLUTION, RESOLUTION).pixels
+                                 for p in sorted(style.iterdir())]))
+
+    @jax.jit  # one program (op by op, the convolutions take half a minute on a busy CPU)
+    def run(x0, x0_pred, refs):
+        image, target = (vae.apply({"params": vae_params}, TINY.unscale_latents(z), method="decode") for z in (x0_pred, x0))
+        feats = vgg.apply({"params": lpips_params["vgg"]}, scale_input(jnp.concatenate([image, refs])))
+        return LPIPS().apply({"params": lpips_params}, image, target), feats
+
+    lpips, feats = jax.device_get(run(x0, x0_pred, refs))
+    image_feats = {k: v[:len(x0)] for k, v in feats.items()}
+    ref_feats = {k: v[len(x0):] for k, v in feats.items()}
 
     def grams(f):  # [B, H, W, C] -> [B, C, C] = FᵀF / (C·H·W), in float64
         b, h, w, c = f.shape
-        f = f.reshape(b, h * w, c)
+        f = np.asarray(f, np.float64).reshape(b, h * w, c)
         return np.einsum("bnc,bnd->bcd", f, f) / (c * h * w)
 
-    refs = [prepare(to_rgb(decode(read_bytes(p)))[0], RESOLUTION, RESOLUTION).pixels for p in
-            sorted(style.iterdir())]
-    ref_feats = feats(jnp.asarray(np.stack(refs)))
-    image_feats = feats(image)
     style_loss = sum(w * np.mean((grams(image_feats[k]) - grams(ref_feats[k]).mean(axis=0)) ** 2, axis=(1, 2))
                      for k, w in zip(LAYERS, LAYER_WEIGHTS))
-    return lpips, style_loss
+    return np.asarray(lpips), style_loss
 
 
 def test_term_equals_decode_then_lpips_and_style_with_the_timestep_mask(files, term_setup):
@@ -109,6 +111,7 @@ def test_term_is_zero_off_the_every_grid_and_when_no_sample_qualifies(term_setup
         assert float(metrics["perceptual_samples"]) == 0.0
 
 
+@pytest.mark.slow  # compiles VGG16's and the VAE decoder's backward (~20 s)
 def test_gradient_reaches_only_the_masked_in_predictions(term_setup):
     _, perceptual, params, x0, x0_pred, _ = term_setup
     t = jnp.asarray([100, 700, 500], jnp.int32)

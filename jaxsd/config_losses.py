@@ -110,6 +110,10 @@ def _check_unet_perceptual(cfg: Config) -> None:
                           f"{cfg.diffusion.num_train_timesteps - 1} (diffusion.num_train_timesteps - 1)")
     if not pc.active:
         return
+    d = cfg.diffusion
+    if d.rescale_betas_zero_snr and d.prediction_type == "epsilon" and pc.max_timestep == d.num_train_timesteps - 1:
+        raise ConfigError(f"loss.perceptual.max_timestep={pc.max_timestep}: with a zero-terminal-SNR schedule an ε "
+                          "prediction at the last timestep says nothing of x0; lower max_timestep (default 500)")
     if not cfg.loss.lpips.weights:
         terms = " and ".join(k for k, w in (("lpips_weight", pc.lpips_weight), ("style_weight", pc.style_weight)) if w)
         raise ConfigError(f"loss.perceptual.{terms} > 0 needs the VGG16 backbone: set loss.lpips.weights (torchvision's "

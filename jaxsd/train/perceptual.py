@@ -119,7 +119,8 @@ class StepPerceptual:
 
         def compute(_):
             per = self.per_sample(params, x0, x0_pred)
-            return {n: jnp.sum(per[n] * mask) / jnp.maximum(jnp.sum(mask), 1.0) for n in names}
+            # where, not a product: a left-out sample's value may be inf (a noisy x0 prediction) and inf · 0 is NaN
+            return {n: jnp.sum(jnp.where(mask > 0, per[n], 0.0)) / jnp.maximum(jnp.sum(mask), 1.0) for n in names}
 
         def skip(_):
             return {n: jnp.zeros([], jnp.float32) for n in names}
@@ -194,10 +195,11 @@ def load_perceptual(cfg: Config, perceptual: StepPerceptual, dtype: Any, shardin
         vgg = load_vgg16(read_state(lc.weights, allow_pickle=lc.allow_pickle, what="loss.lpips.weights (VGG16 "
                                     "backbone)"), source=str(lc.weights))
     params["vgg"] = {k: vgg[k] for k in perceptual.shapes["vgg"]}  # only the convs up to the deepest tap
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    params = jax.tree.map(lambda x: np.asarray(x, dtype), params)  # host arrays: each device takes its part
     if perceptual.style:
-        params["grams"] = reference_grams(params["vgg"], style_reference_files(list(cfg.loss.style.references)),
-                                          tuple(perceptual.style_layers), cfg.data.image.resolution)
+        grams = reference_grams(params["vgg"], style_reference_files(list(cfg.loss.style.references)),
+                                tuple(perceptual.style_layers), cfg.data.image.resolution)
+        params["grams"] = jax.tree.map(np.asarray, jax.device_get(grams))
     return jax.device_put(params, shardings)
 
 

@@ -123,14 +123,19 @@ def test_gradient_reaches_only_the_masked_in_predictions(term_setup):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_predict_x0_inverts_the_noising(prediction_type):
-    schedule = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-                                          "beta_start": 0.00085, "beta_end": 0.012}, prediction_type=prediction_type)
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    schedule = NoiseSchedule.from_config(config, prediction_type=prediction_type)
     rng = np.random.default_rng(1)
     x0, noise = (jnp.asarray(rng.standard_normal((3, 4, 4, 4)), jnp.float32) for _ in range(2))
     t = jnp.asarray([0, 400, 900], jnp.int32)
     noisy = schedule.add_noise(x0, noise, t)
     x0_hat = schedule.predict_x0(noisy, schedule.target(x0, noise, t), t)
     assert np.max(np.abs(np.asarray(x0_hat - x0))) <= 1e-4
+    # a zero-terminal-SNR schedule's last step: finite values and gradients (ε says nothing of x0 there)
+    zero_snr = NoiseSchedule.from_config({**config, "rescale_betas_zero_snr": True}, prediction_type=prediction_type)
+    last = jnp.full((3,), 999, jnp.int32)
+    value, grad = jax.value_and_grad(lambda y: jnp.sum(zero_snr.predict_x0(noisy, y, last)))(noise)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -144,6 +149,8 @@ def test_predict_x0_inverts_the_noising(prediction_type):
     (["loss.perceptual.style_weight=1", "loss.lpips.weights=x.safetensors", "data.cache.vae=v",
       "loss.style.references=[/nonexistent/style.png]"], "/nonexistent/style.png does not exist"),
     (["loss.style.weight=1"], "loss.perceptual.lpips_weight / style_weight"),
+    (["loss.perceptual.lpips_weight=1", "loss.perceptual.max_timestep=999", "diffusion.rescale_betas_zero_snr=true"],
+     "zero-terminal-SNR schedule"),
 ])
 def test_config_errors_name_what_is_missing(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -89,6 +89,8 @@ def _direct(files, x0, x0_pred) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(lpips), style_loss
 
 
+# slow: ~25 s of VGG16 / VAE compiles; the default run keeps the CLI run (tests/train/test_perceptual_cli.py)
+@pytest.mark.slow
 def test_term_equals_decode_then_lpips_and_style_with_the_timestep_mask(files, term_setup):
     _, _, params, x0, x0_pred, term = term_setup
     lpips, style = _direct(files, x0, x0_pred)
@@ -102,6 +104,7 @@ def test_term_equals_decode_then_lpips_and_style_with_the_timestep_mask(files, t
     assert float(metrics["loss_lpips"]) > 0 and float(metrics["loss_style"]) > 0
 
 
+@pytest.mark.slow  # shares the compiled term of the test above
 def test_term_is_zero_off_the_every_grid_and_when_no_sample_qualifies(term_setup):
     _, _, params, x0, x0_pred, term = term_setup
     low = jnp.asarray([0, 10, 20], jnp.int32)

@@ -7,6 +7,9 @@
             settings, no EMA, compiled with the trainer's XLA options (`jaxsd.train.compile`).
             With `lora=LoRABench(rank, base_dtype)`: a LoRA run's step (`lora: {rank, alpha:
             rank, targets: attn, base_dtype}`): adapters train, the base UNet is frozen.
+            With `perceptual=PerceptualBench(vae, lpips)`: the step with `loss.perceptual.lpips_weight: 1`
+            on every sample of every step (max_timestep 999): the x0 prediction decoded by that VAE
+            folder, LPIPS (that weights file) to the decoded clean latents.
   "simple"  bare forward + backward + optax update on pre-noised inputs with a fixed
             target. Deterministic, so jaxsd's and torch's first losses must agree: the
             proof that both frameworks run the same network on the same weights.
@@ -45,6 +48,14 @@ class LoRABench:
 
 
 @dataclass(frozen=True)
+class PerceptualBench:
+    """The perceptual term a "train" kit adds: the VAE folder that decodes, the LPIPS weights file."""
+
+    vae: str
+    lpips: str
+
+
+@dataclass(frozen=True)
 class StepKit:
     kind: str
     step: Callable[..., tuple]
@@ -76,14 +87,17 @@ class StepKit:
 
 
 def make_kit(kind: str, model, optimizer: str, clip: float = 1.0, *, folder: str | None = None,
-             lora: LoRABench | None = None, fsdp: int = 1) -> StepKit:
+             lora: LoRABench | None = None, fsdp: int = 1, perceptual: PerceptualBench | None = None) -> StepKit:
     """clip: global-norm clipping of the "train" step (0 = off: the trainer then streams the update,
     except with 8-bit AdamW — `jaxsd.train.optimizers.streams_updates`). folder: the shared diffusers
-    UNet weights (None: a random init). lora, fsdp ("train" only): a LoRA run; FSDP over `fsdp` devices."""
+    UNet weights (None: a random init). lora, fsdp, perceptual ("train" only): a LoRA run; FSDP over `fsdp`
+    devices; the perceptual loss term."""
     if kind == "train":
-        return _trainer_kit(trainer_config(model, optimizer, clip, folder=folder, lora=lora, fsdp=fsdp))
-    if lora is not None or fsdp != 1:
-        raise ValueError(f"step {kind!r}: LoRA and FSDP are measured with the trainer's step (--step train) only")
+        return _trainer_kit(trainer_config(model, optimizer, clip, folder=folder, lora=lora, fsdp=fsdp,
+                                           perceptual=perceptual))
+    if lora is not None or fsdp != 1 or perceptual is not None:
+        raise ValueError(f"step {kind!r}: LoRA, FSDP and the perceptual loss are measured with the trainer's step "
+                         "(--step train) only")
     if kind == "simple":
         tx = J.make_optimizer(optimizer)
         return _params_kit("simple", J.make_train_step(model, tx), lambda p: (p, tx.init(p)), (0, 1), model, folder,
@@ -121,27 +135,36 @@ def _trainer_batch(b: dict) -> dict:
 
 
 def trainer_config(model, optimizer: str, clip: float, *, folder: str | None = None,
-                   lora: LoRABench | None = None, fsdp: int = 1):
+                   lora: LoRABench | None = None, fsdp: int = 1, perceptual: PerceptualBench | None = None):
     """The `jaxsd train` config whose step the "train" kit is: `model`'s architecture (or the
     `folder` it was saved to, as `model.pretrained`), precision, attention and remat; default
-    loss, optimizer `optimizer` with clipping `clip` (0 = off); one device, or FSDP over `fsdp`."""
+    loss (+ `perceptual`'s term), optimizer `optimizer` with clipping `clip` (0 = off); one device,
+    or FSDP over `fsdp`."""
     from jaxsd.config import (
         Config,
         LoRAConfig,
+        LossConfig,
         ModelConfig,
         OptimizerConfig,
         ShardingConfig,
         TrainConfig,
     )
+    from jaxsd.config_losses import LPIPSLossConfig, PerceptualLossConfig
+    from jaxsd.data.config import CacheConfig, DataConfig
 
     model_cfg = ModelConfig(pretrained=folder, unet={} if folder else model.config.to_diffusers(),
                             dtype=jnp.dtype(model.dtype).name, param_dtype=jnp.dtype(model.param_dtype).name,
                             attention_impl=model.attention_impl, remat_policy=model.remat_policy)
     lora_cfg = LoRAConfig() if lora is None else LoRAConfig(rank=lora.rank, alpha=float(lora.rank),
                                                             targets=lora.targets, base_dtype=lora.base_dtype)
+    loss, data = LossConfig(), DataConfig()
+    if perceptual is not None:
+        loss = LossConfig(lpips=LPIPSLossConfig(weights=perceptual.lpips),
+                          perceptual=PerceptualLossConfig(lpips_weight=1.0, every=1, max_timestep=999))
+        data = DataConfig(cache=CacheConfig(vae=perceptual.vae))
     return Config(model=model_cfg, optimizer=OptimizerConfig(name=optimizer, clip_grad_norm=clip or None),
                   train=TrainConfig(steps=1000, data_source="synthetic"), sharding=ShardingConfig(data=1, fsdp=fsdp),
-                  lora=lora_cfg)
+                  lora=lora_cfg, loss=loss, data=data)
 
 
 def _trainer_kit(cfg) -> StepKit:

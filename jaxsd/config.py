@@ -22,7 +22,12 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from jaxsd.config_losses import LPIPSLossConfig, StyleLossConfig, check_perceptual
+from jaxsd.config_losses import (
+    LPIPSLossConfig,
+    PerceptualLossConfig,
+    StyleLossConfig,
+    check_perceptual,
+)
 from jaxsd.config_text import check_text_encoder, check_validation, resolve_text_encoder
 from jaxsd.data.config import DataConfig, DreamBoothConfig, check_data_config, spell_subset_kind
 from jaxsd.errors import ConfigError, InputError
@@ -105,6 +110,7 @@ class LossConfig:
     """probability of replacing a sample's text conditioning (and pooled) by the empty-prompt embedding."""
     lpips: LPIPSLossConfig = field(default_factory=LPIPSLossConfig)
     style: StyleLossConfig = field(default_factory=StyleLossConfig)
+    perceptual: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
 
 
 @dataclass(frozen=True)

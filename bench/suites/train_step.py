@@ -10,6 +10,10 @@ is measured apart from step time.
 --base-dtype B; torch: diffusers + PEFT (`unet.add_adapter(LoraConfig(r=RANK,
 lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))`, the base frozen,
 AdamW over the adapters only), fp32, measured once and compared with each jaxsd record.
+--perceptual: jaxsd only — its step with the UNet's perceptual loss (`loss.perceptual.lpips_weight: 1`, every
+sample of every step): the x0 prediction and the clean latents decoded by a random VAE of SD's layout
+(`bench.perceptual_files.BENCH_VAE_BLOCKS`: a quarter of SD's width for `small`), LPIPS on a random VGG16.
+Compare with the same run without it (docs/losses.md's cost table).
 --memory-only: compile jaxsd's step from shapes (nothing allocated, nothing run) and
 report XLA's memory analysis of it: arguments, outputs, aliased (donated), temporaries.
 """
@@ -34,8 +38,8 @@ from bench.harness import (
 from bench.presets import DEFAULT_LATENT, UNET_PRESETS, numpy_batch, unet_preset
 from jaxsd.errors import InputError
 
-LABELS = ("preset", "step", "clip", "lora", "base_dtype", "latent", "batch", "dtype", "optimizer")
-MEMORY_LABELS = ("preset", "lora", "base_dtype", "latent", "batch", "dtype", "remat", "optimizer")
+LABELS = ("preset", "step", "clip", "lora", "base_dtype", "perceptual", "latent", "batch", "dtype", "optimizer")
+MEMORY_LABELS = ("preset", "lora", "base_dtype", "perceptual", "latent", "batch", "dtype", "remat", "optimizer")
 MEMORY_HEADERS = ("args GB", "temp GB", "total GB", "trained M", "compile s")
 BASE_DTYPES = ("float32", "bfloat16")
 
@@ -90,6 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dtype", type=_base_dtypes, default=None, metavar="DTYPES",
                    help="--lora: dtype(s) jaxsd stores the frozen base in (lora.base_dtype), comma-separated, "
                         "one record each against one torch measurement (torch: fp32); default float32")
+    p.add_argument("--perceptual", action="store_true",
+                   help="jaxsd only: the step with loss.perceptual's LPIPS term on every sample (random VAE of "
+                        "SD's layout + random VGG16); compare with the same run without it")
     p.add_argument("--memory-only", action="store_true",
                    help="jaxsd only: compile the step from shapes (no weights allocated, nothing run) and "
                         "report XLA's memory analysis (arguments, outputs, temporaries)")
@@ -146,6 +153,11 @@ def _variants(args: argparse.Namespace, config: dict) -> list[dict]:
         raise InputError("--base-dtype is the dtype of a LoRA run's frozen base: add --lora RANK")
     if args.memory_only and "jaxsd" not in args.frameworks:
         raise InputError("--memory-only compiles jaxsd's step: include jaxsd in --frameworks")
+    if args.perceptual:
+        if args.step != "train" or (not args.memory_only and list(args.frameworks) != ["jaxsd"]):
+            raise InputError("--perceptual measures jaxsd train's step with loss.perceptual, which has no torch "
+                             "counterpart here: use --step train --frameworks jaxsd")
+        config = {**config, "perceptual": "lpips"}
     if not args.lora:
         return [config]
     return [{**config, "lora": args.lora, "base_dtype": d} for d in args.base_dtype or ["float32"]]
@@ -187,7 +199,8 @@ def normalize_config(config: dict) -> dict:
 
 
 def format_table(records: list[dict]) -> str:
-    shown = [{**r, "config": {"clip": "—", "lora": "—", "base_dtype": "—", **normalize_config(r["config"])}}
+    shown = [{**r, "config": {"clip": "—", "lora": "—", "base_dtype": "—", "perceptual": "—",
+                              **normalize_config(r["config"])}}
              for r in records]
     steps = [r for r in shown if not r["config"].get("memory_only")]
     memory = [r for r in shown if r["config"].get("memory_only")]
@@ -222,15 +235,23 @@ def child_prepare(config: dict) -> dict:
     return {"num_params": save_random_unet(config["unet"], config["folder"], seed=0)}
 
 
+@contextlib.contextmanager
 def _jaxsd_kit(config: dict):
-    """The StepKit of a child's configuration (model, step kind, optimizer, LoRA, shared weights)."""
+    """The StepKit of a child's configuration (model, step kind, optimizer, LoRA, perceptual loss, shared
+    weights); with the perceptual loss, its random VAE and LPIPS files live in a temp dir while the kit is used."""
     from bench import jaxsd_unet as J
-    from bench.jaxsd_steps import LoRABench, make_kit
+    from bench.jaxsd_steps import LoRABench, PerceptualBench, make_kit
+    from bench.perceptual_files import BENCH_VAE_BLOCKS, save_random_lpips, save_random_vae
 
     model = J.build_model(config["unet"], config["dtype"], config["attention"], config.get("remat"))
     lora = LoRABench(config["lora"], config["base_dtype"]) if config.get("lora") else None
-    return make_kit(config["step"], model, config["optimizer"], clip=config.get("clip", 1.0),
-                    folder=config.get("folder"), lora=lora)
+    with tempfile.TemporaryDirectory(prefix="jaxsd-bench-perceptual-") as tmp:
+        perceptual = None
+        if config.get("perceptual"):
+            perceptual = PerceptualBench(str(save_random_vae(os.path.join(tmp, "vae"), BENCH_VAE_BLOCKS[config["preset"]])),
+                                         str(save_random_lpips(os.path.join(tmp, "lpips.safetensors"))))
+        yield make_kit(config["step"], model, config["optimizer"], clip=config.get("clip", 1.0),
+                       folder=config.get("folder"), lora=lora, perceptual=perceptual)
 
 
 def _param_info(kit, state: tuple) -> dict:
@@ -239,13 +260,17 @@ def _param_info(kit, state: tuple) -> dict:
 
 
 def child_jaxsd(config: dict) -> dict:
+    baseline = _rss_gb()
+    with _jaxsd_kit(config) as kit:
+        return _time_jaxsd(config, kit, baseline)
+
+
+def _time_jaxsd(config: dict, kit, baseline: float) -> dict:
     import jax
     import jax.numpy as jnp
 
     from bench import jaxsd_unet as J
 
-    baseline = _rss_gb()
-    kit = _jaxsd_kit(config)
     batch = kit.to_batch({k: jnp.asarray(v) for k, v in numpy_batch(config["unet"], config["batch"],
                                                                         config["latent"], seed=1).items()})
     state = kit.start()
@@ -287,11 +312,11 @@ def child_memory(config: dict) -> dict:
 
     from bench import jaxsd_unet as J
 
-    kit = _jaxsd_kit(config)
-    state = kit.abstract_state()
-    batch = kit.to_batch(J.abstract_batch(config["unet"], config["batch"], config["latent"]))
-    compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate,
-                                                   compiler_options=kit.compiler_options)
+    with _jaxsd_kit(config) as kit:
+        state = kit.abstract_state()
+        batch = kit.to_batch(J.abstract_batch(config["unet"], config["batch"], config["latent"]))
+        compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate,
+                                                       compiler_options=kit.compiler_options)
     return {**J.memory_figures(compiled), "compile_s": lower_s + compile_s, "lower_s": lower_s,
             "info": {"backend": jax.default_backend(), **_param_info(kit, state)}}
 

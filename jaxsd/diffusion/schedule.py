@@ -152,6 +152,20 @@ class NoiseSchedule:
             return self.velocity(x0, noise, t)
         return x0
 
+    def predict_x0(self, noisy: jnp.ndarray, model_output: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+        """The clean sample a model output implies at x_t = `noisy`, for this schedule's prediction_type:
+        ε: (x_t − sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t);  v: sqrt(ᾱ_t)·x_t − sqrt(1-ᾱ_t)·v̂;  sample: the output itself.
+        Shapes as `add_noise`; computed in fp32. At ᾱ_t = 0 (a zero-terminal-SNR schedule's last step) an ε
+        prediction says nothing of x0: there the division by sqrt(ᾱ_t) is left out, so values and gradients stay
+        finite (the result is meaningless there; callers leave such steps out)."""
+        noisy, model_output = noisy.astype(jnp.float32), model_output.astype(jnp.float32)
+        if self.prediction_type == "sample":
+            return model_output
+        a, s = self._coeffs(t, noisy.ndim)
+        if self.prediction_type == "v_prediction":
+            return a * noisy - s * model_output
+        return (noisy - s * model_output) / jnp.where(a > 0, a, 1.0)
+
     def snr(self, t: jnp.ndarray) -> jnp.ndarray:
         """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t) per timestep; t: int [B] → float32 [B] (0 at a zero-SNR end)."""
         ac = jnp.asarray(self.alphas_cumprod)[t]

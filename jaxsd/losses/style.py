@@ -43,6 +43,17 @@ def gram_loss(features_x: Mapping[str, jax.Array], features_y: Mapping[str, jax.
     return total
 
 
+def gram_distance(features: Mapping[str, jax.Array], grams: Mapping[str, jax.Array],
+                  layer_weights: Mapping[str, float]) -> jax.Array:
+    """Per image: Σ_l weight_l · mean_{i,j} (G_l(x_b) − T_l)², features [B, H, W, C] against fixed target Gram
+    matrices T_l [C, C] (e.g. a style reference set's mean); → [B]."""
+    total = 0.0
+    for layer, weight in layer_weights.items():
+        d = gram_matrix(features[layer]) - grams[layer].astype(jnp.float32)[None]
+        total = total + weight * jnp.mean(d * d, axis=(1, 2))
+    return total
+
+
 def style_loss(vgg_params: Mapping, x: jax.Array, y: jax.Array, layers: Sequence[str],
                layer_weights: Sequence[float] | None = None) -> jax.Array:
     """Style loss between image batches x, y [B, H, W, 3] in [-1, 1] (scaled as LPIPS scales its input).

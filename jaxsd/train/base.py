@@ -9,6 +9,9 @@ refused with one message instead of silently training adapters on the wrong weig
 A run that encodes its text in the step (token-id cache, `jaxsd.train.text`) has the text encoders
 as frozen params too: they are reloaded from `data.cache.text_encoder` the same way, and their folders
 are part of the fingerprint (a resume with another text encoder is refused like one with another UNet).
+The perceptual loss's VAE decoder, VGG16 and style Gram matrices (`loss.perceptual`) are frozen params too,
+reloaded from their files; they shape the loss, not the base, so they are not fingerprinted (their paths are
+in the config a resume compares).
 
 The fingerprint is cheap (no full read of a multi-GB file): each component's config.json, and per
 weights file its name, size and a SHA-256 of its first and last MiB — safetensors files begin
@@ -28,6 +31,7 @@ import jax
 from jaxsd.config import Config
 from jaxsd.convert.single_file.to_folder import view_source
 from jaxsd.train.model import initial_params, unet_folder
+from jaxsd.train.perceptual import PERCEPTUAL
 from jaxsd.train.plan import StatePlan
 from jaxsd.train.step import TrainState
 from jaxsd.train.text import load_text_params, text_folders
@@ -74,19 +78,24 @@ def base_fingerprint(cfg: Config) -> str:
 def load_frozen(cfg: Config, plan: StatePlan, *, text: bool = True) -> Any:
     """The run's frozen params, loaded as at the start of the run and placed with their shardings.
 
-    text=False: without the text encoders of a text-in-the-step run ({"unet": ...} only), for
-    callers that need the UNet alone (exporting it)."""
+    text=False: without the text encoders of a text-in-the-step run nor the perceptual loss's VAE decoder and
+    VGG16 ({"unet": ...} only), for callers that need the UNet alone (exporting it)."""
     unet = plan.unet_parts(plan.abstract.params, plan.abstract.frozen)[1]
     if jax.tree.leaves(unet):
         params, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings, dtype=plan.base_dtype)
         # LoRA: the whole UNet is the frozen base
         unet = params if plan.adapters is not None else split_params(params, cfg.train.trainable, cfg.train.frozen)[1]
-    if plan.text is None:
+    if not plan.frozen_keyed:
         return unet  # (nothing frozen: the empty tree)
     if not text:
         return {"unet": unet}
-    _, kept = plan.text.split(load_text_params(plan.text, plan.base_dtype, plan.text_shardings()))
-    return {"unet": unet, **kept}  # (train.text_encoder full: the trained part is the checkpoint's)
+    frozen = {"unet": unet}
+    if plan.text is not None:
+        _, kept = plan.text.split(load_text_params(plan.text, plan.base_dtype, plan.text_shardings()))
+        frozen.update(kept)  # (train.text_encoder full: the trained part is the checkpoint's)
+    if plan.perceptual is not None:
+        frozen[PERCEPTUAL] = plan.load_perceptual(cfg)
+    return frozen
 
 
 def checkpointed(state: TrainState) -> dict[str, Any]:

@@ -148,12 +148,16 @@ def subset_loss(per_sample: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax
 
 def diffusion_loss(apply_fn: ApplyFn, params: Any, batch: dict[str, jax.Array], draws: dict[str, jax.Array],
                    schedule: NoiseSchedule, cfg: LossConfig,
-                   empty: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array | dict[str, jax.Array]]:
+                   empty: dict[str, jax.Array] | None = None, *,
+                   extra_loss: Callable | None = None) -> tuple[jax.Array, jax.Array | dict[str, jax.Array]]:
     """(weighted loss, raw loss): scalars, means over the batch of per-sample mean losses.
 
     The raw loss is the unweighted mean; the weighted one applies Min-SNR-γ when configured, and
     the subsets' weights (`subset_loss`) when the batch has them — the second value is then a dict
     {"loss_raw", and with a prior subset "loss_instance", "loss_prior"} (all become step metrics).
+    extra_loss(x0, x0_pred, draws) -> (term, metrics): a term added to the weighted loss, given the clean
+    latents and the x0 the model's output implies [B,h,w,C] (`loss.perceptual`, jaxsd/train/perceptual.py);
+    its metrics join the second value's dict.
     """
     if "latents" in batch:
         x0 = batch["latents"].astype(jnp.float32)
@@ -173,7 +177,9 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, batch: dict[str, jax.Array], 
         per_sample_w = min_snr_weight(schedule.snr(t), cfg.min_snr_gamma, schedule.prediction_type) * per_sample
     else:
         per_sample_w = per_sample
-    if "loss_weight" not in batch and "prior" not in batch:
-        return per_sample_w.mean(), raw
-    loss, parts = subset_loss(per_sample_w, batch)
-    return loss, {"loss_raw": raw, **parts}
+    subsets = "loss_weight" in batch or "prior" in batch
+    loss, parts = subset_loss(per_sample_w, batch) if subsets else (per_sample_w.mean(), {})
+    if extra_loss is not None:
+        term, more = extra_loss(x0, schedule.predict_x0(noisy, pred, t), draws)
+        loss, parts = loss + term, {**parts, **more}
+    return (loss, {"loss_raw": raw, **parts}) if subsets or parts else (loss, raw)

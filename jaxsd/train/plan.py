@@ -11,7 +11,8 @@ host-overhead` times back to back).
 With a token-id cache the text encoders run in the step (`jaxsd.train.text`): the state's frozen
 tree is keyed by component, {"unet": ..., "text_encoder": ..., ...}, and so is its trainable tree
 when the text encoders train (adapters: `lora.text_encoder`; `train.text_encoder: full`). `unet_parts` / `text_parts` take
-those trees apart; everything that needs the UNet alone goes through them.
+those trees apart; everything that needs the UNet alone goes through them. With `loss.perceptual` on, the frozen
+tree is keyed by component too: {"unet": ..., "perceptual": ...} (`jaxsd.train.perceptual`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from jaxsd.train.compile import CompiledSteps
 from jaxsd.train.lora_init import adapters_from_file
 from jaxsd.train.model import build_unet, make_apply_fn, param_shapes, unet_config
 from jaxsd.train.optimizers import make_optimizer, scaled_groups, streams_updates
+from jaxsd.train.perceptual import PERCEPTUAL, StepPerceptual, load_perceptual, step_perceptual
 from jaxsd.train.projection import (
     StepProjection,
     load_projection,
@@ -71,14 +73,21 @@ class StatePlan:
     base_dtype: Any = None  # dtype of the frozen params as loaded
     text: StepText | None = None  # token-id caches: the text encoders the step runs
     projection: StepProjection | None = None  # raw T5 caches: the hybrid's text projection, trained
+    perceptual: StepPerceptual | None = None  # loss.perceptual: the frozen VAE decoder and VGG16 the step runs
+
+    @property
+    def frozen_keyed(self) -> bool:
+        """Whether the state's frozen tree is keyed by component ({"unet": ..., ...}) rather than the UNet's."""
+        return self.text is not None or self.perceptual is not None
 
     def unet_parts(self, trainable: Any, frozen: Any) -> tuple[Any, Any]:
         """The UNet's (trainable, frozen) trees within the state's (or their shardings / abstract values)."""
-        if self.projection is not None:  # {"unet": ..., "text_projection": ...}; the frozen tree is the UNet's
-            return trainable["unet"], frozen
+        unet_frozen = frozen["unet"] if self.frozen_keyed else frozen
+        if self.projection is not None:  # {"unet": ..., "text_projection": ...}
+            return trainable["unet"], unet_frozen
         if self.text is None:
-            return trainable, frozen
-        return (trainable["unet"] if self.text.trains else trainable), frozen["unet"]
+            return trainable, unet_frozen
+        return (trainable["unet"] if self.text.trains else trainable), unet_frozen
 
     def conditioning(self, empty: Any = None) -> Callable | None:
         """`make_train_step(encode_text=...)`: token ids through the text side (`jaxsd.train.text`), or cached
@@ -112,6 +121,10 @@ class StatePlan:
         if draws is not None:
             variables["lora_dropout"] = self.adapters.dropout_variables(draws)
         return variables
+
+    def load_perceptual(self, cfg: Config) -> dict:
+        """The frozen "perceptual" tree (loss.perceptual), read and placed with its shardings."""
+        return load_perceptual(cfg, self.perceptual, self.base_dtype, self.state_shardings.frozen[PERCEPTUAL])
 
     @property
     def model_draws(self) -> Any:
@@ -160,6 +173,12 @@ def plan_state(cfg: Config, mesh) -> StatePlan:
                                                                     projection.shapes)}
         t_shard = {"unet": t_shard, PROJECTION_NAME: param_shardings(projection.shapes, projection.logical, mesh,
                                                                      rules)}
+    perceptual = step_perceptual(cfg)
+    if perceptual is not None:  # frozen: {"unet": ..., [text encoders,] "perceptual": ...}
+        base = f_shapes if text is not None else {"unet": f_shapes}
+        base_shard = f_shard if text is not None else {"unet": f_shard}
+        f_shapes = {**base, PERCEPTUAL: perceptual.stored_shapes(base_dtype)}
+        f_shard = {**base_shard, PERCEPTUAL: perceptual.shardings(mesh, rules)}
     tx, lr_fn = make_optimizer(cfg.optimizer, cfg.train.steps)
     if text is not None and text.full is not None and cfg.train.text_encoder_lr is not None:
         ratio = cfg.train.text_encoder_lr / cfg.optimizer.learning_rate
@@ -169,7 +188,7 @@ def plan_state(cfg: Config, mesh) -> StatePlan:
     state_sharding = train_state_shardings(abstract, t_shard, f_shard, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
     return StatePlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding, adapters, base_dtype, text,
-                     projection)
+                     projection, perceptual)
 
 
 def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
@@ -202,6 +221,9 @@ def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
             t_params = {"unet": t_params, **text_adapters}
         elif plan.text.trains:  # train.text_encoder: full
             t_params = {"unet": t_params, **trained}
+    if plan.perceptual is not None:
+        f_params = {**(f_params if plan.text is not None else {"unet": f_params}),
+                    PERCEPTUAL: plan.load_perceptual(cfg)}
     if plan.projection is not None:
         t_params = {"unet": t_params, PROJECTION_NAME: load_projection(
             plan.projection, jnp.dtype(cfg.model.param_dtype), plan.state_shardings.params[PROJECTION_NAME])}
@@ -218,7 +240,7 @@ def plan_train_step(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> Ca
     encode_text = plan.conditioning(empty)
     return make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,
                            plan.tx, plan.lr_fn, combine=plan.variables, encode_text=encode_text,
-                           model_draws=plan.model_draws,
+                           model_draws=plan.model_draws, perceptual=plan.perceptual,
                            ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,
                            empty_cond=None if empty is None or encode_text else jax.tree.map(jnp.asarray, empty),
                            micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,

@@ -18,6 +18,7 @@ alive until the end of the step (measured: XLA temporaries 2.0 → 3.6 GB on SD1
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -138,7 +139,8 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
                     micro_batch_sharding: Any = None, loss_fn: Callable | None = None,
                     streamed: bool = False, combine: Callable[..., Any] = merge_params,
                     encode_text: Callable | None = None,
-                    model_draws: Callable[[jax.Array, int], dict] | None = None) -> Callable:
+                    model_draws: Callable[[jax.Array, int], dict] | None = None,
+                    perceptual: Any = None) -> Callable:
     """The pure step function `(state, batch) -> (state, metrics)`.
 
     apply_fn(params, noisy, t, encoder_hidden_states, added_cond) runs the model on what `combine(trainable,
@@ -154,6 +156,8 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
     model_draws(key, batch_size) -> {name: [B, ...]}: per-sample randomness the model itself uses
       (LoRA dropout's keys). Drawn from its own stream of the step's key, split into micro-batches
       with the other draws, and given to `combine(trainable, frozen, model_draws_output)`.
+    perceptual: a `jaxsd.train.perceptual.StepPerceptual` (loss.perceptual): its `mask(step, t)` joins the draws
+      as "perceptual" [B], and its `term(frozen, x0, x0_pred, draws)` is the objective's `extra_loss`.
     streamed: update each param as soon as its gradient exists (module docstring); the
       optimizer must not clip by the global norm. The skip then looks at the loss only.
     metrics: loss, loss_raw, grad_norm, lr, qk_grads_av, skipped (1 if this update was skipped);
@@ -169,7 +173,10 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
         if encode_text is not None:  # token ids → what the UNet is conditioned on (inside the gradient)
             batch = encode_text(trainable, frozen, batch, draws["drop"], draws.get("model"))
         variables = combine(trainable, frozen) if model_draws is None else combine(trainable, frozen, draws["model"])
-        return objective(apply_fn, variables, batch, draws, schedule, loss_cfg, empty_cond)
+        if perceptual is None:
+            return objective(apply_fn, variables, batch, draws, schedule, loss_cfg, empty_cond)
+        extra = functools.partial(perceptual.term, frozen)
+        return objective(apply_fn, variables, batch, draws, schedule, loss_cfg, empty_cond, extra_loss=extra)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -178,6 +185,8 @@ def make_train_step(apply_fn: ApplyFn, schedule: NoiseSchedule, loss_cfg: LossCo
         draws = draw_randomness(rng, batch, loss_cfg, schedule.num_train_timesteps)
         if model_draws is not None:  # a stream of its own: the loss's draws stay what they are without it
             draws["model"] = model_draws(jax.random.fold_in(rng, _MODEL_DRAWS_STREAM), draws["t"].shape[0])
+        if perceptual is not None:  # which samples get the perceptual terms at this step: [B], split as the draws
+            draws["perceptual"] = perceptual.mask(state.step, draws["t"])
         if k == 1:
             (loss, raw), grads = grad_fn(state.params, state.frozen, batch, draws)
         else:

@@ -306,3 +306,22 @@ def test_eval_tiny(bench_env):
     for key, tol in (("fid_features_avg", 1e-4), ("clip_cos_avg", 1e-3)):
         j, t = rec["jaxsd"]["info"][key], rec["torch"]["info"][key]
         assert abs(j - t) <= tol * max(abs(t), 1.0), (key, j, t)
+
+
+@pytest.mark.slow  # ~60 s: compiles the micro step with a VAE decoder and VGG16 forward + backward
+def test_train_step_perceptual_micro(bench_env):
+    """`--perceptual`: jaxsd's step with loss.perceptual's LPIPS term; its arguments hold the frozen VGG16
+    (14.7M values up to relu5_3) and the LPIPS heads beside the UNet state. torch has no counterpart."""
+    args = ("train-step", "--preset", "micro", "--perceptual", "--frameworks", "jaxsd")
+    (rec,) = _command(bench_env, *args, "--repeats", "1", "--warmup", "0")
+    assert rec["config"]["perceptual"] == "lpips" and "torch" not in rec
+    j = rec["jaxsd"]
+    assert all(_is_stats(j[k]) for k in ("step_s", "compile_s"))
+    vgg_and_heads = 14_714_688 + 1472
+    assert j["info"]["xla_memory"]["argument_gb"] * 1e9 > 4 * vgg_and_heads
+
+
+def test_train_step_perceptual_refuses_torch(capsys):
+    assert cli.main(["bench", "train-step", "--preset", "micro", "--perceptual", "--frameworks", "jaxsd,torch",
+                     "--no-record"]) == 2
+    assert "--perceptual measures jaxsd train's step with loss.perceptual" in capsys.readouterr().err

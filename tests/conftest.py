@@ -23,7 +23,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # 2-3x faster (a toy train step: 6.2 -> 2.0 CPU-s), and their slower kernels cost little at these sizes.
 # It changes some results in the last bit only (every tolerance holds), the same in every process of the
 # run: xdist workers, `jaxsd` and Python subprocesses inherit XLA_FLAGS (tests/helpers.py adds device
-# counts to them). Programs compiled with explicit options keep their level (`jaxsd train`'s step: -O1).
+# counts to them). `jaxsd train`'s step, which sets -O1 itself, follows a level set in XLA_FLAGS too.
 # A level the user set wins.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()

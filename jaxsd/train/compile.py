@@ -12,7 +12,8 @@ TPU compile with XLA's defaults. Measured effects on the SD1.5 train step (fp32 
 * LLVM at -O1 instead of XLA's default -O2 for the step's own kernels (the convolutions and
   matmuls are library calls either way): compile 24.5 → 22.3 s, step time unchanged
   (interleaved A/B in one process: SD1.5 8.77 vs 8.74 s, `small` 1.079 vs 1.077 s; -O0
-  compiles faster still but its unvectorised kernels make the step 50 % slower).
+  compiles faster still but its unvectorised kernels make the step 50 % slower). A level set
+  in XLA_FLAGS wins (the test suite compiles its tiny steps at -O0).
 * Compiling a model this size (and XLA's cost analysis of it) leaves ~1 GB of freed
   memory in glibc's heap, which the process keeps (peak RSS counts it) unless it is
   handed back with `malloc_trim`.
@@ -73,10 +74,12 @@ def use_compilation_cache(path: str | None) -> str | None:
 
 def train_step_compiler_options(backend: str | None = None) -> dict[str, str]:
     """XLA options for compiling the train step on `backend` (default: jax's default backend)."""
-    if (backend or jax.default_backend()) == "cpu":
-        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
-                "xla_backend_optimization_level": 1}
-    return {}
+    if (backend or jax.default_backend()) != "cpu":
+        return {}
+    options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # a level the user set wins
+        options["xla_backend_optimization_level"] = 1
+    return options
 
 
 def cpu_only() -> bool:

@@ -14,9 +14,12 @@ from jaxsd.train.compile import (
 from tests.helpers import run_python
 
 
-def test_only_the_cpu_gets_tuned_compile_options():
+def test_only_the_cpu_gets_tuned_compile_options(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
     cpu = train_step_compiler_options("cpu")
     assert cpu == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", "xla_backend_optimization_level": 1}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+    assert "xla_backend_optimization_level" not in train_step_compiler_options("cpu")  # the user's level wins
     assert shared_reduction_below("cpu") == 1 << 18  # small params' Σ g² in one reduction
     for accelerator in ("gpu", "cuda", "rocm", "tpu"):
         assert train_step_compiler_options(accelerator) == {}, accelerator

@@ -4,6 +4,7 @@ that each does what its docstring says."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxsd.train.compile import (
     run_once,
@@ -58,6 +59,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow  # ~12 s: 200 steps twice in a subprocess; `jaxsd demo`'s test runs with the warm heap
 def test_warm_heap_reuses_step_temporaries_instead_of_fresh_pages():
     """Page faults (not time: they do not depend on the machine's load) over 10 calls of a step
     with a 96 MB temporary: fresh zero-filled pages each call by default, the same pages warm."""

@@ -188,7 +188,14 @@ def test_changed_config_resumes_with_a_warning_or_stops_naming_the_keys(runs):
     assert "train.resume=params_only" in stderr and "corrupt" not in stderr
     assert not (opt_dir / "checkpoints.damaged").exists()  # a changed config is not a damaged checkpoint
     assert sorted(int(p.name) for p in (opt_dir / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10, 15, 20]
+
+
+@pytest.mark.slow  # one more run that compiles a Lion step (~15 s)
+def test_params_only_continues_with_a_fresh_optimizer(runs):
     # params_only: the checkpoint's params, a fresh optimizer, the step count continues
+    tmp, _ = runs
+    opt_dir = tmp / "params_only"
+    shutil.copytree(tmp / "straight", opt_dir)
     result, stderr = _run(tmp, "plain", opt_dir, extra=["optimizer.name=lion", "train.resume=params_only",
                                                         "optimizer.learning_rate=1e-4", "train.steps=22"])
     assert result["init_from"].startswith("params only from checkpoint step 20"), result["init_from"]

@@ -23,7 +23,7 @@ with torch.load(weights_only=True)) or the .safetensors copy --save-fid-weights 
 
 --model generates N images (DIR/images/NNNNN.png: prompt i mod P from the noise of --seed + i, batched
 over the devices; images already there are reused) and writes DIR/metrics.json with FID against
---reference (with --fid-weights) and the CLIP score (with --clip DIR), and DIR/grid.png (eval_model.py).
+--reference (with --fid-weights) and the CLIP score (with --clip DIR), and DIR/grid.png (eval_modes/model.py).
 
 Example:
   jaxsd eval --pairs originals/ reconstructions/ --out eval/vae
@@ -109,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
     if mode == "stats":
         return _run_stats(args)
     if mode == "model":
-        from jaxsd.commands.eval_model import run_model
+        from jaxsd.commands.eval_modes.model import run_model
 
         return run_model(args, _versions())
-    from jaxsd.commands.eval_pairs import run_pairs
+    from jaxsd.commands.eval_modes.pairs import run_pairs
 
     return run_pairs(args, _versions())
 

@@ -137,14 +137,15 @@ def fresh_vae_state(cfg: Config, plan: VAEPlan, params: Any) -> TrainState:
     return init(trained, frozen, disc, _lpips_params(cfg, plan))
 
 
-def load_vae_frozen(cfg: Config, plan: VAEPlan) -> Any:
-    """The frozen trees as at the start of the run: {"vae": encoder (decoder-only) or {}, "lpips": ...}."""
+def load_vae_frozen(cfg: Config, plan: VAEPlan, *, lpips: bool = True) -> Any:
+    """The frozen trees as at the start of the run: {"vae": encoder (decoder-only) or {}, "lpips": ...}.
+    lpips=False: {} for it (what an export needs: the autoencoder alone)."""
     frozen = {}
     if jax.tree.leaves(plan.abstract.frozen["vae"]):
         params, _ = initial_vae_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings,
                                        dtype=plan.base_dtype)
         frozen = plan.split(params)[1]
-    return {"vae": frozen, "lpips": _lpips_params(cfg, plan)}
+    return {"vae": frozen, "lpips": _lpips_params(cfg, plan) if lpips else {}}
 
 
 def vae_fingerprint(cfg: Config, folder_parts, file_digest) -> str:

@@ -28,20 +28,20 @@ from jaxsd.data.config import DataConfig
 from jaxsd.data.images import prepare, to_rgb
 from jaxsd.data.loader import Loader
 from jaxsd.data.sources import open_sources
+from jaxsd.data.store import CacheStore
 from jaxsd.data.validate import report_path, validate
 from jaxsd.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-class ImageStore:
-    """The valid images of `cfg`'s sources, with the cache store's interface (`jaxsd.data.store.CacheStore`):
-    entries (location, key, bucket (h, w), {}), `read(i, flip, rng)` → {"pixels": [h, w, 3] float32 in [-1, 1]}."""
-
-    text = None  # no captions: the loader has no text to read or tokenize
+class ImageStore(CacheStore):
+    """The valid images of `cfg`'s sources as a `CacheStore` without a cache: the same entries (location = source,
+    key, bucket (h, w), {}) that the store's methods and the loader read; `read(i, flip, rng)` →
+    {"pixels": [h, w, 3] float32 in [-1, 1]}. No latents and no text (an autoencoder needs no captions)."""
 
     def __init__(self, cfg: DataConfig, *, log_fn: Callable[[str], None] = log.info):
-        self.cfg = cfg
+        self.cfg, self.latents, self.text = cfg, None, None
         self.sources = open_sources(cfg)
         items, problems = [], []
         for s in self.sources:
@@ -65,20 +65,6 @@ class ImageStore:
         self.entries = [(v.item.source, v.item.key, tuple(v.target), {}) for v in valid]
         self.bucket_list = sorted({b for _, _, b, _ in self.entries})
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def location_name(self, loc: int) -> str:
-        return self.names[loc]
-
-    def locations(self) -> np.ndarray:
-        """[samples] int64: each image's source, in `open_sources` order (the cache's location order)."""
-        return np.array([loc for loc, _, _, _ in self.entries], dtype=np.int64)
-
-    def bucket_ids(self) -> np.ndarray:
-        ids = {b: i for i, b in enumerate(self.bucket_list)}
-        return np.array([ids[b] for _, _, b, _ in self.entries], dtype=np.int64)
-
     def read(self, i: int, flip: bool = False, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         """Image i decoded, resized to cover its target and cropped (random: from `rng`), flipped when `flip`
         and data.image.random_flip."""
@@ -87,9 +73,6 @@ class ImageStore:
         h, w = v.target
         prepared = prepare(img, h, w, crop=self.cfg.image.crop, flip=flip and self.cfg.image.random_flip, rng=rng)
         return {"pixels": prepared.pixels}
-
-    def empty_text(self) -> None:
-        return None
 
 
 def pixel_loader(cfg: DataConfig, *, mesh=None, batch_size: int | None = None) -> Loader:

@@ -145,6 +145,17 @@ def _warn_skip(where: epath.Path, e: Exception, failures: list[str]) -> None:
     failures.append(f"{where}: {type(e).__name__}")
 
 
+def steps_to_try(reader: CheckpointReader, run_dir: epath.Path, step: int | None) -> list[int]:
+    """The checkpoint steps an export tries in order: `step` alone, else every one, newest first."""
+    steps = reader.steps()
+    if not steps:
+        raise InputError(f"{run_dir}/checkpoints: no checkpoint yet; train until one is saved "
+                         "(checkpoint.every, or at the end of the run)")
+    if step is not None and step not in steps:
+        raise InputError(f"--step {step}: no such checkpoint in {run_dir}/checkpoints; have {steps}")
+    return [step] if step is not None else steps[::-1]
+
+
 def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: int | None = None,
                       before_restore: Callable[[Config, UNetConfig], None] | None = None) -> TrainedUNet:
     """The UNet of checkpoint `step` (default: the newest that restores) of a `jaxsd train` run dir
@@ -156,14 +167,8 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
     run_dir = require_run_dir(run_dir)
     reader = CheckpointReader(run_dir / "checkpoints")
     try:
-        steps = reader.steps()
-        if not steps:
-            raise InputError(f"{run_dir}/checkpoints: no checkpoint yet; train until one is saved "
-                             "(checkpoint.every, or at the end of the run)")
-        if step is not None and step not in steps:
-            raise InputError(f"--step {step}: no such checkpoint in {run_dir}/checkpoints; have {steps}")
         failures: list[str] = []
-        for s in [step] if step is not None else steps[::-1]:
+        for s in steps_to_try(reader, run_dir, step):
             where = reader.directory / str(s)
             try:
                 meta = reader.meta(s)

@@ -21,7 +21,7 @@ from jaxsd.convert.output_folder import check_replaceable, replacing_folder
 from jaxsd.errors import InputError
 from jaxsd.train.base import base_fingerprint
 from jaxsd.train.checkpoint import RESTORE_ERRORS
-from jaxsd.train.export import MARKER, _run_config, _warn_skip
+from jaxsd.train.export import MARKER, _run_config, _warn_skip, steps_to_try
 from jaxsd.train.partial_restore import CheckpointReader
 from jaxsd.train.plan import plan_state
 from jaxsd.train.run_dir import is_remote, require_run_dir, run_path
@@ -61,19 +61,18 @@ def export_vae(run_dir: str | os.PathLike, out: str | Path, *, ema: bool = False
     check_replaceable(out, MARKER, keep)
     reader = CheckpointReader(run_dir / "checkpoints")
     try:
-        steps = reader.steps()
-        if not steps:
-            raise InputError(f"{run_dir}/checkpoints: no checkpoint yet; train until one is saved")
-        if step is not None and step not in steps:
-            raise InputError(f"--step {step}: no such checkpoint in {run_dir}/checkpoints; have {steps}")
         failures: list[str] = []
-        for s in [step] if step is not None else steps[::-1]:
+        for s in steps_to_try(reader, run_dir, step):
             where = reader.directory / str(s)
             try:
                 meta = reader.meta(s)
-                cfg = _run_config(meta, where, ema)
-                plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
-                which = "ema" if ema else "params"
+            except RESTORE_ERRORS as e:
+                _warn_skip(where, e, failures)
+                continue
+            cfg = _run_config(meta, where, ema)  # its errors (--ema on a run without EMA) are the user's
+            plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
+            which = "ema" if ema else "params"
+            try:
                 fields = reader.restore_fields(s, {which: getattr(plan.abstract, which)})
             except RESTORE_ERRORS as e:
                 _warn_skip(where, e, failures)

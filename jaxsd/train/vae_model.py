@@ -14,24 +14,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.config import ModelConfig
-from jaxsd.errors import ConfigError, InputError, InputNotFoundError
+from jaxsd.errors import ConfigError, InputError
 from jaxsd.models.params import init_params
 from jaxsd.models.vae import AutoencoderKL, VAEConfig, example_inputs
 from jaxsd.train.compile import run_once
 
 
 def vae_folder(pretrained: str) -> Path:
-    """The VAE folder of `model.pretrained`: a pipeline root's vae/, or the folder itself."""
-    from jaxsd.convert.single_file.to_folder import model_folder
+    """The VAE folder of `model.pretrained`: a pipeline root's vae/, or the folder itself (as `data.cache.vae`)."""
+    from jaxsd.data.model_encoders import vae_folder as component_folder
 
-    root = model_folder(pretrained)
-    if (root / "vae" / "config.json").is_file():
-        return root / "vae"
-    if (root / "config.json").is_file():
-        return root
-    raise InputNotFoundError(f"model.pretrained={pretrained!r}: no vae/config.json or config.json there; point it "
-                             "at a diffusers AutoencoderKL folder, a pipeline folder (with vae/) or a single-file "
-                             ".safetensors checkpoint")
+    return component_folder(pretrained, key="model.pretrained")
 
 
 def vae_config(cfg: ModelConfig) -> VAEConfig:

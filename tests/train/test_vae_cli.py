@@ -92,6 +92,13 @@ def test_export_loads_in_diffusers_and_decodes_as_jaxsd(run):
     assert rel_err(ours, theirs.numpy().transpose(0, 2, 3, 1)) < 1e-4
 
 
+def test_export_refuses_the_unet_only_flags(run):
+    base, _, run_dir = run
+    proc = jaxsd_command("export", run_dir, "--out", base / "no", "--lora", check=False)
+    assert proc.returncode == 2 and "trained a VAE" in proc.stderr and "--lora" in proc.stderr
+    assert not (base / "no").exists()
+
+
 @pytest.mark.slow
 def test_decoder_only_fine_tune_keeps_the_encoder_bitwise(run):
     base, images, _ = run

@@ -67,7 +67,7 @@ def test_step_matches_ldm_loss_differentiated_term_by_term(setup):
 
     @jax.jit
     def last_layer_grads(p):
-        last = lambda i: jax.grad(lambda q: terms(q)[i])(p)["decoder"]["conv_out"]["kernel"]  # noqa: E731
+        last = lambda i: jax.grad(lambda q: terms(q)[i])(p)["decoder"]["conv_out"]["kernel"]
         return last(0), last(1)
 
     nll_grad, g_grad = last_layer_grads(trained)

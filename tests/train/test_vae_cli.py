@@ -5,7 +5,8 @@ Default run: one tiny autoencoder from scratch, 12 steps, the discriminator from
 reconstruction loss falls, the discriminator's loss is 0 before its start and moves after it, the
 reconstruction grid is written, and the export is an AutoencoderKL folder diffusers decodes as jaxsd does.
 Slow: a decoder-only fine-tune of that export leaves its encoder bitwise as it was; a run killed with
-`kill -9` and resumed is bitwise the straight run.
+`kill -9` and resumed is bitwise the straight run; the same run on 2 devices (params, optimizer states and
+batch sharded over fsdp) computes the first step as one device does.
 """
 
 from __future__ import annotations
@@ -127,3 +128,16 @@ def test_kill_9_and_resume_is_bitwise_the_straight_run(run):
     jaxsd_command("export", run_dir, "--out", base / "killed_vae")
     a, b = SafetensorsFile(base / "vae" / WEIGHTS), SafetensorsFile(base / "killed_vae" / WEIGHTS)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_devices_fsdp_compute_the_first_step_as_one(run):
+    base, images, _ = run
+    runs = {}
+    for devices in (1, 2):
+        run_dir = base / f"devices_{devices}"
+        jaxsd_command(*train_args(run_dir, images, "train.steps=2", "loss.vae.disc_start=0", "sharding.data=1",
+                                  f"sharding.fsdp={devices}"), devices=devices)
+        runs[devices] = records(run_dir)[0]
+    for key in ("loss", "rec", "kl", "g_loss", "d_loss", "adaptive_weight", "psnr", "grad_norm", "disc_grad_norm"):
+        np.testing.assert_allclose(runs[2][key], runs[1][key], rtol=1e-4, err_msg=key)

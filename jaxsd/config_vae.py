@@ -86,6 +86,8 @@ def check_vae(cfg: Config) -> None:
         "validation.every > 0 (the held-out diffusion loss)": cfg.validation.every > 0,
         "dreambooth.class_prompt": cfg.dreambooth.enabled,
         "data.captions": cfg.data.captions.active,
+        "data.subsets with a loss_weight other than 1 or a prior (class) subset":
+            any(s.loss_weight != 1 or s.kind != "instance" for s in cfg.data.subsets),
         "data.packed (cached latents)": bool(cfg.data.packed),
         "train.text_encoder other than frozen": cfg.train.text_encoder not in (None, "frozen"),
     }

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from jaxsd.convert.safetensors_io import SafetensorsFile
-from jaxsd.train.logging import read_scalars
+from jaxsd.train.logging import read_images, read_scalars
 from tests.helpers import JAXSD, jaxsd_command, jaxsd_env, kill_9_once_logged, rel_err
 
 STEPS, DISC_START = 12, 6
@@ -41,7 +41,7 @@ def make_pngs(folder: Path, n: int = 8) -> Path:
 def train_args(run_dir: Path, images: Path, *extra: str) -> list[str]:
     return ["train", "vae_tiny", f"data.roots=[{images}]", f"train.run_dir={run_dir}", f"train.steps={STEPS}",
             "train.batch_size=4", f"loss.vae.disc_start={DISC_START}", "logging.every=1", "logging.progress_bar=false",
-            "checkpoint.every=4", "checkpoint.keep=5", *extra]
+            "checkpoint.every=4", "checkpoint.keep=5", "train.ema.enabled=true", *extra]
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -54,7 +54,7 @@ def run(tmp_path_factory):
     images = make_pngs(base / "images")
     run_dir = base / "run"
     jaxsd_command(*train_args(run_dir, images, f"logging.sample_every={STEPS}"))
-    jaxsd_command("export", run_dir, "--out", base / "vae")
+    jaxsd_command("export", run_dir, "--out", base / "vae", "--ema")
     return base, images, run_dir
 
 
@@ -73,6 +73,7 @@ def test_reconstruction_improves_and_the_discriminator_starts_at_disc_start(run)
         assert len(scalars[f"train/{name}"]) == STEPS, name
     grid = Image.open(run_dir / "samples" / f"step_{STEPS:06d}.png")
     assert grid.width > grid.height  # a row of inputs over a row of their reconstructions
+    assert [s for s, _ in read_images(run_dir / "tensorboard")["samples/ema"]] == [STEPS]
 
 
 @pytest.mark.torch
@@ -84,7 +85,8 @@ def test_export_loads_in_diffusers_and_decodes_as_jaxsd(run):
     from jaxsd.models.vae import AutoencoderKL
 
     folder = run[0] / "vae"
-    assert json.loads((folder / "jaxsd_export.json").read_text())["step"] == STEPS
+    record = json.loads((folder / "jaxsd_export.json").read_text())
+    assert record["step"] == STEPS and record["ema"]
     config, params = load_vae(folder)
     z = np.random.default_rng(0).normal(size=(2, 8, 8, config.latent_channels)).astype(np.float32)
     ours = np.asarray(AutoencoderKL(config).apply({"params": params}, z, method="decode"))
@@ -125,7 +127,7 @@ def test_kill_9_and_resume_is_bitwise_the_straight_run(run):
     drop = ("step_time_s", "images_per_s")
     assert [{k: v for k, v in r.items() if k not in drop} for r in ours] == \
         [{k: v for k, v in r.items() if k not in drop} for r in theirs]
-    jaxsd_command("export", run_dir, "--out", base / "killed_vae")
+    jaxsd_command("export", run_dir, "--out", base / "killed_vae", "--ema")
     a, b = SafetensorsFile(base / "vae" / WEIGHTS), SafetensorsFile(base / "killed_vae" / WEIGHTS)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 

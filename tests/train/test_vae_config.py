@@ -32,6 +32,7 @@ def test_the_preset_loads_and_the_default_kind_is_the_unet():
     (["loss.vae.lpips_weight=1"], "needs the VGG16 backbone: set loss.lpips.weights"),
     (["train.grad_accum_steps=2"], "does not go with: train.grad_accum_steps > 1"),
     (["train.data_source=synthetic"], "train.data_source = synthetic"),
+    (["data.subsets=[{roots: [/a], loss_weight: 2.0}]"], "data.subsets with a loss_weight other than 1"),
     (["validation.every=5", "validation.roots=[/x]"], "validation.every > 0"),
 ])
 def test_impossible_settings_are_config_errors(overrides, message):

@@ -111,7 +111,8 @@ def plan_vae_state(cfg: Config, mesh) -> VAEPlan:
         step=rep, params=t_shard, frozen=f_shard, rng=rep, nonfinite=rep, ema=t_shard["vae"] if ema else None,
         opt_state={k: state_shardings(abstract.opt_state[k], t_shard[k], mesh) for k in t_shard})
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    log.info("VAE training: discriminator %d layers × %d channels (%.2fM params)%s", v.disc_layers, v.disc_channels,
+    log.info("VAE training: discriminator %d layers × %d channels (%.2fM params, counted with the trainable ones "
+             "below, not with the model's)%s", v.disc_layers, v.disc_channels,
              sum(x.size for x in jax.tree.leaves(d_shapes)) / 1e6, ", LPIPS on" if lpips is not None else "")
     return VAEPlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding, disc, lpips, trainable, frozen,
                    jnp.dtype(cfg.model.param_dtype))

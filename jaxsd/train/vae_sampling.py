@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config
+from jaxsd.errors import InputError
 from jaxsd.models.vae import AutoencoderKL, VAEConfig
 from jaxsd.pipelines.grids import label_grid
 from jaxsd.train.run_dir import run_path
@@ -51,6 +52,9 @@ def grid_images(cfg: Config, count: int = GRID_IMAGES) -> np.ndarray:
             found.append(prepare(img, size, size, crop="center").pixels)
         if len(found) == count:
             break
+    if not found:
+        raise InputError(f"logging.sample_every: no usable image for the reconstruction grid among the first "
+                         f"{4 * count} of each data source ({', '.join(str(s.root) for s in sources)})")
     return np.stack(found)
 
 

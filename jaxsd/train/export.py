@@ -38,7 +38,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,35 @@ def steps_to_try(reader: CheckpointReader, run_dir: epath.Path, step: int | None
     return [step] if step is not None else steps[::-1]
 
 
+def restored_checkpoints(reader: CheckpointReader, run_dir: epath.Path, step: int | None, ema: bool,
+                         before_restore: Callable[[Config, Any], None] | None = None) -> Iterator[tuple]:
+    """(step, its directory, meta, run config, plan, trained params or EMA as numpy) of each checkpoint to try
+    (`steps_to_try`) whose meta and params read; one that does not is skipped with a warning, and when none
+    is left an InputError names them all. before_restore(run config, model config) runs before the params
+    are read; its errors (and the run config's: --ema without EMA) propagate."""
+    failures: list[str] = []
+    for s in steps_to_try(reader, run_dir, step):
+        where = reader.directory / str(s)
+        try:
+            meta = reader.meta(s)
+        except RESTORE_ERRORS as e:
+            _warn_skip(where, e, failures)
+            continue
+        cfg = _run_config(meta, where, ema)
+        plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
+        if before_restore is not None:
+            before_restore(cfg, plan.module.config)
+        which = "ema" if ema else "params"
+        try:
+            fields = reader.restore_fields(s, {which: getattr(plan.abstract, which)})
+        except RESTORE_ERRORS as e:
+            _warn_skip(where, e, failures)
+            continue
+        yield s, where, meta, cfg, plan, fields[which]
+    raise InputError("no checkpoint restores: " + "; ".join(failures) + (". Pick another with --step" if step is not None
+                                                                         else ""))
+
+
 def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: int | None = None,
                       before_restore: Callable[[Config, UNetConfig], None] | None = None) -> TrainedUNet:
     """The UNet of checkpoint `step` (default: the newest that restores) of a `jaxsd train` run dir
@@ -167,24 +196,7 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
     run_dir = require_run_dir(run_dir)
     reader = CheckpointReader(run_dir / "checkpoints")
     try:
-        failures: list[str] = []
-        for s in steps_to_try(reader, run_dir, step):
-            where = reader.directory / str(s)
-            try:
-                meta = reader.meta(s)
-            except RESTORE_ERRORS as e:
-                _warn_skip(where, e, failures)
-                continue
-            cfg = _run_config(meta, where, ema)
-            plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
-            if before_restore is not None:
-                before_restore(cfg, plan.module.config)
-            which = "ema" if ema else "params"
-            try:
-                fields = reader.restore_fields(s, {which: getattr(plan.abstract, which)})
-            except RESTORE_ERRORS as e:
-                _warn_skip(where, e, failures)
-                continue
+        for s, where, meta, cfg, plan, trained in restored_checkpoints(reader, run_dir, step, ema, before_restore):
             base = base_fingerprint(cfg)
             if meta.get("base", base) != base:
                 raise InputError(f"{where}: the run's base model changed since this checkpoint was written "
@@ -192,7 +204,6 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
                                  f"come from model.pretrained={cfg.model.pretrained!r}, which must be that model")
             text_trains = plan.text is not None and plan.text.trains
             frozen = jax.device_get(load_frozen(cfg, plan, text=text_trains))  # the UNet alone needs no encoders
-            trained = fields[which]
             if plan.adapters is None:
                 text = None
                 if text_trains:  # train.text_encoder: full — the trained text side, whole
@@ -210,8 +221,7 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
                                    dict(plan.text.adapters), plan.text.configs())
             return TrainedUNet(cfg, plan.module.config, merged, s, ema, unet_adapters, plan.adapters,
                                fingerprint_params(unet_base), text)
-        raise InputError("no checkpoint restores: " + "; ".join(failures) +
-                         (". Pick another with --step" if step is not None else ""))
+        raise AssertionError("restored_checkpoints yields or raises")  # unreachable
     finally:
         reader.close()
 

@@ -16,16 +16,13 @@ from pathlib import Path
 
 import jax
 
-from jaxsd.config import ShardingConfig
 from jaxsd.convert.output_folder import check_replaceable, replacing_folder
 from jaxsd.errors import InputError
 from jaxsd.train.base import base_fingerprint
 from jaxsd.train.checkpoint import RESTORE_ERRORS
-from jaxsd.train.export import MARKER, _run_config, _warn_skip, steps_to_try
+from jaxsd.train.export import MARKER, restored_checkpoints
 from jaxsd.train.partial_restore import CheckpointReader
-from jaxsd.train.plan import plan_state
 from jaxsd.train.run_dir import is_remote, require_run_dir, run_path
-from jaxsd.train.sharding import make_mesh
 from jaxsd.train.vae_plan import load_vae_frozen
 
 
@@ -61,34 +58,19 @@ def export_vae(run_dir: str | os.PathLike, out: str | Path, *, ema: bool = False
     check_replaceable(out, MARKER, keep)
     reader = CheckpointReader(run_dir / "checkpoints")
     try:
-        failures: list[str] = []
-        for s in steps_to_try(reader, run_dir, step):
-            where = reader.directory / str(s)
-            try:
-                meta = reader.meta(s)
-            except RESTORE_ERRORS as e:
-                _warn_skip(where, e, failures)
-                continue
-            cfg = _run_config(meta, where, ema)  # its errors (--ema on a run without EMA) are the user's
-            plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
-            which = "ema" if ema else "params"
-            try:
-                fields = reader.restore_fields(s, {which: getattr(plan.abstract, which)})
-            except RESTORE_ERRORS as e:
-                _warn_skip(where, e, failures)
-                continue
+        for s, where, meta, cfg, plan, trained in restored_checkpoints(reader, run_dir, step, ema):
             if meta.get("base", base_fingerprint(cfg)) != base_fingerprint(cfg):
                 raise InputError(f"{where}: the run's base changed since this checkpoint was written (fingerprint "
                                  f"{meta['base']}, now {base_fingerprint(cfg)}): the frozen encoder and LPIPS come "
                                  f"from model.pretrained={cfg.model.pretrained!r} and loss.lpips, which must be "
                                  "those files")
-            params = jax.device_get(plan.merged(fields[which], load_vae_frozen(cfg, plan, lpips=False)))
+            params = jax.device_get(plan.merged(trained, load_vae_frozen(cfg, plan, lpips=False)))
             with replacing_folder(out, MARKER, keep) as staging:
                 save_vae(staging, plan.module.config, params)
                 record = {"written_by": "jaxsd export", "run_dir": str(run_dir), "step": s, "ema": ema,
                           "model": "AutoencoderKL"}
                 (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
             return VAEExport(out.absolute(), s)
-        raise InputError("no checkpoint restores: " + "; ".join(failures))
+        raise AssertionError("restored_checkpoints yields or raises")  # unreachable
     finally:
         reader.close()

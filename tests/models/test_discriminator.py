@@ -35,12 +35,12 @@ def test_matches_taming_nlayer_discriminator_in_training_mode():
     norms = [m for m in ref if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
         for i, conv in enumerate(convs):
-            conv.weight.copy_(torch.from_numpy(np.asarray(params[f"conv_{i}"]["kernel"]).transpose(3, 2, 0, 1)))
+            conv.weight.copy_(torch.from_numpy(np.array(params[f"conv_{i}"]["kernel"]).transpose(3, 2, 0, 1).copy()))
             if conv.bias is not None:
-                conv.bias.copy_(torch.from_numpy(np.asarray(params[f"conv_{i}"]["bias"])))
+                conv.bias.copy_(torch.from_numpy(np.array(params[f"conv_{i}"]["bias"])))
         for i, norm in enumerate(norms, start=1):
-            norm.weight.copy_(torch.from_numpy(np.asarray(params[f"norm_{i}"]["scale"])))
-            norm.bias.copy_(torch.from_numpy(np.asarray(params[f"norm_{i}"]["bias"])))
+            norm.weight.copy_(torch.from_numpy(np.array(params[f"norm_{i}"]["scale"])))
+            norm.bias.copy_(torch.from_numpy(np.array(params[f"norm_{i}"]["bias"])))
     x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
     ours = np.asarray(module.apply({"params": params}, x))
     with torch.no_grad():

@@ -29,6 +29,7 @@ from jaxsd.config_losses import (
     check_perceptual,
 )
 from jaxsd.config_text import check_text_encoder, check_validation, resolve_text_encoder
+from jaxsd.config_vae import VAELossConfig, check_vae
 from jaxsd.data.config import DataConfig, DreamBoothConfig, check_data_config, spell_subset_kind
 from jaxsd.errors import ConfigError, InputError
 from jaxsd.models.token_merging_settings import TokenMerging
@@ -38,8 +39,11 @@ PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The UNet being trained and how it computes."""
+    """The model being trained (the UNet, or with `kind: vae` the autoencoder) and how it computes."""
 
+    kind: str = "unet"
+    """unet: the denoising UNet (latents from `jaxsd cache`); vae: the AutoencoderKL on images
+    (docs/vae-training.md; its loss is `loss.vae`)."""
     pretrained: str | None = None
     """diffusers folder to initialise from: a pipeline root (with `unet/`) or a UNet folder itself.
     None = from scratch with the architecture in `unet`."""
@@ -48,6 +52,9 @@ class ModelConfig:
     unet: dict[str, Any] = field(default_factory=dict)
     """diffusers UNet2DConditionModel config.json fields (architecture for from-scratch training;
     ignored when `pretrained` is set, whose config.json wins)."""
+    vae: dict[str, Any] = field(default_factory=dict)
+    """kind vae: diffusers AutoencoderKL config.json fields (architecture for from-scratch training;
+    ignored when `pretrained` is set: a VAE folder or a pipeline folder with vae/)."""
     dtype: str = "float32"
     """compute dtype of activations: float32 | bfloat16 | float16. Master params stay in param_dtype."""
     param_dtype: str = "float32"
@@ -111,6 +118,8 @@ class LossConfig:
     lpips: LPIPSLossConfig = field(default_factory=LPIPSLossConfig)
     style: StyleLossConfig = field(default_factory=StyleLossConfig)
     perceptual: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
+    vae: VAELossConfig = field(default_factory=VAELossConfig)
+    """model.kind vae: reconstruction, KL, LPIPS and PatchGAN terms (jaxsd/config_vae.py)."""
 
 
 @dataclass(frozen=True)
@@ -446,6 +455,7 @@ def _check_choices(cfg: Config) -> None:
                           "metrics before dispatching the next)")
     if not 256 <= cfg.optimizer.block_size <= 4096:
         raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
+    check_vae(cfg)
     _check_sampling(cfg)
     _check_lora(cfg)
     check_perceptual(cfg)
@@ -495,7 +505,8 @@ def _check_sampling(cfg: Config) -> None:
     lg = cfg.logging
     if lg.sample_every < 0:
         raise ConfigError(f"logging.sample_every = {lg.sample_every} must be >= 0 (0 = no sample grids)")
-    if not lg.sample_every:  # every sample_* key, sample_clip too, rests with the grids
+    if not lg.sample_every or cfg.model.kind == "vae":  # every sample_* key, sample_clip too, rests with the grids;
+        # a VAE's grids are reconstructions of its data
         return
     if lg.sample_clip and not (Path(lg.sample_clip) / "config.json").is_file():
         raise ConfigError(f"logging.sample_clip = {lg.sample_clip!r}: no config.json there — point it at a "

@@ -144,6 +144,6 @@ def check_perceptual(cfg: Config) -> None:
     if on:
         raise ConfigError(f"{' and '.join(on)} set, but `jaxsd train` trains the UNet's denoising objective, which "
                           "has no such term: LPIPS and style losses for the UNet are loss.perceptual.lpips_weight / "
-                          "style_weight (on the decoded x0 prediction); loss.lpips.weight / loss.style.weight are for "
-                          "VAE training (issue #21). Set them to 0.")
+                          "style_weight (on the decoded x0 prediction), VAE training's LPIPS is loss.vae.lpips_weight; "
+                          "loss.lpips / loss.style only name the weight files and layers. Set them to 0.")
     _check_unet_perceptual(cfg)

@@ -7,7 +7,7 @@
 
 Reads the latest (or --step N) checkpoint in RUN_DIR/checkpoints (RUN_DIR: local or gs://...) —
 only the trained params (with --ema: their EMA) and the frozen ones, never the optimizer state —
-and writes:
+and writes (a VAE run, model.kind: vae, writes DIR as a diffusers AutoencoderKL folder; docs/vae-training.md):
 
   a pipeline folder  DIR/unet/ (the trained UNet) + every other component of BASE (vae/,
                      text_encoder/, tokenizer/, scheduler/, ...) and its model_index.json,
@@ -73,6 +73,17 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.dtype and not args.single_file:
         raise InputError("--dtype is for --single-file; folders keep the trained dtype")
+    from jaxsd.train.export_vae import export_vae, run_model_kind
+
+    if run_model_kind(args.run_dir) == "vae":  # a VAE run (model.kind: vae): an AutoencoderKL folder
+        flags = [f for f, on in (("--pipeline", args.pipeline), ("--unet-only", args.unet_only), ("--lora", args.lora),
+                                 ("--merge-lora", args.merge_lora), ("--single-file", args.single_file)) if on]
+        if flags:
+            raise InputError(f"{args.run_dir} trained a VAE (model.kind: vae): it exports as one AutoencoderKL "
+                             f"folder; {', '.join(flags)} do not apply")
+        v = export_vae(args.run_dir, args.out, ema=args.ema, step=args.step)
+        print(f"jaxsd export: step {v.step}{' (EMA)' if args.ema else ''} → {v.out}: diffusers AutoencoderKL folder")
+        return 0
     if args.single_file:
         from jaxsd.commands.convert import check_new_file, numpy_dtype
         from jaxsd.train.export_single import export_single_file

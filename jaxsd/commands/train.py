@@ -1,4 +1,5 @@
-"""Train (fine-tune or from scratch) a UNet over cached latents.
+"""Train (fine-tune or from scratch) a UNet over cached latents, or with `model.kind: vae` the VAE on images
+(docs/vae-training.md).
 
     jaxsd train CONFIG.yaml [key.sub=value ...]
 

@@ -171,8 +171,9 @@ class _Batches:
         indices, seeds, prior = self.draws(i)
         samples = []
         for idx, (epoch, slot, stream), is_prior in zip(indices, seeds, prior):
-            flip = bool(np.random.default_rng([self.cfg.loader.seed, int(epoch), int(slot), int(stream)]).integers(2))
-            sample = self.store.read(int(idx), flip=flip)
+            draw = np.random.default_rng([self.cfg.loader.seed, int(epoch), int(slot), int(stream)])
+            flip = bool(draw.integers(2))
+            sample = self.store.read(int(idx), flip=flip, rng=draw)  # rng: an image store's random crop
             if self.tokenize is not None and not is_prior:  # class images keep their class prompt as cached
                 sample.update(self._drawn_tokens(i, int(idx)))
             samples.append(sample)
@@ -202,11 +203,13 @@ class Loader:
     """
 
     def __init__(self, cfg: DataConfig, *, mesh: Mesh | None = None, latents: Mapping | None = None,
-                 text: Mapping | None = None, rebuild: str = "jaxsd cache CONFIG", batch_size: int | None = None):
+                 text: Mapping | None = None, rebuild: str = "jaxsd cache CONFIG", batch_size: int | None = None,
+                 store: CacheStore | None = None):
         if batch_size is not None:  # the trainer's global batch size wins over data.loader.batch_size
             cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, batch_size=batch_size))
         self.cfg = cfg
-        self.store = open_store(cfg, latents=latents, text=text, rebuild=rebuild)
+        # store: another source of samples with the cache's interface (jaxsd.data.pixels: images, not latents)
+        self.store = store if store is not None else open_store(cfg, latents=latents, text=text, rebuild=rebuild)
         gbs = cfg.loader.batch_size
         if mesh is not None:
             self.sharding = batch_sharding(mesh)

@@ -39,9 +39,9 @@ def text_root(cfg: DataConfig) -> Path:
     return model_folder(cfg.cache.text_encoder)
 
 
-def vae_folder(path: str | os.PathLike) -> Path:
+def vae_folder(path: str | os.PathLike, key: str = "data.cache.vae") -> Path:
     """A VAE component folder: `path` itself, or `path/vae` for a pipeline folder (or a single-file
-    checkpoint's, through its folder view)."""
+    checkpoint's, through its folder view). key: the config key that named it (for the error)."""
     from jaxsd.convert.single_file.to_folder import model_folder
 
     path = model_folder(path)
@@ -49,7 +49,7 @@ def vae_folder(path: str | os.PathLike) -> Path:
         return path / "vae"
     if (path / "config.json").is_file():
         return path
-    raise InputNotFoundError(f"data.cache.vae={str(path)!r}: neither a VAE folder (config.json + weights), "
+    raise InputNotFoundError(f"{key}={str(path)!r}: neither a VAE folder (config.json + weights), "
                              "a pipeline folder with vae/ nor a single-file .safetensors checkpoint")
 
 

@@ -68,7 +68,9 @@ class CacheStore:
         ids = {b: i for i, b in enumerate(self.bucket_list)}
         return np.array([ids[b] for _, _, b, _ in self.entries], dtype=np.int64)
 
-    def read(self, i: int, flip: bool = False) -> dict[str, np.ndarray]:
+    def read(self, i: int, flip: bool = False, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        """Sample i (its flipped copy with flip). rng: the draw's generator; a cached sample has no randomness
+        of its own left (its crop was drawn at cache time), so it is not used here."""
         raise NotImplementedError  # abstract: SidecarStore / PackedStore
 
     def empty_text(self) -> dict[str, np.ndarray] | None:
@@ -89,7 +91,7 @@ class SidecarStore(CacheStore):
         self.empty_dir = roots[0]
         super().__init__(list(zip(roots, manifests)))
 
-    def read(self, i: int, flip: bool = False) -> dict[str, np.ndarray]:
+    def read(self, i: int, flip: bool = False, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         loc, key, _, _ = self.entries[i]
         out = {}
         for spec in (self.latents, self.text):
@@ -107,7 +109,7 @@ class PackedStore(CacheStore):
         self.sources = [grain.sources.ArrayRecordDataSource([str(Path(d) / s) for s in m["shards"]])
                         for d, m in zip(dirs, manifests)]
 
-    def read(self, i: int, flip: bool = False) -> dict[str, np.ndarray]:
+    def read(self, i: int, flip: bool = False, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         loc, _, _, e = self.entries[i]
         arrays, _ = decode_record(self.sources[loc][e["record"]])
         return _pick_flip(arrays, flip)

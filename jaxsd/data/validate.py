@@ -125,15 +125,16 @@ def load_image_check(spec: str) -> ImageCheck | None:
 
 
 def check_one(source, item: Item, cfg: DataConfig, image_check: ImageCheck | None,
-              caption_check: Callable[[str], str | None]) -> tuple[Valid | None, Finding | None]:
-    """Validate one item. Returns (Valid or None, Finding or None); never raises for bad files."""
+              caption_check: Callable[[str], str | None], captions: bool = True) -> tuple[Valid | None, Finding | None]:
+    """Validate one item. Returns (Valid or None, Finding or None); never raises for bad files.
+    captions=False: images alone (VAE training), captions are neither read nor checked."""
     notes: list[str] = []
     try:
-        caption, cap_notes = source.read_caption(item)
+        caption, cap_notes = source.read_caption(item) if captions else ("", [])
     except OSError as e:
         return None, Finding(item.path, "skipped", (f"caption unreadable: {e.strerror or e}",))
     notes += cap_notes
-    if not caption:
+    if captions and not caption:
         missing = "no caption file" if caption is None else "empty caption"
         if cfg.validation.missing_caption == "skip":
             return None, Finding(item.path, "skipped", (missing,))
@@ -167,15 +168,17 @@ def check_one(source, item: Item, cfg: DataConfig, image_check: ImageCheck | Non
 
 
 def validate(sources: Sequence, items: Sequence[Item], cfg: DataConfig, *, scan_problems: Sequence = (),
-             threads: int = 8) -> tuple[list[Valid], Report]:
+             threads: int = 8, captions: bool = True) -> tuple[list[Valid], Report]:
     """Validate `items` (of `sources`, by `item.source`); returns the valid ones in order and the report.
 
     scan_problems: `Problem`s the source scan found (duplicate stems), reported as skipped.
+    captions=False: the images alone (`check_one`).
     """
     image_check = load_image_check(cfg.cache.image_check)
     caption_check = caption_filter(cfg.cache)
     with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes without the GIL
-        results = list(pool.map(lambda it: check_one(sources[it.source], it, cfg, image_check, caption_check), items))
+        results = list(pool.map(lambda it: check_one(sources[it.source], it, cfg, image_check, caption_check,
+                                                     captions), items))
     report = Report(len(items) + len(scan_problems),
                     [Finding(p.path, "skipped", (p.reason,)) for p in scan_problems])
     valid = []

@@ -62,6 +62,9 @@ def _folder_parts(folder: Path, variant: str | None) -> list[str]:
 
 def base_fingerprint(cfg: Config) -> str:
     """What the frozen params of `cfg` are made from, as a short stable string."""
+    if cfg.model.kind == "vae":
+        from jaxsd.train.vae_plan import vae_fingerprint
+        return vae_fingerprint(cfg, _folder_parts, _file_digest)
     if not cfg.model.pretrained:
         unet = json.dumps(dict(cfg.model.unet), sort_keys=True)
         base = "scratch:" + hashlib.sha256(f"{unet}|seed={cfg.train.seed}".encode()).hexdigest()[:16]
@@ -80,6 +83,9 @@ def load_frozen(cfg: Config, plan: StatePlan, *, text: bool = True) -> Any:
 
     text=False: without the text encoders of a text-in-the-step run nor the perceptual loss's VAE decoder and
     VGG16 ({"unet": ...} only), for callers that need the UNet alone (exporting it)."""
+    if cfg.model.kind == "vae":
+        from jaxsd.train.vae_plan import load_vae_frozen
+        return load_vae_frozen(cfg, plan)
     unet = plan.unet_parts(plan.abstract.params, plan.abstract.frozen)[1]
     if jax.tree.leaves(unet):
         params, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings, dtype=plan.base_dtype)

@@ -38,7 +38,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,46 @@ def _warn_skip(where: epath.Path, e: Exception, failures: list[str]) -> None:
     failures.append(f"{where}: {type(e).__name__}")
 
 
+def steps_to_try(reader: CheckpointReader, run_dir: epath.Path, step: int | None) -> list[int]:
+    """The checkpoint steps an export tries in order: `step` alone, else every one, newest first."""
+    steps = reader.steps()
+    if not steps:
+        raise InputError(f"{run_dir}/checkpoints: no checkpoint yet; train until one is saved "
+                         "(checkpoint.every, or at the end of the run)")
+    if step is not None and step not in steps:
+        raise InputError(f"--step {step}: no such checkpoint in {run_dir}/checkpoints; have {steps}")
+    return [step] if step is not None else steps[::-1]
+
+
+def restored_checkpoints(reader: CheckpointReader, run_dir: epath.Path, step: int | None, ema: bool,
+                         before_restore: Callable[[Config, Any], None] | None = None) -> Iterator[tuple]:
+    """(step, its directory, meta, run config, plan, trained params or EMA as numpy) of each checkpoint to try
+    (`steps_to_try`) whose meta and params read; one that does not is skipped with a warning, and when none
+    is left an InputError names them all. before_restore(run config, model config) runs before the params
+    are read; its errors (and the run config's: --ema without EMA) propagate."""
+    failures: list[str] = []
+    for s in steps_to_try(reader, run_dir, step):
+        where = reader.directory / str(s)
+        try:
+            meta = reader.meta(s)
+        except RESTORE_ERRORS as e:
+            _warn_skip(where, e, failures)
+            continue
+        cfg = _run_config(meta, where, ema)
+        plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
+        if before_restore is not None:
+            before_restore(cfg, plan.module.config)
+        which = "ema" if ema else "params"
+        try:
+            fields = reader.restore_fields(s, {which: getattr(plan.abstract, which)})
+        except RESTORE_ERRORS as e:
+            _warn_skip(where, e, failures)
+            continue
+        yield s, where, meta, cfg, plan, fields[which]
+    raise InputError("no checkpoint restores: " + "; ".join(failures) + (". Pick another with --step" if step is not None
+                                                                         else ""))
+
+
 def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: int | None = None,
                       before_restore: Callable[[Config, UNetConfig], None] | None = None) -> TrainedUNet:
     """The UNet of checkpoint `step` (default: the newest that restores) of a `jaxsd train` run dir
@@ -156,30 +196,7 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
     run_dir = require_run_dir(run_dir)
     reader = CheckpointReader(run_dir / "checkpoints")
     try:
-        steps = reader.steps()
-        if not steps:
-            raise InputError(f"{run_dir}/checkpoints: no checkpoint yet; train until one is saved "
-                             "(checkpoint.every, or at the end of the run)")
-        if step is not None and step not in steps:
-            raise InputError(f"--step {step}: no such checkpoint in {run_dir}/checkpoints; have {steps}")
-        failures: list[str] = []
-        for s in [step] if step is not None else steps[::-1]:
-            where = reader.directory / str(s)
-            try:
-                meta = reader.meta(s)
-            except RESTORE_ERRORS as e:
-                _warn_skip(where, e, failures)
-                continue
-            cfg = _run_config(meta, where, ema)
-            plan = plan_state(cfg, make_mesh(ShardingConfig(data=1), jax.devices()[:1]))
-            if before_restore is not None:
-                before_restore(cfg, plan.module.config)
-            which = "ema" if ema else "params"
-            try:
-                fields = reader.restore_fields(s, {which: getattr(plan.abstract, which)})
-            except RESTORE_ERRORS as e:
-                _warn_skip(where, e, failures)
-                continue
+        for s, where, meta, cfg, plan, trained in restored_checkpoints(reader, run_dir, step, ema, before_restore):
             base = base_fingerprint(cfg)
             if meta.get("base", base) != base:
                 raise InputError(f"{where}: the run's base model changed since this checkpoint was written "
@@ -187,7 +204,6 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
                                  f"come from model.pretrained={cfg.model.pretrained!r}, which must be that model")
             text_trains = plan.text is not None and plan.text.trains
             frozen = jax.device_get(load_frozen(cfg, plan, text=text_trains))  # the UNet alone needs no encoders
-            trained = fields[which]
             if plan.adapters is None:
                 text = None
                 if text_trains:  # train.text_encoder: full — the trained text side, whole
@@ -205,8 +221,7 @@ def load_trained_unet(run_dir: str | os.PathLike, *, ema: bool = False, step: in
                                    dict(plan.text.adapters), plan.text.configs())
             return TrainedUNet(cfg, plan.module.config, merged, s, ema, unet_adapters, plan.adapters,
                                fingerprint_params(unet_base), text)
-        raise InputError("no checkpoint restores: " + "; ".join(failures) +
-                         (". Pick another with --step" if step is not None else ""))
+        raise AssertionError("restored_checkpoints yields or raises")  # unreachable
     finally:
         reader.close()
 

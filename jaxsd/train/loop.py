@@ -179,6 +179,9 @@ def make_source(cfg: Config, mesh=None):
     if cfg.train.data_source == "synthetic":
         return SyntheticSource(cfg.synthetic, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
+    if cfg.model.kind == "vae":  # the autoencoder trains on the images themselves
+        from jaxsd.data.pixels import pixel_loader
+        return _CacheBatches(pixel_loader(cfg.data, mesh=mesh, batch_size=cfg.train.batch_size))
     from jaxsd.data.loader import training_loader
     from jaxsd.data.subsets import with_class_subset
     data = with_class_subset(cfg.data, cfg.dreambooth)  # + DreamBooth's class images as a prior subset

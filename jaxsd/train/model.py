@@ -78,6 +78,9 @@ def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int,
                    shardings: Any = None, dtype: Any = None) -> tuple[dict, str]:
     """(params, where from): from `model.pretrained`, else a random init. Params in `dtype` (default
     param_dtype), placed with `shardings` (a random init is created sharded, never as a full replica first)."""
+    if cfg.kind == "vae":  # the autoencoder (jaxsd/train/vae_model.py)
+        from jaxsd.train.vae_model import initial_vae_params
+        return initial_vae_params(cfg, module, seed, shardings, dtype)
     dtype = jnp.dtype(dtype or cfg.param_dtype)
     if cfg.pretrained:
         from jaxsd.convert.unet import load_unet

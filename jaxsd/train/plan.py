@@ -140,6 +140,9 @@ class StatePlan:
 
 def plan_state(cfg: Config, mesh) -> StatePlan:
     """Model, optimizer and the sharded abstract TrainState of `cfg` on `mesh` (no allocation)."""
+    if cfg.model.kind == "vae":  # the autoencoder task: jaxsd/train/vae_plan.py
+        from jaxsd.train.vae_plan import plan_vae_state
+        return plan_vae_state(cfg, mesh)
     module = build_unet(cfg.model, unet_config(cfg.model))
     shapes, logical = param_shapes(module)
     shardings = param_shardings(shapes, logical, mesh, dict(cfg.sharding.rules))
@@ -199,6 +202,9 @@ def fresh_state(cfg: Config, plan: StatePlan, params: Any) -> TrainState:
 
     `params` are donated: the state takes over their buffers instead of holding a second copy.
     """
+    if cfg.model.kind == "vae":
+        from jaxsd.train.vae_plan import fresh_vae_state
+        return fresh_vae_state(cfg, plan, params)
     t_shard, _ = plan.unet_parts(plan.state_shardings.params, plan.state_shardings.frozen)
     text_plans = plan.text.adapters if plan.text is not None else {}
     from_file = None
@@ -236,6 +242,9 @@ def plan_train_step(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> Ca
     """The pure step `(state, batch) -> (state, metrics)` of `cfg` over `plan`'s state, as `jaxsd train`
     runs it. empty: the empty caption as the cache holds it — its embedding, or (text encoded in the
     step) its token ids; needed when loss.cond_dropout > 0."""
+    if cfg.model.kind == "vae":
+        from jaxsd.train.vae_plan import vae_train_step
+        return vae_train_step(cfg, plan)
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
     encode_text = plan.conditioning(empty)
     return make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,

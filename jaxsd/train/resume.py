@@ -102,6 +102,10 @@ def _params_only(cfg: Config, plan: StatePlan, old_cfg: Config, old: StatePlan, 
                  step: int) -> Any:
     """This run's fresh state from the checkpoint's trained params and the base's frozen ones (as the
     checkpoint's config split them), re-split for this config."""
+    if cfg.model.kind == "vae" or old_cfg.model.kind == "vae":
+        raise ResumeMismatch("train.resume=params_only is not available for VAE training (model.kind: vae): export "
+                             "the run (jaxsd export RUN --out DIR) and start a new train.run_dir with "
+                             "model.pretrained=DIR")
     if plan.adapters is not None or old.adapters is not None:
         raise ResumeMismatch("train.resume=params_only: a LoRA run's adapters cannot seed a different train state "
                              "(rank, targets or optimizer changed); export them (jaxsd export RUN --lora) and start a "

@@ -161,9 +161,13 @@ class TrainingSampler:
     def from_config(cls, cfg: Config, unet_config: UNetConfig, run_dir: str | os.PathLike, mesh: Any,
                     merge: Callable[[Any, Any], Any] = merge_params,
                     text: StateText | None = None) -> TrainingSampler | None:
-        """Load and check the components (before training starts); None when logging.sample_every is 0."""
+        """Load and check the components (before training starts); None when logging.sample_every is 0.
+        VAE training (model.kind vae): its reconstruction grids instead (jaxsd/train/vae_sampling.py)."""
         if not cfg.logging.sample_every:
             return None
+        if cfg.model.kind == "vae":
+            from jaxsd.train.vae_sampling import ReconstructionSampler
+            return ReconstructionSampler.from_config(cfg, unet_config, run_dir, mesh, merge)  # a VAEConfig
         folder = sample_components_folder(cfg)
         if folder is None:  # load_config refuses this already; a hand-built Config may not have been checked
             raise ValueError("logging.sample_every > 0 needs logging.sample_components or a pipeline model.pretrained")

@@ -110,7 +110,7 @@ BUG_SITES = {
     "train": ("jaxsd.train.loop.train", ["train", "tiny", "train.run_dir={tmp}/run"]),
     "sample": ("jaxsd.pipelines.pipeline.StableDiffusion.from_folder",
                ["sample", "--model", "{tmp}", "--prompt", "x", "--out", "{tmp}/a.png"]),
-    "export": ("jaxsd.train.export.export", ["export", "{tmp}", "--out", "{tmp}/out"]),
+    "export": ("jaxsd.train.export_vae.run_model_kind", ["export", "{tmp}", "--out", "{tmp}/out"]),
     "bench": ("bench.suites.optimizer_state.run", ["bench", "optimizer-state", "--no-record"]),
     "convert": ("jaxsd.convert.single_file.read.SingleFile", ["convert", "{tmp}/x.safetensors", "--out", "{tmp}/out"]),
     "dreambooth-classes": ("jaxsd.train.dreambooth.prepare_class_images",

@@ -101,6 +101,7 @@ def test_conv_layer_with_locon_adapter_runs_the_forced_lowering():
         assert rel_err(ours, ref) <= 1e-6
 
 
+@pytest.mark.slow  # ~15 s; the default run has the layer test (values and gradients) and `jaxsd sample` on im2col vs diffusers
 @pytest.mark.torch
 def test_tiny_unet_on_im2col_matches_diffusers_and_the_xla_path(tmp_path):
     """The sd1-family tiny UNet of test_unet.py with every k×k conv forced onto im2col: output within the

@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::Deprecation
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
+@pytest.mark.slow  # ~10 s; --eta through the CLI runs by default with ddim (test_generation_options.py)
 def test_cli_euler_a_eta_zero_is_euler(sd_folder, sd_reference, tmp_path, torch_single_thread):
     torch = torch_single_thread
     latents = np.random.default_rng(7).standard_normal((1, 4, 8, 8)).astype(np.float32)

@@ -42,6 +42,7 @@ def latents_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # ~12 s; every default-run `jaxsd sample` test runs --scheduler auto, PNDM's steps are checked in-process
 def test_cli_default_auto_runs_the_folders_pndm_as_diffusers(sd_folder, sd_reference, latents_file, tmp_path,
                                                                torch_single_thread):
     """The folder ships PNDMScheduler (skip_prk_steps): `jaxsd sample` without --scheduler (auto, the

@@ -37,6 +37,7 @@ def test_cli_sample_with_tome_runs_and_merges(sd_folder, sd_pipe, tmp_path):
     assert bad.returncode == 2 and "--tome 0.9 must be in [0, 0.75]" in bad.stderr
 
 
+@pytest.mark.slow  # ~6 s; the UNet with ToMe equals tomesd's by default (tests/models/test_token_merging.py)
 def test_tome_pipeline_matches_diffusers_with_tomesd(sd_folder, sd_reference, sd_pipe, torch_single_thread):
     tomesd = pytest.importorskip("tomesd")
     torch = torch_single_thread

@@ -12,14 +12,16 @@ samplers' outputs for the same prompts and seeds. Each pair must have one size. 
 DIR/metrics.json: the mean PSNR (dB, data range 1) and SSIM (Gaussian window 11, σ 1.5, as
 torchmetrics) over the pairs, each pair's values, the names found in only one folder, and versions.
 Identical pairs have infinite PSNR: they are counted (`identical_pairs`) and left out of the mean.
-With --lpips-weights (the VGG16 backbone; --lpips-heads the LPIPS v0.1 heads; --allow-pickle for .pth
-files) it adds LPIPS (the `lpips` package's VGG v0.1) per pair and its mean; without, LPIPS is left out
+With --lpips-weights (the VGG16 backbone; --lpips-heads the LPIPS v0.1 heads) it adds LPIPS (the `lpips` package's VGG v0.1) per pair and its mean; without, LPIPS is left out
 and `skipped` says how to add it.
 
 --stats computes, once, the FID statistics of a folder of images (any sizes): the mean `mu` and
 covariance `sigma` of pytorch-fid's InceptionV3 pool features, saved as pytorch-fid's `--save-stats`
-does, so either tool reads the other's file. --fid-weights is pytorch-fid's weights file (.pth, read
-with torch.load(weights_only=True)) or the .safetensors copy --save-fid-weights writes of it.
+does, so either tool reads the other's file. --fid-weights is pytorch-fid's weights file (.pth) or the
+.safetensors copy --save-fid-weights writes of it.
+
+Every .pth weights file (--lpips-weights, --lpips-heads, --fid-weights) is a pickle, and unpickling can run
+code: it is read (torch.load(weights_only=True)) only with --allow-pickle, in every mode.
 
 --model generates N images (DIR/images/NNNNN.png: prompt i mod P from the noise of --seed + i, batched
 over the devices; images already there are reused) and writes DIR/metrics.json with FID against
@@ -28,9 +30,10 @@ over the devices; images already there are reused) and writes DIR/metrics.json w
 Example:
   jaxsd eval --pairs originals/ reconstructions/ --out eval/vae
   jaxsd eval --pairs originals/ reconstructions/ --out eval/vae --lpips-weights vgg16-397923af.pth --allow-pickle
-  jaxsd eval --stats real/ --out real_stats.npz --fid-weights pt_inception-2015-12-05-6726825d.pth
+  jaxsd eval --stats real/ --out real_stats.npz --fid-weights pt_inception-2015-12-05-6726825d.pth --allow-pickle \
+             --save-fid-weights fid_inception.safetensors
   jaxsd eval --model ./sd15 --prompts prompts.txt --num-images 1000 --reference real_stats.npz \
-             --fid-weights pt_inception-2015-12-05-6726825d.pth --clip ./clip-vit-large-patch14 --out eval/
+             --fid-weights fid_inception.safetensors --clip ./clip-vit-large-patch14 --out eval/
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="a pipeline folder (or single-file checkpoint) to generate images with and score")
     parser.add_argument("--out", required=True, metavar="PATH",
                         help="--pairs, --model: output folder for metrics.json (created); --stats: the .npz file")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read .pth weight files (pickles: --lpips-weights, --lpips-heads, --fid-weights) with "
+                             "torch.load(weights_only=True); without it they are refused")
     gen = parser.add_argument_group("generation (--model)")
     gen.add_argument("--prompts", metavar="FILE", help="one prompt per line; image i uses prompt i mod P")
     gen.add_argument("--num-images", type=int, metavar="N", help="images to generate and score")
@@ -73,8 +79,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lpips.add_argument("--lpips-heads", metavar="PATH",
                        help="the LPIPS v0.1 heads (the lpips package's weights/v0.1/vgg.pth; default: the installed "
                             "lpips package's, or the backbone file's own)")
-    lpips.add_argument("--allow-pickle", action="store_true",
-                       help="read .pth weight files (pickles, with torch.load(weights_only=True))")
     fid = parser.add_argument_group("FID (--stats, --model)")
     fid.add_argument("--fid-weights", metavar="PATH",
                      help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or its .safetensors copy")
@@ -87,8 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # the options each mode takes (argparse's defaults tell "not given")
 MODE_OPTIONS = {
     "pairs": ("lpips_weights", "lpips_heads", "allow_pickle"),
-    "stats": ("fid_weights", "save_fid_weights", "batch_size"),
-    "model": ("prompts", "num_images", "reference", "clip", "lora", "lora_scale", "steps", "scheduler", "guidance",
+    "stats": ("fid_weights", "save_fid_weights", "batch_size", "allow_pickle"),
+    "model": ("allow_pickle", "prompts", "num_images", "reference", "clip", "lora", "lora_scale", "steps", "scheduler", "guidance",
               "seed", "height", "width", "dtype", "fid_weights", "batch_size"),
 }
 
@@ -127,7 +131,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise InputError(f"--out {out}: --stats writes a .npz file (pytorch-fid reads only that suffix)")
-    params = load_fid_weights(args.fid_weights)
+    params = load_fid_weights(args.fid_weights, allow_pickle=args.allow_pickle)
     if args.save_fid_weights:
         save_fid_weights(params, args.save_fid_weights)
         print(f"FID weights → {args.save_fid_weights}")

@@ -54,10 +54,14 @@ CONFIG_OPTIONS = {"weights": "loss.lpips.weights", "heads": "loss.lpips.heads",
                   "allow_pickle": "loss.lpips.allow_pickle=true"}  # what the errors tell the user to set
 
 
+LPIPS_CONVERT = "convert once to .safetensors with jaxsd.losses.weights.save_lpips_safetensors"
+
+
 def read_state(path: str | os.PathLike, *, allow_pickle: bool, what: str,
-               opt_in: str = CONFIG_OPTIONS["allow_pickle"]) -> Mapping[str, np.ndarray]:
+               opt_in: str = CONFIG_OPTIONS["allow_pickle"], convert: str = LPIPS_CONVERT) -> Mapping[str, np.ndarray]:
     """A state dict file (.safetensors, or a pickle with allow_pickle) as name -> array.
-    opt_in: how the user allows pickles where this is read (a config key or a flag), for the error."""
+    opt_in: how the user allows pickles where this is read (a config key or a flag); convert: how to make a
+    .safetensors copy instead; both for the refusal's message."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{what}: {path} does not exist")
@@ -66,8 +70,7 @@ def read_state(path: str | os.PathLike, *, allow_pickle: bool, what: str,
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise InputError(f"{what}: {path} is a pickle, and unpickling a file can run arbitrary code. Opt in with "
-                             f"allow_pickle ({opt_in}; read with torch.load(weights_only=True)), or "
-                             "convert once to .safetensors with jaxsd.losses.weights.save_lpips_safetensors")
+                             f"allow_pickle ({opt_in}; read with torch.load(weights_only=True)), or {convert}")
         return read_pickle_state(path)
     raise InputError(f"{what}: {path} is neither .safetensors nor a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)})")
 

@@ -1,6 +1,7 @@
-"""The FID InceptionV3's weights: pytorch-fid's `.pth` (opt-in pickle) or the `.safetensors` jaxsd writes of it.
+"""The FID InceptionV3's weights: pytorch-fid's `.pth` (a pickle: read only with --allow-pickle) or the
+`.safetensors` jaxsd writes of it.
 
-    jaxsd eval --stats REAL_DIR --out real_stats.npz --fid-weights pt_inception-2015-12-05-6726825d.pth
+    jaxsd eval --stats REAL_DIR --out real_stats.npz --fid-weights pt_inception-2015-12-05-6726825d.pth --allow-pickle
 
 The state-dict layout is pytorch-fid's `fid_inception_v3()` model (torchvision Inception3 names); its
 1008-class `fc` head and BatchNorm `num_batches_tracked` counters are not needed for pool features and
@@ -23,18 +24,20 @@ from jaxsd.models.params import abstract_params
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
 FID_SPEC = ConversionSpec(ignore=(r"fc\.(weight|bias)", r".*\.num_batches_tracked"))
+SAFETENSORS_HOW = "convert once with `jaxsd eval --fid-weights X.pth --allow-pickle --save-fid-weights X.safetensors`"
 
 
 def where_to_get() -> str:
     """The hint every missing-weights error ends with."""
     return (f"FID needs pytorch-fid's InceptionV3 weights {FID_WEIGHTS_FILE} (download it once from "
-            f"{FID_WEIGHTS_URL}) and pass its path with --fid-weights; the .pth is read with "
-            "torch.load(weights_only=True), or pass the .safetensors copy `jaxsd eval --fid-weights X.pth "
-            "--save-fid-weights X.safetensors` writes")
+            f"{FID_WEIGHTS_URL}) and pass its path with --fid-weights; the .pth is a pickle, read with "
+            "torch.load(weights_only=True) only with --allow-pickle, or pass the .safetensors copy "
+            "`jaxsd eval --fid-weights X.pth --allow-pickle --save-fid-weights X.safetensors` writes")
 
 
-def load_fid_weights(path: str | os.PathLike | None) -> dict:
-    """Flax params of `FIDInceptionV3` from pytorch-fid's `.pth` (needs torch) or a `.safetensors` copy."""
+def load_fid_weights(path: str | os.PathLike | None, *, allow_pickle: bool = False) -> dict:
+    """Flax params of `FIDInceptionV3` from a `.safetensors` copy, or pytorch-fid's `.pth` (allow_pickle; needs
+    torch) — the same opt-in as every other pickle jaxsd reads."""
     if path is None:
         raise InputNotFoundError(f"no --fid-weights given. {where_to_get()}")
     path = Path(path)
@@ -43,11 +46,11 @@ def load_fid_weights(path: str | os.PathLike | None) -> dict:
     if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
         raise InputError(f"{path}: expected a .pth (pytorch-fid) or .safetensors file. {where_to_get()}")
     try:
-        # naming the file is the opt-in: pytorch-fid publishes only this pickle (read with weights_only=True)
-        state = read_state(path, allow_pickle=True, what="--fid-weights")
+        state = read_state(path, allow_pickle=allow_pickle, what="--fid-weights", opt_in="--allow-pickle",
+                           convert=SAFETENSORS_HOW)
     except ImportError:
         raise InputError(f"{path}: reading a PyTorch pickle needs torch installed; convert it once where torch "
-                         "is, with `jaxsd eval --fid-weights X.pth --save-fid-weights X.safetensors`") from None
+                         f"is: {SAFETENSORS_HOW}") from None
     abstract, _ = abstract_params(FIDInceptionV3(), *example_inputs())
     return torch_to_flax(state, abstract, spec=FID_SPEC, source=str(path))
 

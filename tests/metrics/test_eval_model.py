@@ -98,7 +98,7 @@ def test_eval_model_fid_equals_pytorch_fid(inputs, monkeypatch):
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(real / f"{i}.png")
     out = tmp / "eval_fid"
-    _eval(inputs, out, "--fid-weights", tmp / FID_WEIGHTS_FILE, "--reference", real)
+    _eval(inputs, out, "--fid-weights", tmp / FID_WEIGHTS_FILE, "--allow-pickle", "--reference", real)
     result = json.loads((out / "metrics.json").read_text())
     assert (result["fid_images"], result["reference_images"]) == (N, 4) and "clip_score" in result["skipped"]
 

@@ -39,7 +39,7 @@ def weights_pth(reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def features_fn(weights_pth):
-    params = load_fid_weights(weights_pth)
+    params = load_fid_weights(weights_pth, allow_pickle=True)
     return params, jax.jit(lambda p, x: FIDInceptionV3().apply({"params": p}, x))
 
 
@@ -93,8 +93,8 @@ def stats_run(reference, weights_pth, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stats")
     real = _save_pngs(tmp / "real", 2, [(40, 40), (40, 40), (40, 40), (48, 32)])
     out = tmp / "real_stats.npz"
-    jaxsd_command("eval", "--stats", real, "--out", out, "--fid-weights", weights_pth, "--batch-size", "2",
-                  "--save-fid-weights", tmp / "fid.safetensors")
+    jaxsd_command("eval", "--stats", real, "--out", out, "--fid-weights", weights_pth, "--allow-pickle",
+                  "--batch-size", "2", "--save-fid-weights", tmp / "fid.safetensors")
     other = _save_pngs(tmp / "other", 3, [(40, 40)] * 2)
     paths = {"real_npz": out, "other": other}
     return load_stats(out), _reference_stats(reference, real), _reference_stats(reference, other), \
@@ -108,7 +108,8 @@ def test_eval_stats_command(reference, weights_pth, stats_run):
     assert mu.dtype == np.float64 and sigma.shape == (2048, 2048)
 
     # the safetensors copy loads without torch into the same params
-    jax.tree.map(np.testing.assert_array_equal, load_fid_weights(weights_pth), load_fid_weights(safetensors))
+    jax.tree.map(np.testing.assert_array_equal, load_fid_weights(weights_pth, allow_pickle=True),
+                 load_fid_weights(safetensors))
 
     # FID between the two image sets on their first 256 features, jaxsd's statistics vs pytorch-fid's
     # (scipy's sqrtm of a 2048² matrix takes ~50 s on 2 cores: test_fid_files_interchange_with_pytorch_fid)
@@ -145,4 +146,19 @@ def test_eval_stats_needs_fid_weights(tmp_path):
     assert FID_WEIGHTS_FILE in proc.stderr
     proc = jaxsd_command("eval", "--stats", real, "--out", tmp_path / "s.npz", "--pairs", real, real, check=False)
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
+def test_eval_fid_pth_needs_allow_pickle(tmp_path):
+    """A .pth --fid-weights is a pickle: refused without --allow-pickle in --stats and --model alike (before it is
+    read, so the file's bytes do not matter), naming the flag and the safetensors way out."""
+    real = _save_pngs(tmp_path / "real", 4, [(16, 16)] * 2)
+    pth = tmp_path / FID_WEIGHTS_FILE
+    pth.write_bytes(b"never unpickled")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    for mode in (("--stats", real, "--out", tmp_path / "s.npz"),
+                 ("--model", tmp_path / "no_model", "--prompts", tmp_path / "prompts.txt", "--num-images", "2",
+                  "--reference", real, "--out", tmp_path / "eval")):
+        proc = jaxsd_command("eval", *mode, "--fid-weights", pth, check=False)
+        assert proc.returncode == 2 and "is a pickle" in proc.stderr and "--allow-pickle" in proc.stderr, proc.stderr
+        assert "--save-fid-weights X.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -20,7 +20,8 @@ from jaxsd.diffusion.names import canonical_sampler_name  # jax-free
 from jaxsd.errors import InputError
 
 DEFAULTS = {"steps": 30, "scheduler": "dpmpp_2m", "guidance": 7.5, "seed": 0, "dtype": "float32"}
-FID_HOW = "FID needs --fid-weights PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its .safetensors copy)"
+FID_HOW = ("FID needs --fid-weights PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth with --allow-pickle, "
+           "or its .safetensors copy)")
 CLIP_HOW = "the CLIP score needs --clip DIR (a transformers CLIPModel folder with its tokenizer and preprocessor config)"
 GRID_PROMPTS, GRID_COLUMNS = 8, 4  # the grid: the first prompts, their first images
 
@@ -107,7 +108,7 @@ def _load_metric_models(args: argparse.Namespace):
         from jaxsd.metrics.fid_folder import folder_features
         from jaxsd.metrics.fid_weights import load_fid_weights
 
-        params = load_fid_weights(args.fid_weights)
+        params = load_fid_weights(args.fid_weights, allow_pickle=args.allow_pickle)
         reference = Path(args.reference)
         if reference.suffix == ".npz":
             fid = (params, load_stats(reference), None)

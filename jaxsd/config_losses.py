@@ -17,11 +17,9 @@ if TYPE_CHECKING:  # jaxsd.config imports this module
 
 @dataclass(frozen=True)
 class LPIPSLossConfig:
-    """LPIPS (VGG16, v0.1) weights: local files only (jaxsd/losses/weights.py, docs/losses.md).
-    Not part of the UNet objective: `jaxsd train` refuses weight > 0 until VAE training uses it."""
+    """LPIPS (VGG16, v0.1) weights: local files only (jaxsd/losses/weights.py, docs/losses.md). Where LPIPS is
+    used and how much: loss.perceptual.lpips_weight (UNet runs), loss.vae.lpips_weight (VAE runs)."""
 
-    weight: float = 0.0
-    """multiplier of the LPIPS term; 0 = off."""
     weights: str | None = None
     """the VGG16 backbone: torchvision's state dict (vgg16-397923af.pth, in ~/.cache/torch/hub/checkpoints/
     after torchvision downloads it) as .pth (needs allow_pickle) or .safetensors, or a file written by
@@ -35,10 +33,9 @@ class LPIPSLossConfig:
 
 @dataclass(frozen=True)
 class StyleLossConfig:
-    """Gram-matrix style loss over VGG16 layers (backbone: loss.lpips.weights); G = FᵀF / (C·H·W)."""
+    """Gram-matrix style loss over VGG16 layers (backbone: loss.lpips.weights); G = FᵀF / (C·H·W).
+    Its multiplier is loss.perceptual.style_weight."""
 
-    weight: float = 0.0
-    """multiplier of the style term; 0 = off."""
     layers: list[str] = field(default_factory=lambda: ["relu1_2", "relu2_2", "relu3_3", "relu4_3"])
     """VGG16 taps: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3."""
     layer_weights: list[float] = field(default_factory=list)
@@ -48,7 +45,7 @@ class StyleLossConfig:
     .jpg/.jpeg/.png/.webp files). Their Gram matrices, averaged, are the target; computed once at start."""
 
     def __hash__(self) -> int:  # LossConfig is a static argument of jitted steps: hash the lists as tuples
-        return hash((self.weight, tuple(self.layers), tuple(self.layer_weights), tuple(self.references)))
+        return hash((tuple(self.layers), tuple(self.layer_weights), tuple(self.references)))
 
 
 @dataclass(frozen=True)
@@ -129,7 +126,7 @@ def _check_unet_perceptual(cfg: Config) -> None:
 
 
 def check_perceptual(cfg: Config) -> None:
-    """loss.lpips / loss.style: valid layers, weights refused (VAE training's, not built yet); loss.perceptual."""
+    """loss.style: valid layers and layer weights; loss.perceptual."""
     from jaxsd.losses.taps import check_taps  # jax-free
 
     st = cfg.loss.style
@@ -140,10 +137,4 @@ def check_perceptual(cfg: Config) -> None:
     if st.layer_weights and len(st.layer_weights) != len(st.layers):
         raise ConfigError(f"loss.style.layer_weights has {len(st.layer_weights)} values for {len(st.layers)} "
                           f"loss.style.layers {st.layers}: give one per layer, or none (1 each)")
-    on = [k for k, w in (("loss.lpips.weight", cfg.loss.lpips.weight), ("loss.style.weight", st.weight)) if w]
-    if on:
-        raise ConfigError(f"{' and '.join(on)} set, but `jaxsd train` trains the UNet's denoising objective, which "
-                          "has no such term: LPIPS and style losses for the UNet are loss.perceptual.lpips_weight / "
-                          "style_weight (on the decoded x0 prediction), VAE training's LPIPS is loss.vae.lpips_weight; "
-                          "loss.lpips / loss.style only name the weight files and layers. Set them to 0.")
     _check_unet_perceptual(cfg)

@@ -9,7 +9,7 @@ layer's Gram values do not grow with the image size or its width. The loss is
 
     L = Σ_l weight_l · mean_{b,i,j} (G_l(x) − G_l(y))²
 
-— per-layer weights default to 1; the overall `loss.style.weight` multiplies L where it is used.
+— per-layer weights default to 1; `loss.perceptual.style_weight` multiplies L in the UNet objective.
 Gram matrices are computed in fp32 whatever the trunk's dtype.
 """
 

@@ -151,7 +151,6 @@ def test_predict_x0_inverts_the_noising(prediction_type):
      "set loss.style.references"),
     (["loss.perceptual.style_weight=1", "loss.lpips.weights=x.safetensors", "data.cache.vae=v",
       "loss.style.references=[/nonexistent/style.png]"], "/nonexistent/style.png does not exist"),
-    (["loss.style.weight=1"], "loss.perceptual.lpips_weight / style_weight"),
     (["loss.perceptual.lpips_weight=1", "loss.perceptual.max_timestep=999", "diffusion.rescale_betas_zero_snr=true"],
      "zero-terminal-SNR schedule"),
 ])

@@ -245,8 +245,7 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
     log.info("XLA compilation cache: %s", cache_dir or "off")
     plan = plan_state(cfg, mesh)
-    log.info("trainable: %s of %s%s", describe(plan.abstract.params), describe(plan.param_shapes),
-             f" (LoRA adapters on {len(plan.adapters.specs)} layers; the UNet is frozen)" if plan.adapters else "")
+    log.info("trainable: %s", plan.describe_trainable())
     if plan.text is not None:
         adapted = sum(len(p.specs) for p in plan.text.adapters.values())
         log.info("text encoders of %s run in the step (%s): %s%s", plan.text.folder, ", ".join(plan.text.components),

@@ -100,5 +100,6 @@ def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int,
 
 
 def describe(params: Any) -> str:
+    """"859.52M params", or the exact count under a million (a tiny model's would round to 0.0xM)."""
     n = sum(int(x.size) for x in jax.tree.leaves(params))
-    return f"{n / 1e6:.2f}M params"
+    return f"{n / 1e6:.2f}M params" if n >= 1_000_000 else f"{n:,} params"

@@ -33,7 +33,7 @@ from jaxsd.text.encode import PROJECTION_NAME
 from jaxsd.train.adapters import AdapterPlan, adapter_plan, initial_adapters
 from jaxsd.train.compile import CompiledSteps
 from jaxsd.train.lora_init import adapters_from_file
-from jaxsd.train.model import build_unet, make_apply_fn, param_shapes, unet_config
+from jaxsd.train.model import build_unet, describe, make_apply_fn, param_shapes, unet_config
 from jaxsd.train.optimizers import make_optimizer, scaled_groups, streams_updates
 from jaxsd.train.perceptual import PERCEPTUAL, StepPerceptual, load_perceptual, step_perceptual
 from jaxsd.train.projection import (
@@ -79,6 +79,11 @@ class StatePlan:
     def frozen_keyed(self) -> bool:
         """Whether the state's frozen tree is keyed by component ({"unet": ..., ...}) rather than the UNet's."""
         return self.text is not None or self.perceptual is not None
+
+    def describe_trainable(self) -> str:
+        """The run log's "trainable: X of Y" (X: the state's trained params; Y: the UNet's)."""
+        lora = f" (LoRA adapters on {len(self.adapters.specs)} layers; the UNet is frozen)" if self.adapters else ""
+        return f"{describe(self.abstract.params)} of {describe(self.param_shapes)}{lora}"
 
     def unet_parts(self, trainable: Any, frozen: Any) -> tuple[Any, Any]:
         """The UNet's (trainable, frozen) trees within the state's (or their shardings / abstract values)."""

@@ -26,6 +26,7 @@ from jaxsd.errors import ConfigError
 from jaxsd.models.discriminator import NLayerDiscriminator, example_image, init_discriminator
 from jaxsd.models.params import abstract_params
 from jaxsd.models.vae import AutoencoderKL, example_inputs
+from jaxsd.train.model import describe
 from jaxsd.train.optimizers import make_optimizer
 from jaxsd.train.sharding import param_shardings, state_shardings
 from jaxsd.train.step import TrainState
@@ -67,6 +68,12 @@ class VAEPlan:
     def merged(self, trainable: Any, frozen: Any) -> Any:
         """The full autoencoder params from the state's (params, frozen) trees (or their EMA as `trainable`)."""
         return merge_params(trainable["vae"] if "disc" in trainable else trainable, frozen["vae"])
+
+    def describe_trainable(self) -> str:
+        """The run log's "trainable: X of Y": the discriminator trains too, so it counts in both X and Y."""
+        trained, disc = self.abstract.params, self.abstract.params["disc"]
+        return (f"{describe(trained)} of {describe({'vae': self.param_shapes, 'disc': disc})} (autoencoder "
+                f"{describe(trained['vae'])} of {describe(self.param_shapes)}, discriminator {describe(disc)})")
 
 
 def _lpips_shapes() -> tuple[Any, Any]:
@@ -111,9 +118,8 @@ def plan_vae_state(cfg: Config, mesh) -> VAEPlan:
         step=rep, params=t_shard, frozen=f_shard, rng=rep, nonfinite=rep, ema=t_shard["vae"] if ema else None,
         opt_state={k: state_shardings(abstract.opt_state[k], t_shard[k], mesh) for k in t_shard})
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    log.info("VAE training: discriminator %d layers × %d channels (%.2fM params, counted with the trainable ones "
-             "below, not with the model's)%s", v.disc_layers, v.disc_channels,
-             sum(x.size for x in jax.tree.leaves(d_shapes)) / 1e6, ", LPIPS on" if lpips is not None else "")
+    log.info("VAE training: discriminator %d layers × %d channels%s", v.disc_layers, v.disc_channels,
+             ", LPIPS on" if lpips is not None else "")
     return VAEPlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding, disc, lpips, trainable, frozen,
                    jnp.dtype(cfg.model.param_dtype))
 

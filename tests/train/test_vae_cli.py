@@ -12,6 +12,7 @@ batch sharded over fsdp) computes the first step as one device does.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,19 @@ def test_reconstruction_improves_and_the_discriminator_starts_at_disc_start(run)
     grid = Image.open(run_dir / "samples" / f"step_{STEPS:06d}.png")
     assert grid.width > grid.height  # a row of inputs over a row of their reconstructions
     assert [s for s, _ in read_images(run_dir / "tensorboard")["samples/ema"]] == [STEPS]
+
+
+def test_the_log_counts_the_discriminator_on_both_sides_of_trainable(run):
+    """train.log's "trainable: X of Y (autoencoder a of b, discriminator d)": everything trains here, so
+    X = Y; b is the exported autoencoder's size and the discriminator is in both X and Y."""
+    base, _, run_dir = run
+    line = next(x for x in (run_dir / "train.log").read_text().splitlines() if "trainable: " in x)
+    counts = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) params", line.split("trainable: ")[1])]
+    assert len(counts) == 5, line
+    trained, total, ae_trained, ae_total, disc = counts
+    exported = sum(int(x.size) for x in SafetensorsFile(base / "vae" / WEIGHTS).values())
+    assert ae_total == exported and disc > 0, line
+    assert trained == total == ae_total + disc and ae_trained == ae_total, line
 
 
 @pytest.mark.torch

@@ -49,7 +49,10 @@ def _add_traceback_option(parser: argparse.ArgumentParser) -> None:
                 _add_traceback_option(child)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `jaxsd`: every command listed with its help line, and `command`'s own options. Only
+    that command's module is imported (some import a lot to list their options: `bench` imports each of
+    its suites), so a command starts without the others' imports."""
     parser = argparse.ArgumentParser(
         prog="jaxsd",
         description="Train Stable Diffusion family models in JAX/Flax; export diffusers folders.",
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, help_text in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(f"jaxsd.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the command is the first word: `jaxsd` itself takes no option with a value
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     # Dotted overrides may follow options (`jaxsd train cfg.yaml --x y key=v`): argparse
     # stops filling a positional list at the first option, so collect the rest here.
     args, extra = parser.parse_known_args(argv)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -583,8 +584,19 @@ def _unbool_on_off(cfg: Config) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (what is written to <run_dir>/config.yaml)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML (what is written to <run_dir>/config.yaml), sections and keys in the
+    schema's order. Plain PyYAML: OmegaConf's structured round trip took ~0.5 CPU-s a call, and a run
+    writes it at start, at every checkpoint and on resume."""
+    return yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (what YAML and `from_yaml_text` read back)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def from_yaml_text(text: str) -> Config:

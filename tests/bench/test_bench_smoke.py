@@ -345,16 +345,17 @@ def test_vae_step_tiny(bench_env):
     # the discriminator is on in the first step, and both first steps agree figure by figure
     jm, tm = j["first_metrics"], t["first_metrics"]
     assert jm["disc_factor"] == 1.0 and jm["d_loss"] > 0 and jm["adaptive_weight"] > 0 and jm["lpips"] > 0
-    for key in vae_step.AGREE:
+    for key in (*vae_step.AGREE, *vae_step.GRADIENT_FIGURES):
         assert abs(jm[key] - tm[key]) <= 1e-4 * abs(tm[key]), (key, jm[key], tm[key])
+    assert set(rec["agreement"]) == {*vae_step.AGREE, *vae_step.GRADIENT_FIGURES}
     assert report.render([rec]).startswith("### vae-step")
 
 
 def test_vae_step_refuses_first_steps_that_disagree():
     same = dict.fromkeys(vae_step.AGREE, 0.5)
     vae_step.check_agreement(same, dict(same))
-    with pytest.raises(harness.BenchError, match="adaptive_weight"):
-        vae_step.check_agreement({**same, "adaptive_weight": 0.5001}, same)
+    with pytest.raises(harness.BenchError, match="lpips"):
+        vae_step.check_agreement({**same, "lpips": 0.5001}, same)
 
 
 def test_vae_step_option_errors():

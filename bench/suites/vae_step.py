@@ -21,10 +21,8 @@ Presets: `sd` (SD's VAE: 128, 256, 512, 512 channels, 256², a 3-layer 64-channe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from pathlib import Path

@@ -328,7 +328,7 @@ def test_train_step_perceptual_refuses_torch(capsys):
     assert "--perceptual measures jaxsd train's step with loss.perceptual" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # ~3 min on a loaded machine: three children; jaxsd compiles VGG16's forward + backward, torch imports
+@pytest.mark.slow  # ~80 s on a loaded machine: three children; jaxsd compiles VGG16's forward + backward, torch imports
 @pytest.mark.torch  # diffusers and lpips
 def test_vae_step_tiny(bench_env):
     """`jaxsd bench vae-step`: jaxsd train's VAE step vs the PyTorch one, from the same weights, batch and noise."""

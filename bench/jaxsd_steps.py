@@ -167,7 +167,13 @@ def trainer_config(model, optimizer: str, clip: float, *, folder: str | None = N
                   lora=lora_cfg, loss=loss, data=data)
 
 
-def _trainer_kit(cfg) -> StepKit:
+def vae_trainer_kit(cfg) -> StepKit:
+    """The "train" kit of a VAE config (`model.kind: vae`): `jaxsd train`'s autoencoder + discriminator step,
+    built as the trainer builds it; the benchmark batch is {"pixels": [B, H, W, 3] in [-1, 1]}."""
+    return _trainer_kit(cfg, to_batch=lambda b: {"pixels": b["pixels"]})
+
+
+def _trainer_kit(cfg, to_batch: Callable[[dict], dict] = _trainer_batch) -> StepKit:
     from jaxsd.train.compile import train_step_compiler_options
     from jaxsd.train.model import initial_params
     from jaxsd.train.plan import fresh_state, plan_state, plan_train_step
@@ -180,7 +186,7 @@ def _trainer_kit(cfg) -> StepKit:
         params, _ = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings, dtype=plan.base_dtype)
         return (fresh_state(cfg, plan, params),)
 
-    return StepKit("train", plan_train_step(cfg, plan, mesh), start, lambda: (plan.abstract,), (0,), _trainer_batch,
+    return StepKit("train", plan_train_step(cfg, plan, mesh), start, lambda: (plan.abstract,), (0,), to_batch,
                    lambda metrics: metrics["loss"], lambda state: (state[0].params, state[0].frozen),
                    compiler_options=train_step_compiler_options(), mesh=mesh,
                    state_shardings=(plan.state_shardings,))

@@ -19,7 +19,8 @@ from bench.harness import DEFAULT_RESULTS
 
 SUITE_MODULES = {"train-step": "train_step", "scaling": "scaling", "sample": "sample", "cache": "cache",
                  "optimizer-state": "optimizer_state", "flops": "flops", "host-overhead": "host_overhead",
-                 "memory": "memory", "conv-grads": "conv_grads", "conv-ab": "conv_ab"}
+                 "memory": "memory", "conv-grads": "conv_grads", "conv-ab": "conv_ab",
+                 "vae-step": "vae_step"}
 
 
 def latest(records: list[dict]) -> dict[str, list[dict]]:

@@ -262,17 +262,20 @@ def _param_info(kit, state: tuple) -> dict:
 def child_jaxsd(config: dict) -> dict:
     baseline = _rss_gb()
     with _jaxsd_kit(config) as kit:
-        return _time_jaxsd(config, kit, baseline)
+        return time_jaxsd_step(config, kit, baseline, numpy_batch(config["unet"], config["batch"], config["latent"],
+                                                                  seed=1))
 
 
-def _time_jaxsd(config: dict, kit, baseline: float) -> dict:
+def time_jaxsd_step(config: dict, kit, baseline: float, np_batch: dict) -> dict:
+    """A kit's step on `np_batch` (`kit.to_batch` maps it): AOT compile (timed apart), then `config["warmup"]`
+    untimed and `config["repeats"]` timed steps. info: the first step's loss and, for a step whose aux is a
+    dict of metrics (the trainer's), every scalar of it (`first_metrics`), XLA's memory figures, RSS marks."""
     import jax
     import jax.numpy as jnp
 
     from bench import jaxsd_unet as J
 
-    batch = kit.to_batch({k: jnp.asarray(v) for k, v in numpy_batch(config["unet"], config["batch"],
-                                                                        config["latent"], seed=1).items()})
+    batch = kit.to_batch({k: jnp.asarray(v) for k, v in np_batch.items()})
     state = kit.start()
     compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate,
                                                    compiler_options=kit.compiler_options)
@@ -286,7 +289,7 @@ def _time_jaxsd(config: dict, kit, baseline: float) -> dict:
     peak_after_compile = _rss_gb("VmHWM")
     info = _param_info(kit, state)
     n = len(state)
-    first_loss, times = None, []
+    first_loss, first_metrics, times = None, None, []
     for i in range(config["warmup"] + config["repeats"]):
         t0 = time.perf_counter()
         out = compiled(*state, batch)
@@ -299,8 +302,12 @@ def _time_jaxsd(config: dict, kit, baseline: float) -> dict:
             aux = out
         if first_loss is None:
             first_loss = float(kit.loss(aux))
+            if isinstance(aux, dict):
+                first_metrics = {k: float(v) for k, v in aux.items() if jnp.ndim(v) == 0}
+    extra = {} if first_metrics is None else {"first_metrics": first_metrics}
     return {"step_s": times, "compile_s": lower_s + compile_s, "lower_s": lower_s,
             "info": {"backend": jax.default_backend(), "devices": jax.device_count(), "first_loss": first_loss,
+                     **extra,
                      "flops": flops, "baseline_rss_gb": baseline,
                      "peak_rss_after_compile_gb": peak_after_compile,
                      "xla_temp_gb": mem["temp_gb"], "xla_memory": mem, **info}}

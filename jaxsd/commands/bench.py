@@ -25,6 +25,8 @@ Suites:
                    with each row's budget (params, optimizer state, what is alive at the peak)
   eval             images/s of FID feature extraction (InceptionV3) and CLIP scoring, jaxsd vs
                    pytorch-fid / transformers CLIPModel on the same random weights
+  vae-step         VAE training step (autoencoder + discriminator, LPIPS, KL, adaptive weight): jaxsd
+                   train's step vs diffusers AutoencoderKL + lpips + taming's discriminator in torch
 
 Every framework is measured in its own child process (so peak RSS never mixes):
 warm-up steps, then timed repeats reduced to min/median/max. Each run prints a
@@ -40,6 +42,7 @@ torch side needs the [torch] extra. Examples:
   jaxsd bench sample --preset small --tome 0.5 --latent 64 128
   jaxsd bench flops
   jaxsd bench eval --preset small
+  jaxsd bench vae-step --preset sd
   jaxsd bench memory --timeout 10800
 """
 
@@ -67,9 +70,10 @@ SUITES = {
     "host-overhead": "host_overhead",
     "memory": "memory",
     "eval": "eval",
+    "vae-step": "vae_step",
 }
 # suites whose --frameworks may include torch (the others measure jaxsd alone)
-TORCH_SUITES = ("train-step", "scaling", "sample", "cache", "conv-grads", "eval")
+TORCH_SUITES = ("train-step", "scaling", "sample", "cache", "conv-grads", "eval", "vae-step")
 _REPO = Path(__file__).resolve().parents[2]
 
 

@@ -82,6 +82,12 @@ def last_layer(grads: Any) -> jax.Array:
     return g
 
 
+def step_key(state: TrainState) -> jax.Array:
+    """The key of the step `state` is about to compute: the run's rng folded with the step. The posterior
+    sample uses it as is (so another framework can be handed the same draw), stochastic rounding a fold of it."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
 def make_vae_train_step(vae: Any, disc: Any, lpips: Any, loss_cfg: VAELossConfig,
                         tx: optax.GradientTransformationExtraArgs, lr_fn: optax.Schedule, *,
                         ema_cfg: EMAConfig | None = None) -> Callable:
@@ -97,7 +103,7 @@ def make_vae_train_step(vae: Any, disc: Any, lpips: Any, loss_cfg: VAELossConfig
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         x = batch["pixels"].astype(jnp.float32)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        key = step_key(state)
         factor = disc_factor(state.step, c.disc_start)
         frozen_ae, lpips_params, d_params = state.frozen["vae"], state.frozen["lpips"], state.params["disc"]
         values = x[0].size  # pixel values per image: the loss is LDM's divided by it (jaxsd/train/vae_loss.py)

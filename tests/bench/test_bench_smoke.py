@@ -15,6 +15,7 @@ import json
 import pytest
 
 from bench import harness, report
+from bench.suites import vae_step
 from jaxsd import cli
 from tests.helpers import jaxsd_command
 
@@ -325,3 +326,38 @@ def test_train_step_perceptual_refuses_torch(capsys):
     assert cli.main(["bench", "train-step", "--preset", "micro", "--perceptual", "--frameworks", "jaxsd,torch",
                      "--no-record"]) == 2
     assert "--perceptual measures jaxsd train's step with loss.perceptual" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~80 s on a loaded machine: three children; jaxsd compiles VGG16's forward + backward, torch imports
+@pytest.mark.torch  # diffusers and lpips
+def test_vae_step_tiny(bench_env):
+    """`jaxsd bench vae-step`: jaxsd train's VAE step vs the PyTorch one, from the same weights, batch and noise."""
+    (rec,) = _command(bench_env, "vae-step", "--preset", "tiny", "--repeats", "1", "--warmup", "0")
+    assert rec["suite"] == "vae-step" and rec["config"]["preset"] == "tiny" and rec["config"]["disc_start"] == 0
+    for fw, figures in (("jaxsd", ("step_s", "peak_rss_gb", "compile_s")), ("torch", ("step_s", "peak_rss_gb"))):
+        for fig in figures:
+            assert _is_stats(rec[fw][fig]), (fw, fig, rec[fw].get(fig))
+    assert rec["ratio"]["step_s"] > 0 and rec["ratio"]["peak_rss_gb"] > 0
+    j, t = rec["jaxsd"]["info"], rec["torch"]["info"]
+    # the same models: autoencoder + discriminator + LPIPS (VGG16 up to relu5_3 and its heads)
+    assert j["num_params"] == t["num_params"] and j["num_trainable"] == t["num_trainable"]
+    assert j["num_params"] - j["num_trainable"] == 14_714_688 + 1472
+    # the discriminator is on in the first step, and both first steps agree figure by figure
+    jm, tm = j["first_metrics"], t["first_metrics"]
+    assert jm["disc_factor"] == 1.0 and jm["d_loss"] > 0 and jm["adaptive_weight"] > 0 and jm["lpips"] > 0
+    for key in (*vae_step.AGREE, *vae_step.GRADIENT_FIGURES):
+        assert abs(jm[key] - tm[key]) <= 1e-4 * abs(tm[key]), (key, jm[key], tm[key])
+    assert set(rec["agreement"]) == {*vae_step.AGREE, *vae_step.GRADIENT_FIGURES}
+    assert report.render([rec]).startswith("### vae-step")
+
+
+def test_vae_step_refuses_first_steps_that_disagree():
+    same = dict.fromkeys(vae_step.AGREE, 0.5)
+    vae_step.check_agreement(same, dict(same))
+    with pytest.raises(harness.BenchError, match="lpips"):
+        vae_step.check_agreement({**same, "lpips": 0.5001}, same)
+
+
+def test_vae_step_option_errors():
+    proc = jaxsd_command("bench", "vae-step", "--batch", "0", "--no-record", check=False)
+    assert proc.returncode == 2 and "--batch 0: must be ≥ 1" in proc.stderr, proc.stderr

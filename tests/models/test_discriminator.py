@@ -1,5 +1,6 @@
 """The PatchGAN discriminator against taming-transformers' NLayerDiscriminator, rebuilt in PyTorch from its
-definition (conv 4×4, LeakyReLU 0.2, BatchNorm2d in training mode), with our weights copied in."""
+definition (bench/torch_discriminator.py: conv 4×4, LeakyReLU 0.2, BatchNorm2d in training mode), with our
+weights converted in by `flax_to_torch`."""
 
 from __future__ import annotations
 
@@ -11,36 +12,16 @@ from jaxsd.models.discriminator import NLayerDiscriminator, init_discriminator
 from tests.helpers import rel_err
 
 
-def _torch_reference(torch, layers: int, channels: int):
-    nn = torch.nn
-    seq = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-    mult = 1
-    for n in range(1, layers + 1):
-        prev, mult = mult, min(2 ** n, 8)
-        seq += [nn.Conv2d(channels * prev, channels * mult, 4, 2 if n < layers else 1, 1, bias=False),
-                nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2, True)]
-    seq += [nn.Conv2d(channels * mult, 1, 4, 1, 1)]
-    return nn.Sequential(*seq).train()  # the discriminator always runs in training mode in LDM
-
-
 @pytest.mark.torch
 def test_matches_taming_nlayer_discriminator_in_training_mode():
     import torch
 
+    from bench.torch_discriminator import from_jaxsd
+
     layers, channels = 3, 8
     module = NLayerDiscriminator(layers, channels)
     params = init_discriminator(module, jax.random.key(0))
-    ref = _torch_reference(torch, layers, channels)
-    convs = [m for m in ref if isinstance(m, torch.nn.Conv2d)]
-    norms = [m for m in ref if isinstance(m, torch.nn.BatchNorm2d)]
-    with torch.no_grad():
-        for i, conv in enumerate(convs):
-            conv.weight.copy_(torch.from_numpy(np.array(params[f"conv_{i}"]["kernel"]).transpose(3, 2, 0, 1).copy()))
-            if conv.bias is not None:
-                conv.bias.copy_(torch.from_numpy(np.array(params[f"conv_{i}"]["bias"])))
-        for i, norm in enumerate(norms, start=1):
-            norm.weight.copy_(torch.from_numpy(np.array(params[f"norm_{i}"]["scale"])))
-            norm.bias.copy_(torch.from_numpy(np.array(params[f"norm_{i}"]["bias"])))
+    ref = from_jaxsd(params, layers, channels)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
     ours = np.asarray(module.apply({"params": params}, x))
     with torch.no_grad():

@@ -10,6 +10,11 @@ late, next to the optimizer update), keeping every block's backward intermediate
 floats `0 · s` is not 0 when s is NaN or inf, and an optimization barrier would not do, XLA:CPU drops
 those before scheduling.
 
+The block's forward is recomputed in its backward pass (full remat, whatever its own remat policy),
+from its inputs and variables made to wait for the output cotangent the same way: no recomputation
+runs early, and XLA's CSE cannot merge it with the forward pass (which would keep the forward's copies
+of the weights in the compute dtype alive from the forward pass to here).
+
 The values are the plain ones: `x̄ + 0.0` is `x̄` exactly for a finite sum. A NaN or inf gradient in the
 block makes the earlier blocks' gradients NaN too (the step's NaN skip sees either).
 
@@ -33,6 +38,12 @@ def _depend_on(x: jax.Array, values: Any) -> jax.Array:
     return x + (total * 0.0).astype(x.dtype)
 
 
+def _after(tree: Any, ready: jax.Array) -> Any:
+    """`tree`'s floating-point leaves made to wait for `ready` (the others as they are)."""
+    zero = jnp.sum(ready.astype(jnp.float32)) * 0.0
+    return jax.tree.map(lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
+
+
 def call_segmented(module: nn.Module, x: jax.Array, *rest: Any, grad_vars: str = "params", **static: Any) -> Any:
     """`module(x, *rest, **static)` whose backward pass finishes the gradients of `module`'s `grad_vars`
     before it hands on the cotangent of `x` (module doc). x: the block's main input; rest: other array
@@ -49,10 +60,13 @@ def call_segmented(module: nn.Module, x: jax.Array, *rest: Any, grad_vars: str =
         return apply(mdl, *args), (mdl.variables, args)
 
     def backward(residuals, y_bar):
-        variables, (x, *rest) = residuals
+        # the recomputation reads the block's inputs and variables only once y_bar exists: nothing of it runs
+        # early, and XLA cannot merge (CSE) it with the forward pass — which would keep e.g. the forward's
+        # bf16 or fp32 copies of the weights alive until here
+        variables, (x, *rest) = _after(residuals, y_bar)
         others = {k: v for k, v in variables.items() if k != grad_vars}
         block = lambda trained, *args: standalone.apply({grad_vars: trained, **others}, *args, **static)
-        _, vjp_fn = jax.vjp(block, variables.get(grad_vars, {}), _depend_on(x, y_bar), *rest)
+        _, vjp_fn = jax.vjp(block, variables.get(grad_vars, {}), x, *rest)
         var_bar, x_bar, *rest_bar = vjp_fn(y_bar)
         # as the primal's variables: a block without variables of `grad_vars` (a ResNet block of a LoRA run on
         # attention) has none to give gradients to

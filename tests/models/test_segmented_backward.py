@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxsd.models.lora import init_adapters
 from jaxsd.models.segmented_backward import call_segmented
@@ -47,7 +48,12 @@ def test_unet_gradients_are_the_plain_ones():
     for a, b in zip(jax.tree.leaves(segmented), jax.tree.leaves(plain), strict=True):
         assert rel_err(a, b) <= 1e-6
 
-    # a LoRA run differentiates the adapters ("lora"); the frozen base gets no gradient
+
+@pytest.mark.slow
+def test_lora_gradients_are_the_plain_ones():
+    """A LoRA run differentiates the adapters ("lora"), and ResNet blocks without adapters have none."""
+    sample, t, context, _ = _inputs()
+    params = nn.meta.unbox(UNet2DConditionModel(TINY).init(jax.random.key(0), sample, t, context)["params"])
     adapters = init_adapters(params, "attn", 4, 4, jax.random.key(2))
     adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # up ≠ 0: the base's gradients reach the downs
     variables = {"params": params, "lora": adapters}

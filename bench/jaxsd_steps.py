@@ -154,7 +154,8 @@ def trainer_config(model, optimizer: str, clip: float, *, folder: str | None = N
 
     model_cfg = ModelConfig(pretrained=folder, unet={} if folder else model.config.to_diffusers(),
                             dtype=jnp.dtype(model.dtype).name, param_dtype=jnp.dtype(model.param_dtype).name,
-                            attention_impl=model.attention_impl, remat_policy=model.remat_policy)
+                            attention_impl=model.attention_impl, remat_policy=model.remat_policy,
+                            segmented_backward=model.segmented_backward is not None)
     lora_cfg = LoRAConfig() if lora is None else LoRAConfig(rank=lora.rank, alpha=float(lora.rank),
                                                             targets=lora.targets, base_dtype=lora.base_dtype)
     loss, data = LossConfig(), DataConfig()

@@ -24,13 +24,15 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 
 
 def build_model(cfg: dict, dtype: str = "float32", attention_impl: str = "auto", remat_policy=None,
-                param_dtype: str = "float32"):
+                param_dtype: str = "float32", segmented_backward: bool = False):
     """jaxsd's `UNet2DConditionModel` for a diffusers config dict; `param_dtype` params (fp32 masters
-    unless told), `dtype` compute."""
+    unless told), `dtype` compute; segmented_backward: the trainer's `model.segmented_backward` (a "train"
+    kit's step applies it to the collection that trains)."""
     from jaxsd.models.unet import UNet2DConditionModel, UNetConfig
 
     return UNet2DConditionModel(UNetConfig.from_diffusers(cfg), dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype],
-                                attention_impl=attention_impl, remat_policy=remat_policy)
+                                attention_impl=attention_impl, remat_policy=remat_policy,
+                                segmented_backward="params" if segmented_backward else None)
 
 
 def abstract_batch(cfg: dict, batch: int, latent: int) -> dict:

@@ -154,6 +154,18 @@ def _param_like(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(d for d in shape if d != 1))
 
 
+def param_layouts(shapes) -> set[tuple[int, ...]]:
+    """The `_param_like` forms a param of each shape may be held in: its own dims in any order, and for a
+    k×k conv kernel [k, k, Cin, Cout] also the [k²·Cin, Cout] matrix the im2col lowering multiplies by
+    (jaxsd/models/im2col.py), in which its gradient is made."""
+    out = set()
+    for shape in shapes:
+        out.add(_param_like(shape))
+        if len(shape) == 4:
+            out.add(_param_like((shape[0] * shape[1] * shape[2], shape[3])))
+    return out
+
+
 def _kind(dtype: str, dims: tuple[int, ...], op_name: str, param_shapes: set) -> str:
     backward = "transpose(" in op_name
     if _param_like(dims) in param_shapes:
@@ -194,7 +206,7 @@ def analyse_peak(dump_dir: str, state: Any, *, top: int = 0) -> dict:
     with open(hlo_path) as fh:
         module = _Module(fh.read())
     params = [*jax.tree.leaves(state.params), *jax.tree.leaves(state.frozen)]
-    param_shapes = {_param_like(p.shape) for p in params}
+    param_shapes = param_layouts(p.shape for p in params)
     kinds = dict.fromkeys(KINDS, 0.0)
     arguments, rows = 0.0, []
     for name, size in buffers:

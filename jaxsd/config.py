@@ -67,6 +67,10 @@ class ModelConfig:
     """rematerialisation of each ResNet and transformer block of the UNet: None | "full" (keep only
     block inputs) | "dots" (also keep weight-matmul outputs) | a `jax.checkpoint_policies` name
     (jaxsd/models/transformer.py; the policy table is in docs/training.md)."""
+    segmented_backward: bool = False
+    """each ResNet block, transformer block and resampler of the UNet computes its weight gradients in
+    its own backward pass, before the earlier blocks' (jaxsd/models/segmented_backward.py): bounds what
+    the train step holds at its peak; the same gradients (docs/training.md)."""
     token_merging: TokenMerging = field(default_factory=lambda: TokenMerging(ratio=0.0))
     """ToMe for SD in the UNet's transformer blocks, in the train step and sample grids: ratio (0 = off,
     the default), max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp — the

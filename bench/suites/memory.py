@@ -87,6 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unet", default=None, choices=sorted(UNET_PRESETS),
                    help="run every row on this UNet preset instead of its own (e.g. small: the smoke test)")
     p.add_argument("--latent", type=int, default=None, help="every row at this latent size instead of its own")
+    p.add_argument("--segmented-backward", choices=("on", "off"), default=None,
+                   help="model.segmented_backward for every row (default: the trainer's default)")
     p.add_argument("--top", type=int, default=0, metavar="N",
                    help="also list the N largest buffers alive at each row's peak")
 
@@ -105,7 +107,11 @@ def missing_settings(row: Row) -> str | None:
 
 def row_config(name: str, row: Row, args: argparse.Namespace) -> dict:
     """The record's config of one row (with --unet / --latent applied)."""
-    config = {"row": name, **asdict(row), "unet": args.unet or row.unet, "latent": args.latent or row.latent}
+    from jaxsd.config import ModelConfig
+
+    segmented = ModelConfig().segmented_backward if args.segmented_backward is None else args.segmented_backward == "on"
+    config = {"row": name, **asdict(row), "unet": args.unet or row.unet, "latent": args.latent or row.latent,
+              "segmented_backward": segmented}
     config.pop("requires")
     config.pop("title")
     return config
@@ -171,7 +177,8 @@ def child_jaxsd(config: dict) -> dict:
     from bench.peak_memory import analyse_peak, compile_with_buffer_dump, state_budget
 
     cfg = config["unet_config"]
-    model = J.build_model(cfg, config["dtype"], remat_policy=config["remat"], param_dtype=config["param_dtype"])
+    model = J.build_model(cfg, config["dtype"], remat_policy=config["remat"], param_dtype=config["param_dtype"],
+                          segmented_backward=config["segmented_backward"])
     lora = LoRABench(config["lora"], config["base_dtype"]) if config["lora"] else None
     kit = make_kit("train", model, config["optimizer"], clip=config["clip"], lora=lora)
     state = kit.abstract_state()

@@ -17,6 +17,7 @@ from jaxsd.errors import InputError
 from jaxsd.models import token_merging as tome
 from jaxsd.models.attention import Attention
 from jaxsd.models.layers import Conv, Dense, GroupNorm, LayerNorm
+from jaxsd.models.segmented_backward import call_segmented
 from jaxsd.models.token_merging import TokenMerging
 
 
@@ -130,6 +131,8 @@ class Transformer2DModel(nn.Module):
     `latent_size`; tome_key: their random dst choice (folded with the block index), see BasicTransformerBlock.
     use_linear_projection: proj_in/proj_out are Linear over tokens (SD2/SDXL),
     else 1×1 convs before flattening / after unflattening (SD1).
+    segmented_backward: None, or the variable collection ("params" / "lora") whose gradients each transformer
+    block finishes in its own backward pass (`jaxsd.models.segmented_backward`).
     """
 
     heads: int
@@ -142,6 +145,7 @@ class Transformer2DModel(nn.Module):
     remat_policy: str | None = None
     token_merging: TokenMerging | None = None
     latent_size: tuple[int, int] | None = None  # the UNet input's (H, W): which level this is, for ToMe
+    segmented_backward: str | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -165,8 +169,10 @@ class Transformer2DModel(nn.Module):
             grid = (height, x.shape[2])
         for i in range(self.num_layers):
             key = None if tome_key is None else jax.random.fold_in(tome_key, i)
-            tokens = block_cls(self.heads, self.dim_head, self.only_cross_attention, self.attention_impl,
-                               tm, grid, name=f"transformer_blocks_{i}", **kw)(tokens, context, key)
+            block = block_cls(self.heads, self.dim_head, self.only_cross_attention, self.attention_impl,
+                              tm, grid, name=f"transformer_blocks_{i}", **kw)
+            tokens = (block(tokens, context, key) if self.segmented_backward is None
+                      else call_segmented(block, tokens, context, key, grad_vars=self.segmented_backward))
         if self.use_linear_projection:
             h = rearrange(Dense(channels, axes=("conv_in", "conv_out"), name="proj_out", **kw)(tokens),
                           "b (height width) c -> b height width c", height=height)

@@ -235,6 +235,9 @@ class UNet2DConditionModel(nn.Module):
     dtype: compute dtype (params stay `param_dtype`; norms and softmax run in fp32).
     attention_impl: "auto" | "einsum" | "xla" | "cudnn" | "splash" (see `jaxsd.models.attention`).
     remat_policy: None, or a `jax.checkpoint_policies` name applied per ResNet and transformer block.
+    segmented_backward: None, or the variable collection that trains ("params"; LoRA: "lora"): each ResNet
+      block, spatial transformer, transformer block and resampler then computes its gradients of it in its own
+      backward pass (`jaxsd.models.segmented_backward`); same values.
     token_merging: None, or ToMe in the transformer blocks (`jaxsd.models.token_merging`); its random
       dst choice is drawn from the timesteps (`timestep_key`).
     """
@@ -245,6 +248,7 @@ class UNet2DConditionModel(nn.Module):
     attention_impl: str = "auto"
     remat_policy: str | None = None
     token_merging: TokenMerging | None = None
+    segmented_backward: str | None = None
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -312,7 +316,7 @@ class UNet2DConditionModel(nn.Module):
         tm = self.token_merging if self.token_merging is not None and self.token_merging.active else None
         return {"norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps, "act_fn": cfg.act_fn,
                 "attention_impl": self.attention_impl, "remat_policy": self.remat_policy,
-                "token_merging": tm, "latent_size": latent_size if tm is not None else None,
+                "segmented_backward": self.segmented_backward, "token_merging": tm, "latent_size": latent_size if tm is not None else None,
                 "dtype": self.dtype, "param_dtype": self.param_dtype}
 
     def _attn(self, block_type: str, i: int) -> AttnSettings | None:

@@ -3,7 +3,8 @@
 
 Each block takes fully resolved per-block settings (the UNet resolves diffusers'
 config conventions once); ResNet and transformer blocks are rematerialised with
-`remat_policy` when it is set.
+`remat_policy` when it is set; with `segmented_backward` each of them (and each resampler) finishes its
+weight gradients in its own backward pass (`jaxsd.models.segmented_backward`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxsd.errors import InputError
 from jaxsd.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from jaxsd.models.segmented_backward import call_segmented
 from jaxsd.models.token_merging import TokenMerging
 from jaxsd.models.transformer import Transformer2DModel, maybe_remat
 
@@ -41,6 +43,7 @@ class _BlockBase(nn.Module):
     act_fn: str = "silu"
     attention_impl: str = "auto"
     remat_policy: str | None = None
+    segmented_backward: str | None = None  # the collection whose gradients each sub-block finishes itself
     token_merging: TokenMerging | None = None
     latent_size: tuple[int, int] | None = None  # the UNet input's (H, W), for ToMe's choice of levels
     dtype: jnp.dtype = jnp.float32
@@ -55,7 +58,14 @@ class _BlockBase(nn.Module):
                      tome_key: jax.Array | None) -> jax.Array:
         """Attention layer i on x; tome_key (ToMe's random dst choice) folded with i."""
         key = None if tome_key is None else jax.random.fold_in(tome_key, i)
-        return self._transformer_module(i)(x, context, key)
+        return self._call(self._transformer_module(i), x, context, key)
+
+    def _call(self, module: nn.Module, x: jax.Array, *rest, **static) -> jax.Array:
+        """module(x, *rest, **static), its weight gradients finished in its own backward pass with
+        `segmented_backward`; static: non-array keyword arguments."""
+        if self.segmented_backward is None:
+            return module(x, *rest, **static)
+        return call_segmented(module, x, *rest, grad_vars=self.segmented_backward, **static)
 
     def _transformer_module(self, i: int) -> nn.Module:
         a = self.attn
@@ -65,7 +75,8 @@ class _BlockBase(nn.Module):
         return Transformer2DModel(
             a.heads, self.out_channels // a.heads, a.transformer_layers, self.norm_num_groups,
             a.use_linear_projection, a.only_cross_attention, self.attention_impl,
-            self.remat_policy, self.token_merging, self.latent_size, dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}")
+            self.remat_policy, self.token_merging, self.latent_size, segmented_backward=self.segmented_backward,
+            dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}")
 
 
 class DownBlock(_BlockBase):
@@ -83,13 +94,13 @@ class DownBlock(_BlockBase):
                  ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         skips = []
         for i in range(self.num_layers):
-            x = self._resnet(i)(x, temb)
+            x = self._call(self._resnet(i), x, temb)
             if self.attn is not None:
                 x = self._transformer(i, x, context, tome_key)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, self.downsample_padding, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="downsamplers_0")(x)
+            x = self._call(Downsample2D(self.out_channels, self.downsample_padding, dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name="downsamplers_0"), x)
             skips.append(x)
         return x, tuple(skips)
 
@@ -103,10 +114,10 @@ class MidBlock(_BlockBase):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array,
                  tome_key: jax.Array | None = None) -> jax.Array:
-        x = self._resnet(0, self.output_scale_factor)(x, temb)
+        x = self._call(self._resnet(0, self.output_scale_factor), x, temb)
         for i in range(self.num_layers):
             x = self._transformer(i, x, context, tome_key)
-            x = self._resnet(i + 1, self.output_scale_factor)(x, temb)
+            x = self._call(self._resnet(i + 1, self.output_scale_factor), x, temb)
         return x
 
 
@@ -127,10 +138,10 @@ class UpBlock(_BlockBase):
             raise ValueError(f"up block expects {self.num_layers} skip tensors, got {len(skips)}")
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1)
-            x = self._resnet(i)(x, temb)
+            x = self._call(self._resnet(i), x, temb)
             if self.attn is not None:
                 x = self._transformer(i, x, context, tome_key)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="upsamplers_0")(x, upsample_size)
+            upsample = Upsample2D(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="upsamplers_0")
+            x = self._call(upsample, x, output_size=upsample_size)
         return x

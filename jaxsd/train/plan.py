@@ -252,7 +252,10 @@ def plan_train_step(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> Ca
         return vae_train_step(cfg, plan)
     schedule = NoiseSchedule.from_config(cfg.diffusion.to_scheduler_config())
     encode_text = plan.conditioning(empty)
-    return make_train_step(make_apply_fn(plan.module, variables=plan.adapters is not None), schedule, cfg.loss,
+    module = plan.module
+    if cfg.model.segmented_backward:  # the collection that trains: the adapters of a LoRA run, else the weights
+        module = module.clone(segmented_backward="lora" if plan.adapters is not None else "params")
+    return make_train_step(make_apply_fn(module, variables=plan.adapters is not None), schedule, cfg.loss,
                            plan.tx, plan.lr_fn, combine=plan.variables, encode_text=encode_text,
                            model_draws=plan.model_draws, perceptual=plan.perceptual,
                            ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,

@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bench.peak_memory import KINDS, analyse_peak, compile_with_buffer_dump, state_budget
+from bench.peak_memory import (
+    KINDS,
+    analyse_peak,
+    compile_with_buffer_dump,
+    param_layouts,
+    state_budget,
+)
 from bench.suites import memory
 from tests.helpers import jaxsd_command
 
@@ -51,6 +57,13 @@ def test_a_row_needing_a_setting_this_checkout_lacks_is_not_available():
                      requires=("optimizer.no_such_option=1",))
     assert "not available in this checkout" in memory.missing_settings(row)
     assert memory.missing_settings(memory.ROWS["sdxl-adafactor"]) is None  # adafactor + bf16 params exist
+
+
+def test_a_conv_kernel_counts_in_its_im2col_layout_too():
+    """A [3, 3, Cin, Cout] kernel's gradient made by the im2col lowering is a [9·Cin, Cout] matrix."""
+    layouts = param_layouts([(3, 3, 2560, 1280), (1280,)])
+    assert {(3, 3, 1280, 2560), (1280, 23040), (1280,)} == layouts
+    assert (1280, 2560) not in layouts
 
 
 @pytest.mark.slow

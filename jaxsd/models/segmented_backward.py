@@ -1,0 +1,76 @@
+"""A block whose backward pass computes its own weight gradients before the earlier blocks' backward.
+
+`call_segmented(module, x, *rest)` is `module(x, *rest)` with a custom VJP: the backward pass runs the
+block's VJP (param cotangents and input cotangents at once), then hands on the cotangent of `x` only
+after it has taken a data dependency on every one of the block's param gradients
+(`x̄ + 0 · Σ_params Σ ḡ`). The earlier blocks' backward passes need `x̄`, so no scheduler can move a
+weight gradient dW = xᵀ·dy of this block past them — which XLA:CPU otherwise does (it computes them
+late, next to the optimizer update), keeping every block's backward intermediates alive until then
+(issue #19: 8.8 of SD1.5 batch 4's 11.2 GB of temporaries). XLA cannot fold the `0 ·` away: for
+floats `0 · s` is not 0 when s is NaN or inf, and an optimization barrier would not do, XLA:CPU drops
+those before scheduling.
+
+The block's forward is recomputed in its backward pass (full remat, whatever its own remat policy),
+from its inputs and variables made to wait for the output cotangent the same way: no recomputation
+runs early, and XLA's CSE cannot merge it with the forward pass (which would keep the forward's copies
+of the weights in the compute dtype alive from the forward pass to here).
+
+The values are the plain ones: `x̄ + 0.0` is `x̄` exactly for a finite sum. A NaN or inf gradient in the
+block makes the earlier blocks' gradients NaN too (the step's NaN skip sees either).
+
+Which variables get gradients (`grad_vars`): "params" when the weights train; "lora" when only the
+adapters do. The block's gradients are computed for every variable of that collection, whether the
+step uses them or not (XLA cannot drop those the step ignores: the dependency keeps them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _depend_on(x: jax.Array, values: Any) -> jax.Array:
+    """x + 0 · Σ values: x's value, available only once every leaf of `values` is."""
+    total = sum((jnp.sum(v.astype(jnp.float32)) for v in jax.tree.leaves(values)), jnp.zeros([], jnp.float32))
+    return x + (total * 0.0).astype(x.dtype)
+
+
+def _after(tree: Any, ready: jax.Array) -> Any:
+    """`tree`'s floating-point leaves made to wait for `ready` (the others as they are)."""
+    zero = jnp.sum(ready.astype(jnp.float32)) * 0.0
+    return jax.tree.map(lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
+
+
+def call_segmented(module: nn.Module, x: jax.Array, *rest: Any, grad_vars: str = "params", **static: Any) -> Any:
+    """`module(x, *rest, **static)` whose backward pass finishes the gradients of `module`'s `grad_vars`
+    before it hands on the cotangent of `x` (module doc). x: the block's main input; rest: other array
+    arguments or None (their cotangents are handed on as computed); static: non-array keyword arguments.
+
+    The backward pass recomputes the block's forward from its inputs (as full remat does) and starts that
+    only once the block's output cotangent exists, so no block's recomputed forward runs early either."""
+    standalone = module.clone(parent=None, name=None)
+
+    def apply(mdl, *args):
+        return mdl(*args, **static)
+
+    def forward(mdl, *args):
+        return apply(mdl, *args), (mdl.variables, args)
+
+    def backward(residuals, y_bar):
+        # the recomputation reads the block's inputs and variables only once y_bar exists: nothing of it runs
+        # early, and XLA cannot merge (CSE) it with the forward pass — which would keep e.g. the forward's
+        # bf16 or fp32 copies of the weights alive until here
+        variables, (x, *rest) = _after(residuals, y_bar)
+        others = {k: v for k, v in variables.items() if k != grad_vars}
+        block = lambda trained, *args: standalone.apply({grad_vars: trained, **others}, *args, **static)
+        _, vjp_fn = jax.vjp(block, variables.get(grad_vars, {}), x, *rest)
+        var_bar, x_bar, *rest_bar = vjp_fn(y_bar)
+        # as the primal's variables: a block without variables of `grad_vars` (a ResNet block of a LoRA run on
+        # attention) has none to give gradients to
+        var_out = {grad_vars: var_bar} if grad_vars in variables else {}
+        return (var_out, _depend_on(x_bar, var_bar), *rest_bar)
+
+    return nn.custom_vjp(apply, forward_fn=forward, backward_fn=backward, grad_vars=grad_vars)(module, x, *rest)

@@ -10,7 +10,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from jaxsd.demo.vae_training import VAETraining
+
+@dataclass(frozen=True)
+class VAETraining:
+    """Phase 1: the autoencoder's `jaxsd train` run (jaxsd/demo/autoencoder.py writes its config)."""
+
+    steps: int = 400
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    """cosine decay to learning_rate · this."""
+    kl_weight: float = 1.2e-3
+    """`loss.vae.kl_weight`: the KL summed over the latent, per pixel value. 1.2e-3 = 1e-4 per latent value
+    at 8×8×4 latents of 32×32×3 images: small, so reconstruction comes first and the latents are only
+    mildly regularised."""
 
 
 @dataclass(frozen=True)

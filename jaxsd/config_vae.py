@@ -29,6 +29,10 @@ class VAELossConfig:
     (LDM's kl_weight: 1e-6 for SD's VAE)."""
     lpips_weight: float = 1.0
     """multiplier of LPIPS(x, x̂) (VGG16 v0.1: the files of loss.lpips.weights / heads); 0 = off."""
+    discriminator: bool = True
+    """false: no PatchGAN at all — the loss is reconstruction + KL (+ LPIPS), the discriminator has no params,
+    optimizer state or passes in the step, and the disc_* keys are unused (a from-scratch autoencoder on simple
+    images, as `jaxsd demo` trains, needs none)."""
     disc_start: int = 50001
     """the PatchGAN discriminator's losses count from this optimizer step on (LDM's disc_start); before
     it the discriminator does not update and the generator ignores it."""

@@ -3,9 +3,11 @@
 OUT/
   data/train/      generated images + captions (+ the cache's sidecars and manifest)
   data/heldout/    real images never trained on: classifier check and VAE PSNR
-  components/      tokenizer/, text_encoder/ (random, frozen), vae/ (phase 1), scheduler/,
+  components/      tokenizer/, text_encoder/ (random, frozen), vae/ (phase 1's export), scheduler/,
                    model_index.json: the pipeline minus its unet
-  demo.yaml        the jaxsd config `jaxsd cache` and `jaxsd train` read
+  vae.yaml         phase 1's `jaxsd train` config (model.kind: vae)
+  vae_run/         its run dir
+  demo.yaml        the jaxsd config `jaxsd cache` and `jaxsd train` read (the UNet)
   run/             `jaxsd train`'s run dir (checkpoints, metrics.jsonl, train.log)
   pipeline/        `jaxsd export --pipeline components`: the trained unet/ + components' files (hard links)
   samples/         grid.png (labelled) and one PNG per sample
@@ -53,6 +55,14 @@ class DemoState:
     @property
     def components(self) -> Path:
         return self.out / "components"
+
+    @property
+    def vae_config_path(self) -> Path:
+        return self.out / "vae.yaml"
+
+    @property
+    def vae_run_dir(self) -> Path:
+        return self.out / "vae_run"
 
     @property
     def config_path(self) -> Path:
@@ -124,46 +134,37 @@ def make_text_encoder(st: DemoState) -> None:
            "the UNet learns to read its outputs")
 
 
-# ---- phase 1: the autoencoder -----------------------------------------------------------
-def vae_config(s: DemoSettings):
-    from jaxsd.models.vae import VAEConfig
-
-    n = len(s.vae_block_out_channels)
-    return VAEConfig(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                     block_out_channels=s.vae_block_out_channels, latent_channels=s.vae_latent_channels,
-                     layers_per_block=1, norm_num_groups=16, sample_size=s.resolution)
-
-
+# ---- phase 1: the autoencoder, through `jaxsd train` / `jaxsd export` --------------------
 def train_autoencoder(st: DemoState) -> None:
-    import dataclasses
+    from omegaconf import OmegaConf
 
-    import jax
+    from jaxsd.demo.autoencoder import (
+        evaluate,
+        latent_scaling_factor,
+        set_scaling_factor,
+        vae_train_config,
+    )
 
-    from jaxsd.convert.vae import save_vae
-    from jaxsd.demo.vae_training import evaluate, latent_scaling_factor, train_vae
-    from jaxsd.models.params import count_params, init_params
-    from jaxsd.models.vae import AutoencoderKL, example_inputs
-    from jaxsd.train.compile import run_once
-
-    s = st.settings
-    config = vae_config(s)
-    model = AutoencoderKL(config)
-    params = run_once(lambda k: init_params(model, k, *example_inputs(config)), jax.random.key(s.seed + 11))
-    st.log(f"   AutoencoderKL {s.vae_block_out_channels}, {count_params(params):,} params, "
-           f"{s.resolution} px → {s.resolution // config.downscale}x{s.resolution // config.downscale}"
-           f"x{config.latent_channels} latents")
+    s, folder = st.settings, st.components / "vae"
+    st.vae_config_path.write_text(OmegaConf.to_yaml(OmegaConf.create(vae_train_config(s, st.train_dir,
+                                                                                      st.vae_run_dir))))
+    run_cli(["train", str(st.vae_config_path)])
+    run_cli(["export", str(st.vae_run_dir), "--out", str(folder)])
     train_images, _ = shapes.read_labelled_folder(st.train_dir)
-    params, _ = train_vae(model, params, train_images, s.vae, log=st.log)
-    held, _ = shapes.read_labelled_folder(st.heldout_dir)
+    held, held_labels = shapes.read_labelled_folder(st.heldout_dir)
     # One call (one compile): latents of the training images, reconstructions of the held-out ones.
-    means, recon = evaluate(model, params, np.concatenate([train_images, held]))
+    means, recon = evaluate(folder, np.concatenate([train_images, held]))
     means, recon = means[:len(train_images)], recon[len(train_images):]
     scale = latent_scaling_factor(means)
-    config = dataclasses.replace(config, scaling_factor=scale)
-    save_vae(st.components / "vae", config, params)
+    set_scaling_factor(folder, scale)
     st.details["vae_psnr"] = psnr(to_uint8(recon), held)
     st.details["vae_scaling_factor"] = scale
-    st.log(f"   held-out reconstruction PSNR {st.details['vae_psnr']:.2f} dB; latent scaling factor {scale:.4f}")
+    # the autoencoder must not be what limits prompt adherence: the classifier on its reconstructions
+    st.details["classifier_on_vae_reconstructions"] = classifier.accuracy(to_uint8(recon), held_labels)
+    acc = st.details["classifier_on_vae_reconstructions"]
+    st.log(f"   held-out reconstruction PSNR {st.details['vae_psnr']:.2f} dB (classifier on the reconstructions: "
+           f"colour {acc['colour_accuracy']:.1%}, shape {acc['shape_accuracy']:.1%}); latent scaling factor "
+           f"{scale:.4f}")
 
 
 # ---- the shared jaxsd config of `jaxsd cache` and `jaxsd train` ---------------------------
@@ -336,7 +337,8 @@ PHASES: tuple[tuple[str, Callable[[DemoState], None]], ...] = (
 
 
 MARKER = ".jaxsd_demo"
-OWNED = ("data", "components", "run", "pipeline", "samples", "demo.yaml", "metrics.json", "metrics_detail.json")
+OWNED = ("data", "components", "vae_run", "run", "pipeline", "samples", "vae.yaml", "demo.yaml", "metrics.json",
+         "metrics_detail.json")
 
 
 def prepare_out(out: Path) -> None:

@@ -52,7 +52,7 @@ class VAEPlan:
     lr_fn: Any
     abstract: TrainState
     state_shardings: TrainState
-    disc: NLayerDiscriminator
+    disc: NLayerDiscriminator | None  # None: loss.vae.discriminator false (params["disc"] is then {})
     lpips: Any  # the LPIPS module, or None (loss.vae.lpips_weight 0)
     trainable: tuple[str, ...]
     frozen: tuple[str, ...]
@@ -93,8 +93,10 @@ def plan_vae_state(cfg: Config, mesh) -> VAEPlan:
     if "/".join(LAST_LAYER) not in flatten(split_params(shapes, trainable, frozen)[0]):
         raise ConfigError("VAE training needs the decoder's last layer (decoder/conv_out/kernel) to train: the "
                           "adaptive GAN weight is measured there. Leave it out of train.frozen")
-    disc = NLayerDiscriminator(v.disc_layers, v.disc_channels, dtype=jnp.dtype(cfg.model.dtype))
-    d_shapes, d_logical = abstract_params(disc, example_image(v.disc_layers))
+    disc, d_shapes, d_logical = None, {}, {}  # loss.vae.discriminator false: an empty tree in its place
+    if v.discriminator:
+        disc = NLayerDiscriminator(v.disc_layers, v.disc_channels, dtype=jnp.dtype(cfg.model.dtype))
+        d_shapes, d_logical = abstract_params(disc, example_image(v.disc_layers))
     lpips, l_shapes, l_shard = None, {}, {}
     if v.lpips_weight > 0:
         from jaxsd.losses.lpips import LPIPS
@@ -118,8 +120,11 @@ def plan_vae_state(cfg: Config, mesh) -> VAEPlan:
         step=rep, params=t_shard, frozen=f_shard, rng=rep, nonfinite=rep, ema=t_shard["vae"] if ema else None,
         opt_state={k: state_shardings(abstract.opt_state[k], t_shard[k], mesh) for k in t_shard})
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    log.info("VAE training: discriminator %d layers × %d channels%s", v.disc_layers, v.disc_channels,
-             ", LPIPS on" if lpips is not None else "")
+    lpips_note = ", LPIPS on" if lpips is not None else ""
+    if disc is None:
+        log.info("VAE training: no discriminator (loss.vae.discriminator false)%s", lpips_note)
+    else:
+        log.info("VAE training: discriminator %d layers × %d channels%s", v.disc_layers, v.disc_channels, lpips_note)
     return VAEPlan(module, shapes, shardings, tx, lr_fn, abstract, state_sharding, disc, lpips, trainable, frozen,
                    jnp.dtype(cfg.model.param_dtype))
 
@@ -137,8 +142,10 @@ def fresh_vae_state(cfg: Config, plan: VAEPlan, params: Any) -> TrainState:
     """A new VAE train state from the autoencoder's full `params` (donated): the discriminator initialised
     from train.seed (taming's init), LPIPS read from its files, fresh optimizers, EMA = params."""
     trained, frozen = plan.split(params)
-    d_init = jax.jit(lambda k: init_discriminator(plan.disc, k), out_shardings=plan.state_shardings.params["disc"])
-    disc = d_init(jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
+    disc = {}
+    if plan.disc is not None:
+        d_init = jax.jit(lambda k: init_discriminator(plan.disc, k), out_shardings=plan.state_shardings.params["disc"])
+        disc = d_init(jax.random.fold_in(jax.random.key(cfg.train.seed), 1))
     init = jax.jit(lambda t, f, d, lp: init_vae_state(t, f, d, lp, plan.tx, cfg.train.seed, cfg.train.ema.enabled),
                    out_shardings=plan.state_shardings, donate_argnums=(0, 1))
     return init(trained, frozen, disc, _lpips_params(cfg, plan))

@@ -18,7 +18,8 @@ of the weighted sum. The discriminator learns from the same reconstructions (det
 step, before either update: both updates are computed from the state the step started with
 (LDM alternates two optimizer passes with a second forward instead). Before `disc_start` the
 discriminator's update is skipped (its optimizer state does not move; no weight decay either).
-A NaN/inf anywhere skips both updates, as the UNet step does.
+A NaN/inf anywhere skips both updates, as the UNet step does. With `loss.vae.discriminator: false`
+params["disc"] is {} and the step is one forward and one backward of reconstruction + KL (+ LPIPS).
 """
 
 from __future__ import annotations
@@ -93,11 +94,12 @@ def make_vae_train_step(vae: Any, disc: Any, lpips: Any, loss_cfg: VAELossConfig
                         ema_cfg: EMAConfig | None = None) -> Callable:
     """The pure step `(state, batch) -> (state, metrics)`.
 
-    vae: the `AutoencoderKL` module; disc: the `NLayerDiscriminator`; lpips: the `LPIPS` module or None
-    (lpips_weight 0). tx: `keyed_optimizers({"vae": ..., "disc": ...})`; lr_fn: the autoencoder's schedule.
-    metrics: loss, nll, rec, lpips, kl (Σ over the latent, mean over the batch), g_loss, d_loss,
-    adaptive_weight, disc_factor, logits_real, logits_fake, psnr, grad_norm (autoencoder), disc_grad_norm,
-    lr, skipped.
+    vae: the `AutoencoderKL` module; disc: the `NLayerDiscriminator`, or None (loss.vae.discriminator false:
+    params["disc"] is {}); lpips: the `LPIPS` module or None (lpips_weight 0). tx: `keyed_optimizers({"vae":
+    ..., "disc": ...})`; lr_fn: the autoencoder's schedule.
+    metrics: loss, nll, rec, lpips, kl (Σ over the latent, mean over the batch), psnr, grad_norm (autoencoder),
+    lr, skipped; with the discriminator also g_loss, d_loss, adaptive_weight, disc_factor, logits_real,
+    logits_fake, disc_grad_norm.
     """
     c = loss_cfg
 
@@ -126,23 +128,32 @@ def make_vae_train_step(vae: Any, disc: Any, lpips: Any, loss_cfg: VAELossConfig
 
         (x_rec, kl), ae_vjp = jax.vjp(autoencode, state.params["vae"])
         nll, nll_vjp, (rec, lp) = jax.vjp(nll_of, x_rec, has_aux=True)
-        g, g_vjp, _ = jax.vjp(g_of, x_rec, has_aux=True)
         one = jnp.ones([], jnp.float32)
-        (d_nll,), (d_g,) = nll_vjp(one), g_vjp(one)
-        no_kl = jnp.zeros_like(kl)
-        # only the last layer's part of these two products is used: XLA computes nothing else of them
-        weight = adaptive_weight(last_layer(ae_vjp((d_nll, no_kl))[0]), last_layer(ae_vjp((d_g, no_kl))[0]),
-                                 c.disc_weight)
+        (d_nll,) = nll_vjp(one)
         kl_scale = c.kl_weight / values
-        (grads,) = ae_vjp((d_nll + factor * weight * d_g, jnp.asarray(kl_scale, kl.dtype)))
-        loss = nll + kl_scale * kl + factor * weight * g
+        loss = nll + kl_scale * kl
+        gan = {}
+        if disc is None:  # loss.vae.discriminator false: reconstruction + KL (+ LPIPS) only
+            (grads,) = ae_vjp((d_nll, jnp.asarray(kl_scale, kl.dtype)))
+            d_loss, d_grads = jnp.zeros([], jnp.float32), {}
+        else:
+            g, g_vjp, _ = jax.vjp(g_of, x_rec, has_aux=True)
+            (d_g,) = g_vjp(one)
+            no_kl = jnp.zeros_like(kl)
+            # only the last layer's part of these two products is used: XLA computes nothing else of them
+            weight = adaptive_weight(last_layer(ae_vjp((d_nll, no_kl))[0]), last_layer(ae_vjp((d_g, no_kl))[0]),
+                                     c.disc_weight)
+            (grads,) = ae_vjp((d_nll + factor * weight * d_g, jnp.asarray(kl_scale, kl.dtype)))
+            loss = loss + factor * weight * g
 
-        def d_loss_of(dp):
-            real = disc.apply({"params": dp}, x)
-            fake = disc.apply({"params": dp}, jax.lax.stop_gradient(x_rec))
-            return factor * discriminator_loss(real, fake, c.disc_loss), (jnp.mean(real), jnp.mean(fake))
+            def d_loss_of(dp):
+                real = disc.apply({"params": dp}, x)
+                fake = disc.apply({"params": dp}, jax.lax.stop_gradient(x_rec))
+                return factor * discriminator_loss(real, fake, c.disc_loss), (jnp.mean(real), jnp.mean(fake))
 
-        (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_loss_of, has_aux=True)(d_params)
+            (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_loss_of, has_aux=True)(d_params)
+            gan = {"g_loss": g, "d_loss": d_loss, "adaptive_weight": weight, "disc_factor": factor,
+                   "logits_real": logits_real, "logits_fake": logits_fake, "disc_grad_norm": global_norm(d_grads)}
 
         norms = {"vae": global_norm(grads), "disc": global_norm(d_grads)}
         finite = jnp.isfinite(loss) & jnp.isfinite(d_loss) & jnp.isfinite(norms["vae"]) & jnp.isfinite(norms["disc"])
@@ -156,10 +167,8 @@ def make_vae_train_step(vae: Any, disc: Any, lpips: Any, loss_cfg: VAELossConfig
                                                             ema_cfg or EMAConfig(), apply=finite)
         new_state = state.replace(step=new_step, params=new_params, opt_state=new_opt, ema=new_ema,
                                   nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32))
-        metrics = {"loss": loss, "nll": nll, "rec": rec, "lpips": lp, "kl": kl, "g_loss": g, "d_loss": d_loss,
-                   "adaptive_weight": weight, "disc_factor": factor, "logits_real": logits_real,
-                   "logits_fake": logits_fake, "psnr": psnr(x, x_rec), "grad_norm": norms["vae"],
-                   "disc_grad_norm": norms["disc"], "lr": lr_fn(applied_updates(state.opt_state["vae"])),
+        metrics = {"loss": loss, "nll": nll, "rec": rec, "lpips": lp, "kl": kl, **gan, "psnr": psnr(x, x_rec),
+                   "grad_norm": norms["vae"], "lr": lr_fn(applied_updates(state.opt_state["vae"])),
                    "skipped": (~finite).astype(jnp.int32)}
         return new_state, metrics
 

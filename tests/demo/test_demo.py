@@ -1,5 +1,5 @@
-"""`jaxsd demo`: the quick run produces every phase's files and an export diffusers loads;
-the full run (slow) meets the prompt-adherence targets in time."""
+"""`jaxsd demo`: the quick run produces every phase's files (the VAE's through `jaxsd train` and `jaxsd
+export`) and an export diffusers loads; the full run (slow) meets the prompt-adherence targets in time."""
 
 import json
 import os
@@ -17,6 +17,12 @@ def _check_outputs(out, details):
     for component in ("tokenizer/vocab.json", "tokenizer/merges.txt", "text_encoder/config.json",
                       "vae/config.json", "scheduler/scheduler_config.json"):
         assert (out / "components" / component).is_file(), component
+    # phase 1 ran `jaxsd train` with model.kind vae and no discriminator, and `jaxsd export` wrote components/vae
+    vae_records = [json.loads(line) for line in (out / "vae_run" / "metrics.jsonl").read_text().splitlines()]
+    assert vae_records and all("rec" in r and "d_loss" not in r for r in vae_records)
+    assert json.loads((out / "components" / "vae" / "jaxsd_export.json").read_text())["model"] == "AutoencoderKL"
+    vae_config = json.loads((out / "components" / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] == details["vae_scaling_factor"]  # 1 / std of the training latents
     assert (out / "run" / "config.yaml").is_file()  # `jaxsd train` ran
     for component in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                       "tokenizer/vocab.json", "scheduler/scheduler_config.json"):

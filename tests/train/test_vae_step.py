@@ -4,6 +4,7 @@ One tiny pretrained VAE folder, a decoder-only fine-tune (`loss.vae.train_encode
 discriminator on from step 0: the step's adaptive weight, loss and gradient norm must be what
 differentiating LDM's loss term by term gives, and the frozen encoder must stay bitwise as loaded.
 `slow`: the same with LPIPS in the loss (a random VGG16 + heads file in torchvision's layout).
+Without the discriminator (`loss.vae.discriminator: false`) the step is `jax.grad` of reconstruction + KL.
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ def save_random_lpips(path) -> None:
     save_file(state, path, {"format": "pt"})
 
 
-def _setup(base, lpips: bool):
+def _setup(base, lpips: bool, discriminator: bool = True):
     save_tiny_vae(base / "vae")
-    extra = []
+    extra = [] if discriminator else ["loss.vae.discriminator=false"]
     if lpips:
         save_random_lpips(base / "lpips.safetensors")
-        extra = [f"loss.lpips.weights={base / 'lpips.safetensors'}", "loss.vae.lpips_weight=0.5"]
+        extra += [f"loss.lpips.weights={base / 'lpips.safetensors'}", "loss.vae.lpips_weight=0.5"]
     cfg = load_config("vae_tiny", [f"model.pretrained={base / 'vae'}", "loss.vae.train_encoder=false",
                                    "loss.vae.disc_start=0", "loss.vae.kl_weight=0.01", f"data.roots=[{base}]",
                                    "optimizer.clip_grad_norm=null", "loss.vae.disc_layers=1", *extra])
@@ -130,3 +131,22 @@ def test_decoder_only_keeps_the_encoder_bitwise(setup):
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.tree.map(np.asarray, new_state.params["vae"]),
                          {k: loaded[k] for k in ("decoder", "post_quant_conv")})
     assert all(jax.tree.leaves(moved))  # the decoder did train
+
+
+def test_without_discriminator_the_step_is_the_gradient_of_reconstruction_and_kl(tmp_path):
+    cfg, plan, state, new_state, metrics, x, _ = _setup(tmp_path, lpips=False, discriminator=False)
+    assert plan.disc is None and state.params["disc"] == {} and new_state.params["disc"] == {}
+    assert not {"g_loss", "d_loss", "adaptive_weight", "disc_grad_norm"} & set(metrics)
+    vae, key = plan.module, jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+
+    @jax.jit
+    def total(p):
+        q = {"params": merge_params(p, state.frozen["vae"])}
+        posterior = vae.apply(q, x, method="encode")
+        x_rec = vae.apply(q, posterior.sample(key), method="decode")
+        return jnp.mean(jnp.abs(x - x_rec)) + cfg.loss.vae.kl_weight * jnp.mean(posterior.kl()) / x[0].size
+
+    loss, grads = jax.value_and_grad(total)(state.params["vae"])
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(global_norm(grads)), rtol=1e-4)
+    assert not int(metrics["skipped"])

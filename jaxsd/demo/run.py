@@ -148,7 +148,7 @@ def train_autoencoder(st: DemoState) -> None:
     s, folder = st.settings, st.components / "vae"
     st.vae_config_path.write_text(OmegaConf.to_yaml(OmegaConf.create(vae_train_config(s, st.train_dir,
                                                                                       st.vae_run_dir))))
-    run_cli(["train", str(st.vae_config_path)])
+    train_to_the_end(st.vae_config_path, st.vae_run_dir, s.vae.steps)
     run_cli(["export", str(st.vae_run_dir), "--out", str(folder)])
     train_images, _ = shapes.read_labelled_folder(st.train_dir)
     held, held_labels = shapes.read_labelled_folder(st.heldout_dir)
@@ -242,7 +242,18 @@ def cache(st: DemoState) -> None:
 
 
 def train_unet(st: DemoState) -> None:
-    run_cli(["train", str(st.config_path)])
+    train_to_the_end(st.config_path, st.run_dir, st.settings.unet_steps)
+
+
+def train_to_the_end(config: Path, run_dir: Path, steps: int) -> None:
+    """`jaxsd train CONFIG`, then stop the demo unless it reached `steps`: on SIGTERM/SIGINT the trainer
+    saves and exits 0 (a preempted run resumes from there), and the demo must not go on to export and
+    judge a half-trained model."""
+    run_cli(["train", str(config)])
+    saved = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    if max(saved, default=0) < steps:
+        raise SystemExit(f"jaxsd demo: training in {run_dir} stopped at step {max(saved, default=0)} of {steps} "
+                         "(interrupted); nothing after it ran")
 
 
 def export(st: DemoState) -> None:

@@ -54,8 +54,8 @@ class DemoSettings:
     (docs/demo.md); the 4x4 level's attention sees the whole image."""
     unet_layers_per_block: int = 1
     unet_heads: int = 4
-    unet_steps: int = 2000
-    """2000: colour 100 %, shape 78 % over 96 samples; 2400: 89.6 % shape, ~100 s more (docs/demo.md)."""
+    unet_steps: int = 2200
+    """2000: colour 100 %, shape 78 % over 96 samples; 2400: 89.6 % shape (48 samples), ~100 s more (docs/demo.md)."""
     unet_batch_size: int = 64
     unet_learning_rate: float = 1e-3
     unet_warmup_steps: int = 100

@@ -40,6 +40,7 @@ def _grads(segmented: str | None, variables: dict, wrt: str):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(variables[wrt], sample, context)
 
 
+@pytest.mark.slow  # two compiles of a UNet's backward pass (~20 s); the default run keeps the CLI run and the dependency check
 def test_unet_gradients_are_the_plain_ones():
     sample, t, context, _ = _inputs()
     params = nn.meta.unbox(UNet2DConditionModel(TINY).init(jax.random.key(0), sample, t, context)["params"])

@@ -55,7 +55,7 @@ class DemoSettings:
     unet_layers_per_block: int = 1
     unet_heads: int = 4
     unet_steps: int = 2200
-    """2000: colour 100 %, shape 78 % over 96 samples; 2400: 89.6 % shape (48 samples), ~100 s more (docs/demo.md)."""
+    """2000: shape 78 % (96 samples); 2200: 77 %, 2400: 89.6 % (48 samples each); each 200 steps ≈ 60 s (docs/demo.md)."""
     unet_batch_size: int = 64
     unet_learning_rate: float = 1e-3
     unet_warmup_steps: int = 100

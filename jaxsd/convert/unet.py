@@ -22,11 +22,15 @@ UNET_SPEC = ConversionSpec()
 
 
 @functools.lru_cache(maxsize=8)
+def unet_param_specs(config: UNetConfig) -> tuple[dict, dict]:
+    """(the param tree of `config` as fp32 ShapeDtypeStructs, its logical PartitionSpecs), traced once per
+    config: a full-size UNet takes seconds to trace, and a run's plan, load and save each need the tree."""
+    return abstract_params(UNet2DConditionModel(config), *example_inputs(config))
+
+
 def abstract_unet_params(config: UNetConfig) -> dict:
-    """The param tree of `config` as ShapeDtypeStructs (traced once per config: a full-size
-    UNet takes seconds to trace, and load + save would otherwise trace it twice)."""
-    abstract, _ = abstract_params(UNet2DConditionModel(config), *example_inputs(config))
-    return abstract
+    """The param tree of `config` as fp32 ShapeDtypeStructs."""
+    return unet_param_specs(config)[0]
 
 
 def load_unet(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxsd.config import ModelConfig
 from jaxsd.errors import ConfigError, InputNotFoundError
-from jaxsd.models.params import abstract_params, init_params
+from jaxsd.models.params import init_params
 from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 from jaxsd.train.compile import run_once
 
@@ -70,8 +70,12 @@ def make_apply_fn(module: UNet2DConditionModel, *, variables: bool = False):
 
 
 def param_shapes(module: UNet2DConditionModel) -> tuple[dict, dict]:
-    """(ShapeDtypeStruct tree, logical PartitionSpec tree) without allocating."""
-    return abstract_params(module, *example_inputs(module.config))
+    """(ShapeDtypeStruct tree, logical PartitionSpec tree) without allocating. The tree depends on the
+    config alone (traced once per config); every param is created in the module's param_dtype."""
+    from jaxsd.convert.unet import unet_param_specs
+
+    shapes, logical = unet_param_specs(module.config)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, module.param_dtype), shapes), logical
 
 
 def initial_params(cfg: ModelConfig, module: UNet2DConditionModel, seed: int,

@@ -94,6 +94,7 @@ def check_vae(cfg: Config) -> None:
             any(s.loss_weight != 1 or s.kind != "instance" for s in cfg.data.subsets),
         "data.packed (cached latents)": bool(cfg.data.packed),
         "train.text_encoder other than frozen": cfg.train.text_encoder not in (None, "frozen"),
+        "model.segmented_backward (the UNet's)": cfg.model.segmented_backward,
     }
     bad = [k for k, on in refused.items() if on]
     if bad:

@@ -34,6 +34,7 @@ def test_the_preset_loads_and_the_default_kind_is_the_unet():
     (["train.data_source=synthetic"], "train.data_source = synthetic"),
     (["data.subsets=[{roots: [/a], loss_weight: 2.0}]"], "data.subsets with a loss_weight other than 1"),
     (["validation.every=5", "validation.roots=[/x]"], "validation.every > 0"),
+    (["model.segmented_backward=true"], "does not go with: model.segmented_backward"),
 ])
 def test_impossible_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -44,6 +44,13 @@ def _after(tree: Any, ready: jax.Array) -> Any:
     return jax.tree.map(lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
 
 
+def call_block(module: nn.Module, x: jax.Array, *rest: Any, grad_vars: str | None, **static: Any) -> Any:
+    """`module(x, *rest, **static)`; with grad_vars (the training collection) segmented: `call_segmented`."""
+    if grad_vars is None:
+        return module(x, *rest, **static)
+    return call_segmented(module, x, *rest, grad_vars=grad_vars, **static)
+
+
 def call_segmented(module: nn.Module, x: jax.Array, *rest: Any, grad_vars: str = "params", **static: Any) -> Any:
     """`module(x, *rest, **static)` whose backward pass finishes the gradients of `module`'s `grad_vars`
     before it hands on the cotangent of `x` (module doc). x: the block's main input; rest: other array

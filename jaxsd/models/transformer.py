@@ -17,7 +17,7 @@ from jaxsd.errors import InputError
 from jaxsd.models import token_merging as tome
 from jaxsd.models.attention import Attention
 from jaxsd.models.layers import Conv, Dense, GroupNorm, LayerNorm
-from jaxsd.models.segmented_backward import call_segmented
+from jaxsd.models.segmented_backward import call_block
 from jaxsd.models.token_merging import TokenMerging
 
 
@@ -171,8 +171,7 @@ class Transformer2DModel(nn.Module):
             key = None if tome_key is None else jax.random.fold_in(tome_key, i)
             block = block_cls(self.heads, self.dim_head, self.only_cross_attention, self.attention_impl,
                               tm, grid, name=f"transformer_blocks_{i}", **kw)
-            tokens = (block(tokens, context, key) if self.segmented_backward is None
-                      else call_segmented(block, tokens, context, key, grad_vars=self.segmented_backward))
+            tokens = call_block(block, tokens, context, key, grad_vars=self.segmented_backward)
         if self.use_linear_projection:
             h = rearrange(Dense(channels, axes=("conv_in", "conv_out"), name="proj_out", **kw)(tokens),
                           "b (height width) c -> b height width c", height=height)

@@ -316,7 +316,8 @@ class UNet2DConditionModel(nn.Module):
         tm = self.token_merging if self.token_merging is not None and self.token_merging.active else None
         return {"norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps, "act_fn": cfg.act_fn,
                 "attention_impl": self.attention_impl, "remat_policy": self.remat_policy,
-                "segmented_backward": self.segmented_backward, "token_merging": tm, "latent_size": latent_size if tm is not None else None,
+                "segmented_backward": self.segmented_backward, "token_merging": tm,
+                "latent_size": latent_size if tm is not None else None,
                 "dtype": self.dtype, "param_dtype": self.param_dtype}
 
     def _attn(self, block_type: str, i: int) -> AttnSettings | None:

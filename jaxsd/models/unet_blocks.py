@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxsd.errors import InputError
 from jaxsd.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-from jaxsd.models.segmented_backward import call_segmented
+from jaxsd.models.segmented_backward import call_block
 from jaxsd.models.token_merging import TokenMerging
 from jaxsd.models.transformer import Transformer2DModel, maybe_remat
 
@@ -63,9 +63,7 @@ class _BlockBase(nn.Module):
     def _call(self, module: nn.Module, x: jax.Array, *rest, **static) -> jax.Array:
         """module(x, *rest, **static), its weight gradients finished in its own backward pass with
         `segmented_backward`; static: non-array keyword arguments."""
-        if self.segmented_backward is None:
-            return module(x, *rest, **static)
-        return call_segmented(module, x, *rest, grad_vars=self.segmented_backward, **static)
+        return call_block(module, x, *rest, grad_vars=self.segmented_backward, **static)
 
     def _transformer_module(self, i: int) -> nn.Module:
         a = self.attn

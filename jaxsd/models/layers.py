@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxsd.errors import InputError
 from jaxsd.models.conv_select import conv_implementation
+from jaxsd.models.frozen_kernel import frozen_kernel_op, use_frozen_kernel_op
 from jaxsd.models.im2col import conv_im2col, conv_output_hw
 from jaxsd.models.lora import dropout_mask
 
@@ -67,7 +68,7 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = _param(self, "kernel", nn.initializers.lecun_normal(), self.axes,
                         (x.shape[-1], self.features), self.param_dtype)
-        y = matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = _kernel_op(self, matmul_last_axis, x, kernel)
         if self.use_bias:
             y = y + _param(self, "bias", _zeros, (self.axes[1],), (self.features,), self.param_dtype).astype(self.dtype)
         if self.has_variable("lora", "down"):
@@ -75,6 +76,17 @@ class Dense(nn.Module):
             h = matmul_last_axis(_adapter_input(self, x.astype(self.dtype)), down) * scale
             y = y + matmul_last_axis(h, up)
         return y
+
+
+def _kernel_op(module: nn.Module, op, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """op(x, kernel) in the module's compute dtype. A frozen bf16 base on CPU (applied with a "lora"
+    collection) runs through `frozen_kernel_op`, whose backward makes its own short-lived fp32 copy of
+    the kernel instead of keeping the forward's alive through the step (jaxsd/models/frozen_kernel.py)."""
+    x = x.astype(module.dtype)
+    if use_frozen_kernel_op(platform=jax.default_backend(), kernel_dtype=kernel.dtype,
+                            frozen=not module.scope.is_collection_empty("lora")):
+        return frozen_kernel_op(op, x, kernel, module.dtype)
+    return op(x, kernel.astype(module.dtype))
 
 
 def _adapter(module: nn.Module) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -135,7 +147,7 @@ class Conv(nn.Module):
         k = self.kernel_size
         kernel = _param(self, "kernel", nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out"),
                         (k, k, x.shape[-1], self.features), self.param_dtype)
-        y = self._conv(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = _kernel_op(self, self._conv, x, kernel)
         if self.use_bias:
             y = y + _param(self, "bias", _zeros, ("conv_out",), (self.features,), self.param_dtype).astype(self.dtype)
         if self.has_variable("lora", "down"):

@@ -277,6 +277,8 @@ def time_jaxsd_step(config: dict, kit, baseline: float, np_batch: dict) -> dict:
 
     batch = kit.to_batch({k: jnp.asarray(v) for k, v in np_batch.items()})
     state = kit.start()
+    jax.block_until_ready(state)
+    peak_after_load = _rss_gb("VmHWM")  # loading counts in the peak: this mark says how much
     compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate,
                                                    compiler_options=kit.compiler_options)
     mem = J.memory_figures(compiled)
@@ -308,7 +310,7 @@ def time_jaxsd_step(config: dict, kit, baseline: float, np_batch: dict) -> dict:
     return {"step_s": times, "compile_s": lower_s + compile_s, "lower_s": lower_s,
             "info": {"backend": jax.default_backend(), "devices": jax.device_count(), "first_loss": first_loss,
                      **extra,
-                     "flops": flops, "baseline_rss_gb": baseline,
+                     "flops": flops, "baseline_rss_gb": baseline, "peak_rss_after_load_gb": peak_after_load,
                      "peak_rss_after_compile_gb": peak_after_compile,
                      "xla_temp_gb": mem["temp_gb"], "xla_memory": mem, **info}}
 

@@ -5,7 +5,7 @@ operand (JAX's own `kernel.astype(float32)` when the compute dtype is fp32, XLA'
 The input gradient needs the same copy, and XLA's CSE merges the forward pass's copy, the
 rematerialised forward's and the backward's into one buffer — so with a bf16 base, an fp32 copy of
 every base kernel lives from the forward pass to the end of the backward pass: 3.2 GB of an SD1.5
-LoRA step's 4.1 GB of temporaries, 8 GB of SDXL's (docs/benchmarks.md, "LoRA").
+LoRA step's 4.1 GB of temporaries (fp32 compute, no remat; docs/benchmarks.md, "LoRA").
 
 `frozen_kernel_op(op, x, kernel, dtype)` computes `op(x, kernel.astype(dtype))` with a custom
 backward that widens the kernel again from its bf16 bits (shift left 16, bitcast: bit-exact the
@@ -13,6 +13,9 @@ same fp32 values, but another HLO than `convert`, so CSE cannot merge it with th
 before the gradient's dot. Each copy then lives for one layer. The gradients are the same formulas
 autodiff writes (input gradient from the widened kernel, kernel gradient x^T·dy, cast to the
 kernel's dtype), computed in fp32 as XLA:CPU computes a bf16 dot.
+
+What it does not free: with remat, the forward pass's copy and the rematerialised forward's are the
+same HLO, and CSE still makes them one buffer (the SDXL LoRA row of `jaxsd bench memory`).
 
 `use_frozen_kernel_op` is the decision table. Only CPU: a GPU or TPU computes in bf16 and makes no
 copy. Only a frozen base — a model applied with a "lora" collection: its kernels are never trained

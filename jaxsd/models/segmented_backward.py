@@ -15,8 +15,15 @@ from its inputs and variables made to wait for the output cotangent the same way
 runs early, and XLA's CSE cannot merge it with the forward pass (which would keep the forward's copies
 of the weights in the compute dtype alive from the forward pass to here).
 
+The block's param gradients in turn wait for its input cotangents (`ḡ + 0 · Σ (x̄, rest̄)`), which read its
+weights (x̄ = ȳ·Wᵀ): every read of a weight then comes before the optimizer update that overwrites it in
+place (the train state is donated). Without that, XLA keeps a copy of each such weight from its first read
+in the forward pass to the update (SD1.5: 2.1 GB of fp32 copies; sd15-b4's temporaries 7.8 → 6.8 GB
+without clipping, docs/benchmarks.md).
+
 The values are the plain ones: `x̄ + 0.0` is `x̄` exactly for a finite sum. A NaN or inf gradient in the
-block makes the earlier blocks' gradients NaN too (the step's NaN skip sees either).
+block makes the earlier blocks' gradients NaN too, and a NaN or inf input cotangent the block's own (the
+step's NaN skip sees either).
 
 Which variables get gradients (`grad_vars`): "params" when the weights train; "lora" when only the
 adapters do. The block's gradients are computed for every variable of that collection, whether the
@@ -38,9 +45,9 @@ def _depend_on(x: jax.Array, values: Any) -> jax.Array:
     return x + (total * 0.0).astype(x.dtype)
 
 
-def _after(tree: Any, ready: jax.Array) -> Any:
-    """`tree`'s floating-point leaves made to wait for `ready` (the others as they are)."""
-    zero = jnp.sum(ready.astype(jnp.float32)) * 0.0
+def _after(tree: Any, ready: Any) -> Any:
+    """`tree`'s floating-point leaves made to wait for every leaf of `ready` (the others as they are)."""
+    zero = sum((jnp.sum(r.astype(jnp.float32)) for r in jax.tree.leaves(ready)), jnp.zeros([], jnp.float32)) * 0.0
     return jax.tree.map(lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
 
 
@@ -77,6 +84,10 @@ def call_segmented(module: nn.Module, x: jax.Array, *rest: Any, grad_vars: str =
         var_bar, x_bar, *rest_bar = vjp_fn(y_bar)
         # as the primal's variables: a block without variables of `grad_vars` (a ResNet block of a LoRA run on
         # attention) has none to give gradients to
+        # and the gradients wait for every input cotangent: those read the block's weights too, so the
+        # optimizer update that overwrites a weight (in place, the state is donated) then comes after
+        # every read of it, and XLA need not keep a copy of the weight from the forward pass to the update
+        var_bar = _after(var_bar, (x_bar, *rest_bar))
         var_out = {grad_vars: var_bar} if grad_vars in variables else {}
         return (var_out, _depend_on(x_bar, var_bar), *rest_bar)
 

@@ -20,8 +20,8 @@ backward pass hands on gets `+ 0 · Σ (ḡ, x̄, rest̄)`): the cotangents read
 nested block's weights are also read by the outer block's recomputed forward, which feeds only the outer
 block's other weight gradients. Every read of a weight then comes before the optimizer update that
 overwrites it in place (the train state is donated). Without that, XLA keeps a copy of each such weight from its first read
-in the forward pass to the update (SD1.5: 2.1 GB of fp32 copies; sd15-b4's temporaries 7.8 → 6.8 GB
-without clipping, docs/benchmarks.md).
+in the forward pass to the update (SD1.5: 439 fp32 copies, 2.1 GB; sd15-b4's temporaries 7.7 → 4.7 GB,
+docs/benchmarks.md).
 
 The values are the plain ones: `x̄ + 0.0` is `x̄` exactly for a finite sum. A NaN or inf gradient in the
 block makes the earlier blocks' gradients NaN too, and a NaN or inf input cotangent the block's own (the

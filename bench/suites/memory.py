@@ -21,11 +21,12 @@ Rows (`--rows`, default all; a row whose settings this checkout's `jaxsd train` 
   sdxl-adafactor  the same with Adafactor (factored, no momentum) and bf16 params  ≤ 16 GB
   sdxl-lora16     SDXL LoRA rank 16 on attention, bf16 base, 128×128, bf16 compute, full remat
                                                                                 ≤ 12 GB
-  sd15-b4         SD1.5 full fine-tune, 64×64 latents, batch 4, bf16 compute, fp32 AdamW,
+  sd15-b4         SD1.5 full fine-tune, 64×64 latents, batch 4, bf16 compute, fp32 AdamW, clipping 1.0,
                   full remat                                                    ≤ 14 GB
 
 `--unet small` runs every row on another UNet preset (the CI smoke test); `--latent N` at another
-latent size. The figures are XLA:CPU's when run on a CPU: it computes bf16 dots in fp32 (with fp32
+latent size; `--clip C` and `--segmented-backward on|off` with other training options (the table's
+`options` column prints each row's). The figures are XLA:CPU's when run on a CPU: it computes bf16 dots in fp32 (with fp32
 copies of their operands) and its attention holds logits a GPU's flash attention would not, so a CPU
 figure overstates a GPU's (docs/benchmarks.md).
 """
@@ -70,7 +71,7 @@ ROWS: dict[str, Row] = {
                        lora=16, base_dtype="bfloat16"),
     "sd15-b4": Row("SD1.5 full, 64×64, batch 4, AdamW", "sd15", 64, 4, "bfloat16", "adamw", 1.0, "full", 14.0),
 }
-HEADERS = ("row", "latent", "batch", "target GB", "total GB", "params GB", "opt state GB", "temp GB",
+HEADERS = ("row", "options", "latent", "batch", "target GB", "total GB", "params GB", "opt state GB", "temp GB",
            "peak: grads", "param copies", "attention", "activations", "compile s")
 
 
@@ -89,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent", type=int, default=None, help="every row at this latent size instead of its own")
     p.add_argument("--segmented-backward", choices=("on", "off"), default=None,
                    help="model.segmented_backward for every row (default: the trainer's default)")
+    p.add_argument("--clip", type=float, default=None,
+                   help="global-norm clipping for every row instead of its own (0 = off: the trainer then streams "
+                        "the update, except with 8-bit AdamW)")
     p.add_argument("--top", type=int, default=0, metavar="N",
                    help="also list the N largest buffers alive at each row's peak")
 
@@ -111,7 +115,7 @@ def row_config(name: str, row: Row, args: argparse.Namespace) -> dict:
 
     segmented = ModelConfig().segmented_backward if args.segmented_backward is None else args.segmented_backward == "on"
     config = {"row": name, **asdict(row), "unet": args.unet or row.unet, "latent": args.latent or row.latent,
-              "segmented_backward": segmented}
+              "segmented_backward": segmented, "clip": row.clip if args.clip is None else args.clip}
     config.pop("requires")
     config.pop("title")
     return config
@@ -139,6 +143,18 @@ def frameworks(args: argparse.Namespace) -> list[str]:
     return ["jaxsd"]
 
 
+def options(config: dict) -> str:
+    """A record's training options as the table prints them: optimizer (LoRA and its base), clipping, remat,
+    param dtype and segmented backward — e.g. "adamw, clip 1, remat full, segmented"."""
+    short = {"bfloat16": "bf16", "float32": "fp32", None: "fp32"}
+    parts = [f"LoRA r{config['lora']} {short[config['base_dtype']]} base" if config.get("lora") else "",
+             config["optimizer"], f"clip {config['clip']:g}" if config["clip"] else "no clip",
+             f"remat {config['remat']}" if config["remat"] else "no remat",
+             "bf16 params" if config.get("param_dtype") == "bfloat16" else "",
+             "segmented" if config.get("segmented_backward") else ""]
+    return ", ".join(p for p in parts if p)
+
+
 def _gb(x: float | None) -> str:
     return "—" if x is None else f"{x:.3g}"
 
@@ -150,10 +166,10 @@ def format_table(records: list[dict]) -> str:
         row = ROWS.get(c["row"])
         label = c["row"] if row is not None and row.unet == c["unet"] else f"{c['row']} ({c['unet']})"
         if "skipped" in j:
-            rows.append([label, c["latent"], c["batch"], _gb(c["target_gb"]), j["skipped"], *[""] * 8])
+            rows.append([label, options(c), c["latent"], c["batch"], _gb(c["target_gb"]), j["skipped"], *[""] * 8])
             continue
         b, kinds = j["budget"], j["peak"]["kinds_gb"]
-        rows.append([label, c["latent"], c["batch"], _gb(c["target_gb"]), _gb(j["per_device_gb"]),
+        rows.append([label, options(c), c["latent"], c["batch"], _gb(c["target_gb"]), _gb(j["per_device_gb"]),
                      _gb(b["params_gb"] + b["frozen_gb"]), _gb(b["opt_state_gb"]), _gb(j["temp_gb"]),
                      *(_gb(kinds.get(k, 0.0)) for k in KINDS),
                      f"{j['compile_s']['median']:.0f}"])

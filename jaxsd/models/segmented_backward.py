@@ -15,8 +15,17 @@ from its inputs and variables made to wait for the output cotangent the same way
 runs early, and XLA's CSE cannot merge it with the forward pass (which would keep the forward's copies
 of the weights in the compute dtype alive from the forward pass to here).
 
+The block's param gradients in turn wait for its input cotangents and for each other (all of what its
+backward pass hands on gets `+ 0 · Σ (ḡ, x̄, rest̄)`): the cotangents read its weights (x̄ = ȳ·Wᵀ), and a
+nested block's weights are also read by the outer block's recomputed forward, which feeds only the outer
+block's other weight gradients. Every read of a weight then comes before the optimizer update that
+overwrites it in place (the train state is donated). Without that, XLA keeps a copy of each such weight from its first read
+in the forward pass to the update (SD1.5: 439 fp32 copies, 2.1 GB; sd15-b4's temporaries 7.7 → 4.7 GB,
+docs/benchmarks.md).
+
 The values are the plain ones: `x̄ + 0.0` is `x̄` exactly for a finite sum. A NaN or inf gradient in the
-block makes the earlier blocks' gradients NaN too (the step's NaN skip sees either).
+block makes the earlier blocks' gradients NaN too, and a NaN or inf input cotangent the block's own (the
+step's NaN skip sees either).
 
 Which variables get gradients (`grad_vars`): "params" when the weights train; "lora" when only the
 adapters do. The block's gradients are computed for every variable of that collection, whether the
@@ -32,16 +41,12 @@ import jax
 import jax.numpy as jnp
 
 
-def _depend_on(x: jax.Array, values: Any) -> jax.Array:
-    """x + 0 · Σ values: x's value, available only once every leaf of `values` is."""
-    total = sum((jnp.sum(v.astype(jnp.float32)) for v in jax.tree.leaves(values)), jnp.zeros([], jnp.float32))
-    return x + (total * 0.0).astype(x.dtype)
-
-
-def _after(tree: Any, ready: jax.Array) -> Any:
-    """`tree`'s floating-point leaves made to wait for `ready` (the others as they are)."""
-    zero = jnp.sum(ready.astype(jnp.float32)) * 0.0
-    return jax.tree.map(lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
+def _after(tree: Any, ready: Any) -> Any:
+    """`tree`'s floating-point leaves + 0 · Σ (the floating-point leaves of `ready`): their values, available
+    only once every leaf of `ready` is (the other leaves, e.g. PRNG keys and their float0 cotangents, as they are)."""
+    floating = lambda v: jnp.issubdtype(v.dtype, jnp.floating)
+    total = sum((jnp.sum(r.astype(jnp.float32)) for r in jax.tree.leaves(ready) if floating(r)), jnp.zeros([], jnp.float32))
+    return jax.tree.map(lambda v: v + (total * 0.0).astype(v.dtype) if floating(v) else v, tree)
 
 
 def call_block(module: nn.Module, x: jax.Array, *rest: Any, grad_vars: str | None, **static: Any) -> Any:
@@ -75,9 +80,14 @@ def call_segmented(module: nn.Module, x: jax.Array, *rest: Any, grad_vars: str =
         block = lambda trained, *args: standalone.apply({grad_vars: trained, **others}, *args, **static)
         _, vjp_fn = jax.vjp(block, variables.get(grad_vars, {}), x, *rest)
         var_bar, x_bar, *rest_bar = vjp_fn(y_bar)
+        # everything this backward pass hands on waits for all of it: the earlier blocks' backward passes (they
+        # need x̄) for this block's weight gradients, and the optimizer's in-place update of a weight (the state
+        # is donated) for every read of that weight here (x̄ = ȳ·Wᵀ; a nested block's recomputed forward) —
+        # else XLA keeps a copy of the weight from the forward pass to the update
+        var_bar, x_bar, *rest_bar = _after((var_bar, x_bar, *rest_bar), (var_bar, x_bar, *rest_bar))
         # as the primal's variables: a block without variables of `grad_vars` (a ResNet block of a LoRA run on
         # attention) has none to give gradients to
         var_out = {grad_vars: var_bar} if grad_vars in variables else {}
-        return (var_out, _depend_on(x_bar, var_bar), *rest_bar)
+        return (var_out, x_bar, *rest_bar)
 
     return nn.custom_vjp(apply, forward_fn=forward, backward_fn=backward, grad_vars=grad_vars)(module, x, *rest)

@@ -7,6 +7,7 @@ row on the `tiny` UNet through the `jaxsd` console script (nothing is allocated:
 
 from __future__ import annotations
 
+import argparse
 import json
 from types import SimpleNamespace
 
@@ -57,6 +58,22 @@ def test_a_row_needing_a_setting_this_checkout_lacks_is_not_available():
                      requires=("optimizer.no_such_option=1",))
     assert "not available in this checkout" in memory.missing_settings(row)
     assert memory.missing_settings(memory.ROWS["sdxl-adafactor"]) is None  # adafactor + bf16 params exist
+
+
+def test_a_rows_options_are_printed_and_can_be_overridden():
+    """The table names each row's training options; --clip and --segmented-backward replace the row's."""
+    parser = argparse.ArgumentParser()
+    memory.add_arguments(parser)
+    row = memory.ROWS["sd15-b4"]
+    own = memory.row_config("sd15-b4", row, parser.parse_args([]))
+    assert memory.options(own) == "adamw, clip 1, remat full"
+    changed = memory.row_config("sd15-b4", row, parser.parse_args(["--clip", "0", "--segmented-backward", "on"]))
+    assert changed["clip"] == 0.0 and changed["segmented_backward"]
+    assert memory.options(changed) == "adamw, no clip, remat full, segmented"
+    lora = memory.row_config("sdxl-lora16", memory.ROWS["sdxl-lora16"], parser.parse_args([]))
+    assert memory.options(lora) == "LoRA r16 bf16 base, adamw, clip 1, remat full"
+    adafactor = memory.row_config("sdxl-adafactor", memory.ROWS["sdxl-adafactor"], parser.parse_args([]))
+    assert memory.options(adafactor) == "adafactor, no clip, remat full, bf16 params"
 
 
 def test_a_conv_kernel_counts_in_its_im2col_layout_too():

@@ -63,16 +63,10 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     Nothing is read beyond the header until a tensor is indexed; casting the
     returned array (`f[name].astype(dtype)`) touches only that tensor's bytes, and
     its pages stay mapped only while the array is referenced.
-
-    in_memory: read the whole file once and index read-only views of its bytes instead, for small
-    files read by the thousand (the loader's per-sample cache sidecars, a few KB each): a memory
-    map per tensor cost ~0.25 ms of CPU (numpy resolves the path and maps it), most of the demo
-    loader's 78 ms per batch of 64 samples.
     """
 
-    def __init__(self, path: str | os.PathLike, *, in_memory: bool = False):
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._bytes: bytes | None = None
         size = self.path.stat().st_size
         with open(self.path, "rb") as fh:
             raw_len = fh.read(8)
@@ -87,8 +81,6 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 header = json.loads(fh.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SafetensorsError(f"{self.path}: header is not valid JSON ({e}); the file is corrupt.") from e
-            if in_memory:
-                self._bytes = fh.read()
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._data_start = 8 + n
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
@@ -111,8 +103,6 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         dtype, shape, begin, end = self._entries[name]
         if end == begin:
             return np.zeros(shape, dtype)
-        if self._bytes is not None:
-            return np.frombuffer(self._bytes, dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape)
         # a map of this tensor alone: unmapped when the caller drops the array
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 

@@ -57,7 +57,7 @@ def sidecar_is_current(path: Path, spec: Mapping, source: str) -> bool:
 
 def read_sidecar(path: Path, spec: Mapping | None = None) -> dict[str, np.ndarray]:
     """The sidecar's arrays; with `spec`, first check (from the header) that `spec` produced it."""
-    f = SafetensorsFile(path, in_memory=True)  # a sample's sidecar is small: one read, no memory maps
+    f = SafetensorsFile(path)
     if spec is not None and f.metadata.get("jaxsd_spec") != spec_hash(spec):
         raise SidecarMismatch(f"{path} was not made by the producer its manifest names (was the cache "
                               "rebuilt with other settings and interrupted?); re-run `jaxsd cache CONFIG`")

@@ -31,10 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64],
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
-        "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 16}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: bench/ is a package of the checkout
+from bench.presets import unet_preset  # the demo's UNet config, written out (no jax import)
 
 
 def demo_like_config(run_dir: str, steps: int, data: str | None) -> dict:
@@ -47,7 +45,7 @@ def demo_like_config(run_dir: str, steps: int, data: str | None) -> dict:
         cfg["checkpoint"]["every"] = steps
         return cfg
     return {
-        "model": {"unet": UNET, "dtype": "float32"},
+        "model": {"unet": unet_preset("demo"), "dtype": "float32"},
         "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                       "beta_end": 0.012, "prediction_type": "epsilon"},
         "loss": {"cond_dropout": 0.1, "min_snr_gamma": 5.0},

@@ -2,9 +2,7 @@
 export`) and an export diffusers loads; the full run (slow) meets the prompt-adherence targets in time."""
 
 import json
-import os
 
-import jax
 import pytest
 
 from jaxsd.cli import main
@@ -37,13 +35,10 @@ def _check_outputs(out, details):
     return metrics
 
 
-def test_quick_demo_runs_every_phase(tmp_path, capsys, monkeypatch):
-    # The suite compiles at LLVM -O0 (tests/conftest.py), which the train step follows when XLA_FLAGS names
-    # a level; the demo runs hundreds of steps, faster at the step's own -O1 (81 -> ~55 s). XLA read the
-    # flags when its backend started (jax.devices()), so only the train step's explicit options see this.
-    jax.devices()
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization_level")]
-    monkeypatch.setenv("XLA_FLAGS", " ".join(kept))
+def test_quick_demo_runs_every_phase(tmp_path, capsys):
+    # At the suite's -O0 (tests/conftest.py), which the demo's train steps follow: 77 CPU-s for this
+    # run against 123 CPU-s at the steps' own -O1 (measured 2026-12-08; the few steps do not pay back
+    # -O1's longer compiles since the suite compiles with XLA:CPU's elemental fusion emitters).
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick"]) == 0
     printed = capsys.readouterr().out

@@ -102,3 +102,7 @@ def _taps_bwd(stride: int, padding: Padding, x_type: jax.ShapeDtypeStruct,
 
 
 _conv_taps.defvjp(_taps_fwd, _taps_bwd, symbolic_zeros=True)
+
+
+LOWERINGS = {"xla": conv_xla, "im2col": conv_im2col, "taps": conv_taps}
+"""`conv_select`'s names → (x, kernel, stride, padding) → the convolution."""

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from jaxsd.errors import InputError
 from jaxsd.models.conv_select import conv_implementation
-from jaxsd.models.im2col import conv_im2col, conv_output_hw, conv_taps, conv_xla
+from jaxsd.models.im2col import LOWERINGS, conv_output_hw
 from jaxsd.models.lora import dropout_mask
 
 Dtype = jnp.dtype
@@ -152,8 +152,7 @@ class Conv(nn.Module):
             return matmul_last_axis(x, kernel[0, 0])
         out_hw = conv_output_hw(x.shape[1:3], kernel.shape[:2], self.strides, pad)
         # CPU only, where XLA:CPU's kernels are slow: conv_select.py
-        lowering = {"xla": conv_xla, "im2col": conv_im2col, "taps": conv_taps}[conv_implementation(x, kernel, out_hw)]
-        return lowering(x, kernel, self.strides, pad)
+        return LOWERINGS[conv_implementation(x, kernel, out_hw)](x, kernel, self.strides, pad)
 
 
 class GroupNorm(nn.Module):

@@ -9,10 +9,10 @@ padded input concatenated on channels, times the kernel as one [k²·Cin, Cout] 
 a matmul plus k² slice-adds: kernels XLA:CPU runs well on every core.
 
 Elsewhere XLA:CPU's forward and input gradient are fine, but its kernel (weight) gradient — a
-convolution whose window is the whole output image — is 2–3× slower than it need be at ≥ 32² outputs:
-the time of a full fine-tune's or VAE step's backward (issue #21). There `taps`
+convolution whose window is the whole output image — is 2–10× slower than it need be at ≥ 32² outputs:
+most of a full fine-tune's or VAE step's backward (issue #21). There `taps`
 (`jaxsd.models.im2col.conv_taps`) keeps XLA's convolution and computes the kernel gradient as k²
-matmuls, one per kernel tap. A step that needs no kernel gradient (LoRA) runs exactly XLA's program.
+matmuls, one per kernel tap. Where the kernel is not trained (LoRA) it compiles to XLA's own program.
 
 `select_conv` is the decision table, a pure function unit-tested on any machine;
 `conv_implementation` gathers the facts while tracing (platform, the forced choice) and calls it.
@@ -52,9 +52,10 @@ IM2COL_MAX_PIXELS = 16 * 16
 IM2COL_MAX_PATCH_BYTES = 64 << 20
 # `auto` on CPU takes taps for the other k×k convs (no dilation, no groups) with at least
 # TAPS_MIN_PIXELS output positions per image and TAPS_MIN_CHANNELS input channels. Measured (kernel
-# gradient alone, taps / XLA time; docs/benchmarks.md): SD's VAE 256²×128: 0.31, 128²×256: 0.27,
-# 64²×512: 0.49, 32²×512: 0.45, their stride-2 downsamplers 0.43–0.58; SD UNet 32²×320: 0.56; but
-# the demo's 8²–32² × 16–64 channels at batch 16/64: 1.0–1.7, and 4²×128 at batch 64: 1.7.
+# gradient alone, taps / XLA time; docs/benchmarks.md, "Convolutions on CPU"): SD's VAE at 256², batch
+# 1: 256²×128: 0.10, its stride-2 downsampler 0.38, 128²×256: 0.21, 64²×512: 0.26, 32²×512: 0.52,
+# conv_out 128→3: 0.37; SD UNet 32²×320: 0.56; but the demo's 8²–32² × 16–64 channels at batch 16/64:
+# 1.0–1.7, and 4²×128 at batch 64: 1.7 (forward and input gradient: XLA's either way).
 TAPS_MIN_PIXELS = 32 * 32
 TAPS_MIN_CHANNELS = 64
 

@@ -86,7 +86,7 @@ def _taps_bwd(stride: int, padding: Padding, x_type: jax.ShapeDtypeStruct,
 
     dkernel[i, j] = window(i, j)ᵀ · dy over the B·Ho·Wo positions: one [Cin, B·Ho·Wo] @ [B·Ho·Wo, Cout]
     matmul per tap, accumulated in fp32 whatever the input dtype. XLA:CPU runs the same reduction as a
-    convolution whose "kernel" is the whole Ho×Wo image, 2–3× slower at ≥ 32² outputs
+    convolution whose "kernel" is the whole Ho×Wo image, 2–10× slower at ≥ 32² outputs and less exact
     (docs/benchmarks.md, "Convolutions on CPU"); one window alive at a time, not the 9× im2col matrix.
     """
     x, kernel = residuals

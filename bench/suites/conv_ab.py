@@ -1,9 +1,10 @@
 """conv-ab: one jaxsd train step compiled once per convolution lowering, timed interleaved in one process.
 
 What `jaxsd.models.conv_select` buys a whole step on this CPU: the same step (`--step train`: the
-trainer's, as train-step builds it; `--lora RANK` a LoRA run's) is compiled under each `--conv`
-choice (`auto`: the table, `xla`: XLA's convolution everywhere, `im2col`: every k×k conv as a
-matmul), then each repeat runs every compiled step once in turn, so the load of a shared machine
+trainer's, as train-step builds it; `--lora RANK` a LoRA run's; `--vae PRESET` vae-step's VAE run, its
+UNet options unused) is compiled under each `--conv` choice (`auto`: the table, `xla`: XLA's convolution
+everywhere, `im2col`: every k×k conv as a matmul, `taps`: every k×k conv's kernel gradient as tap
+matmuls), then each repeat runs every compiled step once in turn, so the load of a shared machine
 falls on all of them alike: compare the ratios (`vs_<first>`), not the absolute times. XLA's
 memory analysis of each program says what the im2col patches cost (temporaries).
 
@@ -13,13 +14,14 @@ jaxsd only: torch's side of the same step is `train-step`'s.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 from bench.harness import make_record, run_child, stats, table
 from bench.presets import DEFAULT_LATENT, numpy_batch, unet_preset
 from bench.suites.train_step import add_unet_arguments
 
-LOWERINGS = ("auto", "xla", "im2col")
+LOWERINGS = ("auto", "xla", "im2col", "taps")
 
 
 def _lowerings(text: str) -> list[str]:
@@ -37,17 +39,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="a LoRA run's step (rank = alpha = RANK, attn targets), as train-step --lora")
     p.add_argument("--base-dtype", default="float32", choices=("float32", "bfloat16"), help="--lora: the base's dtype")
+    p.add_argument("--vae", default=None, choices=("sd", "tiny"), metavar="PRESET",
+                   help="time vae-step's VAE training step (sd: SD's VAE at 256², its --batch) instead of a UNet's")
     p.add_argument("--conv", type=_lowerings, default=["xla", "auto"], metavar="LIST",
                    help="lowerings to compare, the first is the baseline (default xla,auto)")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.vae:
+        return _records(args, _run_vae(args))
     config = {"preset": args.preset, "step": args.step, "dtype": args.dtype, "optimizer": args.optimizer,
               "attention": args.attention, "remat": args.remat, "clip": args.clip,
               "latent": args.latent or DEFAULT_LATENT[args.preset], "batch": args.batch, "lora": args.lora,
               "base_dtype": args.base_dtype if args.lora else None, "warmup": args.warmup, "repeats": args.repeats}
     out = run_child("conv_ab", "jaxsd", {**config, "unet": unet_preset(args.preset), "convs": args.conv},
                     timeout=args.timeout)
+    return _records(args, (config, out))
+
+
+def _run_vae(args: argparse.Namespace) -> tuple[dict, dict]:
+    """vae-step's files prepared (no torch side), then its jaxsd step per lowering in one child."""
+    from bench.suites.vae_step import PRESETS
+
+    preset = PRESETS[args.vae]
+    config = {"vae": args.vae, "resolution": preset["resolution"], "batch": args.batch, "dtype": "float32",
+              "optimizer": "adamw", "clip": 1.0, "lpips_weight": 1.0, "disc_start": 0,
+              "warmup": args.warmup, "repeats": args.repeats}
+    with tempfile.TemporaryDirectory(prefix="jaxsd-bench-conv-ab-") as folder:
+        child_cfg = {**config, **preset, "folder": folder, "torch": False, "convs": args.conv}
+        run_child("vae_step", "prepare", child_cfg, timeout=args.timeout)
+        out = run_child("conv_ab", "jaxsd", child_cfg, timeout=args.timeout)
+    return config, out
+
+
+def _records(args: argparse.Namespace, config_out: tuple[dict, dict]) -> list[dict]:
+    config, out = config_out
     first = args.conv[0]
     records = []
     for conv in args.conv:
@@ -66,6 +92,10 @@ def format_table(records: list[dict]) -> str:
     for r in records:
         c, j = r["config"], r["jaxsd"]
         vs = next(v for k, v in r.items() if k.startswith("vs_"))
+        if c.get("vae"):  # a VAE step: its pixels' side in the latent column
+            rows.append([f"vae {c['vae']}", "—", c["resolution"], c["batch"], c["conv"], f"{j['step_s']['median']:.3g}",
+                         f"{vs['step_s']:.2f}×", f"{j['temp_gb']:.3g}", j["convolutions"], f"{j['compile_s']['median']:.0f}"])
+            continue
         rows.append([c["preset"], "—" if not c["lora"] else f"{c['lora']} ({c['base_dtype']})", c["latent"],
                      c["batch"], c["conv"], f"{j['step_s']['median']:.3g}", f"{vs['step_s']:.2f}×",
                      f"{j['temp_gb']:.3g}", j["convolutions"], f"{j['compile_s']['median']:.0f}"])
@@ -84,9 +114,16 @@ def child_jaxsd(config: dict) -> dict:
     from bench.suites.train_step import _jaxsd_kit
     from jaxsd.models.conv_select import forced_conv
 
-    kit = _jaxsd_kit(config)
-    batch = kit.to_batch({k: jnp.asarray(v) for k, v in numpy_batch(config["unet"], config["batch"],
-                                                                        config["latent"], seed=1).items()})
+    if config.get("vae"):
+        from bench.jaxsd_steps import vae_trainer_kit
+        from bench.suites.vae_step import _pixels, _trainer_config
+
+        kit = vae_trainer_kit(_trainer_config(config))
+        batch = kit.to_batch({"pixels": jnp.asarray(_pixels(config))})
+    else:
+        kit = _jaxsd_kit(config)
+        batch = kit.to_batch({k: jnp.asarray(v) for k, v in numpy_batch(config["unet"], config["batch"],
+                                                                            config["latent"], seed=1).items()})
     state = kit.start()
     compiled, figures = {}, {}
     for conv in config["convs"]:

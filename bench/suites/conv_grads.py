@@ -10,10 +10,11 @@ kernel as three programs (a vjp of a linear op needs no forward, which XLA drops
 `torch.nn.grad.conv2d_input` / `conv2d_weight`, the same aten backward kernels autograd runs.
 NHWC / HWIO in XLA, NCHW / OIHW in torch — each framework's native layout. fp32, 2 threads.
 
-`--conv xla,im2col` times jaxsd's two CPU lowerings (`jaxsd.models.conv_select`) in one child,
-interleaved repeat by repeat so the machine's load falls on both alike, and checks im2col's
-outputs against XLA's (≤ 1e-5 relative) before anything is recorded. `--shapes demo`: the
-demo UNet's 3×3 convs (8×8 latents, 32/64 channels; use `--batch 64`, its batch).
+`--conv xla,im2col,taps` times jaxsd's CPU lowerings (`jaxsd.models.conv_select`) in one child,
+interleaved repeat by repeat so the machine's load falls on all alike, and checks their
+outputs against the first's (≤ 1e-5 relative) before anything is recorded. `--shapes demo`: the
+demo UNet's 3×3 convs (8×8 latents, 32/64 channels; use `--batch 64`, its batch); `--shapes sd-vae`:
+SD's VAE at 256² (its kernel gradients are a VAE step's slow part).
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ SHAPES = (("level0 resnet", 32, 320, 320, 1), ("level0 downsample", 32, 320, 320
 DEMO_SHAPES = (("level0 resnet", 8, 32, 32, 1), ("level0 downsample", 8, 32, 32, 2),
                ("level1 resnet", 4, 64, 64, 1), ("up level1 resnet (concat in)", 4, 128, 64, 1),
                ("up level0 resnet (concat in)", 8, 96, 32, 1))
-SHAPE_SETS = {"sd15": SHAPES, "demo": DEMO_SHAPES}
-CONVS = ("xla", "im2col")
+# SD's VAE (128, 256, 512, 512 channels) at 256² pixels, batch 1 in vae-step: where its step's kernel
+# gradients go (the stride-2 row pads (1, 1) here, diffusers' downsampler (0, 1): the same work)
+VAE_SHAPES = (("level0 resnet", 256, 128, 128, 1), ("level0 downsample", 256, 128, 128, 2),
+              ("level1 resnet", 128, 256, 256, 1), ("level2 resnet", 64, 512, 512, 1),
+              ("level3 resnet", 32, 512, 512, 1), ("decoder conv_out", 256, 128, 3, 1))
+SHAPE_SETS = {"sd15": SHAPES, "demo": DEMO_SHAPES, "sd-vae": VAE_SHAPES}
+CONVS = ("xla", "im2col", "taps")
 
 
 def _convs(text: str) -> list[str]:
@@ -51,10 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per convolution (default 1)")
     p.add_argument("--scale", type=int, default=1, help="multiply every side (1: 32×32 latents, 2: 64×64)")
     p.add_argument("--shapes", default="sd15", choices=sorted(SHAPE_SETS),
-                   help="sd15: the SD1.5 UNet's 3×3 convs (default); demo: the demo UNet's")
+                   help="sd15: the SD1.5 UNet's 3×3 convs (default); demo: the demo UNet's; sd-vae: SD's VAE's at 256²")
     p.add_argument("--conv", type=_convs, default=["xla"], metavar="LIST",
-                   help="jaxsd's lowerings to time, interleaved in one process: xla (default), im2col, or "
-                        "xla,im2col (the first is the record's `jaxsd`, the others `jaxsd_<name>` + `vs_<first>`)")
+                   help="jaxsd's lowerings to time, interleaved in one process: xla (default), im2col, taps, or "
+                        "several, e.g. xla,taps (the first is the record's `jaxsd`, the others `jaxsd_<name>` + "
+                        "`vs_<first>`)")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -138,7 +145,7 @@ def _arrays(config: dict, side: int, cin: int, cout: int, stride: int):
 
 def child_jaxsd(config: dict) -> dict:
     """Per shape {conv: {op: [ms]}}: each op compiled once per lowering, the lowerings' repeats
-    interleaved; im2col's results checked against XLA's first. `checks` are the first lowering's."""
+    interleaved; each lowering's results checked against the first's. `checks` are the first lowering's."""
     import jax
 
     from jaxsd.train.compile import train_step_compiler_options
@@ -153,10 +160,8 @@ def child_jaxsd(config: dict) -> dict:
                         for conv in config["convs"]}
             outs = {conv: np.asarray(c(*args)) for conv, c in compiled.items()}
             ref = outs[config["convs"][0]]
-            for conv, out in outs.items():
-                err = np.abs(out - ref).max() / np.abs(ref).max()
-                if err > 1e-5:
-                    raise BenchError(f"conv-grads: {name} {op}: {conv} differs from {config['convs'][0]} by {err:.2g}")
+            if any(_rel(out, ref) > 1e-5 for out in outs.values()):
+                _check_against_exact(f"conv-grads: {name} {op}", op, outs, [np.asarray(a) for a in args], stride)
             checks.append(_check(ref))
             run = {conv: (lambda c=c, a=args: jax.block_until_ready(c(*a))) for conv, c in compiled.items()}
             timed = _timed_interleaved(run, config)
@@ -164,6 +169,31 @@ def child_jaxsd(config: dict) -> dict:
                 row[conv][op] = timed[conv]
         ms.append(row)
     return {"ms": ms, "checks": checks}
+
+
+def _rel(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def _check_against_exact(what: str, op: str, outs: dict, args: list[np.ndarray], stride: int) -> None:
+    """Lowerings that differ by > 1e-5: each must be within 1e-5 of the float64 result, or no further from it
+    than the first lowering (XLA's own kernel gradient of a 256² image is 1.1e-5 off; the taps' 8e-7)."""
+    x, w, dy = (a.astype(np.float64) for a in args)
+    kh, kw, cin, cout = w.shape
+    b, ho, wo, _ = dy.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    windows = [xp[:, i:i + (ho - 1) * stride + 1:stride, j:j + (wo - 1) * stride + 1:stride].reshape(-1, cin)
+               for i in range(kh) for j in range(kw)]
+    if op == "forward":
+        exact = (np.concatenate(windows, axis=1) @ w.reshape(-1, cout)).reshape(b, ho, wo, cout)
+    elif op == "kernel_grad":
+        exact = np.stack([t.T @ dy.reshape(-1, cout) for t in windows]).reshape(w.shape)
+    else:
+        raise BenchError(f"{what}: the lowerings differ by more than 1e-5 (no float64 reference for {op})")
+    errors = {conv: _rel(out, exact) for conv, out in outs.items()}
+    bound = max(1e-5, next(iter(errors.values())))
+    if any(e > bound for e in errors.values()):
+        raise BenchError(f"{what}: relative error vs float64 {errors}, above {bound:.2g}")
 
 
 def _timed_interleaved(fns: dict, config: dict) -> dict[str, list[float]]:
@@ -181,17 +211,16 @@ def _timed_interleaved(fns: dict, config: dict) -> dict[str, list[float]]:
 
 
 def _jax_ops(stride: int, conv_impl: str = "xla") -> dict:
-    """(x, w, dy) -> the op's result, per op (NHWC / HWIO), with XLA's conv or the im2col matmul."""
+    """(x, w, dy) -> the op's result, per op (NHWC / HWIO), on one of jaxsd's lowerings."""
     import jax
 
-    from jaxsd.models.im2col import conv_im2col
+    from jaxsd.models.im2col import LOWERINGS
 
     pad = ((1, 1), (1, 1))
+    lowering = LOWERINGS[conv_impl]
 
     def conv(x, w):
-        if conv_impl == "im2col":
-            return conv_im2col(x, w, stride, pad)
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return lowering(x, w, stride, pad)
 
     return {"forward": lambda x, w, dy: conv(x, w),
             "input_grad": lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],

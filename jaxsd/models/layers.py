@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jaxsd.errors import InputError
 from jaxsd.models.conv_select import conv_implementation
 from jaxsd.models.frozen_kernel import frozen_kernel_op, use_frozen_kernel_op
-from jaxsd.models.im2col import conv_im2col, conv_output_hw
+from jaxsd.models.im2col import LOWERINGS, conv_output_hw
 from jaxsd.models.lora import dropout_mask
 
 Dtype = jnp.dtype
@@ -163,10 +163,8 @@ class Conv(nn.Module):
             # A 1x1 conv is a matmul over channels; as one it trains faster on XLA:CPU (see matmul_last_axis).
             return matmul_last_axis(x, kernel[0, 0])
         out_hw = conv_output_hw(x.shape[1:3], kernel.shape[:2], self.strides, pad)
-        if conv_implementation(x, kernel, out_hw) == "im2col":  # CPU only, for wide convs: conv_select.py
-            return conv_im2col(x, kernel, self.strides, pad)
-        return jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides), pad,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        # CPU only, where XLA:CPU's kernels are slow: conv_select.py
+        return LOWERINGS[conv_implementation(x, kernel, out_hw)](x, kernel, self.strides, pad)
 
 
 class GroupNorm(nn.Module):

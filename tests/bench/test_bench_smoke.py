@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bench import harness, report
@@ -285,13 +286,30 @@ def test_conv_grads(bench_env):
     """conv-grads times the three convolutions of each SD shape in both frameworks, and jaxsd's two
     lowerings; the suite itself refuses a run whose ops disagree (mean and mean square of every
     output, 1e-4 across frameworks; im2col vs XLA elementwise, 1e-5)."""
-    recs = _command(bench_env, "conv-grads", "--repeats", "1", "--warmup", "0", "--conv", "xla,im2col")
+    recs = _command(bench_env, "conv-grads", "--repeats", "1", "--warmup", "0", "--conv", "xla,im2col,taps")
     assert [r["config"]["shape"] for r in recs][:2] == ["level0 resnet", "level0 downsample"]
     for r in recs:
         for op in ("forward", "input_grad", "kernel_grad"):
             assert _is_stats(r["jaxsd"][f"{op}_ms"]) and _is_stats(r["torch"][f"{op}_ms"])
-            assert _is_stats(r["jaxsd_im2col"][f"{op}_ms"])
+            assert _is_stats(r["jaxsd_im2col"][f"{op}_ms"]) and _is_stats(r["jaxsd_taps"][f"{op}_ms"])
             assert r["ratio"][f"{op}_ms"] > 0 and r["vs_xla"][f"{op}_ms"] > 0
+
+
+def test_conv_grads_judges_lowerings_that_differ_by_the_float64_result():
+    """Lowerings more than 1e-5 apart pass when none is further from the float64 result than 1e-5 or the
+    first lowering is (XLA's own kernel gradient of a 256² image is 1.1e-5 off), and stop the run otherwise."""
+    from bench.harness import BenchError
+    from bench.suites.conv_grads import _check_against_exact
+
+    rng = np.random.default_rng(0)
+    x, w, dy = (rng.standard_normal(s, dtype=np.float32) for s in ((1, 6, 6, 3), (3, 3, 3, 2), (1, 6, 6, 2)))
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    exact = np.stack([xp[:, i:i + 6, j:j + 6].reshape(-1, 3).T @ dy.reshape(-1, 2)
+                      for i in range(3) for j in range(3)]).reshape(w.shape)
+    off = lambda rel: exact + rel * np.abs(exact).max()
+    _check_against_exact("t", "kernel_grad", {"xla": off(3e-5), "taps": off(1e-6)}, [x, w, dy], 1)
+    with pytest.raises(BenchError, match="relative error vs float64"):
+        _check_against_exact("t", "kernel_grad", {"xla": off(1e-6), "taps": off(3e-5)}, [x, w, dy], 1)
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@ folder of PNGs, then `jaxsd export RUN --out DIR`, each a `jaxsd` command in its
 
 Default run: one tiny autoencoder from scratch, 12 steps, the discriminator from step 6 on: the
 reconstruction loss falls, the discriminator's loss is 0 before its start and moves after it, the
-reconstruction grid is written, and the export is an AutoencoderKL folder diffusers decodes as jaxsd does.
+reconstruction grid is written, the export is an AutoencoderKL folder diffusers decodes as jaxsd does, and
+two steps with every conv's kernel gradient as tap matmuls (`JAXSD_CONV=taps`) give the same figures.
 Slow: a decoder-only fine-tune of that export leaves its encoder bitwise as it was; a run killed with
 `kill -9` and resumed is bitwise the straight run; the same run on 2 devices (params, optimizer states and
 batch sharded over fsdp) computes the first step as one device does.
@@ -78,6 +79,18 @@ def test_reconstruction_improves_and_the_discriminator_starts_at_disc_start(run)
     grid = Image.open(run_dir / "samples" / f"step_{STEPS:06d}.png")
     assert grid.width > grid.height  # a row of inputs over a row of their reconstructions
     assert [s for s, _ in read_images(run_dir / "tensorboard")["samples/ema"]] == [STEPS]
+
+
+def test_taps_convolutions_train_the_same_steps(run):
+    """`JAXSD_CONV=taps` (every k×k conv's kernel gradient as tap matmuls; `auto` keeps this tiny VAE on XLA):
+    the first two steps' figures — the second made after an update from every kernel gradient — equal the
+    default run's within the whole-model tolerance."""
+    base, images, run_dir = run
+    taps_dir = base / "taps"
+    jaxsd_command(*train_args(taps_dir, images, "train.steps=2"), env={"JAXSD_CONV": "taps"})
+    for ours, ref in zip(records(taps_dir), records(run_dir)[:2], strict=True):
+        for key in ("loss", "rec", "kl", "adaptive_weight", "grad_norm"):
+            assert rel_err(ours[key], ref[key]) <= 1e-4, (ours["step"], key)
 
 
 def test_the_log_counts_the_discriminator_on_both_sides_of_trainable(run):

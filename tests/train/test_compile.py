@@ -1,6 +1,8 @@
 """The CPU-only compile and memory choices of `jaxsd.train.compile`: which platform gets what, and
 that each does what its docstring says."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from jaxsd.train.compile import (
     run_once,
     shared_reduction_below,
+    split_cpu_into_devices,
     train_step_compiler_options,
     warm_cpu_heap,
 )
@@ -40,6 +43,24 @@ def test_run_once_computes_what_jit_does():
 def test_warm_heap_is_skipped_once_jax_runs():
     jnp.zeros(1).block_until_ready()  # this process's backend is up: XLA's threads have their arenas
     assert warm_cpu_heap() is False
+
+
+def test_split_cpu_into_devices_only_before_the_backend_starts():
+    jnp.zeros(1).block_until_ready()  # this process's backend is up: its device count is fixed
+    assert split_cpu_into_devices(2) == 1
+
+
+_SPLIT = """
+import jax
+from jaxsd.train.compile import split_cpu_into_devices
+print(split_cpu_into_devices(2), len(jax.devices("cpu")), split_cpu_into_devices(2))
+"""
+
+
+def test_split_cpu_into_devices_gives_a_fresh_process_that_many_unless_xla_flags_name_a_count():
+    suite_flags = os.environ.get("XLA_FLAGS", "")  # the suite's compile flags, no device count
+    assert run_python(_SPLIT, env={"XLA_FLAGS": suite_flags}).split() == ["2", "2", "1"]
+    assert run_python(_SPLIT, devices=3).split() == ["1", "3", "1"]  # the count already set wins
 
 
 _STEPS = """

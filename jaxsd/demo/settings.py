@@ -54,8 +54,9 @@ class DemoSettings:
     (docs/demo.md); the 4x4 level's attention sees the whole image."""
     unet_layers_per_block: int = 1
     unet_heads: int = 4
-    unet_steps: int = 2200
-    """2000: shape 78 % (96 samples); 2200: 77 %, 2400: 89.6 % (48 samples each); each 200 steps ≈ 60 s (docs/demo.md)."""
+    unet_steps: int = 2000
+    """2000: shape 72.9 % (2026-12-08, two CPU devices), 78 % (96 samples, earlier VAE); 2200: 77.1 %; 2400: 89.6 %
+    (48 samples unless said); each 200 steps ≈ 50 s (docs/demo.md)."""
     unet_batch_size: int = 64
     unet_learning_rate: float = 1e-3
     unet_warmup_steps: int = 100

@@ -52,9 +52,10 @@ def pytest_collection_modifyitems(config, items):
         if "torch" in item.keywords and not have_torch:
             item.add_marker(skip)
     # Longest files first: pytest-xdist (--dist loadfile) hands files out in collection order, and the
-    # alphabetical order left tests/train/'s long runs for last, one worker finishing alone for minutes.
+    # alphabetical order left tests/train/'s long runs for last, one worker finishing alone for minutes
+    # (the quick demo, the longest single test, first of all: handed out late, it ran alone at the end).
     items.sort(key=lambda item: _FIRST.get(item.path.parent.name, len(_FIRST)))  # stable: files stay whole
 
 
 # test folders in the order their files are handed to the workers (the rest follow, alphabetically)
-_FIRST = {name: i for i, name in enumerate(("train", "demo", "bench", "pipelines", "models"))}
+_FIRST = {name: i for i, name in enumerate(("demo", "train", "bench", "pipelines", "models"))}

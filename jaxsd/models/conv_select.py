@@ -126,12 +126,13 @@ def select_conv(requested: str, *, platform: str, batch: int, out_hw: tuple[int,
     if requested != "auto":
         return requested
     kh, kw = kernel_hw
-    patch_bytes = batch * out_hw[0] * out_hw[1] * kh * kw * in_channels * itemsize
-    if (platform == "cpu" and kh * kw > 1 and dilation == 1 and groups == 1 and in_channels >= IM2COL_MIN_CHANNELS
-            and out_hw[0] * out_hw[1] <= IM2COL_MAX_PIXELS and patch_bytes <= IM2COL_MAX_PATCH_BYTES):
+    if platform != "cpu" or kh * kw == 1 or dilation != 1 or groups != 1:
+        return "xla"
+    pixels = out_hw[0] * out_hw[1]
+    patch_bytes = batch * pixels * kh * kw * in_channels * itemsize
+    if in_channels >= IM2COL_MIN_CHANNELS and pixels <= IM2COL_MAX_PIXELS and patch_bytes <= IM2COL_MAX_PATCH_BYTES:
         return "im2col"
-    if (platform == "cpu" and kh * kw > 1 and dilation == 1 and groups == 1 and in_channels >= TAPS_MIN_CHANNELS
-            and out_hw[0] * out_hw[1] >= TAPS_MIN_PIXELS):
+    if in_channels >= TAPS_MIN_CHANNELS and pixels >= TAPS_MIN_PIXELS:
         return "taps"
     return "xla"
 

@@ -3,7 +3,7 @@
 Compiling an XLA program on CPU allocates and frees a lot of small blocks; glibc keeps the
 freed heap, and the process's RSS (and its peak, once the next allocations land elsewhere)
 counts it. Used after compiling the train step (`jaxsd.train.compile`) and the generation
-program (`jaxsd.pipelines.generate`). Imports nothing of jaxsd, so every layer may use it.
+program (`jaxsd.pipelines.generate`), and once the train state is loaded (`jaxsd.train.loop`). Imports nothing of jaxsd, so every layer may use it.
 """
 
 from __future__ import annotations

@@ -267,28 +267,33 @@ def child_jaxsd(config: dict) -> dict:
 
 
 def time_jaxsd_step(config: dict, kit, baseline: float, np_batch: dict) -> dict:
-    """A kit's step on `np_batch` (`kit.to_batch` maps it): AOT compile (timed apart), then `config["warmup"]`
-    untimed and `config["repeats"]` timed steps. info: the first step's loss and, for a step whose aux is a
-    dict of metrics (the trainer's), every scalar of it (`first_metrics`), XLA's memory figures, RSS marks."""
+    """A kit's step on `np_batch` (`kit.to_batch` maps it): AOT compile from the state's shapes (timed apart),
+    then the state loaded, then `config["warmup"]` untimed and `config["repeats"]` timed steps. info: the first
+    step's loss and, for a step whose aux is a dict of metrics (the trainer's), every scalar of it
+    (`first_metrics`), XLA's memory figures, RSS marks."""
     import jax
     import jax.numpy as jnp
 
     from bench import jaxsd_unet as J
+    from jaxsd.host_memory import release_freed_host_memory
 
     batch = kit.to_batch({k: jnp.asarray(v) for k, v in np_batch.items()})
-    state = kit.start()
-    jax.block_until_ready(state)
-    peak_after_load = _rss_gb("VmHWM")  # loading counts in the peak: this mark says how much
-    compiled, lower_s, compile_s = J.timed_compile(kit.step, *state, batch, donate_argnums=kit.donate,
-                                                   compiler_options=kit.compiler_options)
+    # compiled from the state's shapes (and shardings) before any weight is loaded, as `jaxsd train` does
+    # (jaxsd.train.loop._FirstBatch): the compiler's transient memory is handed back before the weights arrive
+    compiled, lower_s, compile_s = J.timed_compile(kit.step, *kit.abstract_state(), batch,
+                                                   donate_argnums=kit.donate, compiler_options=kit.compiler_options)
     mem = J.memory_figures(compiled)
     flops = J.flops_of(compiled)
     if kit.kind == "train":  # as the trainer does after compiling (jaxsd.train.compile.compile_train_step)
-        from jaxsd.train.compile import release_freed_host_memory
-
         release_freed_host_memory()
-    # where the peak comes from: the high-water mark once compiled vs. the child's final peak
-    peak_after_compile = _rss_gb("VmHWM")
+    # where the peak comes from: the high-water marks once compiled, once loaded, vs. the child's final peak
+    peak_after_compile, rss_after_compile = _rss_gb("VmHWM"), _rss_gb()
+    state = kit.start()
+    jax.block_until_ready(state)
+    peak_after_load, rss_after_load = _rss_gb("VmHWM"), _rss_gb()
+    if kit.kind == "train":  # as the trainer does once the state exists (jaxsd.train.loop._train)
+        release_freed_host_memory()
+    rss_after_load_trim = _rss_gb()
     info = _param_info(kit, state)
     n = len(state)
     first_loss, first_metrics, times = None, None, []
@@ -312,6 +317,8 @@ def time_jaxsd_step(config: dict, kit, baseline: float, np_batch: dict) -> dict:
                      **extra,
                      "flops": flops, "baseline_rss_gb": baseline, "peak_rss_after_load_gb": peak_after_load,
                      "peak_rss_after_compile_gb": peak_after_compile,
+                     "rss_after_compile_gb": rss_after_compile, "rss_after_load_gb": rss_after_load,
+                     "rss_after_load_trimmed_gb": rss_after_load_trim,
                      "xla_temp_gb": mem["temp_gb"], "xla_memory": mem, **info}}
 
 

@@ -175,29 +175,39 @@ def batch_signature(batch: dict[str, Any]) -> tuple:
 
 
 class CompiledSteps:
-    """The jitted train step compiled once per batch shape, on first sight, and kept.
+    """The jitted train step compiled once per batch shape and kept.
 
-    Aspect-ratio buckets give batches of several shapes; each gets its own executable
-    (logged with its shapes and compile time). With `train.compilation_cache` a resumed
-    run loads them from disk instead of compiling again.
+    The loop compiles its first batch's shape from the planned state (ShapeDtypeStructs with their
+    shardings, no arrays) before any weight is loaded (`compile`), so the compiler's transient host
+    memory is handed back before the weights arrive: the peak is the larger of compiling and
+    training, not their sum. Aspect-ratio buckets give batches of other shapes; each gets its own
+    executable on first sight (logged with its shapes and compile time). With
+    `train.compilation_cache` a resumed run loads them from disk instead of compiling again.
     """
 
     def __init__(self, jitted: Any, mesh: Any = None):
         self.jitted, self.mesh = jitted, mesh
         self.compiled: dict[tuple, tuple[Any, float | None]] = {}
 
+    def compile(self, state: Any, batch: dict[str, Any]) -> None:
+        """Compile the step for `batch`'s shapes unless it is compiled already. state: the train state,
+        or its abstract values (`StatePlan.abstract`) — the same shapes, dtypes and shardings, so the
+        executable is the one the real state runs (a mismatch is an error when it is called)."""
+        key = batch_signature(batch)
+        if key in self.compiled:
+            return
+        t0 = time.perf_counter()
+        # traced under the mesh: a kernel that must run per device (TPU splash attention) finds it
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            lowered = self.jitted.lower(state, batch)
+        self.compiled[key] = compile_train_step(lowered)
+        shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s, _ in key)
+        log.info("train step compiled for batch shapes {%s} in %.1f s (%d shape%s so far)", shapes,
+                 time.perf_counter() - t0, len(self.compiled), "s" if len(self.compiled) > 1 else "")
+
     def __call__(self, state: Any, batch: dict[str, Any]) -> tuple[Any, Any, float | None]:
         """(new state, metrics, FLOPs of this step or None)."""
-        key = batch_signature(batch)
-        if key not in self.compiled:
-            t0 = time.perf_counter()
-            # traced under the mesh: a kernel that must run per device (TPU splash attention) finds it
-            with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
-                lowered = self.jitted.lower(state, batch)
-            self.compiled[key] = compile_train_step(lowered)
-            shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s, _ in key)
-            log.info("train step compiled for batch shapes {%s} in %.1f s (%d shape%s so far)", shapes,
-                     time.perf_counter() - t0, len(self.compiled), "s" if len(self.compiled) > 1 else "")
-        compiled, flops = self.compiled[key]
+        self.compile(state, batch)
+        compiled, flops = self.compiled[batch_signature(batch)]
         state, metrics = compiled(state, batch)
         return state, metrics, flops

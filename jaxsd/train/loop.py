@@ -3,8 +3,9 @@
     result = train(load_config("configs/tiny.yaml", ["train.steps=50"]))
 
 Init order (logged): resume from <run_dir>/checkpoints (checked against the run's config first,
-see `jaxsd.train.resume`) → `model.pretrained` → from scratch. The step is compiled once per
-batch shape (aspect-ratio buckets), on first sight. The loop stops at `train.steps`; on SIGTERM/SIGINT (e.g. TPU preemption) or when
+see `jaxsd.train.resume`) → `model.pretrained` → from scratch. The first batch's step is compiled
+from the planned state before any weight is loaded (`_FirstBatch`); other batch shapes (aspect-ratio
+buckets) compile on first sight. The loop stops at `train.steps`; on SIGTERM/SIGINT (e.g. TPU preemption) or when
 <run_dir>/<checkpoint.trigger_file> appears it saves first (and, for a signal,
 then stops). After more than `train.max_nonfinite_skips` consecutive NaN/inf
 steps it stops without saving, so the last good checkpoint stays the latest.
@@ -26,12 +27,13 @@ import numpy as np
 
 from jaxsd.config import Config, to_yaml
 from jaxsd.errors import InputError
+from jaxsd.host_memory import release_freed_host_memory
 from jaxsd.train.base import base_fingerprint, checkpointed
 from jaxsd.train.checkpoint import Checkpointer
-from jaxsd.train.compile import use_compilation_cache
+from jaxsd.train.compile import CompiledSteps, use_compilation_cache
 from jaxsd.train.logging import RunLogger
 from jaxsd.train.model import describe, initial_params
-from jaxsd.train.plan import compiled_train_steps, fresh_state, plan_state
+from jaxsd.train.plan import StatePlan, compiled_train_steps, fresh_state, plan_state
 from jaxsd.train.resume import STATE_FORMAT, restore_data_position, resume
 from jaxsd.train.run_dir import RunDir, TriggerFile
 from jaxsd.train.sampling import StateText, TrainingSampler
@@ -224,6 +226,25 @@ class _CacheBatches:
         return empty
 
 
+class _FirstBatch:
+    """The run's first batch, drawn and its step compiled from the planned state (no arrays) before any
+    weight is loaded or restored: the compiler's transient host memory is handed back first, so the
+    peak RSS is the larger of compiling and training, not their sum (SD1.5 LoRA on CPU: docs/benchmarks.md)."""
+
+    def __init__(self, cfg: Config, plan: StatePlan, source: Any, steps: CompiledSteps, mesh: Any):
+        self.cfg, self.plan, self.source, self.steps, self.mesh = cfg, plan, source, steps, mesh
+        self.batch: dict | None = None
+
+    def draw(self, step: int, meta: dict | None = None, changes: dict | None = None) -> None:
+        """At `step` (a checkpoint's meta and config changes when resuming): put the data where the
+        checkpoint left it, draw the next batch (none once train.steps is reached) and compile its step."""
+        if meta is not None:
+            restore_data_position(self.source, meta, changes or {})
+        self.batch = on_mesh(next(self.source), self.mesh) if step < self.cfg.train.steps else None
+        if self.batch is not None:
+            self.steps.compile(self.plan.abstract, self.batch)
+
+
 def train(cfg: Config, source: Any = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; returns the final state and why it stopped."""
     maybe_initialize_distributed(cfg.sharding)
@@ -257,24 +278,25 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
 
     source = source if source is not None else make_source(cfg, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    resumed = resume(cfg, plan, ckpt, mesh)  # compares configs before reading any array
-    if resumed is not None:
-        state, start, init_from = resumed.state, resumed.step, resumed.how
-        restore_data_position(source, resumed.meta, resumed.changes)
-    else:
-        start = 0
-        params, init_from = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings,
-                                           dtype=plan.base_dtype)
-        state = fresh_state(cfg, plan, params)
-        del params
-    log.info("init: %s (order: resume → model.pretrained → from scratch)", init_from)
-    if jax.process_index() == 0:  # after the resume check: it compares against the checkpoint's own copy
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-
     # the empty caption's cached text: its embedding, or (text in the step) its token ids
     empty = source.empty_prompt() if cfg.loss.cond_dropout > 0 else None
     # batches arrive as global arrays with their sharding; one executable per batch shape
     steps = compiled_train_steps(cfg, plan, mesh, empty)
+    first = _FirstBatch(cfg, plan, source, steps, mesh)
+    resumed = resume(cfg, plan, ckpt, mesh, before_load=first.draw)  # compares configs before reading any array
+    if resumed is not None:
+        state, start, init_from = resumed.state, resumed.step, resumed.how
+    else:
+        start = 0
+        first.draw(0)
+        params, init_from = initial_params(cfg.model, plan.module, cfg.train.seed, plan.param_shardings,
+                                           dtype=plan.base_dtype)
+        state = fresh_state(cfg, plan, params)
+        del params
+    release_freed_host_memory()  # what loading freed (reading, casting) goes back before the step's temporaries
+    log.info("init: %s (order: resume → model.pretrained → from scratch)", init_from)
+    if jax.process_index() == 0:  # after the resume check: it compares against the checkpoint's own copy
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     logger = RunLogger(run, total_steps=cfg.train.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
                        progress_bar=cfg.logging.progress_bar, every=cfg.logging.every)
@@ -286,7 +308,7 @@ def _train(cfg: Config, source: Any, run: RunDir) -> TrainResult:
     stops = _StopPolls(TriggerFile(run_dir / cfg.checkpoint.trigger_file), cfg.checkpoint.poll_every)
     stopped = "done"
     step = start
-    batch = on_mesh(next(source), mesh) if step < cfg.train.steps else None
+    batch = first.batch
     data_state = source.get_state()
     pending: deque[_InFlight] = deque()  # dispatched steps whose metrics the host has not read yet
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -126,8 +127,13 @@ def _params_only(cfg: Config, plan: StatePlan, old_cfg: Config, old: StatePlan, 
     return state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding))
 
 
-def resume(cfg: Config, plan: StatePlan, ckpt: Checkpointer, mesh) -> Resumed | None:
+def resume(cfg: Config, plan: StatePlan, ckpt: Checkpointer, mesh,
+           before_load: Callable[[int, dict[str, Any], dict[str, tuple[Any, Any]]], None] | None = None
+           ) -> Resumed | None:
     """The newest checkpoint of the run restored into `plan` (see the module docstring); None if there is none.
+    before_load(step, meta, changes): called once a checkpoint is chosen, before any of its arrays is read
+    (the loop puts the data where it left off and compiles the first step then); again for an older one
+    if that checkpoint turns out damaged.
 
     Raises ResumeMismatch for a config change that alters the state (without params_only), and
     DamagedCheckpoints when checkpoints exist but none of them reads.
@@ -160,6 +166,8 @@ def resume(cfg: Config, plan: StatePlan, ckpt: Checkpointer, mesh) -> Resumed | 
                     f"{describe_changes(changes)}. Undo those changes to resume, or set train.resume=params_only "
                     "to start a fresh optimizer (and EMA) from the checkpoint's params")
             old_cfg = from_yaml_text(meta["config"])
+            if before_load is not None:
+                before_load(step, meta, changes)
             state = _params_only(cfg, plan, old_cfg, _old_plan(meta, step, mesh), ckpt, step)
             how = f"params only from {where} (train.resume=params_only; fresh optimizer state and EMA)"
             log.warning("%s; config changed: %s", how, describe_changes(changes))
@@ -167,6 +175,8 @@ def resume(cfg: Config, plan: StatePlan, ckpt: Checkpointer, mesh) -> Resumed | 
         if changes:
             log.warning("resuming %s with a changed config (the train state is unchanged): %s", where,
                         describe_changes(changes))
+        if before_load is not None:
+            before_load(step, meta, changes)
         try:
             restored = ckpt.restore(step, checkpointed(plan.abstract), partial=True)
         except RESTORE_ERRORS as e:

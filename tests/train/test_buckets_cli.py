@@ -48,7 +48,11 @@ def test_bucketed_run_trains_every_step_then_exports(straight):
     log = (run_dir / "train.log").read_text()
     compiled = [line for line in log.splitlines() if "train step compiled for batch shapes" in line]
     latents = {re.search(r"latent_mean (\S+),", line).group(1) for line in compiled}
-    assert latents == {"2x4x16x4", "2x8x8x4", "2x16x4x4"}, compiled  # one executable per bucket, no more
+    assert latents == {"2x4x16x4", "2x8x8x4", "2x16x4x4"}, compiled  # one executable per bucket
+    # no more: the first bucket's step, compiled from the planned state before the weights were loaded
+    # (so the peak RSS is not compile + weights), is the executable the loaded state runs
+    assert len(compiled) == 3, compiled
+    assert log.index("train step compiled for batch shapes") < log.index("init: "), log
     out = jaxsd_command("export", run_dir, "--out", base / "export")
     assert (base / "export").is_dir(), out.stdout
 
@@ -82,6 +86,10 @@ def test_kill_9_during_an_async_save_then_resume_is_bitwise_identical(straight):
     assert killed_at < STEPS
     jaxsd_command(*args, env=ENV)  # resumes
     assert _losses(run_dir) == _losses(base / "straight"), f"killed after {killed_at} steps, during a save: {during_save}"
+    # the resumed position's bucket compiled from the planned state before the checkpoint was read
+    lines = (run_dir / "train.log").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if "init: resumed from checkpoint" in line)
+    assert "train step compiled for batch shapes" in lines[at - 1], lines[:at + 1]
     jaxsd_command("export", run_dir, "--out", base / "export_killed")
     for f in sorted((base / "export").rglob("*.safetensors")):
         assert f.read_bytes() == (base / "export_killed" / f.relative_to(base / "export")).read_bytes(), f

@@ -1,611 +1,74 @@
-"""The typed configuration schema of `jaxsd train`: frozen dataclasses, YAML presets, dotted overrides.
+"""The configuration of `jaxsd train`: its public import path (`from jaxsd.config import ...`).
 
-The dataclasses below are the single source of truth; `configs/*.yaml` are
-presets that set some of their fields. `load_config(path, overrides)` merges
-schema defaults ← YAML file ← `key.sub=value` overrides with OmegaConf
-structured configs, so a YAML or override that names an unknown key, or gives a
-value of the wrong type, fails with a `ConfigError` naming the full dotted key
-and the closest valid key.
+Three files with one job each stand behind it: the typed schema, frozen dataclasses
+(`config_schema.py`; `configs/*.yaml` are presets that set some of their fields); loading, which merges
+schema defaults <- YAML file <- `key.sub=value` overrides with OmegaConf structured configs, so a YAML or
+override that names an unknown key, or gives a value of the wrong type, fails with a `ConfigError`
+naming the full dotted key and the closest valid key (`config_loader.py`); and the checks of values and
+combinations beyond their types, run when a config loads (`config_checks.py`). Sections with their own
+schema and check: `config_losses.py`, `config_vae.py`, `config_text.py`, `jaxsd/data/config.py`.
 
     cfg = load_config("configs/tiny.yaml", ["optimizer.learning_rate=3e-4", "train.steps=50"])
     cfg.optimizer.learning_rate  # 0.0003
 """
 
-from __future__ import annotations
-
-import difflib
-import re
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
-from pathlib import Path
-from typing import Any
-
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
-
-from jaxsd.config_losses import (
-    LPIPSLossConfig,
-    PerceptualLossConfig,
-    StyleLossConfig,
-    check_perceptual,
+from jaxsd.config_checks import CHOICES, check_config, sample_components_folder
+from jaxsd.config_loader import (
+    PRESETS_DIR,
+    from_yaml_text,
+    list_presets,
+    load_config,
+    resolve_preset,
+    to_yaml,
 )
-from jaxsd.config_text import check_text_encoder, check_validation, resolve_text_encoder
-from jaxsd.config_vae import VAELossConfig, check_vae
-from jaxsd.data.config import DataConfig, DreamBoothConfig, check_data_config, spell_subset_kind
-from jaxsd.errors import ConfigError, InputError
-from jaxsd.models.token_merging_settings import TokenMerging
-
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The model being trained (the UNet, or with `kind: vae` the autoencoder) and how it computes."""
-
-    kind: str = "unet"
-    """unet: the denoising UNet (latents from `jaxsd cache`); vae: the AutoencoderKL on images
-    (docs/vae-training.md; its loss is `loss.vae`)."""
-    pretrained: str | None = None
-    """diffusers folder to initialise from: a pipeline root (with `unet/`) or a UNet folder itself.
-    None = from scratch with the architecture in `unet`."""
-    variant: str | None = None
-    """weights variant of `pretrained` (e.g. "fp16" → diffusion_pytorch_model.fp16.safetensors)."""
-    unet: dict[str, Any] = field(default_factory=dict)
-    """diffusers UNet2DConditionModel config.json fields (architecture for from-scratch training;
-    ignored when `pretrained` is set, whose config.json wins)."""
-    vae: dict[str, Any] = field(default_factory=dict)
-    """kind vae: diffusers AutoencoderKL config.json fields (architecture for from-scratch training;
-    ignored when `pretrained` is set: a VAE folder or a pipeline folder with vae/)."""
-    dtype: str = "float32"
-    """compute dtype of activations: float32 | bfloat16 | float16. Master params stay in param_dtype."""
-    param_dtype: str = "float32"
-    """dtype of the trained (master) params and optimizer moments."""
-    attention_impl: str = "auto"
-    """auto | einsum | xla | cudnn | splash; auto picks per platform and shape (the table in
-    jaxsd/models/attention_select.py). Also used by the text encoders of sample grids."""
-    remat_policy: str | None = None
-    """rematerialisation of each ResNet and transformer block of the UNet: None | "full" (keep only
-    block inputs) | "dots" (also keep weight-matmul outputs) | a `jax.checkpoint_policies` name
-    (jaxsd/models/transformer.py; the policy table is in docs/training.md)."""
-    segmented_backward: bool = False
-    """each ResNet block, transformer block and resampler of the UNet computes its weight gradients in
-    its own backward pass, before the earlier blocks' (jaxsd/models/segmented_backward.py): bounds what
-    the train step holds at its peak; the same gradients (docs/training.md)."""
-    token_merging: TokenMerging = field(default_factory=lambda: TokenMerging(ratio=0.0))
-    """ToMe for SD in the UNet's transformer blocks, in the train step and sample grids: ratio (0 = off,
-    the default), max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp — the
-    `tomesd` package's settings and defaults (jaxsd/models/token_merging.py, docs/sampling.md)."""
-
-
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """The training noise schedule (diffusers DDPMScheduler config fields)."""
-
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"
-    """linear | scaled_linear | squaredcos_cap_v2."""
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    prediction_type: str = "epsilon"
-    """what the UNet predicts, hence the training target: epsilon | v_prediction | sample."""
-    rescale_betas_zero_snr: bool = False
-    """rescale the schedule to zero terminal SNR (Lin et al. 2023); use with v_prediction."""
-
-    def to_scheduler_config(self) -> dict[str, Any]:
-        """The diffusers `scheduler_config.json` dict `NoiseSchedule.from_config` reads."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """What the loss is: timestep sampling, weighting, perturbations, conditioning dropout."""
-
-    timestep_sampling: str = "uniform"
-    """uniform | logit_normal (t = sigmoid(N(logit_mean, logit_std)) scaled to the timestep range)."""
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    min_timestep: int = 0
-    """lowest timestep sampled (inclusive); with max_timestep this biases training to a range."""
-    max_timestep: int | None = None
-    """highest timestep sampled (exclusive); None = num_train_timesteps."""
-    loss_type: str = "l2"
-    """l2 | l1 | huber."""
-    huber_c: float = 0.1
-    """Huber delta: quadratic for |pred − target| ≤ huber_c, linear beyond."""
-    min_snr_gamma: float | None = None
-    """Min-SNR-γ weighting (Hang et al. 2023), e.g. 5.0; None = unweighted."""
-    noise_offset: float = 0.0
-    """add offset·N(0,1) per sample and channel to the noise (brighter/darker images)."""
-    input_perturbation: float = 0.0
-    """noise the latents with noise + p·N(0,1) while the target keeps the unperturbed noise."""
-    cond_dropout: float = 0.0
-    """probability of replacing a sample's text conditioning (and pooled) by the empty-prompt embedding."""
-    lpips: LPIPSLossConfig = field(default_factory=LPIPSLossConfig)
-    style: StyleLossConfig = field(default_factory=StyleLossConfig)
-    perceptual: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
-    vae: VAELossConfig = field(default_factory=VAELossConfig)
-    """model.kind vae: reconstruction, KL, LPIPS and PatchGAN terms (jaxsd/config_vae.py)."""
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """Optimizer, learning-rate schedule, clipping, weight decay."""
-
-    name: str = "adamw"
-    """adamw | adamw8bit | adafactor | lion | sgd."""
-    learning_rate: float = 1e-4
-    schedule: str = "constant"
-    """constant | linear | cosine (decaying to learning_rate·min_lr_ratio at train.steps)."""
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 1e-2
-    """decoupled weight decay; applied only to params with ≥2 dims (never norms or biases)."""
-    momentum: float = 0.9
-    """sgd momentum."""
-    clip_grad_norm: float | None = 1.0
-    """global-norm gradient clipping; None = off, which also lets each param's update start as soon as
-    its gradient exists instead of after all of them (less memory; NaN skip from the loss only)."""
-    block_size: int = 2048
-    """adamw8bit: values per quantisation block (256–2048)."""
-
-
-@dataclass(frozen=True)
-class EMAConfig:
-    """Exponential moving average of the trainable params."""
-
-    enabled: bool = False
-    decay: float = 0.9999
-    warmup: bool = True
-    """use min(decay, (1+n)/(10+n)) after n EMA updates, so early EMA is not dominated by the init."""
-    every: int = 1
-    """update the EMA every N optimizer steps."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The run: length, batch, precision of the loop, which params train."""
-
-    run_dir: str = "runs/default"
-    """checkpoints, resolved config, TensorBoard events and metrics.jsonl go here; resume is from here."""
-    steps: int = 1000
-    batch_size: int = 8
-    """global batch size (all processes, all accumulation micro-batches)."""
-    grad_accum_steps: int = 1
-    """split each batch into this many micro-batches and sum their gradients."""
-    seed: int = 0
-    trainable: list[str] = field(default_factory=lambda: [".*"])
-    """regexes (re.search over 'a/b/kernel' param paths); a param trains if any matches..."""
-    frozen: list[str] = field(default_factory=list)
-    """...and none of these matches."""
-    data_source: str = "cache"
-    """cache: batches from the `data:` section's cached latents (`jaxsd cache` first);
-    synthetic: the in-memory `synthetic:` section (tests, smoke runs, benchmarks)."""
-    compilation_cache: str | None = None
-    """directory of a persistent XLA compilation cache (the full-size presets use ~/.cache/jaxsd/xla):
-    a resumed or repeated run loads the compiled train step instead of compiling it again (SD1.5:
-    ~35 s); null = off. JAX_COMPILATION_CACHE_DIR, if set, wins."""
-    resume: str = "auto"
-    """auto: resume from <run_dir>/checkpoints when there is one (a config change that alters the train
-    state — optimizer, trainable/frozen, EMA on/off, model — stops with the changed keys named);
-    params_only: on such a change, start a fresh optimizer (and EMA) from the checkpoint's params."""
-    max_nonfinite_skips: int = 3
-    """NaN/inf loss or gradient: skip the update; stop cleanly after more than this many in a row."""
-    steps_in_flight: int = 1
-    """steps dispatched ahead of the host: step n's metrics are read (and logged) after step n + N is
-    dispatched, so the device never waits while the host reads and logs. 0 = read each step's metrics
-    before dispatching the next (the loop before issue #18: the device idles while the host works; an
-    error then surfaces at the step that raised it). Checkpoint, sample-grid and stop steps read every
-    step first. `jaxsd bench host-overhead` measures the difference."""
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    text_encoder: str | None = None
-    """what the text encoder(s) of a token-id cache run do (data.cache.text: tokens; docs/training.md): frozen,
-    lora (adapters; the same as lora.text_encoder: true) or full (fine-tuned with the UNet, at
-    text_encoder_lr); null = lora when lora.text_encoder is true, else frozen."""
-    text_encoder_lr: float | None = None
-    """train.text_encoder full: the text encoders' learning rate (the schedule's shape is the UNet's, scaled
-    by text_encoder_lr / optimizer.learning_rate); null = optimizer.learning_rate."""
-
-
-@dataclass(frozen=True)
-class ValidationLossConfig:
-    """The loss on held-out cached samples at fixed timesteps and fixed noise (`jaxsd.train.validation`):
-    logged as val/loss and val/loss_t{T} to metrics.jsonl and TensorBoard."""
-
-    roots: list[str] = field(default_factory=list)
-    """held-out image folders cached by `jaxsd cache` with the training data's settings (same VAE, text
-    encoder, resolution): e.g. put them in data.roots of a copy of the run config and cache that."""
-    every: int = 0
-    """evaluate every N steps (and once before the first step of a fresh run); 0 = off."""
-    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
-    seed: int = 0
-    """the noise of sample i is drawn from key(seed) folded with i: the same at every evaluation."""
-    batch_size: int | None = None
-    """global batch of the evaluation (divisible by the mesh's batch shards); null = train.batch_size.
-    Per resolution bucket the samples beyond a whole number of batches are left out (a warning counts them)."""
-
-
-@dataclass(frozen=True)
-class ShardingConfig:
-    """Device mesh, logical-axis rules and multi-host start-up."""
-
-    data: int = -1
-    """data-parallel axis size; -1 = the devices left over by the other axes."""
-    fsdp: int = 1
-    """fully-sharded data parallel: params, grads and optimizer state sharded over this axis."""
-    tensor: int = 1
-    """tensor (model) parallel axis size."""
-    rules: dict[str, Any] = field(default_factory=lambda: {
-        "embed": "fsdp", "conv_in": "fsdp", "mlp": "tensor", "heads": "tensor", "conv_out": "tensor",
-        "vocab": "tensor", "norm": None})
-    """logical axis name (see jaxsd/models/layers.py) → mesh axis name, list of names, or null."""
-    distributed: str = "auto"
-    """auto (initialise jax.distributed when a cluster is detected or coordinator_address is set) | on | off."""
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """orbax checkpoints in <run_dir>/checkpoints."""
-
-    every: int = 500
-    keep: int = 3
-    async_save: bool = True
-    trigger_file: str = "SAVE_NOW"
-    """creating <run_dir>/<trigger_file> makes the loop save at the next step (the file is then removed)."""
-    poll_every: int = 10
-    """with several processes: check for a signal (SIGTERM, e.g. a TPU preemption) or the trigger file every
-    N steps, in one small collective, so all processes save and stop at the same step. A signal is acted
-    on within N steps; one process checks every step (no collective needed)."""
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    """TensorBoard, console and metrics file."""
-
-    every: int = 10
-    """log scalars every N steps."""
-    tensorboard: bool = True
-    progress_bar: bool = True
-    peak_flops: float = 0.0
-    """peak FLOP/s of one device for the MFU estimate; 0 = do not report MFU."""
-    debug: list[str] = field(default_factory=list)
-    """Python loggers shown at DEBUG level on every process's console, e.g. [jaxsd.data.loader]: each
-    process logs the sample ids it reads for every global batch (how a multi-host run splits its data)."""
-    sample_every: int = 0
-    """write a sample grid of `sample_prompts` every N steps (<run_dir>/samples/step_<N>.png and
-    TensorBoard image `samples/...`); 0 = off. Generated with the EMA params when train.ema is on."""
-    sample_prompts: list[str] = field(default_factory=list)
-    """one grid row per prompt."""
-    sample_negative_prompt: str = ""
-    """classifier-free guidance's negative prompt for every sample ("" = the empty prompt, as diffusers)."""
-    sample_images_per_prompt: int = 1
-    """grid columns: images per prompt, each from its own fixed noise."""
-    sample_steps: int = 30
-    """denoising steps per image (30, as `jaxsd sample --steps`)."""
-    sample_guidance_scale: float = 7.5
-    sample_sampler: str = "dpmpp_2m"
-    """sampling algorithm, as `jaxsd sample --scheduler` (ddim, euler, euler_a, dpmpp_2m, pndm, dpmpp_2m_sde_karras,
-    ..., auto = the pipeline folder's scheduler class; docs/sampling.md)."""
-    sample_seed: int = 0
-    """the same seed at every sampling step, so the grids of a run differ only by training."""
-    sample_height: int | None = None
-    """image size in pixels; None = the UNet's sample_size × the VAE's downscale factor."""
-    sample_width: int | None = None
-    sample_components: str | None = None
-    """diffusers pipeline folder (model_index.json) whose vae, text encoder(s), tokenizer(s) and scheduler
-    sample with the trained UNet (its own unet is ignored). None = model.pretrained, when that is a
-    pipeline folder. The scheduler's betas and prediction type are replaced by the `diffusion` section's."""
-    sample_clip: str | None = None
-    """a transformers CLIPModel folder (with its tokenizer and preprocessor_config.json, as `jaxsd eval --clip`):
-    each sample grid's CLIP score against its prompts is logged as samples/clip_score; None = off."""
-
-
-@dataclass(frozen=True)
-class SyntheticDataConfig:
-    """In-memory random latents and embeddings of the loader's batch shape (train.data_source=synthetic)."""
-
-    num_examples: int = 64
-    latent_size: int = 8
-    """latent height = width."""
-    latent_channels: int = 4
-    text_len: int = 8
-    text_dim: int = 32
-    pooled_dim: int = 0
-    """>0: also yield `pooled` [B, pooled_dim] and SDXL `time_ids` [B, 6]."""
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """LoRA / LoCon adapters: with rank > 0 only the adapters train; the base model is frozen.
-
-    The names follow kohya-ss and PEFT: scale = alpha / rank."""
-
-    rank: int = 0
-    """adapter rank of the targeted Dense layers; 0 = no adapters (full fine-tuning)."""
-    alpha: float = 0.0
-    """scale = alpha / rank; 0 = rank (scale 1)."""
-    targets: Any = "attn"
-    """a preset or a list of regexes over module paths (diffusers names, e.g. 'attn1.to_q'):
-    attn = to_q, to_k, to_v, to_out.0 of attn1/attn2 (kohya's and diffusers' default);
-    attn_ff = attn + ff.net.0.proj, ff.net.2, proj_in, proj_out; all_linear = every Dense of the UNet."""
-    conv_rank: int = 0
-    """> 0 = LoCon: also adapt resnet 3x3 convs, conv shortcuts and up/downsamplers with this rank."""
-    conv_alpha: float = 0.0
-    """conv adapters' scale = conv_alpha / conv_rank; 0 = conv_rank (scale 1)."""
-    dropout: float = 0.0
-    """dropout on the adapter input during training, as PEFT's lora_dropout (0 = off); never when sampling."""
-    init: str = "peft"
-    """peft: down kaiming-uniform, up zeros; gaussian: down ~ N(0, 1/rank), up zeros."""
-    text_encoder: bool = False
-    """also adapt the CLIP text encoder(s)' q/k/v/out_proj and MLP (fc1/fc2), with `rank`/`alpha`; needs the
-    text encoded in the step: a token-id cache (data.cache.text_mode: tokens)."""
-    base_dtype: str | None = None
-    """dtype the frozen base weights are stored in (bfloat16 halves their memory); null = model.param_dtype."""
-    init_from: str | None = None
-    """an existing LoRA file (PEFT/diffusers or kohya) to continue training from: its rank, alpha and layers
-    must be this section's; read on a fresh start only (on resume the checkpoint's adapters continue)."""
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0 or self.conv_rank > 0
-
-
-@dataclass(frozen=True)
-class Config:
-    """Everything `jaxsd train` needs."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sharding: ShardingConfig = field(default_factory=ShardingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    """images, caching and the loader: jaxsd/data/config.py (the data engineer's schema)."""
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
-    """prior preservation's class images: jaxsd/data/config.py, docs/dreambooth.md."""
-    validation: ValidationLossConfig = field(default_factory=ValidationLossConfig)
-    """held-out validation loss (not to be confused with data.validation, the checks of the images)."""
-
-
-# Values checked beyond their type: field path -> allowed values.
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("auto", "einsum", "xla", "cudnn", "splash"),
-    "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
-    "loss.timestep_sampling": ("uniform", "logit_normal"),
-    "loss.loss_type": ("l2", "l1", "huber"),
-    "optimizer.name": ("adamw", "adamw8bit", "adafactor", "lion", "sgd"),
-    "optimizer.schedule": ("constant", "linear", "cosine"),
-    "sharding.distributed": ("auto", "on", "off"),
-    "train.data_source": ("cache", "synthetic"),
-    "train.resume": ("auto", "params_only"),
-    "lora.init": ("peft", "gaussian"),
-}
-
-
-def list_presets() -> list[str]:
-    """Names of the YAML presets shipped in configs/ (without .yaml)."""
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-
-
-def resolve_preset(path_or_name: str) -> Path:
-    """A path to a YAML file, or the name of a preset in configs/ ("tiny", "sd15.yaml")."""
-    p = Path(path_or_name)
-    if p.is_file():
-        return p
-    q = PRESETS_DIR / (p.name if p.suffix == ".yaml" else p.name + ".yaml")
-    if q.is_file() and len(p.parts) == 1:
-        return q
-    raise ConfigError(f"config file {path_or_name!r} not found; presets: {', '.join(list_presets())}")
-
-
-def _all_keys(cls=Config, prefix: str = "") -> list[str]:
-    keys = []
-    for f in fields(cls):
-        key = prefix + f.name
-        keys.append(key)
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        if is_dataclass(default):
-            keys += _all_keys(type(default), key + ".")
-    return keys
-
-
-def _nearest(key: str) -> str:
-    candidates = _all_keys()
-    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
-    return match[0] if match else ""
-
-
-def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
-    key = str(getattr(e, "full_key", "") or getattr(e, "key", "") or "?")
-    if isinstance(e, ConfigKeyError):
-        # a key inside a free-form dict section (model.unet, sharding.rules) is never unknown,
-        # so this is always a schema key.
-        return ConfigError(f"{source}: unknown config key {key!r}; did you mean {_nearest(key)!r}?")
-    if isinstance(e, ValidationError):
-        msg = str(e).splitlines()[0]
-        return ConfigError(f"{source}: wrong type for config key {key!r}: {msg}")
-    return ConfigError(f"{source}: invalid config at {key!r}: {str(e).splitlines()[0]}")
-
-
-def _check_choices(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.0)
-            raise ConfigError(f"config key {key!r} = {value!r} is not one of {allowed}; did you mean {close[0]!r}?")
-    for pattern in (*cfg.train.trainable, *cfg.train.frozen):
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"train.trainable/frozen: bad regex {pattern!r}: {e}") from None
-    for key in ("every", "keep", "poll_every"):
-        if getattr(cfg.checkpoint, key) < 1:
-            raise ConfigError(f"checkpoint.{key} = {getattr(cfg.checkpoint, key)} must be >= 1 (to save only at the "
-                              "end, set checkpoint.every to train.steps)")
-    if cfg.train.steps_in_flight < 0:
-        raise ConfigError(f"train.steps_in_flight = {cfg.train.steps_in_flight} must be >= 0 (0 = read each step's "
-                          "metrics before dispatching the next)")
-    if not 256 <= cfg.optimizer.block_size <= 4096:
-        raise ConfigError(f"optimizer.block_size = {cfg.optimizer.block_size} must be within 256..4096")
-    check_vae(cfg)
-    _check_sampling(cfg)
-    _check_lora(cfg)
-    check_perceptual(cfg)
-    check_text_encoder(cfg)
-    check_validation(cfg)
-    if cfg.train.data_source == "cache":
-        check_data_config(cfg.data)
-        from jaxsd.data.subsets import with_class_subset
-
-        with_class_subset(cfg.data, cfg.dreambooth)  # checks the dreambooth section
-    if cfg.train.batch_size % cfg.train.grad_accum_steps:
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by "
-                          f"train.grad_accum_steps = {cfg.train.grad_accum_steps}")
-
-
-def _check_lora(cfg: Config) -> None:
-    """What a LoRA run needs, checked when the config loads (the parts not built yet are refused by name)."""
-    lc = cfg.lora
-    if lc.rank < 0 or lc.conv_rank < 0:
-        raise ConfigError(f"lora.rank = {lc.rank} and lora.conv_rank = {lc.conv_rank} must be >= 0")
-    if not lc.enabled:
-        return
-    if not cfg.model.pretrained:
-        raise ConfigError("lora.rank > 0 trains adapters on a pretrained UNet: set model.pretrained")
-    if not 0 <= lc.dropout < 1:
-        raise ConfigError(f"lora.dropout = {lc.dropout} must be in [0, 1) (the probability of zeroing an adapter "
-                          "input value; 0 = off)")
-    if lc.base_dtype not in (None, "float32", "bfloat16", "float16"):
-        raise ConfigError(f"lora.base_dtype = {lc.base_dtype!r}: use float32, bfloat16, float16 or null")
-
-
-def sample_components_folder(cfg: Config) -> str | None:
-    """The pipeline folder sample grids take their VAE, text side and scheduler from (None: there is none).
-
-    `logging.sample_components` when set, else `model.pretrained` when that is a pipeline folder
-    (has model_index.json; a bare UNet folder has no text encoder to sample with).
-    """
-    if cfg.logging.sample_components:
-        return cfg.logging.sample_components
-    if cfg.model.pretrained and (Path(cfg.model.pretrained) / "model_index.json").is_file():
-        return cfg.model.pretrained
-    return None
-
-
-def _check_sampling(cfg: Config) -> None:
-    """Sample-grid settings are checked when the config loads, not at step `sample_every`."""
-    lg = cfg.logging
-    if lg.sample_every < 0:
-        raise ConfigError(f"logging.sample_every = {lg.sample_every} must be >= 0 (0 = no sample grids)")
-    if not lg.sample_every or cfg.model.kind == "vae":  # every sample_* key, sample_clip too, rests with the grids;
-        # a VAE's grids are reconstructions of its data
-        return
-    if lg.sample_clip and not (Path(lg.sample_clip) / "config.json").is_file():
-        raise ConfigError(f"logging.sample_clip = {lg.sample_clip!r}: no config.json there — point it at a "
-                          "transformers CLIPModel folder (CLIPModel + CLIPProcessor save_pretrained)")
-    from jaxsd.diffusion.names import SCHEDULER_CHOICES, canonical_sampler_name  # jax-free
-
-    if not lg.sample_prompts:
-        raise ConfigError(f"logging.sample_every = {lg.sample_every} but logging.sample_prompts is empty; "
-                          "give the prompts, e.g. logging.sample_prompts='[a photo of a cat]'")
-    try:
-        canonical_sampler_name(lg.sample_sampler)
-    except InputError:
-        close = difflib.get_close_matches(lg.sample_sampler, SCHEDULER_CHOICES, n=1, cutoff=0.0)
-        raise ConfigError(f"config key 'logging.sample_sampler' = {lg.sample_sampler!r} is not one of "
-                          f"{SCHEDULER_CHOICES}; did you mean {close[0]!r}?") from None
-    for key in ("sample_steps", "sample_images_per_prompt"):
-        if getattr(lg, key) < 1:
-            raise ConfigError(f"logging.{key} = {getattr(lg, key)} must be >= 1")
-    for key in ("sample_height", "sample_width"):
-        if getattr(lg, key) is not None and getattr(lg, key) <= 0:
-            raise ConfigError(f"logging.{key} = {getattr(lg, key)} must be a positive number of pixels (or null)")
-    folder = sample_components_folder(cfg)
-    if folder is None:
-        why = (f"model.pretrained={cfg.model.pretrained!r} is not a pipeline folder (no model_index.json)"
-               if cfg.model.pretrained else "model.pretrained is not set")
-        raise ConfigError(f"logging.sample_every = {lg.sample_every}: sample grids need a VAE, text encoder(s), "
-                          f"tokenizer(s) and scheduler, and there are none ({why}). Set "
-                          "logging.sample_components=PATH to a diffusers pipeline folder (its unet is ignored), "
-                          "or logging.sample_every=0")
-    if not (Path(folder) / "model_index.json").is_file():
-        raise ConfigError(f"logging.sample_components={folder!r}: no model_index.json there — point it at a diffusers "
-                          "pipeline folder (model_index.json, vae/, text_encoder/, tokenizer/, scheduler/)")
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults ← YAML file (a path or a preset name) ← dotted `key.sub=value` overrides."""
-    merged = OmegaConf.structured(Config)
-    if path is not None:
-        p = resolve_preset(str(path))
-        try:
-            loaded = OmegaConf.load(p)
-            if hasattr(loaded, "get") and loaded.get("data") is not None:
-                spell_subset_kind(loaded.data)  # YAML subsets may say `class:` (a Python keyword)
-            merged = OmegaConf.merge(merged, loaded)
-        except OmegaConfBaseException as e:
-            raise _explain(e, str(p)) from None
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.steps=100)")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise _explain(e, f"override {item!r}") from None
-    try:
-        cfg = _unbool_on_off(OmegaConf.to_object(merged))
-    except InputError as e:  # a section's own check (model.token_merging)
-        raise ConfigError(f"{path or 'config'}: model.{e}") from None
-    assert isinstance(cfg, Config)
-    cfg = resolve_text_encoder(cfg)
-    _check_choices(cfg)
-    return cfg
-
-
-def _unbool_on_off(cfg: Config) -> Config:
-    """YAML 1.1 reads `on`/`off` as booleans (`sharding.distributed=on` arrives as "True"): for keys
-    whose choices are on/off, give the words back."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if "on" in allowed and "off" in allowed and value in ("True", "False"):
-            fixed = replace(getattr(cfg, section), **{name: "on" if value == "True" else "off"})
-            cfg = replace(cfg, **{section: fixed})
-    return cfg
-
-
-def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (what is written to <run_dir>/config.yaml), sections and keys in the
-    schema's order. Plain PyYAML: OmegaConf's structured round trip took ~0.5 CPU-s a call, and a run
-    writes it at start, at every checkpoint and on resume."""
-    return yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False)
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, recursively (what YAML and `from_yaml_text` read back)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def from_yaml_text(text: str) -> Config:
-    """Inverse of `to_yaml` (used when a checkpoint's stored config is read back)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    cfg = _unbool_on_off(OmegaConf.to_object(merged))
-    assert isinstance(cfg, Config)
-    return resolve_text_encoder(cfg)  # a config written before train.text_encoder existed reads as resolved
+from jaxsd.config_losses import LPIPSLossConfig, PerceptualLossConfig, StyleLossConfig
+from jaxsd.config_schema import (
+    CheckpointConfig,
+    Config,
+    DiffusionConfig,
+    EMAConfig,
+    LoggingConfig,
+    LoRAConfig,
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ShardingConfig,
+    SyntheticDataConfig,
+    TrainConfig,
+    ValidationLossConfig,
+)
+from jaxsd.config_vae import VAELossConfig
+from jaxsd.data.config import DataConfig, DreamBoothConfig
+from jaxsd.errors import ConfigError
+
+__all__ = [
+    "CHOICES",
+    "PRESETS_DIR",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DiffusionConfig",
+    "DreamBoothConfig",
+    "EMAConfig",
+    "LPIPSLossConfig",
+    "LoRAConfig",
+    "LoggingConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PerceptualLossConfig",
+    "ShardingConfig",
+    "StyleLossConfig",
+    "SyntheticDataConfig",
+    "TrainConfig",
+    "VAELossConfig",
+    "ValidationLossConfig",
+    "check_config",
+    "from_yaml_text",
+    "list_presets",
+    "load_config",
+    "resolve_preset",
+    "sample_components_folder",
+    "to_yaml",
+]

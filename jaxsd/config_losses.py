@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from jaxsd.errors import ConfigError, InputError
 
-if TYPE_CHECKING:  # jaxsd.config imports this module
-    from jaxsd.config import Config
+if TYPE_CHECKING:  # jaxsd.config_schema imports this module
+    from jaxsd.config_schema import Config
 
 
 @dataclass(frozen=True)

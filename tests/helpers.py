@@ -74,6 +74,22 @@ def jaxsd_command(*args: str, env: dict | None = None, timeout: float = 900, che
     return proc
 
 
+def jaxsd_main(capsys, *args) -> tuple[int, str, str]:
+    """`jaxsd ARGS` through `jaxsd.cli.main` in this process: (exit status, stdout, stderr).
+
+    For the refusals and the repeated runs of a command whose console script another test starts
+    (`jaxsd_command`): no interpreter start-up and imports of their own (~1.5-3 CPU-s each).
+    argparse's usage errors exit with status 2, as in the console script."""
+    from jaxsd.cli import main
+
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:
+        rc = e.code
+    printed = capsys.readouterr()
+    return rc, printed.out, printed.err
+
+
 def local_processes(n: int, *args: str, devices: int, log_dir: Path, env: dict | None = None,
                     wait: bool = True, timeout: float = 900) -> subprocess.CompletedProcess | subprocess.Popen:
     """`launch/local_processes.sh --devices DEVICES --log-dir LOG_DIR N ARGS` with this venv's jaxsd:

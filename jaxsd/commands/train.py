@@ -4,7 +4,7 @@
     jaxsd train CONFIG.yaml [key.sub=value ...]
 
 CONFIG is a YAML file or the name of a preset in configs/. Overrides use dotted
-keys of the schema in jaxsd/config.py, e.g. `train.steps=200 optimizer.name=adamw8bit`.
+keys of the schema in jaxsd/config_schema.py, e.g. `train.steps=200 optimizer.name=adamw8bit`.
 Everything lands in `train.run_dir` (a local path or gs://BUCKET/PATH): config.yaml (the resolved
 config), checkpoints/, tensorboard/, metrics.jsonl, train.log. Running the same command again resumes.
 Init order: resume from run_dir → model.pretrained (diffusers folder) → from scratch.

@@ -20,7 +20,7 @@ from jaxsd.cli import main
 from jaxsd.compare.curves import SERIES_KEY, moving_average
 from jaxsd.compare.runs import read_metrics, run_names
 from jaxsd.compare.samples import HEADER, PAD
-from tests.helpers import jaxsd_command
+from tests.helpers import jaxsd_command, jaxsd_main
 from tests.train.tiny_pipeline import tiny_pipeline
 
 LRS = {"lr_a": 1e-3, "lr_b": 3e-3}
@@ -86,12 +86,12 @@ def test_compare_two_runs(runs, tmp_path):
         assert both.shape[1] == x
 
 
-def test_compare_refuses_what_is_not_a_run(runs, tmp_path):
-    proc = jaxsd_command("compare", runs / "lr_a", tmp_path, "--out", tmp_path / "cmp", check=False)
-    assert proc.returncode == 2
-    assert "not a `jaxsd train` run directory" in proc.stderr
-    proc = jaxsd_command("compare", runs / "lr_a", "--out", tmp_path / "cmp", check=False)
-    assert proc.returncode == 2 and "two or more run directories" in proc.stderr
+def test_compare_refuses_what_is_not_a_run(runs, tmp_path, capsys):
+    rc, _, err = jaxsd_main(capsys, "compare", runs / "lr_a", tmp_path, "--out", tmp_path / "cmp")  # in-process
+    assert rc == 2
+    assert "not a `jaxsd train` run directory" in err
+    rc, _, err = jaxsd_main(capsys, "compare", runs / "lr_a", "--out", tmp_path / "cmp")
+    assert rc == 2 and "two or more run directories" in err
 
 
 def test_metrics_reading_and_smoothing():

@@ -173,8 +173,8 @@ def test_foreign_truncated_and_mismatched_files_are_refused(made, tmp_path, caps
     folder, file, original = made("sd1")
     lora = _write(tmp_path / "lora.safetensors", {
         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": np.zeros((4, 32), np.float16)})
-    proc = jaxsd_command("convert", lora, "--out", tmp_path / "x", check=False)
-    assert proc.returncode == 2 and "is a LoRA file" in proc.stderr and "jaxsd sample --lora" in proc.stderr
+    rc, _, err = _convert(capsys, lora, "--out", tmp_path / "x")
+    assert rc == 2 and "is a LoRA file" in err and "jaxsd sample --lora" in err
 
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
@@ -210,13 +210,14 @@ def standard_vocab_file(made, family: str, out: Path) -> Path:
 @pytest.mark.torch
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("family", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
-def test_without_config_the_folder_gets_the_kept_clip_tokenizers(made, family, tmp_path):
+def test_without_config_the_folder_gets_the_kept_clip_tokenizers(made, family, tmp_path, capsys):
     """No --config: tokenizer/ (and SDXL's tokenizer_2/) are the project's copies of the standard CLIP
     tokenizer, with the family's pad token; diffusers loads the folder and tokenizes with them."""
     import diffusers
 
     file = standard_vocab_file(made, family, tmp_path / "model.safetensors")
-    out = jaxsd_command("convert", file, "--out", tmp_path / "d").stdout
+    rc, out, _ = _convert(capsys, file, "--out", tmp_path / "d")
+    assert rc == 0
     pads = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"} if family == "sdxl" else {"tokenizer": "<|endoftext|>"}
     for tok, pad in pads.items():
         assert (f"{tok}: jaxsd's copy of the standard CLIP vocabulary (OpenAI CLIP BPE, 49408 tokens, pad {pad!r}; "
@@ -284,14 +285,14 @@ def test_what_a_single_file_cannot_give_is_asked_for(made, tmp_path, capsys):
 
 
 @pytest.mark.torch
-def test_text_cache_encoder_from_a_file_is_the_converted_folders(made, tmp_path):
+def test_text_cache_encoder_from_a_file_is_the_converted_folders(made, tmp_path, capsys):
     """data.cache.text_encoder=FILE (no tokenizers in it): the file's text encoder with the kept CLIP tokenizer,
     the same encoder (fingerprint) and token ids as the folder `jaxsd convert FILE` writes."""
     from jaxsd.data.config import load_data_config
     from jaxsd.data.model_encoders import text_encoder
 
     file = standard_vocab_file(made, "sd1", tmp_path / "model.safetensors")
-    jaxsd_command("convert", file, "--out", tmp_path / "d")
+    assert _convert(capsys, file, "--out", tmp_path / "d")[0] == 0
     encoders = [text_encoder(load_data_config(overrides=[f"data.cache.text_encoder={source}", "data.cache.text=clip"]))
                 for source in (file, tmp_path / "d")]
     assert encoders[0].spec == encoders[1].spec
@@ -305,7 +306,7 @@ def test_text_cache_encoder_from_a_file_is_the_converted_folders(made, tmp_path)
 @pytest.mark.torch
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_sample_from_a_file_without_config_draws_what_diffusers_draws(made, tmp_path):
+def test_sample_from_a_file_without_config_draws_what_diffusers_draws(made, tmp_path, capsys):
     """`jaxsd sample --model FILE`, no --config (slow: a sampling compile): the kept CLIP tokenizer and the
     family's default configs (the tiny model's size given by --height/--width); diffusers draws the same
     from the folder `jaxsd convert FILE` writes."""
@@ -322,7 +323,7 @@ def test_sample_from_a_file_without_config_draws_what_diffusers_draws(made, tmp_
     jaxsd_command("sample", "--model", file, "--prompt", "a photo of a cat", "--steps", "3", "--scheduler", "ddim",
                   "--height", "16", "--width", "16", "--latents", tmp_path / "latents.npy", "--out", tmp_path / "cat.png")
     ours = np.asarray(Image.open(tmp_path / "cat.png"))[None]
-    jaxsd_command("convert", file, "--out", tmp_path / "d", "--dtype", "float32")  # the file is fp16
+    assert _convert(capsys, file, "--out", tmp_path / "d", "--dtype", "float32")[0] == 0  # the file is fp16
     ref = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "d"), local_files_only=True)
     ref.set_progress_bar_config(disable=True)
     name, overrides = DIFFUSERS_EQUIVALENT["ddim"]

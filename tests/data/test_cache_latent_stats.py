@@ -19,7 +19,7 @@ from jaxsd.data.model_encoders import expected_specs
 from jaxsd.data.records import read_sidecar
 from jaxsd.models.vae import AutoencoderKL
 from tests.data.test_cache_command import save_tiny_vae
-from tests.helpers import jaxsd_command, rel_err
+from tests.helpers import rel_err
 
 MEAN, STD, SCALE = [0.4, -0.7, 0.1, 0.9], [1.8, 0.6, 1.1, 2.5], 0.5
 
@@ -68,7 +68,8 @@ def test_cli_cache_normalises_latents_per_channel_as_diffusers(folders):
     base, params, stats, root, yaml = folders
     out = base / "out"
     shutil.copytree(root, out, ignore=shutil.ignore_patterns("*.sd_vae", "*.vae_*", "jaxsd_*"))
-    jaxsd_command("cache", yaml, "--only", "latents", "--no-progress", f"data.roots=[{out}]", f"data.cache.vae={stats}")
+    assert main(["cache", str(yaml), "--only", "latents", "--no-progress", f"data.roots=[{out}]",
+                 f"data.cache.vae={stats}"]) == 0  # in-process: tests/train/tiny_run.py runs the command
     spec = read_manifest(out)["latents"]
     assert (spec["latents_mean"], spec["latents_std"], spec["scaling_factor"]) == (MEAN, STD, SCALE)
     cfg = load_data_config(str(yaml), [f"data.roots=[{out}]", f"data.cache.vae={stats}"])

@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 
+from jaxsd.cli import main
 from jaxsd.data.captions import draw_caption
 from jaxsd.data.config import CaptionsConfig, load_data_config
 from jaxsd.data.loader import training_loader
 from jaxsd.errors import ConfigError
 from jaxsd.text.tokenizers import load_tokenizer
 from tests.data.fakes import make_images
-from tests.helpers import jaxsd_command
 from tests.train.tiny_pipeline import IMAGE_SIZE, tiny_pipeline
 
 TAGS = "a dog, grass, sunny, park, red collar"
@@ -69,7 +69,7 @@ data:
 """)
     for i in range(4):  # captions with tags
         (images / f"{i:03d}.txt").write_text(f"caption {i}, red, green, blue")
-    jaxsd_command("cache", yaml, "--no-progress")
+    assert main(["cache", str(yaml), "--no-progress"]) == 0  # in-process: tests/train/tiny_run.py runs the command
     cfg = load_data_config(str(yaml))
     loader = training_loader(cfg)
     tok = load_tokenizer(pipe / "tokenizer")

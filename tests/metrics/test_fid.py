@@ -10,7 +10,7 @@ from PIL import Image
 from jaxsd.metrics.fid import activation_statistics, frechet_distance, load_stats
 from jaxsd.metrics.fid_weights import FID_WEIGHTS_FILE, load_fid_weights
 from jaxsd.metrics.inception import FIDInceptionV3
-from tests.helpers import jaxsd_command
+from tests.helpers import jaxsd_command, jaxsd_main
 
 pytestmark = pytest.mark.torch
 
@@ -136,19 +136,19 @@ def test_fid_files_interchange_with_pytorch_fid(reference, stats_run, monkeypatc
     np.testing.assert_allclose(frechet_distance(mu, sigma, p_mu, p_sigma), want, atol=1e-3, rtol=0)
 
 
-def test_eval_stats_needs_fid_weights(tmp_path):
+def test_eval_stats_needs_fid_weights(tmp_path, capsys):
+    # in-process: the refusals need no start-up of their own (stats_run runs the command)
     real = _save_pngs(tmp_path / "real", 4, [(16, 16)] * 2)
-    proc = jaxsd_command("eval", "--stats", real, "--out", tmp_path / "s.npz", check=False)
-    assert proc.returncode == 2 and FID_WEIGHTS_FILE in proc.stderr and "github.com/mseitzer" in proc.stderr
-    proc = jaxsd_command("eval", "--stats", real, "--out", tmp_path / "s.npz", "--fid-weights",
-                         tmp_path / "nothing.pth", check=False)
-    assert proc.returncode == 2 and f"{tmp_path / 'nothing.pth'}: no such file" in proc.stderr
-    assert FID_WEIGHTS_FILE in proc.stderr
-    proc = jaxsd_command("eval", "--stats", real, "--out", tmp_path / "s.npz", "--pairs", real, real, check=False)
-    assert proc.returncode == 2 and "not allowed with" in proc.stderr
+    rc, _, err = jaxsd_main(capsys, "eval", "--stats", real, "--out", tmp_path / "s.npz")
+    assert rc == 2 and FID_WEIGHTS_FILE in err and "github.com/mseitzer" in err
+    rc, _, err = jaxsd_main(capsys, "eval", "--stats", real, "--out", tmp_path / "s.npz", "--fid-weights", tmp_path / "nothing.pth")
+    assert rc == 2 and f"{tmp_path / 'nothing.pth'}: no such file" in err
+    assert FID_WEIGHTS_FILE in err
+    rc, _, err = jaxsd_main(capsys, "eval", "--stats", real, "--out", tmp_path / "s.npz", "--pairs", real, real)
+    assert rc == 2 and "not allowed with" in err
 
 
-def test_eval_fid_pth_needs_allow_pickle(tmp_path):
+def test_eval_fid_pth_needs_allow_pickle(tmp_path, capsys):
     """A .pth --fid-weights is a pickle: refused without --allow-pickle in --stats and --model alike (before it is
     read, so the file's bytes do not matter), naming the flag and the safetensors way out."""
     real = _save_pngs(tmp_path / "real", 4, [(16, 16)] * 2)
@@ -158,7 +158,7 @@ def test_eval_fid_pth_needs_allow_pickle(tmp_path):
     for mode in (("--stats", real, "--out", tmp_path / "s.npz"),
                  ("--model", tmp_path / "no_model", "--prompts", tmp_path / "prompts.txt", "--num-images", "2",
                   "--reference", real, "--out", tmp_path / "eval")):
-        proc = jaxsd_command("eval", *mode, "--fid-weights", pth, check=False)
-        assert proc.returncode == 2 and "is a pickle" in proc.stderr and "--allow-pickle" in proc.stderr, proc.stderr
-        assert "--save-fid-weights X.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+        rc, _, err = jaxsd_main(capsys, "eval", *mode, "--fid-weights", pth)
+        assert rc == 2 and "is a pickle" in err and "--allow-pickle" in err, err
+        assert "--save-fid-weights X.safetensors" in err and "Traceback" not in err
 

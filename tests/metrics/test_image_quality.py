@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jaxsd.metrics.image_quality import psnr, ssim
-from tests.helpers import jaxsd_command
+from tests.helpers import jaxsd_command, jaxsd_main
 
 
 def _pairs(seed: int, n: int = 3, h: int = 24, w: int = 31):
@@ -36,7 +36,7 @@ def test_psnr_and_ssim_equal_torchmetrics():
     assert np.isinf(np.asarray(psnr(same, same))).all()
 
 
-def test_eval_pairs_command(tmp_path):
+def test_eval_pairs_command(tmp_path, capsys):
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_dir.mkdir(), b_dir.mkdir()
     a, b = _pairs(4, n=2, h=20, w=20)
@@ -61,5 +61,5 @@ def test_eval_pairs_command(tmp_path):
     np.testing.assert_allclose(result["ssim"], (want_ssim.sum() + 1.0) / 3, rtol=1e-5)
 
     Image.fromarray(to8(a[0])[:10]).save(b_dir / "0.png")
-    proc = jaxsd_command("eval", "--pairs", a_dir, b_dir, "--out", tmp_path / "eval2", check=False)
-    assert proc.returncode == 2 and "pairs must have the same size" in proc.stderr
+    rc, _, err = jaxsd_main(capsys, "eval", "--pairs", a_dir, b_dir, "--out", tmp_path / "eval2")  # in-process
+    assert rc == 2 and "pairs must have the same size" in err

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import jaxsd_command
+from tests.helpers import jaxsd_command, jaxsd_main
 from tests.reference_packages import reference_packages
 
 pytestmark = pytest.mark.torch
@@ -47,7 +47,7 @@ def _package_lpips(torch_vgg16, a_imgs, b_imgs) -> tuple[list[float], str]:
         return [float(ref(to_t(a), to_t(b)).reshape(())) for a, b in zip(a_imgs, b_imgs)], heads
 
 
-def test_eval_pairs_lpips_equals_the_lpips_package(tmp_path, torch_vgg16, vgg16_pth):
+def test_eval_pairs_lpips_equals_the_lpips_package(tmp_path, torch_vgg16, vgg16_pth, capsys):
     a_imgs, b_imgs = _save_pairs(tmp_path)
     want, heads = _package_lpips(torch_vgg16, a_imgs, b_imgs)
     pairs = ("eval", "--pairs", tmp_path / "a", tmp_path / "b")
@@ -68,7 +68,7 @@ def test_eval_pairs_lpips_equals_the_lpips_package(tmp_path, torch_vgg16, vgg16_
     assert "lpips" not in result["per_image"]["0.png"] and "LPIPS left out: LPIPS needs" in proc.stdout
 
     # a .pth without --allow-pickle: refused, naming this command's flag
-    proc = jaxsd_command(*pairs, "--out", tmp_path / "x", "--lpips-weights", vgg16_pth, check=False)
-    assert proc.returncode == 2 and "--lpips-weights" in proc.stderr and "--allow-pickle" in proc.stderr
-    proc = jaxsd_command(*pairs, "--out", tmp_path / "x", "--fid-weights", vgg16_pth, check=False)
-    assert proc.returncode == 2 and "--fid-weights belongs to --stats / --model, not --pairs" in proc.stderr
+    rc, _, err = jaxsd_main(capsys, *pairs, "--out", tmp_path / "x", "--lpips-weights", vgg16_pth)  # in-process
+    assert rc == 2 and "--lpips-weights" in err and "--allow-pickle" in err
+    rc, _, err = jaxsd_main(capsys, *pairs, "--out", tmp_path / "x", "--fid-weights", vgg16_pth)
+    assert rc == 2 and "--fid-weights belongs to --stats / --model, not --pairs" in err

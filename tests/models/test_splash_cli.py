@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxsd.cli import main
 from tests.helpers import jaxsd_command
 from tests.train.tiny_pipeline import IMAGE_SIZE, tiny_pipeline
 
@@ -45,7 +46,7 @@ data:
   cache: {{vae: {pipe}, text_encoder: {pipe}, text: clip, dtype: float32, batch_size: 4}}
   loader: {{batch_size: 2, threads: 1, prefetch: 1}}
 """)
-    jaxsd_command("cache", yaml, "--no-progress")
+    assert main(["cache", str(yaml), "--no-progress"]) == 0  # in-process: tests/train/tiny_run.py runs the command
     return base, yaml
 
 

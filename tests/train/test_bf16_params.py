@@ -2,7 +2,8 @@
 
 Stochastic rounding is unbiased (the mean of many roundings is the exact value); a regression
 with bf16 params trains as fp32 does where round-to-nearest stalls; the real train step with bf16
-params and Adafactor lowers the loss; and `jaxsd train` runs it from a cache made by `jaxsd cache`.
+params and Adafactor lowers the loss; and `jaxsd train` runs it from a cache made by `jaxsd cache`
+(the shared tiny run's, tests/train/tiny_run.py).
 """
 
 import jax
@@ -17,7 +18,7 @@ from jaxsd.train.optimizers import make_optimizer
 from jaxsd.train.rounding import apply_updates, stochastic_round_bf16
 from jaxsd.train.step import init_state, make_train_step
 from tests.helpers import jaxsd_command
-from tests.train.cli_runs import ENV, cached_dataset, records
+from tests.train.cli_runs import ENV, records
 from tests.train.toy import batch, toy
 
 
@@ -89,16 +90,17 @@ def test_train_step_with_bf16_params_lowers_the_loss(name):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
-def test_jaxsd_train_with_bf16_params_and_adafactor(tmp_path):
-    yaml = cached_dataset(tmp_path, [(16, 16)] * 4, steps=4, batch_size=2, image="{resolution: 16}")
-    run_dir = tmp_path / "straight"
-    jaxsd_command("train", yaml, "model.param_dtype=bfloat16", "optimizer.name=adafactor",
-                  "optimizer.learning_rate=1e-3", "optimizer.clip_grad_norm=null", env=ENV)
+def test_jaxsd_train_with_bf16_params_and_adafactor(tiny_run, tmp_path):
+    # the shared tiny run's pipeline and cache (tests/train/tiny_run.py), trained again with bf16 params
+    run_dir = tmp_path / "bf16"
+    jaxsd_command("train", tiny_run.yaml, f"train.run_dir={run_dir}", "model.param_dtype=bfloat16",
+                  "optimizer.name=adafactor", "optimizer.learning_rate=1e-3", "optimizer.clip_grad_norm=null",
+                  "train.ema.enabled=false", "logging.sample_every=0", env=ENV)
     logged = records(run_dir)
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in logged), logged
     jaxsd_command("export", run_dir, "--out", tmp_path / "export")
-    base = SafetensorsFile(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = SafetensorsFile(tiny_run.pipe / "unet" / "diffusion_pytorch_model.safetensors")
     trained = SafetensorsFile(tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors")
     # Adafactor's steps here are ~1e-3 of each weight, below half a bf16 ulp (2^-9): round-to-nearest
     # would leave most weights where they were; stochastic rounding moves them

@@ -1,9 +1,8 @@
 """`jaxsd export`: a whole pipeline folder that jaxsd and diffusers load, read from params only.
 
-One tiny run for the module, made as a user makes it: a tiny pipeline folder (tests/train/tiny_pipeline.py,
-its UNet's output conv scaled so the UNet visibly shapes the images) is `model.pretrained`; `jaxsd cache`
-encodes 4 images with it; `jaxsd train` runs 2 steps (EMA on, conv_in frozen, a large learning rate so the
-trained UNet draws visibly other images than the base one).
+On the shared tiny run of tests/train/tiny_run.py (made as a user makes it: `jaxsd cache`, then `jaxsd train`
+4 steps from a tiny pipeline folder whose UNet visibly shapes the images, EMA on, conv_in frozen, a large
+learning rate so the trained UNet draws visibly other images than the base one).
 """
 
 from __future__ import annotations
@@ -20,54 +19,24 @@ from PIL import Image
 from jaxsd.cli import main
 from jaxsd.convert.safetensors_io import SafetensorsFile
 from tests.helpers import jaxsd_command
-from tests.train.tiny_pipeline import IMAGE_SIZE, tiny_pipeline
+from tests.train.tiny_pipeline import IMAGE_SIZE
+from tests.train.tiny_run import STEPS as STEP
 
-STEP = 2
 UNET_FILE = "diffusion_pytorch_model.safetensors"
 PROMPT = "a cat"
 
 
-def _sensitive_pipeline(folder: Path) -> Path:
-    from jaxsd.convert.unet import load_unet, save_unet
-
-    tiny_pipeline(folder)
-    config, params = load_unet(folder / "unet")
-    params = {**params, "conv_out": {k: np.asarray(v) * 5 for k, v in params["conv_out"].items()}}
-    save_unet(folder / "unet", config, params)
-    return folder
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    """(the shared folder, the base pipeline, the run dir): read only, a test copies what it changes."""
+    return tiny_run.base, tiny_run.pipe, tiny_run.run_dir
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from tests.data.fakes import make_images
-
-    base = tmp_path_factory.mktemp("export")
-    pipe = _sensitive_pipeline(base / "pipe")
-    images = make_images(base / "images", 4)
-    yaml = base / "run.yaml"
-    yaml.write_text(f"""
-model: {{pretrained: {pipe}}}
-optimizer: {{learning_rate: 0.01}}
-train: {{run_dir: {base / 'run'}, steps: {STEP}, batch_size: 2, data_source: cache, frozen: ['^conv_in/'],
-         ema: {{enabled: true}}}}
-checkpoint: {{every: 100, async_save: false}}
-logging: {{every: 1, progress_bar: false}}
-data:
-  roots: [{images}]
-  image: {{resolution: {IMAGE_SIZE}}}
-  cache: {{vae: {pipe}, text_encoder: {pipe}, text: clip, dtype: float32, batch_size: 4}}
-  loader: {{batch_size: 2, threads: 1, prefetch: 1}}
-""")
-    jaxsd_command("cache", yaml, "--no-progress")
-    jaxsd_command("train", yaml)
-    return base, pipe, base / "run"
-
-
-@pytest.fixture(scope="module")
-def exported(run):
+def exported(run, tmp_path_factory):
     """`jaxsd export RUN --out DIR`: the base pipeline is the run's model.pretrained."""
-    base, _, run_dir = run
-    out = base / "exported"
+    _, _, run_dir = run
+    out = tmp_path_factory.mktemp("export") / "exported"
     proc = jaxsd_command("export", run_dir, "--out", out)
     return out, proc.stdout
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from jaxsd.cli import main
 from jaxsd.config import CheckpointConfig
 from jaxsd.train.checkpoint import Checkpointer
 from tests.data.fakes import make_images
@@ -70,7 +71,7 @@ def run(tmp_path_factory):
     images = make_images(base / "images", 4)
     _start_file(base / "start.safetensors", pipe)
     yaml = _yaml(base, pipe, images, "run", STEPS)
-    jaxsd_command("cache", yaml, "--no-progress")
+    assert main(["cache", str(yaml), "--no-progress"]) == 0  # in-process: tests/train/tiny_run.py runs the command
     jaxsd_command("train", yaml, env={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
     return base, pipe, images, base / "run"
 

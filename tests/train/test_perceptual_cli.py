@@ -11,26 +11,24 @@ import pytest
 from jaxsd.config import CheckpointConfig
 from jaxsd.train.checkpoint import Checkpointer
 from tests.helpers import jaxsd_command
-from tests.train.cli_runs import ENV, cached_dataset, records
+from tests.train.cli_runs import ENV, records
 from tests.train.perceptual_files import save_random_lpips, save_style_images
-
-SIZES = [(16, 16)] * 4
-
 
 OVERRIDES = ["loss.style.layers=[relu1_2,relu2_2]", "loss.perceptual.lpips_weight=0.5", "loss.perceptual.style_weight=2.0",
              "loss.perceptual.every=2", "loss.perceptual.max_timestep=999"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 2-step run with both terms (every=2, every sample qualifies): (config, its overrides, run dir)."""
+def run(tiny_run, tmp_path_factory):
+    """A 2-step run with both terms (every=2, every sample qualifies) on the shared tiny run's pipeline and cache
+    (tests/train/tiny_run.py): (config, its overrides, run dir)."""
     base = tmp_path_factory.mktemp("perceptual_cli")
-    yaml = cached_dataset(base, SIZES, steps=2, batch_size=2, image="{resolution: 16}")
     lpips = save_random_lpips(base / "lpips_vgg16.safetensors")
     style = save_style_images(base / "style")
-    overrides = [f"loss.lpips.weights={lpips}", f"loss.style.references=[{style}]", *OVERRIDES]
-    jaxsd_command("train", yaml, *overrides, env=ENV)
-    return yaml, overrides, base / "straight"
+    overrides = [f"train.run_dir={base / 'run'}", "train.steps=2", "train.ema.enabled=false", "logging.sample_every=0",
+                 f"loss.lpips.weights={lpips}", f"loss.style.references=[{style}]", *OVERRIDES]
+    jaxsd_command("train", tiny_run.yaml, *overrides, env=ENV)
+    return tiny_run.yaml, overrides, base / "run"
 
 
 def test_train_with_lpips_and_style_terms_logs_them_and_checkpoints_no_vgg_or_vae(run):

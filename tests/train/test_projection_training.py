@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from jaxsd.cli import main
 from tests.data.fakes import make_images
 from tests.helpers import jaxsd_command, rel_err
 from tests.train.tiny_pipeline import IMAGE_SIZE, tiny_hybrid_pipeline
@@ -38,9 +39,9 @@ data:
   cache: {{vae: {pipe}, text_encoder: {pipe}, text: t5, dtype: float32, batch_size: 4, max_length: 16}}
   loader: {{batch_size: 4, threads: 1, prefetch: 1}}
 """)
-    jaxsd_command("cache", yaml, "--no-progress")
+    assert main(["cache", str(yaml), "--no-progress"]) == 0  # in-process: tests/train/tiny_run.py runs the command
     jaxsd_command("train", yaml)
-    jaxsd_command("export", base / "run", "--out", base / "export")
+    assert main(["export", str(base / "run"), "--out", str(base / "export")]) == 0  # in-process (test_export.py runs the command)
     return base, pipe
 
 

@@ -1,6 +1,6 @@
-"""Sample grids during training, and training from a `jaxsd cache` output — on one tiny run.
+"""Sample grids during training, and training from a `jaxsd cache` output — on the shared tiny run.
 
-A torch-free tiny pipeline folder (tests/train/tiny_pipeline.py) is `model.pretrained`; `jaxsd cache`
+The run of tests/train/tiny_run.py: a torch-free tiny pipeline folder is `model.pretrained`; `jaxsd cache`
 encodes a small folder dataset with its VAE and text encoder; `jaxsd train` then runs 4 steps with
 train.data_source=cache, EMA on and logging.sample_every=2. Both features share the run because the
 train step's compilation dominates its time.
@@ -8,7 +8,6 @@ train step's compilation dominates its time.
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -22,62 +21,21 @@ from jaxsd.cli import main
 from jaxsd.config import ConfigError, load_config, sample_components_folder
 from jaxsd.data.manifest import read_manifest
 from jaxsd.train.logging import read_images
-from tests.data.fakes import make_images
-from tests.train.tiny_pipeline import COMPONENTS, IMAGE_SIZE, UNET, tiny_pipeline
+from tests.train.tiny_pipeline import COMPONENTS, IMAGE_SIZE, UNET
+from tests.train.tiny_run import SAMPLE_PROMPTS as PROMPTS
 
-PROMPTS = ["a cat", "a dog on the moon"]
 SCALE = 256 // IMAGE_SIZE  # sampling.py upscales small images towards 256-px cells
 
 
-def _yaml(base, pipe, images, clip=None):
-    return f"""
-model:
-  pretrained: {pipe}
-train:
-  run_dir: {base / 'run'}
-  steps: 4
-  batch_size: 2
-  data_source: cache
-  ema: {{enabled: true}}
-checkpoint: {{every: 100, async_save: false}}
-logging:
-  every: 1
-  progress_bar: false
-  sample_every: 2
-  sample_prompts: {json.dumps(PROMPTS)}
-  sample_steps: 2
-  sample_guidance_scale: 3.0
-  sample_clip: {clip or 'null'}
-data:
-  roots: [{images}]
-  image: {{resolution: {IMAGE_SIZE}}}
-  cache: {{vae: {pipe}, text_encoder: {pipe}, text: clip, dtype: float32, batch_size: 4}}
-  loader: {{batch_size: 2, threads: 1, prefetch: 1}}
-"""
+@pytest.fixture(scope="module")
+def setup(tiny_run):
+    """(the shared folder, the pipeline, the cached images, the run's config): read only."""
+    return tiny_run.base, tiny_run.pipe, tiny_run.images, tiny_run.yaml
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sampling")
-    pipe = tiny_pipeline(base / "pipe")
-    images = make_images(base / "images", 6)
-    clip = None
-    if importlib.util.find_spec("transformers") is not None:  # the grids' CLIP score (logging.sample_clip)
-        from tests.metrics.tiny_clip import build_clip_folder
-        clip = build_clip_folder(base / "clip")
-    yaml = base / "run.yaml"
-    yaml.write_text(_yaml(base, pipe, images, clip))
-    return base, pipe, images, yaml
-
-
-@pytest.fixture(scope="module")
-def run(setup):
-    base, _, _, yaml = setup
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["cache", str(yaml), "--no-progress"]) == 0
-        assert main(["train", str(yaml)]) == 0
-    return base / "run", out.getvalue()
+def run(tiny_run):
+    return tiny_run.run_dir, tiny_run.stdout
 
 
 def test_training_from_a_cache_output(setup, run):
@@ -143,16 +101,16 @@ def test_grid_shows_the_ema_params_with_a_fixed_seed(setup, run, tmp_path):
 
 
 @pytest.mark.slow
-def test_sampling_leaves_training_untouched(setup, run):
+def test_sampling_leaves_training_untouched(setup, run, tmp_path):
     """Same run without sample grids: every step's loss identical bit for bit (RNG stream and data order)."""
-    base, _, _, yaml = setup
+    _, _, _, yaml = setup
     run_dir, _ = run
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["train", str(yaml), "logging.sample_every=0", f"train.run_dir={base / 'plain'}"]) == 0
+        assert main(["train", str(yaml), "logging.sample_every=0", f"train.run_dir={tmp_path / 'plain'}"]) == 0
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
-              for d in (run_dir, base / "plain")]
+              for d in (run_dir, tmp_path / "plain")]
     assert losses[0] == losses[1]
-    assert not (base / "plain" / "samples").exists()
+    assert not (tmp_path / "plain" / "samples").exists()
 
 
 def test_sample_settings_are_checked_when_the_config_loads(setup):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxsd.cli import main
 from jaxsd.convert.folder import open_weights
 from jaxsd.convert.safetensors_io import SafetensorsFile
 from jaxsd.convert.single_file.read import SingleFile
@@ -82,7 +83,8 @@ def test_train_from_a_single_file_and_export_one(run):
     proc = jaxsd_command("export", run_dir, "--single-file", "--out", out, "--dtype", "float16")
     assert f"step {STEP} → {out}: sd1 single file" in proc.stdout and str(file) in proc.stdout
     folder = base / "trained_folder"
-    jaxsd_command("export", run_dir, "--out", folder, "--pipeline", pipe)  # the same UNet as a diffusers folder
+    # the same UNet as a diffusers folder (in this process: `jaxsd export` runs as a command in test_export.py)
+    assert main(["export", str(run_dir), "--out", str(folder), "--pipeline", str(pipe)]) == 0
 
     exported = SingleFile(out)
     meta = exported.metadata
@@ -106,8 +108,6 @@ def test_train_from_a_single_file_and_export_one(run):
 
 
 def test_export_refuses_an_existing_file_and_unet_only(run, tmp_path, capsys):
-    from jaxsd.cli import main
-
     _, _, file, run_dir, _ = run
     assert main(["export", str(run_dir), "--single-file", "--out", str(file)]) == 2
     assert "exists; jaxsd does not overwrite a file" in capsys.readouterr().err

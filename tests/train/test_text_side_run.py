@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsd.cli import main
 from jaxsd.config import load_config
 from jaxsd.errors import ConfigError
 from tests.data.fakes import make_images
@@ -63,9 +64,10 @@ data:
   cache: {{vae: {pipe}, text_encoder: {pipe}, text: tokens, dtype: float32, batch_size: 4}}
   loader: {{batch_size: 4, threads: 1, prefetch: 1}}
 """)
-    jaxsd_command("cache", yaml, f"data.roots=[{images},{held_out}]", "--no-progress")  # each root its own cache
+    assert main(["cache", str(yaml), f"data.roots=[{images},{held_out}]", "--no-progress"]) == 0  # each root its own
+    # cache; in-process: tests/train/tiny_run.py runs the command
     jaxsd_command("train", yaml)
-    jaxsd_command("export", base / "run", "--out", base / "export")
+    assert main(["export", str(base / "run"), "--out", str(base / "export")]) == 0  # in-process (test_export.py runs the command)
     return base, pipe, yaml
 
 

@@ -71,7 +71,7 @@ def cached(tmp_path_factory):
     base = tmp_path_factory.mktemp("text_training")
     pipe = tiny_pipeline(base / "pipe", text_sensitive=True)
     images = make_images(base / "images", 4)
-    jaxsd_command("cache", _yaml(base, pipe, images, "cache"), "--no-progress")
+    assert main(["cache", str(_yaml(base, pipe, images, "cache")), "--no-progress"]) == 0  # in-process: tests/train/tiny_run.py runs the command
     return base, pipe, images
 
 

@@ -70,8 +70,9 @@ class Upsample2D(nn.Module):
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
         b, h, w, c = x.shape
         oh, ow = output_size or (2 * h, 2 * w)
-        if (oh, ow) == (2 * h, 2 * w):
-            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        else:  # odd skip sizes: nearest like torch's F.interpolate(size=...)
+        double = (oh, ow) == (2 * h, 2 * w)
+        if not double:  # odd skip sizes: nearest like torch's F.interpolate(size=...)
             x = x[:, (jnp.arange(oh) * h) // oh][:, :, (jnp.arange(ow) * w) // ow]
-        return Conv(self.out_channels, 3, padding=1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        # the exact 2× upsampling happens inside the conv (on CPU never materialised: jaxsd/models/subpixel.py)
+        return Conv(self.out_channels, 3, padding=1, upsample2x=double, name="conv", dtype=self.dtype,
+                    param_dtype=self.param_dtype)(x)

@@ -88,6 +88,7 @@ def _taps_bwd(stride: int, padding: Padding, x_type: jax.ShapeDtypeStruct,
     matmul per tap, accumulated in fp32 whatever the input dtype. XLA:CPU runs the same reduction as a
     convolution whose "kernel" is the whole Ho×Wo image, 2–10× slower at ≥ 32² outputs and less exact
     (docs/benchmarks.md, "Convolutions on CPU"); one window alive at a time, not the 9× im2col matrix.
+    A narrow conv (stride 1, kh·kw·Cout ≤ Cin) takes it as one matmul instead (`_kernel_grad_shifted_dy`).
     """
     x, kernel = residuals
     dx = jax.linear_transpose(lambda x: conv_xla(x, kernel, stride, padding), x_type)(dy)[0]

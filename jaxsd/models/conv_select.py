@@ -14,6 +14,9 @@ most of a full fine-tune's or VAE step's backward (issue #21). There `taps`
 (`jaxsd.models.im2col.conv_taps`) keeps XLA's convolution and computes the kernel gradient as k²
 matmuls, one per kernel tap. Where the kernel is not trained (LoRA) it compiles to XLA's own program.
 
+A nearest 2× upsampling followed by a 3×3 conv (diffusers' Upsample2D) runs on CPU as four 2×2 convs at
+the input's resolution (`jaxsd.models.subpixel`; `select_upsample`), each on the lowering `select_conv` picks.
+
 `select_conv` is the decision table, a pure function unit-tested on any machine;
 `conv_implementation` gathers the facts while tracing (platform, the forced choice) and calls it.
 GPU and TPU always keep XLA's convolution (cuDNN / the TPU's convolution units).
@@ -144,3 +147,21 @@ def conv_implementation(x: jax.Array, kernel: jax.Array, out_hw: tuple[int, int]
     return select_conv(requested_implementation(), platform=jax.default_backend(), batch=x.shape[0],
                        out_hw=out_hw, in_channels=x.shape[-1], kernel_hw=kernel.shape[:2],
                        itemsize=x.dtype.itemsize)
+
+
+def select_upsample(requested: str, *, platform: str) -> str:
+    """How a nearest 2× upsampling + 3×3 conv runs: "subpixel" (four 2×2 convs at the input's resolution,
+    `jaxsd.models.subpixel`) on CPU unless "xla" is forced, else "repeat" (upsample, then the conv).
+
+    On CPU the subpixel form does 16/36 of the work and makes no upsampled copy; XLA:CPU also runs the
+    upsampling's gradient (a sum over 2×2 blocks) slowly. GPU/TPU keep diffusers' order of operations.
+    """
+    _checked(requested, "select_upsample")
+    return "subpixel" if platform == "cpu" and requested != "xla" else "repeat"
+
+
+def upsample_implementation() -> str:
+    """`select_upsample` for this process's platform and forced choice."""
+    import jax
+
+    return select_upsample(requested_implementation(), platform=jax.default_backend())

@@ -88,17 +88,39 @@ def _taps_bwd(stride: int, padding: Padding, x_type: jax.ShapeDtypeStruct,
     matmul per tap, accumulated in fp32 whatever the input dtype. XLA:CPU runs the same reduction as a
     convolution whose "kernel" is the whole Ho×Wo image, 2–10× slower at ≥ 32² outputs and less exact
     (docs/benchmarks.md, "Convolutions on CPU"); one window alive at a time, not the 9× im2col matrix.
+    A narrow conv (stride 1, kh·kw·Cout ≤ Cin) takes it as one matmul instead (`_kernel_grad_shifted_dy`).
     """
     x, kernel = residuals
     dx = jax.linear_transpose(lambda x: conv_xla(x, kernel, stride, padding), x_type)(dy)[0]
     if x is None:
         return dx, None
     kh, kw, cin, cout = kernel.shape
+    if stride == 1 and kh * kw * cout <= cin:
+        return dx, _kernel_grad_shifted_dy(x, dy, (kh, kw), padding).astype(kernel.dtype)
     dy2 = dy.reshape(-1, cout)
     taps = [jax.lax.dot_general(window.reshape(-1, cin), dy2, (((0,), (0,)), ((), ())),
                                 preferred_element_type=jnp.float32)
             for window in _windows(x, (kh, kw), stride, padding)]
     return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _kernel_grad_shifted_dy(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int], padding: Padding) -> jax.Array:
+    """The stride-1 kernel gradient [kh, kw, Cin, Cout] (fp32) as one matmul when dy is the narrow side.
+
+    dkernel[i, j] = Σ_q xp[q] ⊗ dy[q − (i, j)] over the padded input's positions q, so the kh·kw copies of dy
+    shifted by (i, j) (zero outside), concatenated on channels, make one [B·Hp·Wp, kh·kw·Cout] matrix and
+    xpᵀ times it is every tap at once: x is read once, not kh·kw times. Used where kh·kw·Cout ≤ Cin (a
+    decoder's conv_out, 128 → 3 at 256²: the taps' k² matmuls with 3 output columns each read the whole
+    window for little arithmetic).
+    """
+    kh, kw = kernel_hw
+    cin, cout = x.shape[-1], dy.shape[-1]
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    shifted = jnp.concatenate([jnp.pad(dy, ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
+                               for i in range(kh) for j in range(kw)], axis=-1)
+    dk = jax.lax.dot_general(xp.reshape(-1, cin), shifted.reshape(-1, kh * kw * cout), (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return dk.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
 
 
 _conv_taps.defvjp(_taps_fwd, _taps_bwd, symbolic_zeros=True)

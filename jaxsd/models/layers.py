@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.errors import InputError
-from jaxsd.models.conv_select import conv_implementation
+from jaxsd.models.conv_select import conv_implementation, upsample_implementation
 from jaxsd.models.frozen_kernel import frozen_kernel_op, use_frozen_kernel_op
 from jaxsd.models.im2col import LOWERINGS, conv_output_hw
 from jaxsd.models.lora import dropout_mask
+from jaxsd.models.subpixel import upsample2x_conv3x3
 
 Dtype = jnp.dtype
 _zeros = nn.initializers.zeros_init()
@@ -141,6 +142,9 @@ class Conv(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # x is first upsampled 2× by nearest neighbour (diffusers' Upsample2D; a 3×3, stride-1, padding-1 conv):
+    # on CPU computed at x's resolution as four 2×2 convs (jaxsd/models/subpixel.py)
+    upsample2x: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -159,6 +163,14 @@ class Conv(nn.Module):
     def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """x [B, H, W, in] conv kernel [k, k, in, n] with this layer's stride and padding."""
         pad = ((self.padding, self.padding),) * 2 if isinstance(self.padding, int) else self.padding
+        if self.upsample2x:
+            if (self.strides, pad) != (1, ((1, 1), (1, 1))):
+                raise ValueError("Conv(upsample2x=True) is a stride-1, padding-1 conv")
+            if upsample_implementation() == "subpixel":
+                def phase(x, k, pad):
+                    return LOWERINGS[conv_implementation(x, k, x.shape[1:3])](x, k, 1, pad)
+                return upsample2x_conv3x3(x, kernel, phase)
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if kernel.shape[:2] == (1, 1) and self.strides == 1 and pad == ((0, 0), (0, 0)):
             # A 1x1 conv is a matmul over channels; as one it trains faster on XLA:CPU (see matmul_last_axis).
             return matmul_last_axis(x, kernel[0, 0])

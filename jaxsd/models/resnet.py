@@ -22,6 +22,9 @@ class ResnetBlock2D(nn.Module):
     act_fn: str = "silu"
     output_scale_factor: float = 1.0
     use_time_emb: bool = True
+    # norm → act recomputed in the backward pass from its input (kept anyway): the normalised values and the
+    # activation's own residuals are not saved (the VAE: 3 of a 256² resnet's 7 saved activations)
+    recompute_norm_act: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -29,12 +32,15 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         act = activation(self.act_fn)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = act(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
+        norm_act = lambda norm, h: act(norm(h))
+        if self.recompute_norm_act:
+            norm_act = nn.checkpoint(norm_act)
+        h = norm_act(GroupNorm(self.groups, self.eps, name="norm1", **kw), x)
         h = Conv(self.out_channels, 3, padding=1, name="conv1", **kw)(h)
         if self.use_time_emb and temb is not None:
             t = Dense(self.out_channels, axes=("embed", "conv_out"), name="time_emb_proj", **kw)(act(temb))
             h = h + t[:, None, None, :]
-        h = act(GroupNorm(self.groups, self.eps, name="norm2", **kw)(h))
+        h = norm_act(GroupNorm(self.groups, self.eps, name="norm2", **kw), h)
         h = Conv(self.out_channels, 3, padding=1, name="conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = Conv(self.out_channels, 1, padding=0, name="conv_shortcut", **kw)(x)
@@ -68,10 +74,11 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
-        b, h, w, c = x.shape
+        _, h, w, _ = x.shape
         oh, ow = output_size or (2 * h, 2 * w)
-        if (oh, ow) == (2 * h, 2 * w):
-            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        else:  # odd skip sizes: nearest like torch's F.interpolate(size=...)
+        double = (oh, ow) == (2 * h, 2 * w)
+        if not double:  # odd skip sizes: nearest like torch's F.interpolate(size=...)
             x = x[:, (jnp.arange(oh) * h) // oh][:, :, (jnp.arange(ow) * w) // ow]
-        return Conv(self.out_channels, 3, padding=1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        # the exact 2× upsampling happens inside the conv (on CPU never materialised: jaxsd/models/subpixel.py)
+        return Conv(self.out_channels, 3, padding=1, upsample2x=double, name="conv", dtype=self.dtype,
+                    param_dtype=self.param_dtype)(x)

@@ -247,12 +247,12 @@ class MidBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet = _remat(ResnetBlock2D, self.remat_policy)
-        x = resnet(self.channels, self.groups, _EPS, self.act_fn, name="resnets_0", **kw)(x)
+        x = resnet(self.channels, self.groups, _EPS, self.act_fn, recompute_norm_act=True, name="resnets_0", **kw)(x)
         if self.add_attention:
             x = Attention(heads=1, dim_head=self.channels, qkv_bias=True, norm_num_groups=self.groups,
                           norm_eps=_EPS, residual_connection=True, implementation=self.attention_impl,
                           query_chunk_size=self.attention_chunk_size, name="attentions_0", **kw)(x)
-        return resnet(self.channels, self.groups, _EPS, self.act_fn, name="resnets_1", **kw)(x)
+        return resnet(self.channels, self.groups, _EPS, self.act_fn, recompute_norm_act=True, name="resnets_1", **kw)(x)
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -275,7 +275,8 @@ class DownEncoderBlock2D(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet = _remat(ResnetBlock2D, self.remat_policy)
         for j in range(self.num_layers):
-            x = resnet(self.channels, self.groups, _EPS, self.act_fn, name=f"resnets_{j}", **kw)(x)
+            x = resnet(self.channels, self.groups, _EPS, self.act_fn, recompute_norm_act=True, name=f"resnets_{j}",
+                       **kw)(x)
         if self.add_downsample:
             x = Downsample2D(self.channels, padding=0, name="downsamplers_0", **kw)(x)
         return x
@@ -301,7 +302,8 @@ class UpDecoderBlock2D(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         resnet = _remat(ResnetBlock2D, self.remat_policy)
         for j in range(self.num_layers):
-            x = resnet(self.channels, self.groups, _EPS, self.act_fn, name=f"resnets_{j}", **kw)(x)
+            x = resnet(self.channels, self.groups, _EPS, self.act_fn, recompute_norm_act=True, name=f"resnets_{j}",
+                       **kw)(x)
         if self.add_upsample:
             x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
         return x

@@ -60,10 +60,12 @@ def test_forced_choices_and_their_errors(monkeypatch):
 
 
 # (H, W, Cin, Cout, k, stride, padding): SD's resnet conv, the downsampler's stride 2 with diffusers'
-# asymmetric (0, 1) padding, an odd-sized input, a 5×5 kernel, a patch-embedding-like unpadded conv
+# asymmetric (0, 1) padding, an odd-sized input, a 5×5 kernel, a patch-embedding-like unpadded conv, and
+# narrow outputs (kh·kw·Cout ≤ Cin: the taps' kernel gradient from shifted dy, as a decoder's conv_out)
 CASES = [(8, 8, 16, 8, 3, 1, ((1, 1), (1, 1))), (8, 8, 8, 8, 3, 2, ((0, 1), (0, 1))),
          (9, 7, 4, 6, 3, 2, ((1, 1), (1, 1))), (8, 6, 4, 4, 5, 1, ((2, 2), (2, 2))),
-         (6, 6, 3, 5, 2, 2, ((0, 0), (0, 0)))]
+         (6, 6, 3, 5, 2, 2, ((0, 0), (0, 0))), (9, 7, 32, 3, 3, 1, ((1, 1), (1, 1))),
+         (8, 6, 16, 2, 2, 1, ((0, 1), (1, 0)))]
 
 
 @pytest.mark.parametrize("lowering", [conv_im2col, conv_taps])

@@ -3,8 +3,9 @@
 jaxsd's `StableDiffusion.generate` (one jitted program: text encoding outside,
 the whole denoising loop and VAE decode inside) vs diffusers' pipeline with
 `DPMSolverMultistepScheduler` (dpmsolver++, order 2), same folder, same prompt,
-same initial latents. jaxsd's first call compiles; its compile time is reported
-apart and the timed calls reuse the program. A call's time is the wall time of
+same initial latents. jaxsd compiles first, from the UNet's and VAE's shapes, then reads
+their weights (as `jaxsd sample`); its compile time is reported apart, the timed calls reuse the
+program, and `info.rss_gb` records the RSS after each phase. A call's time is the wall time of
 the whole `generate` / `pipe(...)` call (prompt encoding, sampling, decode).
 
   --preset tiny|small   a random pipeline built on the spot (tiny: 2-level UNet at

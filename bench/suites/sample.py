@@ -228,10 +228,9 @@ def child_jaxsd(config: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from bench.suites.train_step import _rss_gb
     from jaxsd.models.token_merging import TokenMerging
     from jaxsd.pipelines.pipeline import StableDiffusion
-
-    from bench.suites.train_step import _rss_gb
 
     res, channels, factor = _size(config["folder"], config)
     tm = TokenMerging(ratio=config.get("tome", 0.0), use_rand=False)

@@ -31,7 +31,12 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from jaxsd.models.attention_select import IMPLEMENTATIONS, MaskKind, cpu_query_block, select_implementation
+from jaxsd.models.attention_select import (
+    IMPLEMENTATIONS,
+    MaskKind,
+    cpu_query_block,
+    select_implementation,
+)
 from jaxsd.models.attention_select import query_chunk_size as auto_query_chunk_size
 
 __all__ = ["IMPLEMENTATIONS", "Attention", "attention", "choose_implementation", "mask_kind"]

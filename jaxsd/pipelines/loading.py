@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.convert.folder import read_config
-from jaxsd.convert.single_file.to_folder import model_folder
 from jaxsd.convert.load import load_config
+from jaxsd.convert.single_file.to_folder import model_folder
 from jaxsd.convert.unet import abstract_unet_params, load_unet
 from jaxsd.convert.vae import load_vae
 from jaxsd.diffusion.schedule import NoiseSchedule

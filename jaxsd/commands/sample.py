@@ -166,9 +166,12 @@ def load_pipeline(args: argparse.Namespace):
     from jaxsd.pipelines.pipeline import StableDiffusion
 
     dtype = jnp.dtype(args.dtype)
+    # without LoRA files (which are checked against the loaded UNet) the UNet's and VAE's weights are read
+    # after the program is compiled (`compile_before_weights`)
     pipe = StableDiffusion.from_folder(args.model, config_dir=args.config, dtype=dtype,
                                        param_dtype=None if dtype == jnp.float32 else dtype, variant=args.variant,
-                                       vae_folder=args.vae, token_merging=TokenMerging(ratio=args.tome))
+                                       vae_folder=args.vae, token_merging=TokenMerging(ratio=args.tome),
+                                       weights=bool(args.lora))
     if args.lora:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -216,10 +219,11 @@ def run(args: argparse.Namespace) -> int:
     options = generation_options(args, pipe)
     print(f"loaded {args.model} ({pipe.family}, {args.dtype}, prompts padded to {pipe.text.text_length} tokens) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    compile_s = compile_before_weights(pipe, args, options, prompts)
     if prompts is None:
-        images, latents = generate_one(pipe, args, options)
+        images, latents = generate_one(pipe, args, options, compile_s)
     else:
-        images, latents = generate_many(pipe, args, options, prompts)
+        images, latents = generate_many(pipe, args, options, prompts, compile_s)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +245,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate_one(pipe, args: argparse.Namespace, options: dict):
+def compile_before_weights(pipe, args: argparse.Namespace, options: dict, prompts: list[str] | None) -> float:
+    """Compile the run's program (of its first batch: every batch has its shapes) from the UNet's and VAE's
+    shapes, then read their weights: the compiler's memory is handed back before the weights arrive, so
+    the peak is the larger of the two, not their sum. Seconds spent compiling (0: weights already loaded)."""
+    from jaxsd.pipelines.inputs import batches
+
+    if pipe.pipe.weights_loaded:
+        return 0.0
+    first, second = args.prompt, args.prompt_2
+    if prompts is not None:
+        first = batches(prompts, args.batch_size or min(8, len(prompts)))[0][0]
+        second = None if args.prompt_2 is None else [args.prompt_2] * len(first)
+    pipe.generate(first, prompt_2=second, seed=args.seed, compile_only=True, **options)
+    compile_s = pipe.last_compile_seconds
+    pipe.load_weights()
+    return compile_s
+
+
+def generate_one(pipe, args: argparse.Namespace, options: dict, compile_s: float = 0.0):
     """(images, latents) of --prompt, with a progress bar over the steps."""
     from tqdm import tqdm
 
@@ -256,12 +278,12 @@ def generate_one(pipe, args: argparse.Namespace, options: dict):
     images, latents = pipe.generate(args.prompt, prompt_2=args.prompt_2, seed=args.seed, progress=on_step, **options)
     if bar is not None:
         bar.close()
-    print(f"compile: {pipe.last_compile_seconds:.2f} s; generation: {pipe.last_run_seconds:.2f} s "
+    print(f"compile: {compile_s + pipe.last_compile_seconds:.2f} s; generation: {pipe.last_run_seconds:.2f} s "
           f"({len(images)} image(s), {args.steps} steps, {args.scheduler})")
     return images, latents
 
 
-def generate_many(pipe, args: argparse.Namespace, options: dict, prompts: list[str]):
+def generate_many(pipe, args: argparse.Namespace, options: dict, prompts: list[str], compile_s: float = 0.0):
     """(images, latents) of every --prompts line, prompt-major: batches of --batch-size prompts through one
     compiled program (the last batch padded, its padding dropped); batch b uses seed --seed + b."""
     import numpy as np
@@ -271,7 +293,7 @@ def generate_many(pipe, args: argparse.Namespace, options: dict, prompts: list[s
 
     size = args.batch_size or min(8, len(prompts))
     k = args.num_images
-    images, latents, compile_s, run_s, programs = [], [], 0.0, 0.0, 0
+    images, latents, run_s, programs = [], [], 0.0, int(compile_s > 0)
     with tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr) as bar:
         for b, (batch, real) in enumerate(batches(prompts, size)):
             second = None if args.prompt_2 is None else [args.prompt_2] * len(batch)

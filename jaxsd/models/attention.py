@@ -31,7 +31,12 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from jaxsd.models.attention_select import IMPLEMENTATIONS, MaskKind, select_implementation
+from jaxsd.models.attention_select import (
+    IMPLEMENTATIONS,
+    MaskKind,
+    cpu_query_block,
+    select_implementation,
+)
 from jaxsd.models.attention_select import query_chunk_size as auto_query_chunk_size
 
 __all__ = ["IMPLEMENTATIONS", "Attention", "attention", "choose_implementation", "mask_kind"]
@@ -102,6 +107,10 @@ def attention(
     """
     impl = choose_implementation(implementation, q, k, bias=bias, mask=mask)
     if query_chunk_size is None:
+        block = cpu_query_block(impl, platform=jax.default_backend(), q_len=q.shape[1], kv_len=k.shape[1],
+                                has_bias=bias is not None, mask=mask_kind(mask), is_causal=is_causal)
+        if block is not None:
+            return _cpu_blocked(q, k, v, scale, block)
         query_chunk_size = auto_query_chunk_size(
             impl, heads=q.shape[2], q_len=q.shape[1], kv_len=k.shape[1], batch=q.shape[0], has_bias=bias is not None,
             mask=mask_kind(mask), is_causal=is_causal)
@@ -168,6 +177,31 @@ def _query_chunked(q, k, v, scale, impl, chunk: int) -> jax.Array:
                          policy=jax.checkpoint_policies.nothing_saveable)
     out = jax.lax.map(lambda qc: one(qc, k, v), rearrange(q, "b (n c) h d -> n b c h d", c=chunk))
     return rearrange(out, "n b c h d -> b (n c) h d")[:, :lq]
+
+
+def _cpu_blocked(q, k, v, scale, block: int) -> jax.Array:
+    """Attention of q [B, Lq, H, D] one (example, head) and `block` queries at a time (nested `lax.map`s;
+    the last block zero-padded and cut), so a block's [block, Lk] fp32 logits stay in the CPU's cache
+    (`attention_select.cpu_query_block`). The softmax is normalised after the second matmul: the
+    [block, D] output is divided by the row sums instead of the [block, Lk] probabilities (one pass less
+    over the logits; the same math, fp32 rounding apart). Each block is rematerialised in the backward
+    pass, as `_query_chunked`'s chunks."""
+    b, lq = q.shape[:2]
+    n = -(-lq // block)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q = jnp.pad(q, ((0, 0), (0, n * block - lq), (0, 0), (0, 0)))
+    qs = rearrange(q, "b (n c) h d -> (b h) n c d", c=block)
+    ks, vs = (rearrange(x, "b l h d -> (b h) l d") for x in (k, v))
+
+    def one(qc, kh, vh):  # [c, D], [Lk, D], [Lk, D] -> [c, D]
+        logits = jnp.einsum("qd,kd->qk", qc, kh, preferred_element_type=jnp.float32) * jnp.float32(scale)
+        e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        o = jnp.einsum("qk,kd->qd", e.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+        return (o / jnp.sum(e, axis=-1, keepdims=True)).astype(vh.dtype)
+
+    one = jax.checkpoint(one, policy=jax.checkpoint_policies.nothing_saveable)
+    out = jax.lax.map(lambda x: jax.lax.map(lambda qc: one(qc, x[1], x[2]), x[0]), (qs, ks, vs))
+    return rearrange(out, "(b h) n c d -> b (n c) h d", b=b)[:, :lq]
 
 
 class Attention(nn.Module):

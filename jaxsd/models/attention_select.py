@@ -44,6 +44,11 @@ SPLASH_MIN_LEN = 1024
 # (`query_chunk_size`); the chunk's logits stay within it
 CHUNK_LOGITS_BYTES = 128 << 20
 MIN_QUERY_CHUNK = 128
+# CPU: an attention whose fp32 logits per (example, head) exceed this runs one (example, head) and a
+# block of queries at a time (`cpu_query_block`); a block's logits stay within it, so they stay in
+# the cache (L3: 32 MiB, shared by the cores of the machine measured) through the softmax's passes
+CPU_BLOCK_LOGITS_BYTES = 8 << 20
+MIN_CPU_BLOCK = 16
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -170,3 +175,33 @@ def query_chunk_size(implementation: str, *, heads: int, q_len: int, kv_len: int
         return None
     chunk = max(MIN_QUERY_CHUNK, 1 << max(0, (CHUNK_LOGITS_BYTES // row_bytes).bit_length() - 1))
     return chunk if chunk < q_len else None
+
+
+def cpu_query_block(implementation: str, *, platform: str, q_len: int, kv_len: int, has_bias: bool = False,
+                    mask: MaskKind = "none", is_causal: bool = False) -> int | None:
+    """On CPU, how many queries of one (example, head) an "einsum" attention computes at a time; None = the
+    usual layout (all heads together, `query_chunk_size`'s chunks).
+
+    XLA:CPU writes the [B, H, Lq, Lk] fp32 logits to memory and reads them again in the softmax's passes
+    (max, exp and sum, normalise) and the second matmul. Where an (example, head)'s logits exceed
+    CPU_BLOCK_LOGITS_BYTES (8 MiB) those passes run from RAM; a block of the largest power of two of
+    queries (≥ MIN_CPU_BLOCK) whose logits fit keeps them in the cache. Measured on the 2-core EPYC
+    (`small` UNet, 8 heads of 10, batch 2, fp32; docs/benchmarks.md): one 4096-token self-attention
+    2.2 → 0.53 CPU-s; at 1024 tokens (4 MiB per head) blocks change nothing, so they are not used.
+
+        tokens Lq = Lk (latent)     logits per (example, head)   block
+        1024  (32×32)                4 MiB                        — (all at once)
+        4096  (64×64, SD at 512 px)  64 MiB                       512
+        9216  (96×96)               324 MiB                       227 → 128 (a power of two)
+        16384 (128×128)               1 GiB                       128
+
+    Only "einsum" (`auto` on CPU), without bias, mask or causal masking (the UNet's and the VAE's
+    attentions), and only on CPU: GPU/TPU kernels keep their own tiling.
+    """
+    if platform != "cpu" or implementation != "einsum" or has_bias or mask != "none" or is_causal:
+        return None
+    row_bytes = 4 * kv_len
+    if row_bytes * q_len <= CPU_BLOCK_LOGITS_BYTES:
+        return None
+    block = max(MIN_CPU_BLOCK, 1 << max(0, (CPU_BLOCK_LOGITS_BYTES // row_bytes).bit_length() - 1))
+    return block if block < q_len else None

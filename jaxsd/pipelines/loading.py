@@ -19,19 +19,23 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jaxsd.convert.folder import read_config
+from jaxsd.convert.load import load_config
 from jaxsd.convert.single_file.to_folder import model_folder
-from jaxsd.convert.unet import load_unet
+from jaxsd.convert.unet import abstract_unet_params, load_unet
 from jaxsd.convert.vae import load_vae
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.errors import InputError
+from jaxsd.models.params import abstract_params
 from jaxsd.models.unet import UNetConfig
-from jaxsd.models.vae import VAEConfig
+from jaxsd.models.vae import AutoencoderKL, VAEConfig, example_inputs
 from jaxsd.text.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,8 @@ class LoadedPipeline:
 
     text: the family's prompt encoder (jaxsd.text.prompts; text encoders, tokenizers, projection).
     options: pipeline-level config from model_index.json (e.g. force_zeros_for_empty_prompt).
+    unet_params, vae_params: trees of `jax.ShapeDtypeStruct` until `load_weights` when loaded with
+      `load_pipeline(weights=False)` (the generation program can be compiled from them first).
     """
 
     folder: Path
@@ -67,6 +73,22 @@ class LoadedPipeline:
     text: PromptEncoder
     schedule: NoiseSchedule
     options: dict = dataclasses.field(default_factory=dict)
+    weights_loader: Callable[[], tuple[Any, Any]] | None = None
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self.weights_loader is None
+
+    def load_weights(self) -> None:
+        """Read the UNet's and VAE's weights (after `load_pipeline(weights=False)`; else nothing to do)."""
+        if self.weights_loader is not None:
+            self.unet_params, self.vae_params = self.weights_loader()
+            self.weights_loader = None
+
+
+def _abstract(tree: Any, dtype) -> Any:
+    """A tree of ShapeDtypeStructs as the loaders store it: every leaf in `dtype` (None: as it is)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype), tree)
 
 
 def read_model_index(folder: str | os.PathLike) -> dict:
@@ -130,7 +152,7 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
                   attention_impl: str = "auto", unet: tuple[UNetConfig, Any] | None = None,
                   scheduler_overrides: dict | None = None, text_max_length: int | None = None,
                   config_dir: str | os.PathLike | None = None,
-                  vae_folder: str | os.PathLike | None = None) -> LoadedPipeline:
+                  vae_folder: str | os.PathLike | None = None, weights: bool = True) -> LoadedPipeline:
     """Read a diffusers pipeline folder: detect the family, load every component.
 
     dtype: storage dtype of all params (None: fp32). compute_dtype: the text encoders' compute dtype
@@ -144,6 +166,10 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
       (the trainer's betas and prediction type); with them a missing scheduler/ is allowed.
     vae_folder: a diffusers AutoencoderKL folder (config.json + weights) used instead of the pipeline's vae/
       (e.g. SDXL's fp16-fix VAE); its latent channels must be the UNet's.
+    weights: False reads only the UNet's and VAE's configs: their params are ShapeDtypeStructs until
+      `LoadedPipeline.load_weights()` (text encoders are loaded either way). So the generation program
+      compiles before the weights exist, and the process's peak memory is the larger of compiling and
+      generating rather than their sum.
     """
     source = Path(folder)
     folder = model_folder(source, config_dir=config_dir)
@@ -166,9 +192,25 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
             raise PipelineFolderError(f"{folder}: component 'text_projection' is missing (model_index.json "
                                       "lists it, but there is no text_projection/ folder)")
         kind = "t5"
-    unet_config, unet_params = unet if unet is not None else load_unet(folder / "unet", dtype=dtype, variant=variant)
-    vae_config, vae_params = load_replacement_vae(vae_folder, unet_config, dtype) if vae_folder else \
-        load_vae(folder / "vae", dtype=dtype, variant=variant)
+
+    def load_components() -> tuple[UNetConfig, Any, VAEConfig, Any]:
+        unet_config, unet_params = unet if unet is not None else load_unet(folder / "unet", dtype=dtype,
+                                                                            variant=variant)
+        vae_config, vae_params = load_replacement_vae(vae_folder, unet_config, dtype) if vae_folder else \
+            load_vae(folder / "vae", dtype=dtype, variant=variant)
+        return unet_config, unet_params, vae_config, vae_params
+
+    weights_loader = None
+    if weights:
+        unet_config, unet_params, vae_config, vae_params = load_components()
+    else:
+        unet_config, vae_config = _component_configs(folder, unet, vae_folder)
+        unet_params = _abstract(abstract_unet_params(unet_config), dtype) if unet is None else unet[1]
+        vae_params = _abstract(abstract_params(AutoencoderKL(vae_config), *example_inputs(vae_config))[0], dtype)
+
+        def weights_loader() -> tuple[Any, Any]:
+            _, unet_weights, _, vae_weights = load_components()
+            return unet_weights, vae_weights
     if vae_config.latents_mean is not None and family != "sdxl":
         logger.warning("%s/vae: latents_mean/latents_std are applied (as the cache and diffusers' SDXL pipelines "
                        "do); diffusers' StableDiffusionPipeline ignores them, so it decodes this %s folder "
@@ -182,4 +224,22 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
     scheduler = load_scheduler_config(folder) if (folder / "scheduler").is_dir() or not scheduler_overrides else {}
     schedule = NoiseSchedule.from_config({**scheduler, **(scheduler_overrides or {})})
     options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
-    return LoadedPipeline(folder, family, unet_config, unet_params, vae_config, vae_params, text, schedule, options)
+    return LoadedPipeline(folder, family, unet_config, unet_params, vae_config, vae_params, text, schedule, options,
+                          weights_loader)
+
+
+def _component_configs(folder: Path, unet: tuple[UNetConfig, Any] | None,
+                       vae_folder: str | os.PathLike | None) -> tuple[UNetConfig, VAEConfig]:
+    """The UNet's and VAE's configs as `load_unet` / `load_vae` read them, without their weights."""
+    def read(component: Path, cls):
+        try:
+            return cls.from_diffusers(load_config(component))
+        except InputError as e:
+            raise InputError(f"{component}/config.json: {e}") from None
+
+    unet_config = unet[0] if unet is not None else read(folder / "unet", UNetConfig)
+    vae_config = read(Path(vae_folder) if vae_folder else folder / "vae", VAEConfig)
+    if vae_folder and vae_config.latent_channels != unet_config.out_channels:  # as load_replacement_vae
+        raise PipelineFolderError(f"--vae {vae_folder}: its latents have {vae_config.latent_channels} channels but "
+                                  f"the UNet predicts {unet_config.out_channels}; use a VAE of this model family")
+    return unet_config, vae_config

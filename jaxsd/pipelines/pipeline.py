@@ -24,6 +24,7 @@ import numpy as np
 from jaxsd.convert.lora import LoraWeights
 from jaxsd.diffusion.samplers import img2img_start, make_sampler, resolve_sampler_name
 from jaxsd.errors import InputError
+from jaxsd.host_memory import release_freed_host_memory
 from jaxsd.models.token_merging import TokenMerging
 from jaxsd.models.unet import UNet2DConditionModel
 from jaxsd.models.vae import AutoencoderKL
@@ -74,17 +75,25 @@ class StableDiffusion:
                     dtype=jnp.float32, attention_impl: str = "auto",
                     text_max_length: int | None = None, config_dir: str | os.PathLike | None = None,
                     vae_folder: str | os.PathLike | None = None,
-                    token_merging: TokenMerging | None = None) -> StableDiffusion:
+                    token_merging: TokenMerging | None = None, weights: bool = True) -> StableDiffusion:
         """text_max_length: tokens prompts are padded to; None: the length the folder records.
         folder may be a single-file checkpoint (config_dir: as `load_pipeline`).
         dtype: compute dtype of every model; param_dtype: storage dtype of the weights (None: fp32).
         variant: weights variant, e.g. "fp16" (`*.fp16.safetensors`). vae_folder: a diffusers
         AutoencoderKL folder used instead of the pipeline's vae/ (e.g. an fp16-fix SDXL VAE).
-        token_merging: as __init__."""
+        token_merging: as __init__. weights: False loads the UNet's and VAE's weights only at
+        `load_weights()`, so `generate(..., compile_only=True)` compiles first (the lower peak memory)."""
         pipe = load_pipeline(folder, dtype=param_dtype, compute_dtype=dtype, variant=variant,
                              attention_impl=attention_impl, text_max_length=text_max_length, config_dir=config_dir,
-                             vae_folder=vae_folder)
+                             vae_folder=vae_folder, weights=weights)
         return cls(pipe, dtype=dtype, attention_impl=attention_impl, token_merging=token_merging)
+
+    def load_weights(self) -> None:
+        """Read the UNet's and VAE's weights after `from_folder(weights=False)` (else nothing to do), then
+        return the compile's freed heap to the OS first, so the weights do not land on top of it."""
+        if not self.pipe.weights_loaded:
+            release_freed_host_memory()
+            self.pipe.load_weights()
 
     # ---- LoRA ---------------------------------------------------------------------
 
@@ -143,7 +152,8 @@ class StableDiffusion:
                  crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  tiled_vae: bool | TileSettings = False, return_latents: bool = False,
                  progress: Callable[[int], None] | None = None,
-                 devices: Sequence[jax.Device] | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                 devices: Sequence[jax.Device] | None = None,
+                 compile_only: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray] | None:
         """Generate images; returns uint8 [len(prompts) * num_images, H, W, 3] (prompt-major, as diffusers),
         and with return_latents also the final latents, NCHW float32 [N, C, H/f, W/f] (diffusers'
         output_type="latent": scaled, not decoded).
@@ -167,9 +177,15 @@ class StableDiffusion:
         progress: called with the step index after every denoising step (once per device with `devices`).
         devices: split the batch over these devices (data parallel, jaxsd/pipelines/data_parallel.py; padded to
           a multiple of their count, the padding dropped). None or one device: the default single-device program.
+        compile_only: compile (or find compiled) the program of these arguments and return None without
+          running it; the UNet's and VAE's weights need not be loaded yet (`from_folder(weights=False)`),
+          and a later call with the same shapes runs that program.
         Prompts, seed, guidance, rescale, clip skip, eta and strength are values of the compiled programs:
         changing them never recompiles.
         """
+        if not (compile_only or self.pipe.weights_loaded):
+            raise InputError("the UNet's and VAE's weights are not loaded yet (from_folder(weights=False)): call "
+                             "load_weights() first, or generate(..., compile_only=True) to compile")
         sampler = resolve_sampler_name(sampler, self.pipe.schedule.config)  # A1111 names; auto: the folder's
         if eta and sampler not in ETA_SAMPLERS:
             raise InputError(f"eta={eta} applies to the {' and '.join(ETA_SAMPLERS)} samplers only (got sampler "
@@ -218,6 +234,8 @@ class StableDiffusion:
         spec = GenerateSpec(sampler_obj, img2img and not inpaint, inpaint, decode=not tiled_vae)
         n_kept = None  # data parallel: the images before padding
         if devices is not None and len(devices) > 1:
+            if compile_only:
+                raise InputError("compile_only compiles the one-device program; give devices=None")
             mesh = data_parallel.generation_mesh(devices)
             inputs, n_kept = data_parallel.split_inputs(inputs, len(devices))
             inputs = data_parallel.place_inputs(inputs, mesh, self._replicated_params(mesh))
@@ -225,6 +243,8 @@ class StableDiffusion:
                 self.unet, self.vae, self.pipe.vae_config, spec, inputs, mesh)
         else:
             fn, self.last_compile_seconds = compiled_generate(self.unet, self.vae, self.pipe.vae_config, spec, inputs)
+        if compile_only:
+            return None
         t0 = time.perf_counter()
         with progress_hook(progress):
             out = fn(inputs)

@@ -55,20 +55,26 @@ def test_einsum_matches_jax_attention_with_gradients(case):
         assert _rel(ge, gx) <= 1e-5
 
 
+def _with_chunks(q, k, v, chunks: tuple) -> list:
+    """[(output, (dq, dk, dv)) per `query_chunk_size` in `chunks`] of the "einsum" attention, the gradients
+    of sum(output²); one jitted function."""
+    @jax.jit
+    def run(q, k, v):
+        def one(chunk):
+            out, vjp = jax.vjp(lambda *qkv: attention(*qkv, implementation="einsum", query_chunk_size=chunk), q, k, v)
+            return out, vjp(2 * out)
+        return [one(c) for c in chunks]
+    return run(q, k, v)
+
+
 def test_query_chunks_give_the_same_output_and_gradients():
     """Chunked queries (the last chunk padded) against all at once, fp32, forward and gradients."""
     ks = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(ks[0], (2, 100, 3, 8))
     k, v = (jax.random.normal(key, (2, 37, 3, 8)) for key in ks[1:])
 
-    @jax.jit
-    def run(q, k, v):
-        def one(chunk):
-            out, vjp = jax.vjp(lambda *qkv: attention(*qkv, implementation="einsum", query_chunk_size=chunk), q, k, v)
-            return out, vjp(2 * out)
-        return one(None), one(16)  # None: 100 queries × 37 keys are far below the chunking threshold
-
-    (out, grads), (out_c, grads_c) = run(q, k, v)
+    # None: 100 queries × 37 keys are far below the chunking threshold
+    (out, grads), (out_c, grads_c) = _with_chunks(q, k, v, (None, 16))
     assert _rel(out_c, out) <= 1e-6
     for gc, g in zip(grads_c, grads, strict=True):
         assert _rel(gc, g) <= 1e-6
@@ -93,3 +99,25 @@ def test_long_attention_is_chunked_and_its_gradient_holds_a_few_chunks():
     chunked = _grad_temp_bytes(shape)
     assert whole >= 3 * logits
     assert chunked <= 6 * chunk_logits and 5 * chunked < whole, (chunked, whole)
+
+
+def test_cpu_blocks_give_the_same_output_and_gradients(monkeypatch):
+    """CPU's blocked attention (one (example, head) and a block of queries at a time, the softmax normalised
+    after the second matmul; the last block padded) against all queries at once, fp32, forward and
+    gradients, within the fp32 tolerance 1e-5 (relative to the largest value)."""
+    from jaxsd.models import attention_select
+
+    # 37 keys × 4 B = 148 B of logits per query: 100 queries exceed 4 KiB, blocks of 16 stay within it
+    monkeypatch.setattr(attention_select, "CPU_BLOCK_LOGITS_BYTES", 4 << 10)
+    assert attention_select.cpu_query_block("einsum", platform="cpu", q_len=100, kv_len=37) == 16
+    ks = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(ks[0], (2, 100, 3, 8))
+    k, v = (jax.random.normal(key, (2, 37, 3, 8)) for key in ks[1:])
+
+    # an explicit chunk ≥ Lq: all at once; None: auto, blocked on CPU
+    (out, grads), (out_b, grads_b) = _with_chunks(q, k, v, (1000, None))
+    if jax.default_backend() == "cpu":
+        assert float(jnp.abs(out_b - out).max()) > 0  # another computation ran (normalised after the matmul)
+    assert _rel(out_b, out) <= 1e-5
+    for gb, g in zip(grads_b, grads, strict=True):
+        assert _rel(gb, g) <= 1e-5

@@ -12,7 +12,7 @@ import pytest
 from jaxsd.errors import InputError
 from jaxsd.models import attention as attention_module
 from jaxsd.models.attention import mask_kind
-from jaxsd.models.attention_select import query_chunk_size, select_implementation
+from jaxsd.models.attention_select import cpu_query_block, query_chunk_size, select_implementation
 from jaxsd.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 from tests.models.test_unet import FAMILIES
 
@@ -105,6 +105,26 @@ CHUNKS = [
 @pytest.mark.parametrize("impl, heads, lq, lk, kw, expected", CHUNKS)
 def test_query_chunk_size(impl, heads, lq, lk, kw, expected):
     assert query_chunk_size(impl, heads=heads, q_len=lq, kv_len=lk, **kw) == expected
+
+
+CPU_BLOCKS = [  # impl, platform, Lq, Lk, kw → queries per (example, head) block
+    ("einsum", "cpu", 4096, 4096, {}, 512),    # SD at 512 px: 64 MiB of logits per head, blocks of 8 MiB
+    ("einsum", "cpu", 1024, 1024, {}, None),   # 4 MiB per head: fits the budget, all at once
+    ("einsum", "cpu", 16384, 16384, {}, 128),
+    ("einsum", "cpu", 1 << 20, 1 << 20, {}, 16),   # never fewer than MIN_CPU_BLOCK queries
+    ("einsum", "cpu", 4096, 77, {}, None),     # text cross-attention
+    ("xla", "cpu", 4096, 4096, {}, None),      # only our einsum kernel is blocked
+    ("einsum", "gpu", 4096, 4096, {}, None),   # only on CPU
+    ("einsum", "tpu", 4096, 4096, {}, None),
+    ("einsum", "cpu", 4096, 4096, {"has_bias": True}, None),
+    ("einsum", "cpu", 4096, 4096, {"mask": "keys"}, None),
+    ("einsum", "cpu", 4096, 4096, {"is_causal": True}, None),
+]
+
+
+@pytest.mark.parametrize("impl, platform, lq, lk, kw, expected", CPU_BLOCKS)
+def test_cpu_query_block(impl, platform, lq, lk, kw, expected):
+    assert cpu_query_block(impl, platform=platform, q_len=lq, kv_len=lk, **kw) == expected
 
 
 def test_mask_kind():

@@ -23,6 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from jaxsd.config_fused import check_fused_update
 from jaxsd.config_losses import (
     LPIPSLossConfig,
     PerceptualLossConfig,
@@ -207,6 +208,10 @@ class TrainConfig:
     text_encoder_lr: float | None = None
     """train.text_encoder full: the text encoders' learning rate (the schedule's shape is the UNet's, scaled
     by text_encoder_lr / optimizer.learning_rate); null = optimizer.learning_rate."""
+    fused_update: bool = False
+    """with model.segmented_backward: each UNet block's AdamW update runs inside its backward pass, as soon as
+    its gradients exist, so they die there (less memory at the peak; jaxsd/train/fused_update.py). AdamW
+    only, without clipping or accumulation (docs/training.md); the same params as without it."""
 
 
 @dataclass(frozen=True)
@@ -466,6 +471,7 @@ def _check_choices(cfg: Config) -> None:
     check_perceptual(cfg)
     check_text_encoder(cfg)
     check_validation(cfg)
+    check_fused_update(cfg)
     if cfg.train.data_source == "cache":
         check_data_config(cfg.data)
         from jaxsd.data.subsets import with_class_subset

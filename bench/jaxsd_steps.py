@@ -87,14 +87,17 @@ class StepKit:
 
 
 def make_kit(kind: str, model, optimizer: str, clip: float = 1.0, *, folder: str | None = None,
-             lora: LoRABench | None = None, fsdp: int = 1, perceptual: PerceptualBench | None = None) -> StepKit:
+             lora: LoRABench | None = None, fsdp: int = 1, perceptual: PerceptualBench | None = None,
+             fused_update: bool = False) -> StepKit:
     """clip: global-norm clipping of the "train" step (0 = off: the trainer then streams the update,
     except with 8-bit AdamW — `jaxsd.train.optimizers.streams_updates`). folder: the shared diffusers
-    UNet weights (None: a random init). lora, fsdp, perceptual ("train" only): a LoRA run; FSDP over `fsdp`
-    devices; the perceptual loss term."""
+    UNet weights (None: a random init). lora, fsdp, perceptual, fused_update ("train" only): a LoRA run; FSDP
+    over `fsdp` devices; the perceptual loss term; `train.fused_update`."""
     if kind == "train":
         return _trainer_kit(trainer_config(model, optimizer, clip, folder=folder, lora=lora, fsdp=fsdp,
-                                           perceptual=perceptual))
+                                           perceptual=perceptual, fused_update=fused_update))
+    if fused_update:
+        raise ValueError(f"step {kind!r}: train.fused_update is measured with the trainer's step (--step train) only")
     if lora is not None or fsdp != 1 or perceptual is not None:
         raise ValueError(f"step {kind!r}: LoRA, FSDP and the perceptual loss are measured with the trainer's step "
                          "(--step train) only")
@@ -135,7 +138,8 @@ def _trainer_batch(b: dict) -> dict:
 
 
 def trainer_config(model, optimizer: str, clip: float, *, folder: str | None = None,
-                   lora: LoRABench | None = None, fsdp: int = 1, perceptual: PerceptualBench | None = None):
+                   lora: LoRABench | None = None, fsdp: int = 1, perceptual: PerceptualBench | None = None,
+                   fused_update: bool = False):
     """The `jaxsd train` config whose step the "train" kit is: `model`'s architecture (or the
     `folder` it was saved to, as `model.pretrained`), precision, attention and remat; default
     loss (+ `perceptual`'s term), optimizer `optimizer` with clipping `clip` (0 = off); one device,
@@ -164,7 +168,7 @@ def trainer_config(model, optimizer: str, clip: float, *, folder: str | None = N
                           perceptual=PerceptualLossConfig(lpips_weight=1.0, every=1, max_timestep=999))
         data = DataConfig(cache=CacheConfig(vae=perceptual.vae))
     return Config(model=model_cfg, optimizer=OptimizerConfig(name=optimizer, clip_grad_norm=clip or None),
-                  train=TrainConfig(steps=1000, data_source="synthetic"), sharding=ShardingConfig(data=1, fsdp=fsdp),
+                  train=TrainConfig(steps=1000, data_source="synthetic", fused_update=fused_update), sharding=ShardingConfig(data=1, fsdp=fsdp),
                   lora=lora_cfg, loss=loss, data=data)
 
 

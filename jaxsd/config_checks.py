@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from jaxsd.config_fused import check_fused_update
 from jaxsd.config_losses import check_perceptual
 from jaxsd.config_schema import Config
 from jaxsd.config_text import check_text_encoder, check_validation
@@ -65,6 +66,7 @@ def check_config(cfg: Config) -> None:
     check_perceptual(cfg)
     check_text_encoder(cfg)
     check_validation(cfg)
+    check_fused_update(cfg)
     if cfg.train.data_source == "cache":
         check_data_config(cfg.data)
         from jaxsd.data.subsets import with_class_subset

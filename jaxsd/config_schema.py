@@ -186,6 +186,10 @@ class TrainConfig:
     text_encoder_lr: float | None = None
     """train.text_encoder full: the text encoders' learning rate (the schedule's shape is the UNet's, scaled
     by text_encoder_lr / optimizer.learning_rate); null = optimizer.learning_rate."""
+    fused_update: bool = False
+    """with model.segmented_backward: each UNet block's AdamW update runs inside its backward pass, as soon as
+    its gradients exist, so they die there (less memory at the peak; jaxsd/train/fused_update.py). AdamW
+    only, without clipping or accumulation (docs/training.md); the same params as without it."""
 
 
 @dataclass(frozen=True)

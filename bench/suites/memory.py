@@ -25,7 +25,7 @@ Rows (`--rows`, default all; a row whose settings this checkout's `jaxsd train` 
                   full remat                                                    ≤ 14 GB
 
 `--unet small` runs every row on another UNet preset (the CI smoke test); `--latent N` at another
-latent size; `--clip C` and `--segmented-backward on|off` with other training options (the table's
+latent size; `--clip C`, `--segmented-backward on|off` and `--fused-update on|off` with other training options (the table's
 `options` column prints each row's). The figures are XLA:CPU's when run on a CPU: it computes bf16 dots in fp32 (with fp32
 copies of their operands) and its attention holds logits a GPU's flash attention would not, so a CPU
 figure overstates a GPU's (docs/benchmarks.md).
@@ -90,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent", type=int, default=None, help="every row at this latent size instead of its own")
     p.add_argument("--segmented-backward", choices=("on", "off"), default=None,
                    help="model.segmented_backward for every row (default: the trainer's default)")
+    p.add_argument("--fused-update", choices=("on", "off"), default="off",
+                   help="train.fused_update for every row: each block's AdamW update inside its backward pass "
+                        "(needs --segmented-backward on, --clip 0 and an adamw row)")
     p.add_argument("--clip", type=float, default=None,
                    help="global-norm clipping for every row instead of its own (0 = off: the trainer then streams "
                         "the update, except with 8-bit AdamW)")
@@ -115,7 +118,8 @@ def row_config(name: str, row: Row, args: argparse.Namespace) -> dict:
 
     segmented = ModelConfig().segmented_backward if args.segmented_backward is None else args.segmented_backward == "on"
     config = {"row": name, **asdict(row), "unet": args.unet or row.unet, "latent": args.latent or row.latent,
-              "segmented_backward": segmented, "clip": row.clip if args.clip is None else args.clip}
+              "segmented_backward": segmented, "clip": row.clip if args.clip is None else args.clip,
+              "fused_update": args.fused_update == "on"}
     config.pop("requires")
     config.pop("title")
     return config
@@ -145,13 +149,14 @@ def frameworks(args: argparse.Namespace) -> list[str]:
 
 def options(config: dict) -> str:
     """A record's training options as the table prints them: optimizer (LoRA and its base), clipping, remat,
-    param dtype and segmented backward — e.g. "adamw, clip 1, remat full, segmented"."""
+    param dtype, segmented backward and fused update — e.g. "adamw, clip 1, remat full, segmented"."""
     short = {"bfloat16": "bf16", "float32": "fp32", None: "fp32"}
     parts = [f"LoRA r{config['lora']} {short[config['base_dtype']]} base" if config.get("lora") else "",
              config["optimizer"], f"clip {config['clip']:g}" if config["clip"] else "no clip",
              f"remat {config['remat']}" if config["remat"] else "no remat",
              "bf16 params" if config.get("param_dtype") == "bfloat16" else "",
-             "segmented" if config.get("segmented_backward") else ""]
+             "segmented" if config.get("segmented_backward") else "",
+             "fused update" if config.get("fused_update") else ""]
     return ", ".join(p for p in parts if p)
 
 
@@ -196,7 +201,8 @@ def child_jaxsd(config: dict) -> dict:
     model = J.build_model(cfg, config["dtype"], remat_policy=config["remat"], param_dtype=config["param_dtype"],
                           segmented_backward=config["segmented_backward"])
     lora = LoRABench(config["lora"], config["base_dtype"]) if config["lora"] else None
-    kit = make_kit("train", model, config["optimizer"], clip=config["clip"], lora=lora)
+    kit = make_kit("train", model, config["optimizer"], clip=config["clip"], lora=lora,
+                   fused_update=config.get("fused_update", False))
     state = kit.abstract_state()
     batch = kit.to_batch(J.abstract_batch(cfg, config["batch"], config["latent"]))
     # LLVM at -O0: which buffers exist and when is decided by XLA's HLO passes and buffer assignment,

@@ -6,9 +6,14 @@ TPU compile with XLA's defaults. Measured effects on the SD1.5 train step (fp32 
 
 * XLA:CPU's default scheduler orders the update of each param after the whole
   backward pass, so every gradient is alive at once (3.5 GB of temporaries). Its
-  memory-optimized scheduler updates a param soon after its gradient exists when
-  nothing else needs that gradient (see `streamed` in `jaxsd.train.step`):
-  temporaries 3.5 → 2.0 GB, same step time.
+  memory-optimized scheduler updates some params before the backward pass ends when
+  nothing else needs their gradients (see `streamed` in `jaxsd.train.step`), same step
+  time: re-measured 2026-12-08 (`jaxsd bench train-step --preset sd15 --latent 32 --dtype
+  float32 --clip 0|1 --memory-only`) 2.82 GB of temporaries streamed vs 3.36 GB with
+  clipping (the fp32 gradients alone are 3.44 GB). It does not order them early enough
+  for a segmented backward pass: SD1.5 batch 4 at 64×64 keeps 1.9 GB of gradients of the
+  later blocks at its peak with or without clipping — `train.fused_update` ties each
+  block's update into its backward pass (jaxsd/train/fused_update.py).
 * LLVM at -O1 instead of XLA's default -O2 for the step's own kernels (the convolutions and
   matmuls are library calls either way): compile 24.5 → 22.3 s, step time unchanged
   (interleaved A/B in one process: SD1.5 8.77 vs 8.74 s, `small` 1.079 vs 1.077 s; -O0

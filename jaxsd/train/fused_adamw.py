@@ -100,13 +100,7 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
             norm = optax.tree.norm(grads) if grad_norm is None else grad_norm
             scale = jnp.where(norm < clip_grad_norm, 1.0, clip_grad_norm / norm)  # as optax.clip_by_global_norm
             scale = jnp.where(ok, scale, 0.0)  # a skipped step's norm may be NaN
-        count = state.count + ok.astype(jnp.int32)
-        n = jnp.maximum(count, 1)  # a skipped first step must not divide by 1 - b**0 = 0
-        c1, c2 = 1 - b1 ** n, 1 - b2 ** n
-        k1, k2 = jnp.where(ok, 1 - b1, 0.0), jnp.where(ok, 1 - b2, 0.0)
-        keep1, keep2 = jnp.where(ok, b1, 1.0), jnp.where(ok, b2, 1.0)
-        step_size = -jnp.where(ok, lr_of(state.count), 0.0)
-        co = _Coefficients(ok, scale, k1, k2, keep1, keep2, c1, c2, step_size)
+        count, co = step_coefficients(state.count, ok, scale, lr_of(state.count), b1, b2)
 
         g_leaves, treedef = jax.tree.flatten(grads)
         p_leaves, mu, nu, decay = (treedef.flatten_up_to(t) for t in (params, state.mu, state.nu,
@@ -117,7 +111,7 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
         packed = {s.leaf for g in groups for s in g.slots}
         for i, (g, p) in enumerate(zip(g_leaves, p_leaves, strict=True)):
             if i not in packed:
-                updates[i], new_mu[i], new_nu[i] = _dense_update(g, mu[i], nu[i], p, co, eps=eps, weight_decay=wd[i])
+                updates[i], new_mu[i], new_nu[i] = dense_update(g, mu[i], nu[i], p, co, eps=eps, weight_decay=wd[i])
         if not quantized_moments:
             return treedef.unflatten(updates), FusedAdamWState(count, treedef.unflatten(new_mu),
                                                                treedef.unflatten(new_nu))
@@ -125,7 +119,7 @@ def fused_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: floa
         for group, m, v in zip(groups, state.mu_blocks, state.nu_blocks, strict=True):
             directions, m, v = _group_update(gather(group, g_leaves, block_size), m, v, co, eps=eps)
             for i, d in scatter(group, directions).items():
-                updates[i] = _apply_step(d, p_leaves[i], step_size, weight_decay=wd[i])
+                updates[i] = _apply_step(d, p_leaves[i], co.step_size, weight_decay=wd[i])
             mu_blocks.append(m)
             nu_blocks.append(v)
         return treedef.unflatten(updates), PackedAdamWState(count, treedef.unflatten(new_mu),
@@ -159,7 +153,7 @@ def moments(state: FusedAdamWState | PackedAdamWState, params: Any, block_size: 
     return out[0], out[1]
 
 
-class _Coefficients(NamedTuple):
+class Coefficients(NamedTuple):
     """The step's scalars (f32 [] each; ok: bool [])."""
     ok: jax.Array
     scale: jax.Array
@@ -172,10 +166,22 @@ class _Coefficients(NamedTuple):
     step_size: jax.Array
 
 
+def step_coefficients(count: jax.Array, ok: jax.Array, scale: jax.Array, lr: jax.Array, b1: float, b2: float,
+                      ) -> tuple[jax.Array, Coefficients]:
+    """(the new count, the step's scalars): count int32 [] applied updates so far, ok bool [] (False = skip),
+    scale f32 [] the clipping factor, lr f32 [] the learning rate at `count`."""
+    new_count = count + ok.astype(jnp.int32)
+    n = jnp.maximum(new_count, 1)  # a skipped first step must not divide by 1 - b**0 = 0
+    c1, c2 = 1 - b1 ** n, 1 - b2 ** n
+    k1, k2 = jnp.where(ok, 1 - b1, 0.0), jnp.where(ok, 1 - b2, 0.0)
+    keep1, keep2 = jnp.where(ok, b1, 1.0), jnp.where(ok, b2, 1.0)
+    return new_count, Coefficients(ok, scale, k1, k2, keep1, keep2, c1, c2, -jnp.where(ok, lr, 0.0))
+
+
 # jitted: one trace per param shape instead of ~15 jnp ops per param (SD1.5: 686 params; their
 # tracing was ~1 s of the step's lowering)
 @functools.partial(jax.jit, static_argnames=("weight_decay", "eps"))
-def _dense_update(g: jax.Array, m: jax.Array, v: jax.Array, p: jax.Array, co: _Coefficients, *,
+def dense_update(g: jax.Array, m: jax.Array, v: jax.Array, p: jax.Array, co: Coefficients, *,
                   weight_decay: float, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One param with fp32 moments (any shape): gradient, moments, param → update, new moments."""
     g = jnp.where(co.ok, g.astype(jnp.float32), 0.0) * co.scale
@@ -195,14 +201,14 @@ def _update_dtype(p: jax.Array) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("weight_decay",))
 def _apply_step(direction: jax.Array, p: jax.Array, step_size: jax.Array, *, weight_decay: float) -> jax.Array:
-    """An 8-bit param's update from its Adam direction m̂/(√v̂ + eps): as `_dense_update` ends."""
+    """An 8-bit param's update from its Adam direction m̂/(√v̂ + eps): as `dense_update` ends."""
     if weight_decay:
         direction = direction + weight_decay * p
     return (step_size * direction).astype(_update_dtype(p))
 
 
 @functools.partial(jax.jit, static_argnames=("eps",))
-def _group_update(gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, co: _Coefficients, *, eps: float,
+def _group_update(gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, co: Coefficients, *, eps: float,
                   ) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
     """A group's gradients gb (f32 [rows, block_size]) and 8-bit moments → Adam directions (written
     into gb's buffer: each chunk is read before it is overwritten), new moments; one loop over chunks
@@ -226,7 +232,7 @@ def _group_update(gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, co: _Co
     return u, QuantizedMoment(mc, ma), QuantizedMoment(vc, va)
 
 
-def _blocks_direction(gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, co: _Coefficients, eps: float,
+def _blocks_direction(gb: jax.Array, m: QuantizedMoment, v: QuantizedMoment, co: Coefficients, eps: float,
                       ) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
     """Rows of [blocks, block_size]: f32 gradient, both moments → m̂/(√v̂ + eps), new moments."""
     gb = jnp.where(co.ok, gb, 0.0) * co.scale

@@ -1,7 +1,8 @@
 """Run monitoring: TensorBoard event files, metrics.jsonl, a console progress bar, MFU.
 
 Scalars written (TensorBoard tags under "train/"): loss, loss_raw, lr, grad_norm,
-qk_grads_av, skipped, step_time_s, images_per_s and, with `logging.peak_flops`,
+qk_grads_av (with `train.fused_update` instead: params_finite), skipped, step_time_s, images_per_s and,
+with `logging.peak_flops`,
 mfu = (XLA cost-analysis FLOPs of one compiled step / step time) / (peak FLOP/s
 per device × devices). Every step's metrics also go to <run_dir>/metrics.jsonl
 (one JSON object per line) — the exact per-step record the resume test compares.

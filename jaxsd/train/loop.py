@@ -159,7 +159,8 @@ class _Monitor:
         skipped = bool(host["skipped"])
         self.skips = self.skips + 1 if skipped else 0
         kept = f"the last good checkpoint is kept (steps {self.ckpt.steps()})"
-        if not skipped and not math.isfinite(host["grad_norm"]):
+        # (train.fused_update has no gradient norm: it reports whether the updated params are finite)
+        if not skipped and not (math.isfinite(host.get("grad_norm", 0.0)) and host.get("params_finite", 1)):
             # streamed updates check the loss only: this update has already been applied
             self.logger.message(f"stopping: step {f.step} had a finite loss but a non-finite gradient, and the "
                                 f"update was applied (optimizer.clip_grad_norm is off, so updates are not held "

@@ -18,6 +18,7 @@ tree is keyed by component too: {"unet": ..., "perceptual": ...} (`jaxsd.train.p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +29,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsd.config import Config
 from jaxsd.diffusion.schedule import NoiseSchedule
+from jaxsd.errors import ConfigError
 from jaxsd.models.lora import adapter_logical_axes
 from jaxsd.text.encode import PROJECTION_NAME
 from jaxsd.train.adapters import AdapterPlan, adapter_plan, initial_adapters
 from jaxsd.train.compile import CompiledSteps
+from jaxsd.train.fused_update import fused_update_hook
 from jaxsd.train.lora_init import adapters_from_file
 from jaxsd.train.model import build_unet, describe, make_apply_fn, param_shapes, unet_config
 from jaxsd.train.optimizers import make_optimizer, scaled_groups, streams_updates
@@ -255,13 +258,18 @@ def plan_train_step(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> Ca
     module = plan.module
     if cfg.model.segmented_backward:  # the collection that trains: the adapters of a LoRA run, else the weights
         module = module.clone(segmented_backward="lora" if plan.adapters is not None else "params")
-    return make_train_step(make_apply_fn(module, variables=plan.adapters is not None), schedule, cfg.loss,
+    fused = functools.partial(fused_update_hook, cfg) if cfg.train.fused_update else None
+    if fused is not None and (plan.projection is not None or plan.text is not None and plan.text.trains):
+        raise ConfigError("train.fused_update: true updates the UNet's params only; this run also trains the text "
+                          "side (a text encoder or the hybrid's text projection)")
+    variables = plan.adapters is not None or fused is not None  # fused: {"params": ..., moments}
+    return make_train_step(make_apply_fn(module, variables=variables), schedule, cfg.loss,
                            plan.tx, plan.lr_fn, combine=plan.variables, encode_text=encode_text,
                            model_draws=plan.model_draws, perceptual=plan.perceptual,
                            ema_cfg=cfg.train.ema, grad_accum_steps=cfg.train.grad_accum_steps,
                            empty_cond=None if empty is None or encode_text else jax.tree.map(jnp.asarray, empty),
                            micro_batch_sharding=micro_batch_sharding(mesh) if mesh.size > 1 else None,
-                           streamed=streams_updates(cfg.optimizer))
+                           streamed=streams_updates(cfg.optimizer), fused_update=fused)
 
 
 def compiled_train_steps(cfg: Config, plan: StatePlan, mesh, empty: Any = None) -> CompiledSteps:

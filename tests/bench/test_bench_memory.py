@@ -61,7 +61,8 @@ def test_a_row_needing_a_setting_this_checkout_lacks_is_not_available():
 
 
 def test_a_rows_options_are_printed_and_can_be_overridden():
-    """The table names each row's training options; --clip and --segmented-backward replace the row's."""
+    """The table names each row's training options; --clip, --segmented-backward and --fused-update replace the
+    row's."""
     parser = argparse.ArgumentParser()
     memory.add_arguments(parser)
     row = memory.ROWS["sd15-b4"]
@@ -70,6 +71,10 @@ def test_a_rows_options_are_printed_and_can_be_overridden():
     changed = memory.row_config("sd15-b4", row, parser.parse_args(["--clip", "0", "--segmented-backward", "on"]))
     assert changed["clip"] == 0.0 and changed["segmented_backward"]
     assert memory.options(changed) == "adamw, no clip, remat full, segmented"
+    fused = memory.row_config("sd15-b4", row, parser.parse_args(["--clip", "0", "--segmented-backward", "on",
+                                                                  "--fused-update", "on"]))
+    assert fused["fused_update"] and not changed["fused_update"]
+    assert memory.options(fused) == "adamw, no clip, remat full, segmented, fused update"
     lora = memory.row_config("sdxl-lora16", memory.ROWS["sdxl-lora16"], parser.parse_args([]))
     assert memory.options(lora) == "LoRA r16 bf16 base, adamw, clip 1, remat full"
     adafactor = memory.row_config("sdxl-adafactor", memory.ROWS["sdxl-adafactor"], parser.parse_args([]))

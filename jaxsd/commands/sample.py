@@ -158,8 +158,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 
-def load_pipeline(args: argparse.Namespace):
-    """The StableDiffusion pipeline of --model with --dtype, --variant, --vae and --lora applied."""
+def load_pipeline(args: argparse.Namespace, defer_weights: bool = False):
+    """The StableDiffusion pipeline of --model with --dtype, --variant, --vae and --lora applied.
+    defer_weights: the UNet's and VAE's weights are read by `compile_before_weights` (`jaxsd sample`)."""
     import jax.numpy as jnp
 
     from jaxsd.models.token_merging import TokenMerging
@@ -171,7 +172,7 @@ def load_pipeline(args: argparse.Namespace):
     pipe = StableDiffusion.from_folder(args.model, config_dir=args.config, dtype=dtype,
                                        param_dtype=None if dtype == jnp.float32 else dtype, variant=args.variant,
                                        vae_folder=args.vae, token_merging=TokenMerging(ratio=args.tome),
-                                       weights=bool(args.lora))
+                                       weights=not defer_weights or bool(args.lora))
     if args.lora:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompts) if args.prompts else None  # a bad file costs no model load either
     t0 = time.perf_counter()
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, defer_weights=True)
     args.scheduler = resolve_sampler_name(args.scheduler, pipe.pipe.schedule.config)  # auto: the folder's
     options = generation_options(args, pipe)
     print(f"loaded {args.model} ({pipe.family}, {args.dtype}, prompts padded to {pipe.text.text_length} tokens) in "

@@ -43,9 +43,10 @@ GENERATE = {"steps": 2, "guidance": 3.0, "sampler": "dpmpp_2m", "seed": 0}  # te
 
 
 def _yaml(base, pipe, images) -> str:
-    """test_sampling's 4-step run (sample grids every 2 steps) on a T5 text cache."""
-    from tests.train.test_sampling import _yaml as clip_yaml
-    yaml = clip_yaml(base, pipe, images)
+    """The shared tiny run's config (tests/train/tiny_run.py: 4 steps, sample grids every 2) on a T5 text cache."""
+    from tests.train.tiny_run import _yaml as run_yaml
+    assert (pipe, images) == (base / "pipe", base / "images")  # where that config reads them
+    yaml = run_yaml(base, None)
     assert "text: clip," in yaml
     return yaml.replace("text: clip,", "text: t5_projected,")
 

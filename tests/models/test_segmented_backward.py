@@ -159,13 +159,22 @@ def test_an_in_place_update_keeps_no_weight_copies():
     assert not re.findall(r"= f32\[16,16\]\S* copy\(", hlo)
 
 
-def test_jaxsd_train_with_segmented_backward(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["segmented", "fused_update"])
+def test_jaxsd_train_with_segmented_backward(tmp_path, fused):
+    """The CLI run; with train.fused_update each block's AdamW update runs in its backward pass (numerics:
+    tests/train/test_fused_update.py, slow)."""
     run_dir = tmp_path / "run"
+    fused_args = ["train.fused_update=true", "optimizer.clip_grad_norm=null"] if fused else []
     # one level (its CrossAttn blocks and the mid block's ResNets and transformer): a quarter less to compile
     jaxsd_command("train", "tiny", f"train.run_dir={run_dir}", "model.segmented_backward=true",
                   "model.unet.block_out_channels=[32]", "model.unet.down_block_types=[CrossAttnDownBlock2D]",
                   "model.unet.up_block_types=[CrossAttnUpBlock2D]", "model.remat_policy=full", "train.steps=1", "logging.every=1", "logging.progress_bar=false",
-                  "checkpoint.every=1000")
+                  "checkpoint.every=1000", *fused_args)
     (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert np.isfinite(record["loss"]) and record["grad_norm"] > 0 and record["skipped"] == 0
+    assert np.isfinite(record["loss"]) and record["skipped"] == 0
+    if fused:  # no gradient norm exists in a fused step: the updated params are checked instead
+        assert record["params_finite"] == 1 and "grad_norm" not in record, record
+        assert "fused_update: true" in (run_dir / "config.yaml").read_text()
+    else:
+        assert record["grad_norm"] > 0
     assert "segmented_backward: true" in (run_dir / "config.yaml").read_text()

@@ -33,6 +33,14 @@ def abstract_unet_params(config: UNetConfig) -> dict:
     return unet_param_specs(config)[0]
 
 
+def read_unet_config(folder: str | os.PathLike) -> UNetConfig:
+    """`folder/config.json` as a UNetConfig (what `load_unet` reads, without the weights)."""
+    try:
+        return UNetConfig.from_diffusers(load_config(folder))
+    except InputError as e:
+        raise InputError(f"{folder}/config.json: {e}") from None
+
+
 def load_unet(
     folder: str | os.PathLike,
     *,
@@ -46,10 +54,7 @@ def load_unet(
     dtype: storage dtype of the params (None: fp32); each tensor is cast on its own.
     variant: e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
     """
-    try:
-        config = UNetConfig.from_diffusers(load_config(folder))
-    except InputError as e:
-        raise InputError(f"{folder}/config.json: {e}") from None
+    config = read_unet_config(folder)
     # load.load_params minus the tracing, which abstract_unet_params caches
     state = open_weights(folder, DIFFUSERS_WEIGHTS, variant=variant, allow_pickle=allow_pickle)
     check_tied(state, UNET_SPEC, str(folder))

@@ -30,6 +30,14 @@ VAE_SPEC = ConversionSpec(rename=(
 ))
 
 
+def read_vae_config(folder: str | os.PathLike) -> VAEConfig:
+    """`folder/config.json` as a VAEConfig (what `load_vae` reads, without the weights)."""
+    try:
+        return VAEConfig.from_diffusers(load_config(folder))
+    except InputError as e:
+        raise InputError(f"{folder}/config.json: {e}") from None
+
+
 def load_vae(
     folder: str | os.PathLike,
     *,
@@ -44,10 +52,7 @@ def load_vae(
     variant: e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
     allow_pickle: opt in to loading a `.bin` checkpoint with `torch.load(weights_only=True)`.
     """
-    try:
-        config = VAEConfig.from_diffusers(load_config(folder))
-    except InputError as e:
-        raise InputError(f"{folder}/config.json: {e}") from None
+    config = read_vae_config(folder)
     params = load_params(folder, AutoencoderKL(config), example_inputs(config), weights_name=DIFFUSERS_WEIGHTS,
                          spec=VAE_SPEC, dtype=dtype, variant=variant, allow_pickle=allow_pickle,
                          to_device=to_device)

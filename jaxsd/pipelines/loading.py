@@ -27,10 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxsd.convert.folder import read_config
-from jaxsd.convert.load import load_config
 from jaxsd.convert.single_file.to_folder import model_folder
-from jaxsd.convert.unet import abstract_unet_params, load_unet
-from jaxsd.convert.vae import load_vae
+from jaxsd.convert.unet import abstract_unet_params, load_unet, read_unet_config
+from jaxsd.convert.vae import load_vae, read_vae_config
 from jaxsd.diffusion.schedule import NoiseSchedule
 from jaxsd.errors import InputError
 from jaxsd.models.params import abstract_params
@@ -134,18 +133,23 @@ def load_scheduler_config(folder: str | os.PathLike) -> dict:
         return json.load(fh)
 
 
-def load_replacement_vae(vae_folder: str | os.PathLike, unet_config: UNetConfig, dtype) -> tuple[VAEConfig, Any]:
-    """A separate AutoencoderKL folder for a pipeline (`--vae DIR`), checked against its UNet."""
-    vae_folder = Path(vae_folder)
+def _replacement_vae_config(vae_folder: Path, unet_config: UNetConfig) -> VAEConfig:
+    """`--vae DIR`'s config, checked against the pipeline's UNet."""
     if not (vae_folder / "config.json").is_file():
         hint = " (it holds a vae/ folder: point at that)" if (vae_folder / "vae" / "config.json").is_file() else ""
         raise PipelineFolderError(f"--vae {vae_folder}: no config.json — expected a diffusers AutoencoderKL folder "
                                   f"(config.json + diffusion_pytorch_model.safetensors){hint}")
-    config, params = load_vae(vae_folder, dtype=dtype)
+    config = read_vae_config(vae_folder)
     if config.latent_channels != unet_config.out_channels:
         raise PipelineFolderError(f"--vae {vae_folder}: its latents have {config.latent_channels} channels but the "
                                   f"UNet predicts {unet_config.out_channels}; use a VAE of this model family")
-    return config, params
+    return config
+
+
+def load_replacement_vae(vae_folder: str | os.PathLike, unet_config: UNetConfig, dtype) -> tuple[VAEConfig, Any]:
+    """A separate AutoencoderKL folder for a pipeline (`--vae DIR`), checked against its UNet."""
+    _replacement_vae_config(Path(vae_folder), unet_config)
+    return load_vae(vae_folder, dtype=dtype)
 
 
 def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, variant: str | None = None,
@@ -230,16 +234,9 @@ def load_pipeline(folder: str | os.PathLike, *, dtype=None, compute_dtype=None, 
 
 def _component_configs(folder: Path, unet: tuple[UNetConfig, Any] | None,
                        vae_folder: str | os.PathLike | None) -> tuple[UNetConfig, VAEConfig]:
-    """The UNet's and VAE's configs as `load_unet` / `load_vae` read them, without their weights."""
-    def read(component: Path, cls):
-        try:
-            return cls.from_diffusers(load_config(component))
-        except InputError as e:
-            raise InputError(f"{component}/config.json: {e}") from None
-
-    unet_config = unet[0] if unet is not None else read(folder / "unet", UNetConfig)
-    vae_config = read(Path(vae_folder) if vae_folder else folder / "vae", VAEConfig)
-    if vae_folder and vae_config.latent_channels != unet_config.out_channels:  # as load_replacement_vae
-        raise PipelineFolderError(f"--vae {vae_folder}: its latents have {vae_config.latent_channels} channels but "
-                                  f"the UNet predicts {unet_config.out_channels}; use a VAE of this model family")
+    """The UNet's and VAE's configs as `load_unet` / `load_replacement_vae` / `load_vae` read them, without
+    their weights."""
+    unet_config = unet[0] if unet is not None else read_unet_config(folder / "unet")
+    vae_config = _replacement_vae_config(Path(vae_folder), unet_config) if vae_folder else \
+        read_vae_config(folder / "vae")
     return unet_config, vae_config

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jaxsd.config import Config
 from jaxsd.models.segmented_backward import segment_updates
 from jaxsd.train.fused_adamw import Coefficients, FusedAdamWState, dense_update, step_coefficients
+from jaxsd.train.optimizers import decays
 from jaxsd.train.trainable import flatten, unflatten
 
 MU, NU = "adam_mu", "adam_nu"  # the variable collections of the moments, beside "params"
@@ -58,7 +59,7 @@ class AdamWSegmentUpdate:
         """One param (any shape, fp32): (new param, new m, new v), as `fused_adamw` and optax.apply_updates."""
         if self.coefficients is None:
             raise RuntimeError("a segment's update was traced before the step set its coefficients")
-        wd = self.weight_decay if p.ndim >= 2 else 0.0  # optimizers.decay_mask: kernels and embeddings only
+        wd = self.weight_decay if decays(p) else 0.0  # as the unfused optimizer's mask
         u, m, v = dense_update(g, m, v, p, self.coefficients, weight_decay=wd, eps=self.eps)
         return (p + u).astype(p.dtype), m, v
 

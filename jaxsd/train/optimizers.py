@@ -36,9 +36,14 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
     return optax.join_schedules([optax.linear_schedule(0.0, lr, cfg.warmup_steps), main], [cfg.warmup_steps])
 
 
+def decays(param: Any) -> bool:
+    """Whether a param gets weight decay: ≥2-D (kernels, embeddings), not norms and biases."""
+    return param.ndim >= 2
+
+
 def decay_mask(params: Any) -> Any:
-    """True for params that get weight decay: ≥2-D (kernels, embeddings); False for norms and biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """`decays` of every param, as a tree of bools."""
+    return jax.tree.map(decays, params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformationExtraArgs,
